@@ -1,0 +1,221 @@
+"""Integer coordinates: validation, packing into int64 keys, kernel offsets.
+
+Conventions (DESIGN.md): ``indices`` is an int32 array ``(N, 1 + D)`` whose column 0 is
+the batch index and columns 1..D the spatial coordinates, each in ``[0, spatial_shape[d])``.
+Kernel offsets run row-major over the filter box with the last spatial axis fastest.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+MAX_DIMENSIONS = 10
+_INT64_LIMIT = 2**63 - 1
+_INT32_LIMIT = 2**31 - 1
+
+
+def normalize_size(value, ndim, name, minimum=1):
+    """Return ``value`` as a tuple of ``ndim`` Python ints, each ``>= minimum``.
+
+    ``value`` may be one integer (used for every axis) or a sequence of ``ndim`` integers.
+
+    Raises
+    ------
+    TypeError
+        When ``value`` is not an integer or a sequence of integers.
+    ValueError
+        When the sequence has the wrong length or a value is below ``minimum``.
+    """
+    if isinstance(value, (numbers.Integral, np.integer)) and not isinstance(value, bool):
+        sizes = (int(value),) * ndim
+    else:
+        try:
+            items = list(np.asarray(value).reshape(-1)) if not isinstance(value, (list, tuple)) \
+                else list(value)
+        except Exception as exc:  # pragma: no cover - exotic inputs
+            raise TypeError(f"{name} must be an int or a sequence of {ndim} ints; "
+                            f"got {value!r}") from exc
+        if not all(isinstance(v, (numbers.Integral, np.integer)) and not isinstance(v, bool)
+                   for v in items):
+            raise TypeError(f"{name} must be an int or a sequence of {ndim} ints; got {value!r}")
+        if len(items) != ndim:
+            raise ValueError(f"{name} must have {ndim} entries (one per spatial axis); "
+                             f"got {len(items)}: {tuple(int(v) for v in items)}")
+        sizes = tuple(int(v) for v in items)
+    bad = [s for s in sizes if s < minimum]
+    if bad:
+        raise ValueError(f"{name} entries must be >= {minimum}; got {sizes}")
+    return sizes
+
+
+def normalize_spatial_shape(spatial_shape, ndim=None):
+    """Validate a spatial shape: a sequence of 1..10 positive ints (or one int with ``ndim``)."""
+    if ndim is None:
+        if isinstance(spatial_shape, (numbers.Integral, np.integer)):
+            raise TypeError("spatial_shape must be a sequence of ints (one per spatial axis); "
+                            f"got the single int {spatial_shape!r}")
+        ndim = len(spatial_shape)
+    if not 1 <= ndim <= MAX_DIMENSIONS:
+        raise ValueError(f"spatial_shape must have 1..{MAX_DIMENSIONS} axes; got {ndim}")
+    return normalize_size(spatial_shape, ndim, "spatial_shape")
+
+
+def validate_indices(indices, spatial_shape, batch_size=None):
+    """Check user coordinates and return them as a C-contiguous int32 array.
+
+    Parameters
+    ----------
+    indices : array_like of int, shape (N, 1 + D)
+        Column 0 is the batch index, columns 1..D the spatial coordinates.
+    spatial_shape : tuple of D ints
+    batch_size : int, optional
+        When given, every batch index must be below it.
+
+    Returns
+    -------
+    indices : ndarray of int32, shape (N, 1 + D)
+    batch_size : int
+        ``batch_size`` if given, else ``max(batch index) + 1`` (0 for no sites).
+
+    Raises
+    ------
+    TypeError
+        Non-integer dtype (floats, bools, objects).
+    ValueError
+        Wrong shape, a negative or out-of-range coordinate or batch index (the message names
+        the first offending row).
+    """
+    arr = np.asarray(indices)
+    ndim = len(spatial_shape)
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"indices must be an integer array (int32 preferred); got dtype {arr.dtype}")
+    if arr.ndim != 2 or arr.shape[1] != ndim + 1:
+        raise ValueError(f"indices must have shape (N, 1 + D) = (N, {ndim + 1}) for a "
+                         f"{ndim}-D spatial_shape {tuple(spatial_shape)}; got {arr.shape}")
+    if batch_size is not None:
+        if not isinstance(batch_size, (numbers.Integral, np.integer)) or isinstance(batch_size, bool):
+            raise TypeError(f"batch_size must be an int; got {batch_size!r}")
+        batch_size = int(batch_size)
+        if batch_size < 0:
+            raise ValueError(f"batch_size must be >= 0; got {batch_size}")
+    if len(arr) == 0:
+        return np.zeros((0, ndim + 1), np.int32), (batch_size or 0)
+    upper = np.array([_INT32_LIMIT if batch_size is None else batch_size, *spatial_shape],
+                     dtype=np.int64)
+    bad = (arr < 0) | (arr >= upper)
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        what = "batch index" if col == 0 else f"coordinate on spatial axis {col - 1}"
+        limit = ("batch_size " + str(batch_size)) if col == 0 else \
+            f"spatial_shape[{col - 1}] = {spatial_shape[col - 1]}"
+        raise ValueError(f"indices row {row} = {arr[row].tolist()}: {what} is {arr[row, col]}, "
+                         f"outside [0, {limit})")
+    if batch_size is None:
+        batch_size = int(arr[:, 0].max()) + 1
+    return np.ascontiguousarray(arr, dtype=np.int32), batch_size
+
+
+def validate_features(features, n_rows, name="features"):
+    """Check a feature matrix: floating dtype, shape (n_rows, C), all values finite."""
+    if not hasattr(features, "dtype"):
+        features = np.asarray(features)
+    if features.dtype.kind != "f":
+        raise TypeError(f"{name} must be a floating-point array (float32 or float64); got dtype "
+                        f"{features.dtype}; convert with .astype(np.float32)")
+    if features.ndim != 2:
+        raise ValueError(f"{name} must have shape (N, C); got {features.shape}")
+    if features.shape[0] != n_rows:
+        raise ValueError(f"{name} has {features.shape[0]} rows but indices has {n_rows}; "
+                         "they must match row for row")
+    finite = np.isfinite(features).all(axis=1) if features.size else None
+    if finite is not None and not finite.all():
+        row = int(np.flatnonzero(~finite)[0])
+        raise ValueError(f"{name} row {row} is not finite (NaN or inf): {features[row].tolist()}")
+    return features
+
+
+def packing_strides(extents, batch_size):
+    """Strides that pack (batch, x1..xD) with per-axis ``extents`` into one int64 key.
+
+    The last axis is fastest, so key order equals lexicographic (batch, x1, ..., xD) order.
+
+    Raises
+    ------
+    ValueError
+        When ``max(batch_size, 1) * prod(extents)`` does not fit in an int64.
+    """
+    total = max(int(batch_size), 1)
+    for e in extents:
+        total *= int(e)
+    if total > _INT64_LIMIT:
+        raise ValueError(f"spatial_shape {tuple(extents)} with batch_size {batch_size} cannot be "
+                         f"packed into int64 keys ({total} cells > 2**63 - 1); use a smaller "
+                         "spatial_shape (crop, or a coarser voxel size)")
+    strides = np.ones(len(extents) + 1, np.int64)
+    for d in range(len(extents) - 1, -1, -1):
+        strides[d] = strides[d + 1] * int(extents[d])
+    return strides
+
+
+def pack_keys(indices, spatial_shape, batch_size, pad=None):
+    """Pack batch-first coordinates into int64 keys, lexicographically ordered.
+
+    With ``pad`` (one int per spatial axis) each axis is widened by ``pad`` cells on both
+    sides, so a key plus a packed kernel offset of at most ``pad`` never wraps into another
+    axis: neighbours outside the grid get keys no active site can have.
+    """
+    pad = np.zeros(len(spatial_shape), np.int64) if pad is None else np.asarray(pad, np.int64)
+    extents = np.asarray(spatial_shape, np.int64) + 2 * pad
+    strides = packing_strides(extents, batch_size)
+    shift = int(np.dot(pad, strides[1:]))
+    keys = indices.astype(np.int64) @ strides
+    return (keys + shift) if shift else keys, strides
+
+
+def unpack_keys(keys, spatial_shape):
+    """Inverse of :func:`pack_keys` with no padding: int64 keys -> int32 (N, 1 + D) indices."""
+    extents = np.asarray(spatial_shape, np.int64)
+    out = np.empty((len(keys), len(extents) + 1), np.int32)
+    rest = np.asarray(keys, np.int64)
+    for d in range(len(extents) - 1, -1, -1):
+        rest, out[:, d + 1] = np.divmod(rest, extents[d])
+    out[:, 0] = rest
+    return out
+
+
+def kernel_offsets(filter_size):
+    """All offsets of a filter box, shape (K, D), row-major with the last axis fastest.
+
+    ``kernel_offsets((2, 3))`` is ``[[0,0],[0,1],[0,2],[1,0],[1,1],[1,2]]``.
+    """
+    grids = np.meshgrid(*[np.arange(f) for f in filter_size], indexing="ij")
+    return np.stack([g.reshape(-1) for g in grids], axis=1).astype(np.int64)
+
+
+def submanifold_offsets(filter_size, dilation):
+    """Centred, dilated offsets: input = output + (delta - f//2) * dilation, shape (K, D)."""
+    f = np.asarray(filter_size, np.int64)
+    return (kernel_offsets(filter_size) - f // 2) * np.asarray(dilation, np.int64)
+
+
+def strided_output_shape(spatial_shape, filter_size, stride, name="input"):
+    """(in - f) / s + 1 per axis; ValueError naming a fitting size when it does not divide."""
+    out = []
+    for d, (n, f, s) in enumerate(zip(spatial_shape, filter_size, stride)):
+        if n < f or (n - f) % s:
+            lower = f + ((max(n, f) - f) // s) * s
+            fits = sorted({lower, lower + s} - {0})
+            raise ValueError(
+                f"{name} spatial size {tuple(spatial_shape)} does not fit filter_size "
+                f"{tuple(filter_size)} and stride {tuple(stride)} on axis {d}: (size - filter) "
+                f"must be a non-negative multiple of the stride; sizes that fit on that axis: "
+                f"{' or '.join(map(str, fits))}")
+        out.append((n - f) // s + 1)
+    return tuple(out)
+
+
+def transposed_output_shape(spatial_shape, filter_size, stride):
+    """(in - 1) * s + f per axis (Deconvolution, FullConvolution, UnPooling)."""
+    return tuple((n - 1) * s + f for n, f, s in zip(spatial_shape, filter_size, stride))

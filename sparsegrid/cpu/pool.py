@@ -1,0 +1,46 @@
+"""Max pooling over a rulebook on NumPy (average pooling and unpooling are ``rule_sum``)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def max_pool_forward(features, in_idx, out_idx, offset_ptr, n_out):
+    """Channel-wise maximum over each output's active inputs.
+
+    Returns
+    -------
+    out : (n_out, C)
+        The true maximum (not clamped at 0 as SCN does). Every output of a strided rulebook
+        has at least one input.
+    argmax : int32 (n_out, C)
+        The input row that supplied each maximum. Ties go to the earliest kernel offset
+        (strict comparison), so the choice is deterministic.
+    """
+    channels = features.shape[1]
+    out = np.full((n_out, channels), -np.inf, features.dtype)
+    argmax = np.full((n_out, channels), -1, np.int32)
+    for k in range(len(offset_ptr) - 1):
+        start, stop = offset_ptr[k], offset_ptr[k + 1]
+        if start == stop:
+            continue
+        rows_in, rows_out = in_idx[start:stop], out_idx[start:stop]
+        candidate = features.take(rows_in, axis=0)
+        current = out.take(rows_out, axis=0)
+        better = candidate > current
+        out[rows_out] = np.where(better, candidate, current)
+        argmax[rows_out] = np.where(better, rows_in[:, None], argmax.take(rows_out, axis=0))
+    return out, argmax
+
+
+def max_pool_backward(grad_out, argmax, in_idx, out_idx, offset_ptr, n_in):
+    """Send each output gradient to the input row recorded in ``argmax``, channel by channel."""
+    grad_in = np.zeros((n_in, grad_out.shape[1]), grad_out.dtype)
+    for k in range(len(offset_ptr) - 1):
+        start, stop = offset_ptr[k], offset_ptr[k + 1]
+        if start == stop:
+            continue
+        rows_in, rows_out = in_idx[start:stop], out_idx[start:stop]
+        chosen = argmax.take(rows_out, axis=0) == rows_in[:, None]
+        grad_in[rows_in] += np.where(chosen, grad_out.take(rows_out, axis=0), 0)
+    return grad_in

@@ -1,0 +1,178 @@
+"""Rulebook construction on NumPy (the kernel contract's rule builders).
+
+Every builder returns ``(in_idx, out_idx, offset_ptr)``: int32 pair lists grouped by
+kernel offset, pairs of offset ``k`` at ``[offset_ptr[k], offset_ptr[k + 1])``, and within
+one offset every output row (and every input row) appears at most once. Builders that
+create a new site set also return its indices, sorted by (batch, x1, ..., xD).
+
+No Python loop runs over sites or pairs; loops run over kernel offsets only.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from ..coords import pack_keys, packing_strides, submanifold_offsets, unpack_keys
+from .index import KEY_SENTINEL
+
+
+def _assemble(pairs_in, pairs_out):
+    counts = np.array([len(p) for p in pairs_in], np.int64)
+    offset_ptr = np.zeros(len(counts) + 1, np.int64)
+    np.cumsum(counts, out=offset_ptr[1:])
+    if len(pairs_in) == 0 or offset_ptr[-1] == 0:
+        empty = np.zeros(0, np.int32)
+        return empty, empty.copy(), offset_ptr
+    in_idx = np.concatenate(pairs_in).astype(np.int32, copy=False)
+    out_idx = np.concatenate(pairs_out).astype(np.int32, copy=False)
+    return in_idx, out_idx, offset_ptr
+
+
+def submanifold_rules(indices, order, spatial_shape, batch_size, filter_size, dilation):
+    """Pairs (input row, output row) with input = output + (delta - f//2) * dilation.
+
+    Output sites are the input sites. Neighbour keys are found by binary search in the
+    sorted keys; along the last axis (dilation 1) consecutive offsets are consecutive keys,
+    so one search per filter column suffices and the rest is a walk: if key q sits at
+    position p, key q + 1 can only sit at p + 1, and if q is absent it can only sit at p.
+    For odd filters the offset set is symmetric: the pairs of -delta are those of +delta
+    swapped, and the centre offset is the identity.
+
+    Parameters
+    ----------
+    indices : int32 (N, 1 + D)
+    order : int64 (N,) or None
+        Sort permutation of the rows (see :func:`build_index`).
+    spatial_shape, filter_size, dilation : tuples of D ints
+    batch_size : int
+
+    Returns
+    -------
+    in_idx, out_idx : int32 (P,)
+    offset_ptr : int64 (K + 1,)
+    identity_offset : int
+        The offset whose pairs are (r, r) for every row in row order, or -1.
+    """
+    n = len(indices)
+    offsets = submanifold_offsets(filter_size, dilation)
+    k_total = len(offsets)
+    pad = np.abs(offsets).max(axis=0)
+    sorted_indices = indices if order is None else indices[order]
+    keys, strides = pack_keys(sorted_indices, spatial_shape, batch_size, pad)
+    packed = offsets @ strides[1:]
+    skeys = np.append(keys, KEY_SENTINEL)
+    rows = np.arange(n, dtype=np.int64) if order is None else order
+
+    symmetric = all(f % 2 == 1 for f in filter_size)
+    f_last = filter_size[-1]
+    walk = dilation[-1] == 1
+    n_cols = k_total // f_last
+    pairs_in = [None] * k_total
+    pairs_out = [None] * k_total
+
+    def record(k, pos, found):
+        out_sorted = np.flatnonzero(found)
+        pairs_in[k] = rows[pos[out_sorted]]
+        pairs_out[k] = rows[out_sorted]
+
+    identity_offset = -1
+    for c in range(n_cols):
+        mirror = n_cols - 1 - c
+        if symmetric and mirror < c:
+            continue
+        column = range(c * f_last, (c + 1) * f_last)
+        if symmetric and mirror == c:
+            identity_offset = k_total // 2
+            pairs_in[identity_offset] = pairs_out[identity_offset] = np.arange(n)
+            column = range(identity_offset + 1, (c + 1) * f_last)
+            pos = np.arange(1, n + 1)  # key + 1, if present, follows key itself
+        elif walk:
+            pos = np.searchsorted(skeys, keys + packed[column[0]])
+        for k in column:
+            query = keys + packed[k]
+            if not walk:
+                pos = np.searchsorted(skeys, query)
+            found = skeys[pos] == query
+            record(k, pos, found)
+            if walk:
+                pos = pos + found
+    if symmetric:
+        for k in range(k_total):
+            if pairs_in[k] is None:
+                pairs_in[k], pairs_out[k] = pairs_out[k_total - 1 - k], pairs_in[k_total - 1 - k]
+    in_idx, out_idx, offset_ptr = _assemble(pairs_in, pairs_out)
+    return in_idx, out_idx, offset_ptr, identity_offset
+
+
+def _per_axis_windows(coords, filter_size, stride, out_shape):
+    """For each axis and filter tap: which sites reach an output, and that output's coordinate.
+
+    Site x reaches output o through tap delta iff x = o * s + delta with 0 <= o < out.
+    """
+    valid, target = [], []
+    for d, (f, s, n_out) in enumerate(zip(filter_size, stride, out_shape)):
+        t = coords[:, d][None, :] - np.arange(f, dtype=np.int64)[:, None]
+        o, r = np.divmod(t, s)
+        valid.append((r == 0) & (t >= 0) & (o < n_out))
+        target.append(o)
+    return valid, target
+
+
+def strided_rules(indices, spatial_shape, batch_size, filter_size, stride, out_shape):
+    """Pairs of a strided convolution / pooling: input = output * stride + delta.
+
+    An output site is active iff some active input lies in its window. Output sites come
+    back sorted by (batch, x1, ..., xD).
+
+    Returns
+    -------
+    in_idx, out_idx : int32 (P,)
+    offset_ptr : int64 (K + 1,)
+    out_indices : int32 (M, 1 + D)
+    """
+    coords = indices[:, 1:].astype(np.int64)
+    batch = indices[:, 0].astype(np.int64)
+    strides = packing_strides(out_shape, batch_size)
+    valid, target = _per_axis_windows(coords, filter_size, stride, out_shape)
+    batch_key = batch * strides[0]
+    pairs_in, out_keys = [], []
+    for taps in itertools.product(*[range(f) for f in filter_size]):
+        mask = valid[0][taps[0]]
+        for d in range(1, len(taps)):
+            mask = mask & valid[d][taps[d]]
+        rows = np.flatnonzero(mask)
+        key = batch_key[rows]
+        for d, t in enumerate(taps):
+            key = key + target[d][t][rows] * strides[d + 1]
+        pairs_in.append(rows)
+        out_keys.append(key)
+    return _finish_new_sites(pairs_in, out_keys, out_shape)
+
+
+def full_rules(indices, spatial_shape, batch_size, filter_size, stride, out_shape):
+    """Pairs of a full (generative) transposed convolution: output = input * stride + delta.
+
+    Every input site activates all its children. Output sites come back sorted.
+    """
+    n = len(indices)
+    coords = indices[:, 1:].astype(np.int64)
+    strides = packing_strides(out_shape, batch_size)
+    base = indices[:, 0].astype(np.int64) * strides[0] + (coords * np.asarray(stride)) @ strides[1:]
+    rows = np.arange(n)
+    pairs_in, out_keys = [], []
+    for taps in itertools.product(*[range(f) for f in filter_size]):
+        pairs_in.append(rows)
+        out_keys.append(base + int(np.dot(taps, strides[1:])))
+    return _finish_new_sites(pairs_in, out_keys, out_shape)
+
+
+def _finish_new_sites(pairs_in, out_keys, out_shape):
+    counts = [len(p) for p in pairs_in]
+    all_keys = np.concatenate(out_keys) if out_keys else np.zeros(0, np.int64)
+    unique_keys = np.unique(all_keys)
+    out_rows = np.searchsorted(unique_keys, all_keys)
+    pairs_out = np.split(out_rows, np.cumsum(counts)[:-1]) if counts else []
+    in_idx, out_idx, offset_ptr = _assemble(pairs_in, pairs_out)
+    return in_idx, out_idx, offset_ptr, unpack_keys(unique_keys, out_shape)

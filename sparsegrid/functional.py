@@ -1,0 +1,373 @@
+"""Sparse operations on SparseTensors, written once against the kernel contract.
+
+Each op validates its arguments, asks the tensor's Grid for a (cached) rulebook and calls
+the kernel of the features' backend. The matching backward kernels live next to the
+forward ones in ``sparsegrid.cpu`` (see docs/conventions.md for the op -> kernel table).
+
+Weights are ``(K, Cin, Cout)`` with K = prod(filter_size) offsets in row-major order, last
+axis fastest, or ``(K, G, Cin/G, Cout/G)`` for grouped convolutions; ``out[o] += in[i] @
+W[k]`` (cross-correlation, no flip).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import backend
+from .coords import (normalize_size, normalize_spatial_shape, pack_keys, validate_features,
+                     validate_indices)
+from .grid import Grid, Sites
+from .tensor import SparseTensor
+
+# SCN's InputLayer mode numbers (measured behaviour: 1 keeps the first row, 2 the last).
+INPUT_MODES = {0: "unique", 1: "first", 2: "last", 3: "sum", 4: "mean"}
+_MODE_NAMES = ("unique", "first", "last", "sum", "mean", "max")
+
+
+def _require_tensor(x, name="x"):
+    if not isinstance(x, SparseTensor):
+        raise TypeError(f"{name} must be a SparseTensor; got {type(x).__name__}")
+
+
+def _check_weight(x, weight, bias, n_offsets, name="weight"):
+    """Validate a convolution weight (and bias) against the input; return Cout."""
+    if not hasattr(weight, "dtype") or weight.dtype != x.dtype:
+        raise TypeError(f"{name} must be an array of the features' dtype {x.dtype}; got "
+                        f"{getattr(weight, 'dtype', type(weight).__name__)}")
+    cin = x.n_channels
+    if weight.ndim == 3:
+        k, w_cin, cout = weight.shape
+        groups = 1
+    elif weight.ndim == 4:
+        k, groups, cin_g, cout_g = weight.shape
+        w_cin, cout = groups * cin_g, groups * cout_g
+    else:
+        raise ValueError(f"{name} must have shape (K, Cin, Cout) or (K, G, Cin/G, Cout/G); "
+                         f"got {weight.shape}")
+    if k != n_offsets:
+        raise ValueError(f"{name} has {k} kernel offsets but the filter has {n_offsets} "
+                         f"(prod(filter_size)); got shape {weight.shape}")
+    if w_cin != cin:
+        raise ValueError(f"{name} expects {w_cin} input channels ({groups} group(s)) but the "
+                         f"input has {cin}; got shape {weight.shape}")
+    _check_bias(x, bias, cout)
+    return cout
+
+
+def _check_bias(x, bias, cout):
+    if bias is None:
+        return
+    if not hasattr(bias, "dtype") or bias.dtype != x.dtype:
+        raise TypeError(f"bias must be an array of the features' dtype {x.dtype}; got "
+                        f"{getattr(bias, 'dtype', type(bias).__name__)}")
+    if bias.shape != (cout,):
+        raise ValueError(f"bias must have shape ({cout},); got {bias.shape}")
+
+
+def _convolve(x, weight, bias, rulebook):
+    return backend.kernels(x.features).conv_forward(
+        x.features, weight, rulebook.in_idx, rulebook.out_idx, rulebook.offset_ptr,
+        rulebook.n_out, bias, rulebook.identity_offset)
+
+
+def submanifold_conv(x, weight, bias=None, filter_size=3, dilation=1):
+    """Submanifold convolution: output sites and rows are the input's.
+
+    ``out[o] = bias + sum_k in[o + (delta_k - f//2) * dilation] @ W[k]`` over active
+    neighbours; for even f the window of axis d is ``[o - f/2, o + f/2 - 1]``.
+
+    Parameters
+    ----------
+    x : SparseTensor (N, Cin)
+    weight : (K, Cin, Cout) or (K, G, Cin/G, Cout/G)
+    bias : (Cout,) or None
+    filter_size, dilation : int or D ints
+    """
+    _require_tensor(x)
+    rulebook = x.grid.submanifold(x.sites, filter_size, dilation)
+    _check_weight(x, weight, bias, rulebook.n_offsets)
+    return x.with_features(_convolve(x, weight, bias, rulebook))
+
+
+def conv(x, weight, bias=None, filter_size=2, stride=2):
+    """Strided convolution (SCN Convolution): spatial size (in - f) / s + 1, exactly.
+
+    An output site is active iff its window ``[o*s, o*s + f - 1]`` holds an active input;
+    output rows are sorted by (batch, x1, ..., xD). Raises ValueError when the input size
+    does not fit the filter and stride (the message names sizes that would).
+    """
+    _require_tensor(x)
+    rulebook, sites = x.grid.strided(x.sites, filter_size, stride)
+    _check_weight(x, weight, bias, rulebook.n_offsets)
+    return SparseTensor._on(_convolve(x, weight, bias, rulebook), sites, x.grid)
+
+
+def deconv(x, weight, bias=None, filter_size=2, stride=2):
+    """Transposed convolution back onto the finer sites that produced ``x`` (SCN Deconvolution).
+
+    ``out[p] = bias + sum in[q] @ W[k]`` over active coarse q with p = q*s + delta_k; the
+    output sites and rows are those of the tensor the matching strided op consumed. Raises
+    ValueError if no strided op with this filter and stride produced ``x``'s sites.
+    """
+    _require_tensor(x)
+    rulebook, sites = x.grid.transposed(x.sites, filter_size, stride)
+    _check_weight(x, weight, bias, rulebook.n_offsets)
+    return SparseTensor._on(_convolve(x, weight, bias, rulebook), sites, x.grid)
+
+
+def full_conv(x, weight, bias=None, filter_size=2, stride=2):
+    """Full (generative) transposed convolution (SCN FullConvolution).
+
+    Output sites are all ``q*s + delta`` for active q (sorted), spatial size (in-1)*s + f,
+    on a new Grid.
+    """
+    _require_tensor(x)
+    rulebook, sites, grid = x.grid.full(x.sites, filter_size, stride)
+    _check_weight(x, weight, bias, rulebook.n_offsets)
+    return SparseTensor._on(_convolve(x, weight, bias, rulebook), sites, grid)
+
+
+def network_in_network(x, weight, bias=None):
+    """Per-site linear map (SCN NetworkInNetwork): ``features @ weight + bias``.
+
+    ``weight`` is (Cin, Cout).
+    """
+    _require_tensor(x)
+    if not hasattr(weight, "dtype") or weight.dtype != x.dtype:
+        raise TypeError(f"weight must be an array of the features' dtype {x.dtype}")
+    if weight.ndim != 2 or weight.shape[0] != x.n_channels:
+        raise ValueError(f"weight must have shape ({x.n_channels}, Cout); got {weight.shape}")
+    _check_bias(x, bias, weight.shape[1])
+    out = x.features @ weight
+    if bias is not None:
+        out += bias
+    return x.with_features(out)
+
+
+def _kept_features(x, n_features_to_drop):
+    n = int(n_features_to_drop)
+    if not 0 <= n < max(x.n_channels, 1):
+        raise ValueError(f"n_features_to_drop must be in [0, {x.n_channels}); got {n}")
+    return x.features[:, n:] if n else x.features
+
+
+def max_pool(x, filter_size=2, stride=2, n_features_to_drop=0):
+    """Max pooling over each window's active inputs (the true maximum; SCN clamps at 0).
+
+    Sizes and sites as :func:`conv`; the first ``n_features_to_drop`` channels are dropped.
+    """
+    _require_tensor(x)
+    rulebook, sites = x.grid.strided(x.sites, filter_size, stride)
+    features = _kept_features(x, n_features_to_drop)
+    out, _ = backend.kernels(features).max_pool_forward(
+        features, rulebook.in_idx, rulebook.out_idx, rulebook.offset_ptr, rulebook.n_out)
+    return SparseTensor._on(out, sites, x.grid)
+
+
+def avg_pool(x, filter_size=2, stride=2, n_features_to_drop=0):
+    """Average pooling as SCN: the sum of active inputs divided by the window volume."""
+    _require_tensor(x)
+    rulebook, sites = x.grid.strided(x.sites, filter_size, stride)
+    features = _kept_features(x, n_features_to_drop)
+    out = backend.kernels(features).rule_sum(
+        features, rulebook.in_idx, rulebook.out_idx, rulebook.offset_ptr, rulebook.n_out)
+    out *= out.dtype.type(1.0 / math.prod(rulebook.filter_size))
+    return SparseTensor._on(out, sites, x.grid)
+
+
+def unpool(x, filter_size=2, stride=2, n_features_to_drop=0):
+    """UnPooling: each finer site receives the sum of its coarse parents' features.
+
+    The output sites are the finer tensor's, found as for :func:`deconv`.
+    """
+    _require_tensor(x)
+    rulebook, sites = x.grid.transposed(x.sites, filter_size, stride)
+    features = _kept_features(x, n_features_to_drop)
+    out = backend.kernels(features).rule_sum(
+        features, rulebook.in_idx, rulebook.out_idx, rulebook.offset_ptr, rulebook.n_out)
+    return SparseTensor._on(out, sites, x.grid)
+
+
+def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None, training=True,
+               momentum=0.99, eps=1e-4, leakiness=1.0):
+    """Batch normalisation over active sites (SCN BatchNormalization), then leaky activation.
+
+    In training, normalises with the batch mean and biased variance and updates the
+    running statistics in place with SCN's convention
+    ``running = momentum * running + (1 - momentum) * batch`` (unbiased variance); in
+    evaluation uses the running statistics. ``leakiness`` 0 gives BatchNormReLU. An empty
+    input passes through.
+    """
+    _require_tensor(x)
+    channels = x.n_channels
+    for name, value in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                        ("running_var", running_var)):
+        if value is not None and getattr(value, "shape", None) != (channels,):
+            raise ValueError(f"{name} must have shape ({channels},); got "
+                             f"{getattr(value, 'shape', type(value).__name__)}")
+    kernels = backend.kernels(x.features)
+    if x.n_active == 0:
+        return x.with_features(x.features.copy())
+    if training:
+        mean, var = kernels.batch_norm_statistics(x.features)
+        n = x.n_active
+        if running_mean is not None:
+            running_mean *= momentum
+            running_mean += (1 - momentum) * mean
+        if running_var is not None:
+            unbiased = var * (n / (n - 1)) if n > 1 else var
+            running_var *= momentum
+            running_var += (1 - momentum) * unbiased
+    else:
+        if running_mean is None or running_var is None:
+            raise ValueError("batch_norm in evaluation mode needs running_mean and running_var")
+        mean, var = running_mean.astype(x.dtype), running_var.astype(x.dtype)
+    out = kernels.batch_norm_forward(x.features, mean, var, weight, bias, eps, leakiness)
+    return x.with_features(out)
+
+
+def global_pool(x, mode="max"):
+    """Per-sample reduction over all active sites: dense (batch_size, C).
+
+    ``mode`` is ``'max'`` (true maximum), ``'mean'`` or ``'sum'``; empty samples give 0.
+    """
+    _require_tensor(x)
+    if mode not in ("max", "mean", "sum"):
+        raise ValueError(f"mode must be 'max', 'mean' or 'sum'; got {mode!r}")
+    out, _ = backend.kernels(x.features).segment_reduce(
+        x.features, x.indices[:, 0], x.batch_size, mode)
+    return out
+
+
+class InputMap:
+    """How an input layer merged rows into sites; what :func:`output_layer` inverts.
+
+    Attributes
+    ----------
+    segment_ids : int64 (n_rows,)
+        The output row (site) of each input row.
+    chosen : array or None
+        The kept row per site (modes 'first'/'last'), the arg-max rows (mode 'max').
+    mode : str
+    n_rows, n_sites : int
+    """
+
+    __slots__ = ("segment_ids", "chosen", "mode", "n_rows", "n_sites")
+
+    def __init__(self, segment_ids, chosen, mode, n_rows, n_sites):
+        self.segment_ids = segment_ids
+        self.chosen = chosen
+        self.mode = mode
+        self.n_rows = n_rows
+        self.n_sites = n_sites
+
+    def __repr__(self):
+        return f"InputMap(mode={self.mode!r}, n_rows={self.n_rows}, n_sites={self.n_sites})"
+
+
+def input_mode_name(mode):
+    """SCN mode number (0-4) or a name -> one of 'unique', 'first', 'last', 'sum', 'mean', 'max'."""
+    if isinstance(mode, (int, np.integer)) and not isinstance(mode, bool):
+        if int(mode) not in INPUT_MODES:
+            raise ValueError(f"mode must be 0..4 (SCN) or one of {_MODE_NAMES}; got {mode}")
+        return INPUT_MODES[int(mode)]
+    if mode not in _MODE_NAMES:
+        raise ValueError(f"mode must be 0..4 (SCN) or one of {_MODE_NAMES}; got {mode!r}")
+    return mode
+
+
+def input_layer(indices, features, spatial_shape, batch_size=None, mode="sum"):
+    """Build a SparseTensor from rows that may repeat a site, merging duplicates.
+
+    Parameters
+    ----------
+    indices : integer (n_rows, 1 + D), batch first
+    features : float (n_rows, C)
+    spatial_shape : D ints
+    batch_size : int, optional (a lower bound is not needed: must exceed every batch index)
+    mode : SCN number or name
+        0 / ``'unique'``: duplicates are an error; 1 / ``'first'``: keep the first row;
+        2 / ``'last'``: keep the last row; 3 / ``'sum'``; 4 / ``'mean'``; ``'max'``
+        (channel-wise).
+
+    Returns
+    -------
+    tensor : SparseTensor
+        One row per distinct site, sorted by (batch, x1, ..., xD), on a new Grid.
+    input_map : InputMap
+        For :func:`output_layer` and for the backward pass.
+    """
+    mode = input_mode_name(mode)
+    spatial_shape = normalize_spatial_shape(spatial_shape)
+    indices, batch_size = validate_indices(indices, spatial_shape, batch_size)
+    features = validate_features(features, len(indices))
+    kernels = backend.kernels(features)
+    keys, _ = pack_keys(indices, spatial_shape, batch_size)
+    unique_keys, first_rows, segment_ids = np.unique(keys, return_index=True,
+                                                     return_inverse=True)
+    segment_ids = segment_ids.reshape(-1)
+    n_sites = len(unique_keys)
+    if mode == "unique" and n_sites != len(indices):
+        seen = np.zeros(len(indices), bool)
+        seen[first_rows] = True
+        second = int(np.flatnonzero(~seen)[0])
+        first = int(first_rows[segment_ids[second]])
+        raise ValueError(f"indices rows {first} and {second} are the same site "
+                         f"{indices[second].tolist()}, but mode 0 ('unique') assumes no "
+                         "duplicates; use 'first', 'last', 'sum', 'mean' or 'max'")
+    reduce_mode = "sum" if mode == "unique" else mode
+    out, chosen = kernels.segment_reduce(features, segment_ids, n_sites, reduce_mode)
+    sites = Sites(np.ascontiguousarray(indices[first_rows]), spatial_shape, batch_size)
+    tensor = SparseTensor._on(out, sites, Grid())
+    return tensor, InputMap(segment_ids, chosen, mode, len(indices), n_sites)
+
+
+def output_layer(x, input_map):
+    """Inverse of :func:`input_layer`: one row per original input row, (n_rows, C).
+
+    Every row receives its site's features; in modes 'first'/'last' only the kept row
+    does and the others get 0 (as SCN's OutputLayer).
+    """
+    _require_tensor(x)
+    if not isinstance(input_map, InputMap):
+        raise TypeError(f"input_map must be the InputMap returned by input_layer; got "
+                        f"{type(input_map).__name__}")
+    if x.n_active != input_map.n_sites:
+        raise ValueError(f"x has {x.n_active} sites but input_map maps {input_map.n_sites}; "
+                         "pass a tensor on the input layer's sites")
+    if input_map.mode in ("first", "last"):
+        out = np.zeros((input_map.n_rows, x.n_channels), x.dtype)
+        out[input_map.chosen] = x.features
+        return out
+    return x.features[input_map.segment_ids]
+
+
+def to_dense(x):
+    """Dense (B, C, S1, ..., SD) array of a SparseTensor, zero at inactive sites."""
+    _require_tensor(x)
+    return x.to_dense()
+
+
+def from_dense(dense):
+    """SparseTensor of a dense (B, C, S1, ..., SD) array, active where any channel != 0."""
+    return SparseTensor.from_dense(dense)
+
+
+def sparse_tensor(features, indices, spatial_shape, batch_size=None):
+    """Shorthand for :class:`SparseTensor` (validated construction)."""
+    return SparseTensor(features, indices, spatial_shape, batch_size)
+
+
+def filter_volume(filter_size, dimension):
+    """K = prod(filter_size) for an int or per-axis filter size."""
+    return math.prod(normalize_size(filter_size, dimension, "filter_size"))
+
+
+__all__ = [
+    "avg_pool", "batch_norm", "conv", "deconv", "filter_volume", "from_dense", "full_conv",
+    "global_pool", "input_layer", "InputMap", "input_mode_name", "max_pool",
+    "network_in_network", "output_layer", "sparse_tensor", "submanifold_conv", "to_dense",
+    "unpool",
+]

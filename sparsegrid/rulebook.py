@@ -1,0 +1,113 @@
+"""Rulebook: the plain-array form of a sparse convolution's (input, output, offset) pairs.
+
+Pairs are grouped by kernel offset: the pairs of offset ``k`` are
+``in_idx[offset_ptr[k]:offset_ptr[k+1]]`` and ``out_idx[...]`` (int32 rows). Within one
+offset every output row and every input row appears at most once, for every kind of
+convolution, so gather-GEMM-scatter needs neither atomics nor ``np.add.at``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import backend
+
+_FIELDS = ("in_idx", "out_idx", "offset_ptr")
+_META = ("n_in", "n_out", "filter_size", "stride", "dilation", "kind", "identity_offset",
+         "transposed")
+
+
+class Rulebook:
+    """Pairs of a sparse convolution, grouped by kernel offset.
+
+    Attributes
+    ----------
+    in_idx, out_idx : int32 (P,)
+    offset_ptr : int64 (K + 1,)
+    n_in, n_out : int
+        Row counts of the input and output site sets.
+    filter_size, stride, dilation : tuple of int
+    kind : str
+        ``'submanifold'``, ``'strided'`` or ``'full'``.
+    identity_offset : int
+        Offset whose pairs are ``(r, r)`` for every row, in row order (the submanifold
+        centre for odd filters), else -1; kernels skip its gather and scatter.
+    transposed : bool
+        True when input and output were swapped (Deconvolution, UnPooling, gradients).
+    """
+
+    __slots__ = _FIELDS + _META
+
+    def __init__(self, in_idx, out_idx, offset_ptr, n_in, n_out, filter_size, *, stride=None,
+                 dilation=None, kind="submanifold", identity_offset=-1, transposed=False):
+        self.in_idx = in_idx
+        self.out_idx = out_idx
+        self.offset_ptr = offset_ptr
+        self.n_in = int(n_in)
+        self.n_out = int(n_out)
+        self.filter_size = tuple(int(f) for f in filter_size)
+        ones = (1,) * len(self.filter_size)
+        self.stride = tuple(int(s) for s in stride) if stride is not None else ones
+        self.dilation = tuple(int(d) for d in dilation) if dilation is not None else ones
+        self.kind = kind
+        self.identity_offset = int(identity_offset)
+        self.transposed = bool(transposed)
+
+    @property
+    def n_offsets(self):
+        """K, the number of kernel offsets."""
+        return len(self.offset_ptr) - 1
+
+    @property
+    def n_pairs(self):
+        return len(self.in_idx)
+
+    def counts(self):
+        """Number of pairs of each offset, int64 (K,)."""
+        return np.diff(backend.to_numpy(self.offset_ptr))
+
+    def pairs(self, k):
+        """``(in_rows, out_rows)`` of kernel offset ``k``."""
+        start, stop = int(self.offset_ptr[k]), int(self.offset_ptr[k + 1])
+        return self.in_idx[start:stop], self.out_idx[start:stop]
+
+    def transpose(self):
+        """The adjoint rulebook: inputs and outputs swapped (same offsets)."""
+        return Rulebook(self.out_idx, self.in_idx, self.offset_ptr, self.n_out, self.n_in,
+                        self.filter_size, stride=self.stride, dilation=self.dilation,
+                        kind=self.kind, identity_offset=self.identity_offset,
+                        transposed=not self.transposed)
+
+    def neighbor_map(self):
+        """Output-stationary view: int32 (n_out, K), the input row of each offset or -1."""
+        xp = backend.array_namespace(self.in_idx)
+        table = xp.full((self.n_out, self.n_offsets), -1, dtype=xp.int32)
+        offset_of_pair = xp.repeat(xp.arange(self.n_offsets), xp.asarray(self.counts()))
+        table[self.out_idx, offset_of_pair] = self.in_idx
+        return table
+
+    def save(self, path):
+        """Write the rulebook to an ``.npz`` file readable with plain ``numpy.load``."""
+        arrays = {name: backend.to_numpy(getattr(self, name)) for name in _FIELDS}
+        meta = {name: np.asarray(getattr(self, name)) for name in _META}
+        np.savez(path, **arrays, **meta)
+
+    @classmethod
+    def load(cls, path):
+        """Read a rulebook written by :meth:`save`."""
+        with np.load(path) as data:
+            missing = [n for n in _FIELDS + _META if n not in data]
+            if missing:
+                raise ValueError(f"{path} is not a sparsegrid rulebook file: missing {missing}")
+            return cls(data["in_idx"].astype(np.int32), data["out_idx"].astype(np.int32),
+                       data["offset_ptr"].astype(np.int64), int(data["n_in"]),
+                       int(data["n_out"]), tuple(data["filter_size"]),
+                       stride=tuple(data["stride"]), dilation=tuple(data["dilation"]),
+                       kind=str(data["kind"]), identity_offset=int(data["identity_offset"]),
+                       transposed=bool(data["transposed"]))
+
+    def __repr__(self):
+        t = ", transposed" if self.transposed else ""
+        return (f"Rulebook({self.kind}{t}, filter_size={self.filter_size}, stride={self.stride}, "
+                f"dilation={self.dilation}, n_in={self.n_in}, n_out={self.n_out}, "
+                f"n_pairs={self.n_pairs})")

@@ -1,0 +1,152 @@
+"""SparseTensor: features on an active site set, sharing a Grid with its relatives."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import backend
+from .coords import normalize_spatial_shape, validate_features, validate_indices
+from .grid import Grid, Sites
+
+
+class SparseTensor:
+    """Features ``(N, C)`` at ``N`` active sites of a batch of D-dimensional grids.
+
+    Parameters
+    ----------
+    features : array (N, C), float32 or float64
+    indices : integer array (N, 1 + D)
+        Column 0 the batch index, columns 1..D the coordinates, each in
+        ``[0, spatial_shape[d])``. Each site at most once.
+    spatial_shape : sequence of D ints (D = 1..10)
+    batch_size : int, optional
+        Number of samples; defaults to ``max(batch index) + 1``. Samples may be empty.
+
+    Raises
+    ------
+    TypeError
+        Non-integer indices, non-floating features.
+    ValueError
+        Wrong shapes, row-count mismatch, coordinates out of range or negative, duplicate
+        sites, NaN/inf features, a spatial shape too large to pack into int64 keys. The
+        message names the first offending row.
+
+    Notes
+    -----
+    Tensors made by sparse ops share their input's :class:`Grid`, which caches rulebooks.
+    ``np.asarray(tensor)`` raises: use :meth:`to_dense` (possibly huge) or ``.features``.
+    """
+
+    __array_priority__ = 1000
+
+    def __init__(self, features, indices, spatial_shape, batch_size=None):
+        spatial_shape = normalize_spatial_shape(spatial_shape)
+        indices, batch_size = validate_indices(indices, spatial_shape, batch_size)
+        features = validate_features(features, len(indices))
+        self._sites = Sites.from_indices(indices, spatial_shape, batch_size)
+        self._grid = Grid()
+        self._features = features
+
+    @classmethod
+    def _on(cls, features, sites, grid):
+        """A tensor on known sites of a grid (no validation): used by sparse ops."""
+        tensor = cls.__new__(cls)
+        tensor._features = features
+        tensor._sites = sites
+        tensor._grid = grid
+        return tensor
+
+    def with_features(self, features):
+        """A tensor with new features on the same sites and grid (rows must match)."""
+        if features.ndim != 2 or len(features) != len(self._sites):
+            raise ValueError(f"features must have shape ({len(self._sites)}, C) to replace this "
+                             f"tensor's features; got {features.shape}")
+        return SparseTensor._on(features, self._sites, self._grid)
+
+    @property
+    def features(self):
+        """(N, C) array, row-aligned with :attr:`indices`."""
+        return self._features
+
+    @features.setter
+    def features(self, value):
+        if value.ndim != 2 or len(value) != len(self._sites):
+            raise ValueError(f"features must have shape ({len(self._sites)}, C); got "
+                             f"{value.shape}")
+        self._features = value
+
+    @property
+    def indices(self):
+        """int32 (N, 1 + D): batch index, then coordinates."""
+        return self._sites.indices
+
+    @property
+    def spatial_shape(self):
+        return self._sites.spatial_shape
+
+    @property
+    def batch_size(self):
+        return self._sites.batch_size
+
+    @property
+    def dimension(self):
+        """D, the number of spatial axes."""
+        return self._sites.dimension
+
+    @property
+    def n_active(self):
+        return len(self._sites)
+
+    @property
+    def n_channels(self):
+        return self._features.shape[1]
+
+    @property
+    def dtype(self):
+        return self._features.dtype
+
+    @property
+    def sites(self):
+        return self._sites
+
+    @property
+    def grid(self):
+        return self._grid
+
+    def to_dense(self):
+        """Dense array (B, C, S1, ..., SD), zero at inactive sites."""
+        return backend.kernels(self._features).scatter_to_dense(
+            self._features, self.indices, self.batch_size, self.spatial_shape)
+
+    @classmethod
+    def from_dense(cls, dense):
+        """Sparse tensor of a dense (B, C, S1, ..., SD) array: active where any channel != 0.
+
+        Rows are sorted by (batch, x1, ..., xD).
+        """
+        dense = np.asarray(dense) if not backend.is_cupy_array(dense) else dense
+        if dense.ndim < 3:
+            raise ValueError(f"dense must have shape (B, C, S1, ..., SD) with D >= 1; got "
+                             f"{dense.shape}")
+        if dense.dtype.kind != "f":
+            raise TypeError(f"dense must be floating point; got dtype {dense.dtype}")
+        kernels = backend.kernels(dense)
+        indices = kernels.dense_active_sites(dense)
+        spatial_shape = normalize_spatial_shape(dense.shape[2:])
+        features = kernels.gather_from_dense(dense, indices)
+        sites = Sites(indices, spatial_shape, dense.shape[0])
+        return cls._on(features, sites, Grid())
+
+    def __array__(self, dtype=None, copy=None):
+        raise TypeError("a SparseTensor does not convert to a dense array implicitly (it may "
+                        "be huge); call .to_dense() for a (B, C, *spatial_shape) array, or use "
+                        ".features and .indices")
+
+    def __len__(self):
+        return len(self._sites)
+
+    def __repr__(self):
+        lib = "cupy" if backend.is_cupy_array(self._features) else "numpy"
+        return (f"SparseTensor(n_active={self.n_active}, n_channels={self.n_channels}, "
+                f"spatial_shape={self.spatial_shape}, batch_size={self.batch_size}, "
+                f"dtype={self.dtype}, backend={lib})")

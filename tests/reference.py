@@ -1,0 +1,154 @@
+"""Independent dense references: every sparse op recomputed on the zero-filled grid.
+
+Nothing here uses sparsegrid's rulebooks or kernels: convolutions are sums of shifted /
+strided slices of dense NumPy arrays, so a bug in the sparse code cannot hide in both.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+
+def random_sites(rng, spatial_shape, batch_size, density=0.3, empty_batches=()):
+    """Unique random sites (N, 1 + D) int32, shuffled rows; some batches may be empty."""
+    cells = int(np.prod(spatial_shape))
+    rows = []
+    for b in range(batch_size):
+        if b in empty_batches:
+            continue
+        n = max(1, int(round(density * cells)))
+        flat = rng.choice(cells, size=min(n, cells), replace=False)
+        coords = np.stack(np.unravel_index(flat, spatial_shape), axis=1)
+        rows.append(np.concatenate([np.full((len(coords), 1), b), coords], axis=1))
+    if not rows:
+        return np.zeros((0, len(spatial_shape) + 1), np.int32)
+    indices = np.concatenate(rows).astype(np.int32)
+    return indices[rng.permutation(len(indices))]
+
+
+def to_dense(features, indices, batch_size, spatial_shape):
+    dense = np.zeros((batch_size, features.shape[1], *spatial_shape), features.dtype)
+    for row, (b, *coords) in enumerate(indices.tolist()):
+        dense[(b, slice(None), *coords)] = features[row]
+    return dense
+
+
+def occupancy(indices, batch_size, spatial_shape):
+    occ = np.zeros((batch_size, *spatial_shape), bool)
+    for b, *coords in indices.tolist():
+        occ[(b, *coords)] = True
+    return occ
+
+
+def at_sites(dense, indices):
+    """Rows (N, C) of dense (B, C, *S) at the given sites (pure Python indexing)."""
+    return np.stack([dense[(b, slice(None), *c)] for b, *c in indices.tolist()]) \
+        if len(indices) else np.zeros((0, dense.shape[1]), dense.dtype)
+
+
+def _offsets(filter_size):
+    return list(itertools.product(*[range(f) for f in filter_size]))
+
+
+def _apply(weight_k, block):
+    """block (B, Cin, *S) times one offset's weight (Cin, Cout) -> (B, Cout, *S)."""
+    return np.einsum("bc...,cd->bd...", block, weight_k)
+
+
+def expand_groups(weight):
+    """(K, G, Cin/G, Cout/G) -> block-diagonal (K, Cin, Cout)."""
+    if weight.ndim == 3:
+        return weight
+    k, g, ci, co = weight.shape
+    full = np.zeros((k, g * ci, g * co), weight.dtype)
+    for j in range(g):
+        full[:, j * ci:(j + 1) * ci, j * co:(j + 1) * co] = weight[:, j]
+    return full
+
+
+def submanifold_conv(dense, weight, filter_size, dilation):
+    """out[o] = sum_k in[o + (delta_k - f//2) * dilation] @ W[k] on the full grid."""
+    weight = expand_groups(weight)
+    spatial = dense.shape[2:]
+    offsets = [tuple((d - f // 2) * dl for d, f, dl in zip(delta, filter_size, dilation))
+               for delta in _offsets(filter_size)]
+    pad = [max(abs(o[a]) for o in offsets) for a in range(len(spatial))]
+    padded = np.pad(dense, [(0, 0), (0, 0)] + [(p, p) for p in pad])
+    out = np.zeros((dense.shape[0], weight.shape[2], *spatial), dense.dtype)
+    for k, off in enumerate(offsets):
+        view = padded[(slice(None), slice(None),
+                       *[slice(p + o, p + o + s) for p, o, s in zip(pad, off, spatial)])]
+        out += _apply(weight[k], view)
+    return out
+
+
+def _window_views(dense, filter_size, stride):
+    spatial = dense.shape[2:]
+    out_shape = [(s - f) // st + 1 for s, f, st in zip(spatial, filter_size, stride)]
+    for delta in _offsets(filter_size):
+        yield dense[(slice(None), slice(None),
+                     *[slice(d, d + (o - 1) * st + 1, st)
+                       for d, o, st in zip(delta, out_shape, stride)])]
+
+
+def strided_conv(dense, weight, filter_size, stride):
+    """out[o] = sum_k in[o * s + delta_k] @ W[k]; out = (in - f) / s + 1."""
+    weight = expand_groups(weight)
+    views = list(_window_views(dense, filter_size, stride))
+    out = np.zeros((dense.shape[0], weight.shape[2], *views[0].shape[2:]), dense.dtype)
+    for k, view in enumerate(views):
+        out += _apply(weight[k], view)
+    return out
+
+
+def strided_occupancy(occ, filter_size, stride):
+    """Active outputs of a strided op: some active input in the window."""
+    views = list(_window_views(occ[:, None], filter_size, stride))
+    return np.logical_or.reduce(views)[:, 0]
+
+
+def max_pool(dense, occ, filter_size, stride):
+    """Max over ACTIVE inputs only (inactive cells are -inf), -inf where none."""
+    masked = np.where(occ[:, None], dense, -np.inf)
+    return np.maximum.reduce(list(_window_views(masked, filter_size, stride)))
+
+
+def sum_pool(dense, filter_size, stride):
+    return np.add.reduce(list(_window_views(dense, filter_size, stride)))
+
+
+def transposed_conv(dense, weight, filter_size, stride):
+    """fine[q * s + delta_k] += coarse[q] @ W[k]; fine = (in - 1) * s + f."""
+    weight = expand_groups(weight)
+    coarse = dense.shape[2:]
+    fine = [(n - 1) * s + f for n, f, s in zip(coarse, filter_size, stride)]
+    out = np.zeros((dense.shape[0], weight.shape[2], *fine), dense.dtype)
+    for k, delta in enumerate(_offsets(filter_size)):
+        target = (slice(None), slice(None),
+                  *[slice(d, d + (n - 1) * s + 1, s) for d, n, s in zip(delta, coarse, stride)])
+        out[target] += _apply(weight[k], dense)
+    return out
+
+
+def transposed_occupancy(occ, filter_size, stride):
+    out = transposed_conv(occ[:, None].astype(np.float64),
+                          np.ones((int(np.prod(filter_size)), 1, 1)), filter_size, stride)
+    return out[:, 0] > 0
+
+
+def numerical_gradient(f, x, eps=1e-6):
+    """Central finite differences of scalar f at float64 array x (same shape as x)."""
+    x = np.array(x, dtype=np.float64)
+    grad = np.zeros_like(x)
+    flat, gflat = x.reshape(-1), grad.reshape(-1)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + eps
+        up = f(x)
+        flat[i] = old - eps
+        down = f(x)
+        flat[i] = old
+        gflat[i] = (up - down) / (2 * eps)
+    return grad
