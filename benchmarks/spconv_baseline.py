@@ -474,7 +474,7 @@ def peak_memory_rulebook_forward(indices, spatial_shape, channels):
 # --------------------------------------------------------------------------
 
 
-def main(repeat=5):
+def main(repeat=9):
     """Print spconv's CPU timings (1 thread) for every scene of scenes.SCENES."""
     sys.path.insert(0, _HERE)
     import scenes

@@ -66,10 +66,19 @@ def _check_bias(x, bias, cout):
         raise ValueError(f"bias must have shape ({cout},); got {bias.shape}")
 
 
+def conv_plan(rulebook, kernels):
+    """The kernels' cached :class:`ConvPlan` of a rulebook (built on first use)."""
+    return rulebook.derived("conv_plan", lambda: kernels.build_conv_plan(
+        rulebook.in_idx, rulebook.out_idx, rulebook.offset_ptr, rulebook.n_out,
+        rulebook.identity_offset))
+
+
 def _convolve(x, weight, bias, rulebook):
-    return backend.kernels(x.features).conv_forward(
+    kernels = backend.kernels(x.features)
+    plan = conv_plan(rulebook, kernels) if weight.ndim == 3 else None
+    return kernels.conv_forward(
         x.features, weight, rulebook.in_idx, rulebook.out_idx, rulebook.offset_ptr,
-        rulebook.n_out, bias, rulebook.identity_offset)
+        rulebook.n_out, bias, rulebook.identity_offset, plan=plan)
 
 
 def submanifold_conv(x, weight, bias=None, filter_size=3, dilation=1):

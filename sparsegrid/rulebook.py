@@ -36,7 +36,7 @@ class Rulebook:
         True when input and output were swapped (Deconvolution, UnPooling, gradients).
     """
 
-    __slots__ = _FIELDS + _META
+    __slots__ = _FIELDS + _META + ("_derived",)
 
     def __init__(self, in_idx, out_idx, offset_ptr, n_in, n_out, filter_size, *, stride=None,
                  dilation=None, kind="submanifold", identity_offset=-1, transposed=False):
@@ -52,6 +52,14 @@ class Rulebook:
         self.kind = kind
         self.identity_offset = int(identity_offset)
         self.transposed = bool(transposed)
+        self._derived = {}
+
+    def derived(self, name, build):
+        """A cached value computed from this rulebook (kernel plans, its transpose)."""
+        value = self._derived.get(name)
+        if value is None:
+            value = self._derived[name] = build()
+        return value
 
     @property
     def n_offsets(self):
@@ -72,11 +80,16 @@ class Rulebook:
         return self.in_idx[start:stop], self.out_idx[start:stop]
 
     def transpose(self):
-        """The adjoint rulebook: inputs and outputs swapped (same offsets)."""
-        return Rulebook(self.out_idx, self.in_idx, self.offset_ptr, self.n_out, self.n_in,
+        """The adjoint rulebook: inputs and outputs swapped (same offsets); cached."""
+        return self.derived("transpose", self._make_transpose)
+
+    def _make_transpose(self):
+        transposed = Rulebook(self.out_idx, self.in_idx, self.offset_ptr, self.n_out, self.n_in,
                         self.filter_size, stride=self.stride, dilation=self.dilation,
                         kind=self.kind, identity_offset=self.identity_offset,
                         transposed=not self.transposed)
+        transposed._derived["transpose"] = self
+        return transposed
 
     def neighbor_map(self):
         """Output-stationary view: int32 (n_out, K), the input row of each offset or -1."""

@@ -152,3 +152,75 @@ def numerical_gradient(f, x, eps=1e-6):
         flat[i] = old
         gflat[i] = (up - down) / (2 * eps)
     return grad
+
+
+# --- helpers added for the dense-equivalence and gradient tests -------------------------
+
+def active_sites(occ):
+    """Sites (N, 1 + D) int32 of a boolean (B, *S) occupancy, lexicographic order."""
+    return np.argwhere(occ).astype(np.int32)
+
+
+def is_lexsorted(indices):
+    """True when rows are strictly increasing in (batch, x1, ..., xD) order."""
+    rows = [tuple(r) for r in np.asarray(indices).tolist()]
+    return all(a < b for a, b in zip(rows, rows[1:]))
+
+
+def unpool(dense, filter_size, stride):
+    """fine[q * s + delta] += coarse[q] for every offset (transposed unit-weight sum)."""
+    channels = dense.shape[1]
+    eye = np.broadcast_to(np.eye(channels, dtype=dense.dtype),
+                          (int(np.prod(filter_size)), channels, channels))
+    return transposed_conv(dense, eye, filter_size, stride)
+
+
+def global_pool(features, indices, batch_size, mode):
+    """Per-sample reduction by a Python loop over samples; empty samples give 0."""
+    out = np.zeros((batch_size, features.shape[1]), features.dtype)
+    for b in range(batch_size):
+        rows = features[indices[:, 0] == b]
+        if len(rows):
+            out[b] = {"max": np.max, "mean": np.mean, "sum": np.sum}[mode](rows, axis=0)
+    return out
+
+
+def input_layer(indices, features, mode):
+    """Dict-based duplicate merging: (sorted site rows, merged features, site of each row).
+
+    ``mode`` is one of 'first', 'last', 'sum', 'mean', 'max' ('unique' reduces as 'sum').
+    """
+    groups = {}
+    for row, site in enumerate(map(tuple, np.asarray(indices).tolist())):
+        groups.setdefault(site, []).append(row)
+    sites = sorted(groups)
+    merged = np.zeros((len(sites), features.shape[1]), features.dtype)
+    for s, site in enumerate(sites):
+        rows = features[groups[site]]
+        if mode == "first":
+            merged[s] = rows[0]
+        elif mode == "last":
+            merged[s] = rows[-1]
+        elif mode in ("sum", "unique"):
+            merged[s] = rows.sum(axis=0)
+        elif mode == "mean":
+            merged[s] = rows.mean(axis=0)
+        elif mode == "max":
+            merged[s] = rows.max(axis=0)
+        else:
+            raise ValueError(mode)
+    site_of_row = {site: s for s, site in enumerate(sites)}
+    row_site = np.array([site_of_row[tuple(r)] for r in np.asarray(indices).tolist()], np.int64)
+    kept = {site: (groups[site][0] if mode == "first" else groups[site][-1]) for site in sites}
+    kept_rows = np.array([kept[site] for site in sites], np.int64)
+    return np.array(sites, np.int32).reshape(len(sites), -1), merged, row_site, kept_rows
+
+
+def batch_norm(x, weight, bias, mean, var, eps, leakiness):
+    """(x - mean) / sqrt(var + eps) * weight + bias, then x if x > 0 else leakiness * x."""
+    y = (x - mean) / np.sqrt(var + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return np.where(y > 0, y, leakiness * y)

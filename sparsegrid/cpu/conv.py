@@ -31,8 +31,132 @@ def _transpose_weight(weight):
     return np.swapaxes(weight, -1, -2)
 
 
+class ConvPlan:
+    """Output-stationary grouping of a rulebook for faster gather-GEMM-scatter.
+
+    Two tiers, both exact (no zero padding, no wasted products):
+
+    * ``exact``: output rows sharing their whole set of active offsets (identity
+      included) with at least ``min_rows`` others. Their neighbours are gathered into one
+      ``(n, m * Cin)`` im2col matrix and multiplied by the ``m`` stacked weights; the
+      result is written once (no read-modify-write).
+    * ``groups``: for the other rows, the non-identity offsets are split into blocks of
+      ``block`` consecutive offsets, and rows with the same active offsets within a block
+      are grouped the same way, then scatter-added: once per block, not once per pair.
+
+    Pairs of groups smaller than ``min_rows`` stay in the per-offset ``residual``.
+
+    Attributes
+    ----------
+    exact, groups : list of (rows, neighbours, offsets)
+        ``rows`` intp (n,) output rows, ``neighbours`` intp (n, m) input rows,
+        ``offsets`` tuple of m kernel offsets.
+    residual : (in_idx, out_idx, offset_ptr)
+    identity_rows : intp array or None
+        Rows whose identity product is not inside an ``exact`` group.
+    identity_offset : int
+    """
+
+    __slots__ = ("exact", "groups", "residual", "identity_rows", "identity_offset")
+
+    def __init__(self, exact, groups, residual, identity_rows, identity_offset):
+        self.exact = exact
+        self.groups = groups
+        self.residual = residual
+        self.identity_rows = identity_rows
+        self.identity_offset = identity_offset
+
+
+def _group_rows(code, candidates, min_rows):
+    """Split ``candidates`` rows by ``code``: [(code, rows)] of big groups, small rows."""
+    rows = candidates[np.argsort(code[candidates], kind="stable")]
+    codes, starts, sizes = np.unique(code[rows], return_index=True, return_counts=True)
+    big = sizes >= min_rows
+    bounds = np.r_[starts, len(rows)]
+    groups = [(c, rows[bounds[i]:bounds[i + 1]]) for i, c in
+              zip(np.flatnonzero(big).tolist(), codes[big].tolist())]
+    small = np.repeat(~big, sizes)
+    return groups, rows[small]
+
+
+def build_conv_plan(in_idx, out_idx, offset_ptr, n_out, identity_offset=-1, block=9,
+                    min_rows=64):
+    """Group a rulebook's pairs for :func:`conv_forward` (see :class:`ConvPlan`)."""
+    n_offsets = len(offset_ptr) - 1
+    counts = np.diff(offset_ptr)
+    table = np.full((n_out, n_offsets), -1, np.int32)
+    table[out_idx, np.repeat(np.arange(n_offsets), counts)] = in_idx
+    active = [k for k in range(n_offsets) if k != identity_offset and counts[k] > 0]
+
+    def codes_of(offsets):
+        # Bit j of a row's code is set iff offsets[j] has a pair for that row (within one
+        # offset every output row appears at most once, so += is an exact bitwise or).
+        code = np.zeros(n_out, np.int64)
+        for j, k in enumerate(offsets):
+            code[out_idx[offset_ptr[k]:offset_ptr[k + 1]]] += np.int64(1) << j
+        return code
+
+    def make_group(c, rows, offsets):
+        ks = tuple(k for j, k in enumerate(offsets) if c >> j & 1)
+        return rows, table[rows[:, None], list(ks)].astype(np.intp), ks
+
+    exact, identity_rows = [], None
+    remaining = np.arange(n_out)
+    everything = ([identity_offset] if identity_offset >= 0 else []) + active
+    if len(everything) <= 62:
+        big, remaining = _group_rows(codes_of(everything), remaining, min_rows)
+        exact = [make_group(c, rows, everything) for c, rows in big]
+        remaining = np.sort(remaining)
+        if identity_offset >= 0:
+            identity_rows = remaining
+    groups = []
+    leftover = np.zeros(n_out, bool)
+    residual_in = [np.zeros(0, np.intp)] * n_offsets
+    residual_out = [np.zeros(0, np.intp)] * n_offsets
+    for first in range(0, len(active), block):
+        offsets = active[first:first + block]
+        code = codes_of(offsets)
+        big, small_rows = _group_rows(code, remaining[code[remaining] != 0], min_rows)
+        groups += [make_group(c, rows, offsets) for c, rows in big]
+        leftover[:] = False
+        leftover[small_rows] = True
+        for j, k in enumerate(offsets):
+            rows = np.flatnonzero(leftover & (code >> j & 1).astype(bool))
+            residual_in[k], residual_out[k] = table[rows, k].astype(np.intp), rows
+    res_ptr = np.zeros(n_offsets + 1, np.int64)
+    np.cumsum([len(r) for r in residual_in], out=res_ptr[1:])
+    residual = (np.concatenate(residual_in), np.concatenate(residual_out), res_ptr)
+    return ConvPlan(exact, groups, residual, identity_rows, identity_offset)
+
+
+def _stacked(weight, ks):
+    return weight[list(ks)].reshape(len(ks) * weight.shape[1], weight.shape[2])
+
+
+def _start_output(features, weight, n_out, bias, identity_offset):
+    cout = _output_channels(weight)
+    if identity_offset >= 0:
+        out = _matmul(features, weight[identity_offset])
+        if bias is not None:
+            out += bias
+    elif bias is not None:
+        out = np.empty((n_out, cout), features.dtype)
+        out[...] = bias
+    else:
+        out = np.zeros((n_out, cout), features.dtype)
+    return out
+
+
+def _accumulate_pairs(out, features, weight, in_idx, out_idx, offset_ptr, skip=-1):
+    for k in range(len(offset_ptr) - 1):
+        start, stop = offset_ptr[k], offset_ptr[k + 1]
+        if start == stop or k == skip:
+            continue
+        out[out_idx[start:stop]] += _matmul(features[in_idx[start:stop]], weight[k])
+
+
 def conv_forward(features, weight, in_idx, out_idx, offset_ptr, n_out, bias=None,
-                 identity_offset=-1):
+                 identity_offset=-1, plan=None):
     """Sparse convolution over a rulebook.
 
     Parameters
@@ -45,39 +169,37 @@ def conv_forward(features, weight, in_idx, out_idx, offset_ptr, n_out, bias=None
     identity_offset : int
         An offset whose pairs are (r, r) for every row (submanifold centre): its product
         is computed without gather or scatter.
+    plan : ConvPlan, optional
+        :func:`build_conv_plan` of this rulebook; same result, faster (ungrouped weights).
 
     Returns
     -------
     (n_out, Cout) array of ``features.dtype``
     """
-    n_offsets = len(offset_ptr) - 1
-    cout = _output_channels(weight)
-    if identity_offset >= 0:
-        out = _matmul(features, weight[identity_offset])
+    out = _start_output(features, weight, n_out, bias, identity_offset)
+    if plan is None or weight.ndim != 3:
+        _accumulate_pairs(out, features, weight, in_idx, out_idx, offset_ptr, identity_offset)
+        return out
+    for rows, neighbours, ks in plan.exact:
+        product = features[neighbours].reshape(len(rows), -1) @ _stacked(weight, ks)
         if bias is not None:
-            out += bias
-    elif bias is not None:
-        out = np.empty((n_out, cout), features.dtype)
-        out[...] = bias
-    else:
-        out = np.zeros((n_out, cout), features.dtype)
-    for k in range(n_offsets):
-        start, stop = offset_ptr[k], offset_ptr[k + 1]
-        if start == stop or k == identity_offset:
-            continue
-        rows_out = out_idx[start:stop]
-        out[rows_out] += _matmul(features.take(in_idx[start:stop], axis=0), weight[k])
+            product += bias
+        out[rows] = product
+    for rows, neighbours, ks in plan.groups:
+        out[rows] += features[neighbours].reshape(len(rows), -1) @ _stacked(weight, ks)
+    _accumulate_pairs(out, features, weight, *plan.residual)
     return out
 
 
 def conv_backward(grad_out, features, weight, in_idx, out_idx, offset_ptr, identity_offset=-1,
-                  need_features=True, need_weight=True):
+                  need_features=True, need_weight=True, plan=None, transposed_plan=None):
     """Gradients of :func:`conv_forward` with respect to features and weight.
 
     The feature gradient is the convolution of ``grad_out`` over the transposed rulebook
     with the transposed weights; the weight gradient of offset k is
     ``features[in_idx_k].T @ grad_out[out_idx_k]``. The bias gradient is
-    ``grad_out.sum(0)`` and is left to the caller.
+    ``grad_out.sum(0)`` and is left to the caller. ``plan`` / ``transposed_plan`` are
+    the :class:`ConvPlan` of the rulebook and of its transpose (optional, faster).
 
     Returns
     -------
@@ -87,26 +209,41 @@ def conv_backward(grad_out, features, weight, in_idx, out_idx, offset_ptr, ident
     grad_features = grad_weight = None
     if need_features:
         grad_features = conv_forward(grad_out, _transpose_weight(weight), out_idx, in_idx,
-                                     offset_ptr, len(features), identity_offset=identity_offset)
+                                     offset_ptr, len(features), identity_offset=identity_offset,
+                                     plan=transposed_plan)
     if need_weight:
         grad_weight = np.zeros_like(weight)
-        for k in range(len(offset_ptr) - 1):
-            start, stop = offset_ptr[k], offset_ptr[k + 1]
-            if start == stop:
+        use_plan = plan is not None and weight.ndim == 3
+        if identity_offset >= 0:
+            if use_plan and plan.identity_rows is not None:
+                rows = plan.identity_rows
+                grad_weight[identity_offset] = features[rows].T @ grad_out[rows]
+            else:
+                grad_weight[identity_offset] = _weight_product(features, grad_out, weight)
+        pairs = (in_idx, out_idx, offset_ptr)
+        if use_plan:
+            cin = weight.shape[1]
+            for rows, neighbours, ks in plan.exact + plan.groups:
+                gathered = features[neighbours].reshape(len(rows), len(ks) * cin)
+                grad_weight[list(ks)] += (gathered.T @ grad_out[rows]).reshape(len(ks), cin, -1)
+            pairs = plan.residual
+        for k in range(len(pairs[2]) - 1):
+            start, stop = pairs[2][k], pairs[2][k + 1]
+            if start == stop or k == identity_offset:
                 continue
-            if k == identity_offset:
-                x, g = features, grad_out
-            else:
-                x = features.take(in_idx[start:stop], axis=0)
-                g = grad_out.take(out_idx[start:stop], axis=0)
-            if weight.ndim == 3:
-                grad_weight[k] = x.T @ g
-            else:
-                groups, cin_g, cout_g = weight.shape[1:]
-                xg = x.reshape(len(x), groups, cin_g).transpose(1, 2, 0)
-                gg = g.reshape(len(g), groups, cout_g).transpose(1, 0, 2)
-                grad_weight[k] = np.matmul(xg, gg)
+            grad_weight[k] += _weight_product(features[pairs[0][start:stop]],
+                                              grad_out[pairs[1][start:stop]], weight)
     return grad_features, grad_weight
+
+
+def _weight_product(x, g, weight):
+    """x.T @ g for one offset, per group when the weight is grouped."""
+    if weight.ndim == 3:
+        return x.T @ g
+    groups, cin_g, cout_g = weight.shape[1:]
+    xg = x.reshape(len(x), groups, cin_g).transpose(1, 2, 0)
+    gg = g.reshape(len(g), groups, cout_g).transpose(1, 0, 2)
+    return np.matmul(xg, gg)
 
 
 def rule_sum(features, in_idx, out_idx, offset_ptr, n_out):
@@ -118,5 +255,5 @@ def rule_sum(features, in_idx, out_idx, offset_ptr, n_out):
     for k in range(len(offset_ptr) - 1):
         start, stop = offset_ptr[k], offset_ptr[k + 1]
         if start != stop:
-            out[out_idx[start:stop]] += features.take(in_idx[start:stop], axis=0)
+            out[out_idx[start:stop]] += features[in_idx[start:stop]]
     return out
