@@ -59,7 +59,11 @@ def normalize_spatial_shape(spatial_shape, ndim=None):
         ndim = len(spatial_shape)
     if not 1 <= ndim <= MAX_DIMENSIONS:
         raise ValueError(f"spatial_shape must have 1..{MAX_DIMENSIONS} axes; got {ndim}")
-    return normalize_size(spatial_shape, ndim, "spatial_shape")
+    shape = normalize_size(spatial_shape, ndim, "spatial_shape")
+    if max(shape) > _INT32_LIMIT:
+        raise ValueError(f"spatial_shape entries must be at most 2**31 - 1 (coordinates are "
+                         f"int32); got {shape}")
+    return shape
 
 
 def validate_indices(indices, spatial_shape, batch_size=None):
@@ -98,8 +102,9 @@ def validate_indices(indices, spatial_shape, batch_size=None):
         if not isinstance(batch_size, (numbers.Integral, np.integer)) or isinstance(batch_size, bool):
             raise TypeError(f"batch_size must be an int; got {batch_size!r}")
         batch_size = int(batch_size)
-        if batch_size < 0:
-            raise ValueError(f"batch_size must be >= 0; got {batch_size}")
+        if not 0 <= batch_size <= _INT32_LIMIT:
+            raise ValueError(f"batch_size must be in [0, 2**31 - 1] (batch indices are int32); "
+                             f"got {batch_size}")
     if len(arr) == 0:
         return np.zeros((0, ndim + 1), np.int32), (batch_size or 0)
     upper = np.array([_INT32_LIMIT if batch_size is None else batch_size, *spatial_shape],
@@ -108,13 +113,17 @@ def validate_indices(indices, spatial_shape, batch_size=None):
     if bad.any():
         row, col = np.argwhere(bad)[0]
         what = "batch index" if col == 0 else f"coordinate on spatial axis {col - 1}"
-        limit = ("batch_size " + str(batch_size)) if col == 0 else \
-            f"spatial_shape[{col - 1}] = {spatial_shape[col - 1]}"
+        if col == 0:
+            limit = "2**31 - 1" if batch_size is None else f"batch_size {batch_size}"
+        else:
+            limit = f"spatial_shape[{col - 1}] = {spatial_shape[col - 1]}"
         raise ValueError(f"indices row {row} = {arr[row].tolist()}: {what} is {arr[row, col]}, "
                          f"outside [0, {limit})")
     if batch_size is None:
         batch_size = int(arr[:, 0].max()) + 1
-    return np.ascontiguousarray(arr, dtype=np.int32), batch_size
+    # A private, read-only copy: cached rulebooks must not go stale behind our back.
+    owned = np.array(arr, dtype=np.int32, order="C", copy=True)
+    return owned, batch_size
 
 
 def validate_features(features, n_rows, name="features"):
@@ -136,7 +145,7 @@ def validate_features(features, n_rows, name="features"):
     return features
 
 
-def packing_strides(extents, batch_size):
+def packing_strides(extents, batch_size, what="spatial_shape"):
     """Strides that pack (batch, x1..xD) with per-axis ``extents`` into one int64 key.
 
     The last axis is fastest, so key order equals lexicographic (batch, x1, ..., xD) order.
@@ -146,11 +155,12 @@ def packing_strides(extents, batch_size):
     ValueError
         When ``max(batch_size, 1) * prod(extents)`` does not fit in an int64.
     """
+    extents = tuple(int(e) for e in extents)
     total = max(int(batch_size), 1)
     for e in extents:
-        total *= int(e)
+        total *= e
     if total > _INT64_LIMIT:
-        raise ValueError(f"spatial_shape {tuple(extents)} with batch_size {batch_size} cannot be "
+        raise ValueError(f"{what} {extents} with batch_size {batch_size} cannot be "
                          f"packed into int64 keys ({total} cells > 2**63 - 1); use a smaller "
                          "spatial_shape (crop, or a coarser voxel size)")
     strides = np.ones(len(extents) + 1, np.int64)
@@ -168,7 +178,9 @@ def pack_keys(indices, spatial_shape, batch_size, pad=None):
     """
     pad = np.zeros(len(spatial_shape), np.int64) if pad is None else np.asarray(pad, np.int64)
     extents = np.asarray(spatial_shape, np.int64) + 2 * pad
-    strides = packing_strides(extents, batch_size)
+    what = "spatial_shape" if not pad.any() else \
+        f"spatial_shape {tuple(spatial_shape)} widened by the filter's reach to"
+    strides = packing_strides(extents, batch_size, what)
     shift = int(np.dot(pad, strides[1:]))
     keys = indices.astype(np.int64) @ strides
     return (keys + shift) if shift else keys, strides

@@ -156,6 +156,9 @@ def network_in_network(x, weight, bias=None):
 
 
 def _kept_features(x, n_features_to_drop):
+    if not isinstance(n_features_to_drop, (int, np.integer)) or isinstance(n_features_to_drop,
+                                                                         bool):
+        raise TypeError(f"n_features_to_drop must be an int; got {n_features_to_drop!r}")
     n = int(n_features_to_drop)
     if not 0 <= n < max(x.n_channels, 1):
         raise ValueError(f"n_features_to_drop must be in [0, {x.n_channels}); got {n}")
@@ -328,7 +331,8 @@ def input_layer(indices, features, spatial_shape, batch_size=None, mode="sum"):
                          "duplicates; use 'first', 'last', 'sum', 'mean' or 'max'")
     reduce_mode = "sum" if mode == "unique" else mode
     out, chosen = kernels.segment_reduce(features, segment_ids, n_sites, reduce_mode)
-    sites = Sites(np.ascontiguousarray(indices[first_rows]), spatial_shape, batch_size)
+    site_indices = np.ascontiguousarray(indices[first_rows])
+    sites = Sites(site_indices, spatial_shape, batch_size)
     tensor = SparseTensor._on(out, sites, Grid())
     return tensor, InputMap(segment_ids, chosen, mode, len(indices), n_sites)
 

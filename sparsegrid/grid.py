@@ -37,6 +37,7 @@ class Sites:
     __slots__ = ("indices", "spatial_shape", "batch_size", "order", "producer", "uid")
 
     def __init__(self, indices, spatial_shape, batch_size, order=None, producer=None):
+        indices.flags.writeable = False   # cached rulebooks depend on these coordinates
         self.indices = indices
         self.spatial_shape = tuple(spatial_shape)
         self.batch_size = int(batch_size)

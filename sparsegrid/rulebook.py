@@ -103,12 +103,20 @@ class Rulebook:
         """Write the rulebook to an ``.npz`` file readable with plain ``numpy.load``."""
         arrays = {name: backend.to_numpy(getattr(self, name)) for name in _FIELDS}
         meta = {name: np.asarray(getattr(self, name)) for name in _META}
-        np.savez(path, **arrays, **meta)
+        if isinstance(path, (str, bytes)) or hasattr(path, "__fspath__"):
+            with open(path, "wb") as handle:  # exactly this path: np.savez would add .npz
+                np.savez(handle, **arrays, **meta)
+        else:
+            np.savez(path, **arrays, **meta)
 
     @classmethod
     def load(cls, path):
         """Read a rulebook written by :meth:`save`."""
-        with np.load(path) as data:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError(f"{path} is not a sparsegrid rulebook file: it holds a single "
+                             "array, not the .npz written by Rulebook.save")
+        with data:
             missing = [n for n in _FIELDS + _META if n not in data]
             if missing:
                 raise ValueError(f"{path} is not a sparsegrid rulebook file: missing {missing}")

@@ -70,6 +70,9 @@ class SparseTensor:
 
     @features.setter
     def features(self, value):
+        if getattr(value, "dtype", None) is None or value.dtype.kind != "f":
+            raise TypeError(f"features must be a floating-point array; got "
+                            f"{getattr(value, 'dtype', type(value).__name__)}")
         if value.ndim != 2 or len(value) != len(self._sites):
             raise ValueError(f"features must have shape ({len(self._sites)}, C); got "
                              f"{value.shape}")
@@ -133,7 +136,8 @@ class SparseTensor:
         kernels = backend.kernels(dense)
         indices = kernels.dense_active_sites(dense)
         spatial_shape = normalize_spatial_shape(dense.shape[2:])
-        features = kernels.gather_from_dense(dense, indices)
+        features = validate_features(kernels.gather_from_dense(dense, indices), len(indices),
+                                     "dense")
         sites = Sites(indices, spatial_shape, dense.shape[0])
         return cls._on(features, sites, Grid())
 

@@ -368,7 +368,8 @@ def test_input_layer(rng, d, mode):
         with pytest.raises(ValueError):
             sg.input_layer(rows, features, shape, batch_size, mode=mode)
         # Without duplicates mode 'unique' just sorts the rows.
-        rows = np.unique(rows, axis=0)[rng.permutation(len(np.unique(rows, axis=0)))]
+        rows = np.unique(rows, axis=0)
+        rows = rows[rng.permutation(len(rows))]
         features = rng.standard_normal((len(rows), 3))
     x, input_map = sg.input_layer(rows, features, shape, batch_size, mode=mode)
     sites, merged, row_site, kept = ref.input_layer(rows, features, name)

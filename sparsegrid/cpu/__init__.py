@@ -9,6 +9,7 @@ from .index import build_index, first_duplicate, query_index
 from .norm import batch_norm_backward, batch_norm_forward, batch_norm_statistics
 from .pool import max_pool_backward, max_pool_forward
 from .rules import full_rules, strided_rules, submanifold_rules
+from .threads import get_num_threads, parallel_map, set_num_threads
 from .segment import SEGMENT_MODES, segment_reduce, segment_reduce_backward
 
 __all__ = [
@@ -16,5 +17,5 @@ __all__ = [
     "conv_backward", "conv_forward", "dense_active_sites", "first_duplicate", "full_rules",
     "gather_from_dense", "max_pool_backward", "max_pool_forward", "query_index", "rule_sum",
     "scatter_to_dense", "SEGMENT_MODES", "segment_reduce", "segment_reduce_backward",
-    "strided_rules", "submanifold_rules",
+    "strided_rules", "submanifold_rules", "get_num_threads", "parallel_map", "set_num_threads",
 ]

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .threads import parallel_map
+
 
 def _matmul(x, w):
     """x (n, Cin) times one offset's weight: (Cin, Cout) or grouped (G, Cin/G, Cout/G)."""
@@ -48,9 +50,10 @@ class ConvPlan:
 
     Attributes
     ----------
-    exact, groups : list of (rows, neighbours, offsets)
+    exact : list of (rows, neighbours, offsets)
         ``rows`` intp (n,) output rows, ``neighbours`` intp (n, m) input rows,
         ``offsets`` tuple of m kernel offsets.
+    groups : list (one per block) of lists of (rows, neighbours, offsets)
     residual : (in_idx, out_idx, offset_ptr)
     identity_rows : intp array or None
         Rows whose identity product is not inside an ``exact`` group.
@@ -117,7 +120,7 @@ def build_conv_plan(in_idx, out_idx, offset_ptr, n_out, identity_offset=-1, bloc
         offsets = active[first:first + block]
         code = codes_of(offsets)
         big, small_rows = _group_rows(code, remaining[code[remaining] != 0], min_rows)
-        groups += [make_group(c, rows, offsets) for c, rows in big]
+        groups.append([make_group(c, rows, offsets) for c, rows in big])
         leftover[:] = False
         leftover[small_rows] = True
         for j, k in enumerate(offsets):
@@ -155,6 +158,62 @@ def _accumulate_pairs(out, features, weight, in_idx, out_idx, offset_ptr, skip=-
         out[out_idx[start:stop]] += _matmul(features[in_idx[start:stop]], weight[k])
 
 
+def _run_plan(plan, source, weight, out=None, bias=None, row_features=None):
+    """Execute a :class:`ConvPlan`: ``out[rows] (=, +=) source[neighbours] @ W[offsets]``.
+
+    With ``row_features`` (the backward pass, run on the transposed rulebook's plan) also
+    returns the weight-gradient contributions ``row_features[rows].T @ gathered`` summed
+    per offset, as a ``(K, C_rows, C_source)`` array, in a fixed order.
+    ``out`` may be None when only the weight gradient is wanted.
+    """
+    want_grad = row_features is not None
+    n_offsets = weight.shape[0]
+    grad = np.zeros((n_offsets, row_features.shape[1], source.shape[1]), source.dtype) \
+        if want_grad else None
+
+    def unit(group, overwrite):
+        rows, neighbours, ks = group
+        gathered = source[neighbours].reshape(len(rows), -1)
+        partial = None
+        if want_grad:
+            partial = (row_features[rows].T @ gathered).reshape(-1, len(ks), source.shape[1])
+        if out is not None:
+            product = gathered @ _stacked(weight, ks)
+            if overwrite:
+                if bias is not None:
+                    product += bias
+                out[rows] = product
+            else:
+                out[rows] += product
+        return partial
+
+    def add_partials(groups, partials):
+        if want_grad:
+            for (_, _, ks), partial in zip(groups, partials):
+                grad[list(ks)] += partial.transpose(1, 0, 2)
+
+    # Exact groups are disjoint, and so are the groups of one block: threads may write
+    # their rows concurrently. Blocks run in order, so each row sums in a fixed order.
+    add_partials(plan.exact, parallel_map(lambda g: unit(g, True), plan.exact))
+    for block in plan.groups:
+        add_partials(block, parallel_map(lambda g: unit(g, False), block))
+    in_idx, out_idx, ptr = plan.residual
+    offsets = [k for k in range(len(ptr) - 1) if ptr[k] != ptr[k + 1]]
+
+    def residual_unit(k):
+        rows_out, rows_in = out_idx[ptr[k]:ptr[k + 1]], in_idx[ptr[k]:ptr[k + 1]]
+        gathered = source[rows_in]
+        product = gathered @ weight[k] if out is not None else None
+        return product, (row_features[rows_out].T @ gathered if want_grad else None)
+
+    for k, (product, partial) in zip(offsets, parallel_map(residual_unit, offsets)):
+        if out is not None:
+            out[out_idx[ptr[k]:ptr[k + 1]]] += product
+        if want_grad:
+            grad[k] += partial
+    return grad
+
+
 def conv_forward(features, weight, in_idx, out_idx, offset_ptr, n_out, bias=None,
                  identity_offset=-1, plan=None):
     """Sparse convolution over a rulebook.
@@ -170,7 +229,8 @@ def conv_forward(features, weight, in_idx, out_idx, offset_ptr, n_out, bias=None
         An offset whose pairs are (r, r) for every row (submanifold centre): its product
         is computed without gather or scatter.
     plan : ConvPlan, optional
-        :func:`build_conv_plan` of this rulebook; same result, faster (ungrouped weights).
+        :func:`build_conv_plan` of this rulebook: same result, faster, multi-threaded
+        (ungrouped weights only).
 
     Returns
     -------
@@ -179,27 +239,22 @@ def conv_forward(features, weight, in_idx, out_idx, offset_ptr, n_out, bias=None
     out = _start_output(features, weight, n_out, bias, identity_offset)
     if plan is None or weight.ndim != 3:
         _accumulate_pairs(out, features, weight, in_idx, out_idx, offset_ptr, identity_offset)
-        return out
-    for rows, neighbours, ks in plan.exact:
-        product = features[neighbours].reshape(len(rows), -1) @ _stacked(weight, ks)
-        if bias is not None:
-            product += bias
-        out[rows] = product
-    for rows, neighbours, ks in plan.groups:
-        out[rows] += features[neighbours].reshape(len(rows), -1) @ _stacked(weight, ks)
-    _accumulate_pairs(out, features, weight, *plan.residual)
+    else:
+        _run_plan(plan, features, weight, out, bias)
     return out
 
 
 def conv_backward(grad_out, features, weight, in_idx, out_idx, offset_ptr, identity_offset=-1,
-                  need_features=True, need_weight=True, plan=None, transposed_plan=None):
+                  need_features=True, need_weight=True, transposed_plan=None):
     """Gradients of :func:`conv_forward` with respect to features and weight.
 
     The feature gradient is the convolution of ``grad_out`` over the transposed rulebook
     with the transposed weights; the weight gradient of offset k is
     ``features[in_idx_k].T @ grad_out[out_idx_k]``. The bias gradient is
-    ``grad_out.sum(0)`` and is left to the caller. ``plan`` / ``transposed_plan`` are
-    the :class:`ConvPlan` of the rulebook and of its transpose (optional, faster).
+    ``grad_out.sum(0)`` and is left to the caller.
+
+    ``transposed_plan``, the :class:`ConvPlan` of the transposed rulebook, makes it faster
+    (one gather of ``grad_out`` serves both gradients) and multi-threaded.
 
     Returns
     -------
@@ -207,32 +262,36 @@ def conv_backward(grad_out, features, weight, in_idx, out_idx, offset_ptr, ident
     grad_weight : weight-shaped or None
     """
     grad_features = grad_weight = None
+    weight_t = _transpose_weight(weight)
+    if transposed_plan is not None and weight.ndim == 3:
+        if need_features:
+            grad_features = _start_output(grad_out, weight_t, len(features), None,
+                                          identity_offset)
+        partial = _run_plan(transposed_plan, grad_out, weight_t, grad_features,
+                            row_features=features if need_weight else None)
+        if need_weight:
+            grad_weight = partial
+            if identity_offset >= 0:
+                rows = transposed_plan.identity_rows
+                if rows is None:
+                    grad_weight[identity_offset] += features.T @ grad_out
+                else:
+                    grad_weight[identity_offset] += features[rows].T @ grad_out[rows]
+        return grad_features, grad_weight
     if need_features:
-        grad_features = conv_forward(grad_out, _transpose_weight(weight), out_idx, in_idx,
-                                     offset_ptr, len(features), identity_offset=identity_offset,
-                                     plan=transposed_plan)
+        grad_features = conv_forward(grad_out, weight_t, out_idx, in_idx, offset_ptr,
+                                     len(features), identity_offset=identity_offset)
     if need_weight:
         grad_weight = np.zeros_like(weight)
-        use_plan = plan is not None and weight.ndim == 3
-        if identity_offset >= 0:
-            if use_plan and plan.identity_rows is not None:
-                rows = plan.identity_rows
-                grad_weight[identity_offset] = features[rows].T @ grad_out[rows]
-            else:
-                grad_weight[identity_offset] = _weight_product(features, grad_out, weight)
-        pairs = (in_idx, out_idx, offset_ptr)
-        if use_plan:
-            cin = weight.shape[1]
-            for rows, neighbours, ks in plan.exact + plan.groups:
-                gathered = features[neighbours].reshape(len(rows), len(ks) * cin)
-                grad_weight[list(ks)] += (gathered.T @ grad_out[rows]).reshape(len(ks), cin, -1)
-            pairs = plan.residual
-        for k in range(len(pairs[2]) - 1):
-            start, stop = pairs[2][k], pairs[2][k + 1]
-            if start == stop or k == identity_offset:
+        for k in range(len(offset_ptr) - 1):
+            start, stop = offset_ptr[k], offset_ptr[k + 1]
+            if start == stop:
                 continue
-            grad_weight[k] += _weight_product(features[pairs[0][start:stop]],
-                                              grad_out[pairs[1][start:stop]], weight)
+            if k == identity_offset:
+                x, g = features, grad_out
+            else:
+                x, g = features[in_idx[start:stop]], grad_out[out_idx[start:stop]]
+            grad_weight[k] = _weight_product(x, g, weight)
     return grad_features, grad_weight
 
 

@@ -27,16 +27,21 @@ def build_index(keys):
 
 
 def first_duplicate(sorted_keys, order):
-    """Rows ``(first, second)`` of the first repeated key in sorted order, or ``None``."""
+    """``(first, second)`` rows of the first row that repeats an earlier row's key, or None.
+
+    ``second`` is the smallest row index whose key appeared before it; ``first`` the
+    earliest row with the same key.
+    """
     if len(sorted_keys) < 2:
         return None
-    same = np.flatnonzero(sorted_keys[1:] == sorted_keys[:-1])
+    same = np.flatnonzero(sorted_keys[1:] == sorted_keys[:-1]) + 1
     if len(same) == 0:
         return None
-    a, b = int(same[0]), int(same[0]) + 1
-    if order is not None:
-        a, b = sorted(int(order[a]), int(order[b]))
-    return a, b
+    rows = same if order is None else order[same]
+    pick = int(np.argmin(rows))
+    first_pos = int(np.searchsorted(sorted_keys, sorted_keys[same[pick]]))
+    first = first_pos if order is None else int(order[first_pos])
+    return first, int(rows[pick])
 
 
 def query_index(sorted_keys, order, queries):
