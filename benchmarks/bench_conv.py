@@ -55,9 +55,9 @@ def digest(*arrays):
     return h.hexdigest()[:12]
 
 
-def odd_shape(shape):
-    """Sizes that a k3s2 convolution divides exactly ((s - 3) % 2 == 0)."""
-    return tuple(s + 1 if s % 2 == 0 else s for s in shape)
+def fit_shape(shape, kernel, stride=2):
+    """The smallest sizes >= shape that a (kernel, stride) convolution divides exactly."""
+    return tuple(s + (-(s - kernel)) % stride for s in shape)
 
 
 def sparsegrid_rows(indices, shape, repeat, channels_list):
@@ -102,7 +102,7 @@ def sparsegrid_rows(indices, shape, repeat, channels_list):
 
     c = 32
     for k in (2, 3):
-        s = shape if k == 2 else odd_shape(shape)
+        s = fit_shape(shape, k)
         f = rng.standard_normal((len(indices), c)).astype(np.float32)
         w = (rng.standard_normal((k ** 3, c, c)) / np.sqrt(k ** 3 * c)).astype(np.float32)
         x = sg.SparseTensor(f, indices, s)
@@ -121,7 +121,7 @@ def spconv_rows(indices, shape, repeat, channels_list):
         times[f"subm fwd C{c}"] = sb.time_subm_forward(indices, shape, c, repeat)
         times[f"subm f+b C{c}"] = sb.time_subm_forward_backward(indices, shape, c, repeat)
     for k in (2, 3):
-        s = shape if k == 2 else odd_shape(shape)
+        s = fit_shape(shape, k)
         times[f"k{k}s2 C32"] = sb.time_strided_forward(indices, s, 32, k, 2, repeat)
         times[f"inv k{k}s2 C32"] = sb.time_inverse_forward(indices, s, 32, k, 2, repeat)
     return times

@@ -194,9 +194,13 @@ def _run_plan(plan, source, weight, out=None, bias=None, row_features=None):
 
     # Exact groups are disjoint, and so are the groups of one block: threads may write
     # their rows concurrently. Blocks run in order, so each row sums in a fixed order.
-    add_partials(plan.exact, parallel_map(lambda g: unit(g, True), plan.exact))
+    def sizes(groups):
+        return [g[1].size for g in groups]
+
+    add_partials(plan.exact, parallel_map(lambda g: unit(g, True), plan.exact,
+                                          sizes(plan.exact)))
     for block in plan.groups:
-        add_partials(block, parallel_map(lambda g: unit(g, False), block))
+        add_partials(block, parallel_map(lambda g: unit(g, False), block, sizes(block)))
     in_idx, out_idx, ptr = plan.residual
     offsets = [k for k in range(len(ptr) - 1) if ptr[k] != ptr[k + 1]]
 
@@ -206,7 +210,8 @@ def _run_plan(plan, source, weight, out=None, bias=None, row_features=None):
         product = gathered @ weight[k] if out is not None else None
         return product, (row_features[rows_out].T @ gathered if want_grad else None)
 
-    for k, (product, partial) in zip(offsets, parallel_map(residual_unit, offsets)):
+    for k, (product, partial) in zip(offsets, parallel_map(
+            residual_unit, offsets, [ptr[k + 1] - ptr[k] for k in offsets])):
         if out is not None:
             out[out_idx[ptr[k]:ptr[k + 1]]] += product
         if want_grad:
@@ -274,9 +279,10 @@ def conv_backward(grad_out, features, weight, in_idx, out_idx, offset_ptr, ident
             if identity_offset >= 0:
                 rows = transposed_plan.identity_rows
                 if rows is None:
-                    grad_weight[identity_offset] += features.T @ grad_out
+                    grad_weight[identity_offset] += _weight_product(features, grad_out, weight)
                 else:
-                    grad_weight[identity_offset] += features[rows].T @ grad_out[rows]
+                    grad_weight[identity_offset] += _weight_product(features[rows],
+                                                                    grad_out[rows], weight)
         return grad_features, grad_weight
     if need_features:
         grad_features = conv_forward(grad_out, weight_t, out_idx, in_idx, offset_ptr,
@@ -295,14 +301,29 @@ def conv_backward(grad_out, features, weight, in_idx, out_idx, offset_ptr, ident
     return grad_features, grad_weight
 
 
+# Rows per partial product of a weight gradient: fixed, so the rounding never depends on
+# the thread count.
+_REDUCTION_CHUNK = 32768
+
+
 def _weight_product(x, g, weight):
-    """x.T @ g for one offset, per group when the weight is grouped."""
-    if weight.ndim == 3:
-        return x.T @ g
-    groups, cin_g, cout_g = weight.shape[1:]
-    xg = x.reshape(len(x), groups, cin_g).transpose(1, 2, 0)
-    gg = g.reshape(len(g), groups, cout_g).transpose(1, 0, 2)
-    return np.matmul(xg, gg)
+    """``x.T @ g`` for one offset (per group when the weight is grouped), summed over rows
+    in fixed chunks, in order, with single-threaded BLAS: deterministic."""
+    def partial(start):
+        xs, gs = x[start:start + _REDUCTION_CHUNK], g[start:start + _REDUCTION_CHUNK]
+        if weight.ndim == 3:
+            return xs.T @ gs
+        groups, cin_g, cout_g = weight.shape[1:]
+        xg = xs.reshape(len(xs), groups, cin_g).transpose(1, 2, 0)
+        gg = gs.reshape(len(gs), groups, cout_g).transpose(1, 0, 2)
+        return np.matmul(xg, gg)
+
+    starts = range(0, max(len(x), 1), _REDUCTION_CHUNK)
+    parts = parallel_map(partial, starts, [min(_REDUCTION_CHUNK, len(x) - s) for s in starts])
+    total = parts[0]
+    for part in parts[1:]:
+        total += part
+    return total
 
 
 def rule_sum(features, in_idx, out_idx, offset_ptr, n_out):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import os
 import re
 import threading
@@ -57,7 +58,7 @@ def set_num_threads(n):
 def _pool():
     with _lock:
         if _state["pool"] is None:
-            _state["pool"] = ThreadPoolExecutor(get_num_threads(),
+            _state["pool"] = ThreadPoolExecutor(max(1, get_num_threads() - 1),
                                                 thread_name_prefix="sparsegrid")
         return _state["pool"]
 
@@ -108,18 +109,36 @@ def _single_threaded_blas():
             setter(before)
 
 
-def parallel_map(fn, items, min_items=2):
+def parallel_map(fn, items, sizes=None, min_work=20_000):
     """``[fn(item) for item in items]``, evaluated on the thread pool, results in order.
 
-    Items are handed out in contiguous chunks (a few per thread) to keep overhead low.
+    The calling thread and ``threads - 1`` pool threads take items from one queue, largest
+    ``sizes`` first. Each item is computed the same way whichever thread runs it, so the
+    results do not depend on the thread count. Below ``min_work`` total size the items run
+    serially, where the pool's overhead would exceed its gain.
+
+    BLAS is kept single-threaded throughout, serial or not: a multi-threaded BLAS may split
+    the reduction of ``x.T @ g`` across its threads, which changes the rounding.
     """
     items = list(items)
+    n = len(items)
+    sizes = [1] * n if sizes is None else list(sizes)
     threads = get_num_threads()
-    if threads == 1 or len(items) < max(min_items, 2):
-        return [fn(item) for item in items]
-    n_chunks = min(len(items), 4 * threads)
-    bounds = [len(items) * i // n_chunks for i in range(n_chunks + 1)]
-    chunks = [items[bounds[i]:bounds[i + 1]] for i in range(n_chunks)]
     with _single_threaded_blas():
-        results = list(_pool().map(lambda chunk: [fn(item) for item in chunk], chunks))
-    return [r for chunk in results for r in chunk]
+        if threads == 1 or n < 2 or sum(sizes) < min_work:
+            return [fn(item) for item in items]
+        order = sorted(range(n), key=lambda i: -sizes[i])
+        claim = itertools.count()
+        results = [None] * n
+
+        def work():
+            for j in iter(lambda: next(claim), None):
+                if j >= n:
+                    return
+                results[order[j]] = fn(items[order[j]])
+
+        helpers = [_pool().submit(work) for _ in range(min(threads, n) - 1)]
+        work()
+        for helper in helpers:
+            helper.result()
+        return results
