@@ -53,6 +53,9 @@ def main():
               f"spatial {x.spatial_shape}  ({ms:.1f} ms)")
     pooled = sg.global_pool(x, "mean")
     print(f"global mean pool -> {pooled.shape}, mean |feature| {np.abs(pooled).mean():.4f}")
+    # The second submanifold layer reused the first one's rulebook; deconvolution reused
+    # the strided convolution's, transposed.
+    print(f"rulebooks built for this input: {x.grid}")
 
 
 if __name__ == "__main__":

@@ -51,11 +51,11 @@ class ConvPlan:
     Attributes
     ----------
     exact : list of (rows, neighbours, offsets)
-        ``rows`` intp (n,) output rows, ``neighbours`` intp (n, m) input rows,
+        ``rows`` int32 (n,) output rows, ``neighbours`` int32 (n, m) input rows,
         ``offsets`` tuple of m kernel offsets.
     groups : list (one per block) of lists of (rows, neighbours, offsets)
     residual : (in_idx, out_idx, offset_ptr)
-    identity_rows : intp array or None
+    identity_rows : int32 array or None
         Rows whose identity product is not inside an ``exact`` group.
     identity_offset : int
     """
@@ -70,16 +70,32 @@ class ConvPlan:
         self.identity_offset = identity_offset
 
 
-def _group_rows(code, candidates, min_rows):
-    """Split ``candidates`` rows by ``code``: [(code, rows)] of big groups, small rows."""
+def _groups_of(code, candidates, min_rows, table, offsets):
+    """Group ``candidates`` rows by ``code`` (bit j: ``offsets[j]`` active).
+
+    Returns the groups of at least ``min_rows`` rows as (rows, neighbours, offsets) and the
+    rows of the smaller groups. Rows sorted by code make each group's neighbour lists one
+    contiguous run of ``table[rows][:, offsets][active]``, so all groups are cut from a
+    single gather.
+    """
     rows = candidates[np.argsort(code[candidates], kind="stable")]
     codes, starts, sizes = np.unique(code[rows], return_index=True, return_counts=True)
     big = sizes >= min_rows
-    bounds = np.r_[starts, len(rows)]
-    groups = [(c, rows[bounds[i]:bounds[i + 1]]) for i, c in
-              zip(np.flatnonzero(big).tolist(), codes[big].tolist())]
-    small = np.repeat(~big, sizes)
-    return groups, rows[small]
+    small_rows = rows[np.repeat(~big, sizes)]
+    rows = rows[np.repeat(big, sizes)]
+    codes, sizes = codes[big], sizes[big]
+    sub = table[rows][:, offsets]
+    neighbours = sub[sub >= 0]
+    bits = (codes[:, None] >> np.arange(len(offsets))) & 1
+    widths = bits.sum(axis=1)
+    row_ends = np.cumsum(sizes)
+    pair_ends = np.cumsum(sizes * widths)
+    groups = []
+    for g, (size, width) in enumerate(zip(sizes.tolist(), widths.tolist())):
+        ks = tuple(offsets[j] for j in np.flatnonzero(bits[g]).tolist())
+        block = neighbours[pair_ends[g] - size * width:pair_ends[g]].reshape(size, width)
+        groups.append((rows[row_ends[g] - size:row_ends[g]], block, ks))
+    return groups, small_rows
 
 
 def build_conv_plan(in_idx, out_idx, offset_ptr, n_out, identity_offset=-1, block=9,
@@ -99,33 +115,30 @@ def build_conv_plan(in_idx, out_idx, offset_ptr, n_out, identity_offset=-1, bloc
             code[out_idx[offset_ptr[k]:offset_ptr[k + 1]]] += np.int64(1) << j
         return code
 
-    def make_group(c, rows, offsets):
-        ks = tuple(k for j, k in enumerate(offsets) if c >> j & 1)
-        return rows, table[rows[:, None], list(ks)].astype(np.intp), ks
-
     exact, identity_rows = [], None
-    remaining = np.arange(n_out)
+    remaining = np.arange(n_out, dtype=np.int32)
     everything = ([identity_offset] if identity_offset >= 0 else []) + active
     if len(everything) <= 62:
-        big, remaining = _group_rows(codes_of(everything), remaining, min_rows)
-        exact = [make_group(c, rows, everything) for c, rows in big]
+        exact, remaining = _groups_of(codes_of(everything), remaining, min_rows, table,
+                                      everything)
         remaining = np.sort(remaining)
         if identity_offset >= 0:
             identity_rows = remaining
     groups = []
     leftover = np.zeros(n_out, bool)
-    residual_in = [np.zeros(0, np.intp)] * n_offsets
-    residual_out = [np.zeros(0, np.intp)] * n_offsets
+    residual_in = [np.zeros(0, np.int32)] * n_offsets
+    residual_out = [np.zeros(0, np.int32)] * n_offsets
     for first in range(0, len(active), block):
         offsets = active[first:first + block]
         code = codes_of(offsets)
-        big, small_rows = _group_rows(code, remaining[code[remaining] != 0], min_rows)
-        groups.append([make_group(c, rows, offsets) for c, rows in big])
+        big, small_rows = _groups_of(code, remaining[code[remaining] != 0], min_rows, table,
+                                     offsets)
+        groups.append(big)
         leftover[:] = False
         leftover[small_rows] = True
         for j, k in enumerate(offsets):
-            rows = np.flatnonzero(leftover & (code >> j & 1).astype(bool))
-            residual_in[k], residual_out[k] = table[rows, k].astype(np.intp), rows
+            rows = np.flatnonzero(leftover & (code >> j & 1).astype(bool)).astype(np.int32)
+            residual_in[k], residual_out[k] = table[rows, k], rows
     res_ptr = np.zeros(n_offsets + 1, np.int64)
     np.cumsum([len(r) for r in residual_in], out=res_ptr[1:])
     residual = (np.concatenate(residual_in), np.concatenate(residual_out), res_ptr)

@@ -1,0 +1,23 @@
+"""The README's code and the examples run as shown."""
+
+import pathlib
+import re
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_readme_python_blocks_run():
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert blocks, "the README shows no Python code"
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
+
+
+def test_quickstart_example_runs():
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "deconvolution 2/2, 32 -> 16" in result.stdout
+    assert "Grid(5 cached rulebooks)" in result.stdout
