@@ -50,10 +50,8 @@ class ConvPlan:
 
     Attributes
     ----------
-    exact : list of (rows, neighbours, offsets)
-        ``rows`` int32 (n,) output rows, ``neighbours`` int32 (n, m) input rows,
-        ``offsets`` tuple of m kernel offsets.
-    groups : list (one per block) of lists of (rows, neighbours, offsets)
+    exact : Tier
+    groups : list of Tier, one per block
     residual : (in_idx, out_idx, offset_ptr)
     identity_rows : int32 array or None
         Rows whose identity product is not inside an ``exact`` group.
@@ -68,6 +66,43 @@ class ConvPlan:
         self.residual = residual
         self.identity_rows = identity_rows
         self.identity_offset = identity_offset
+
+
+# Pairs per unit of work: groups are executed in runs of about this many neighbour rows
+# (one gather, one scatter per run). Fixed, so results never depend on the thread count.
+_UNIT_PAIRS = 16384
+
+
+class Tier:
+    """Groups of output rows that share their active offsets, stored flat.
+
+    Attributes
+    ----------
+    rows : int32 (R,)
+        Output rows, group after group.
+    neighbours : int32 (P,)
+        Input rows, row-major per group: group g's block reshapes to (n_g, m_g).
+    groups : list of (row_start, row_stop, pair_start, pair_stop, offsets)
+    units : list of (first_group, stop_group)
+        Runs of consecutive groups executed together (one gather, one scatter).
+    """
+
+    __slots__ = ("rows", "neighbours", "groups", "units")
+
+    def __init__(self, rows, neighbours, groups):
+        self.rows = rows
+        self.neighbours = neighbours
+        self.groups = groups
+        self.units = []
+        start, pairs = 0, 0
+        for g, (_, _, p0, p1, _) in enumerate(groups):
+            pairs += p1 - p0
+            if pairs >= _UNIT_PAIRS or g == len(groups) - 1:
+                self.units.append((start, g + 1))
+                start, pairs = g + 1, 0
+
+    def __len__(self):
+        return len(self.groups)
 
 
 def _groups_of(code, candidates, min_rows, table, offsets):
@@ -88,14 +123,14 @@ def _groups_of(code, candidates, min_rows, table, offsets):
     neighbours = sub[sub >= 0]
     bits = (codes[:, None] >> np.arange(len(offsets))) & 1
     widths = bits.sum(axis=1)
-    row_ends = np.cumsum(sizes)
-    pair_ends = np.cumsum(sizes * widths)
+    row_ends = np.cumsum(sizes).tolist()
+    pair_ends = np.cumsum(sizes * widths).tolist()
     groups = []
     for g, (size, width) in enumerate(zip(sizes.tolist(), widths.tolist())):
         ks = tuple(offsets[j] for j in np.flatnonzero(bits[g]).tolist())
-        block = neighbours[pair_ends[g] - size * width:pair_ends[g]].reshape(size, width)
-        groups.append((rows[row_ends[g] - size:row_ends[g]], block, ks))
-    return groups, small_rows
+        groups.append((row_ends[g] - size, row_ends[g], pair_ends[g] - size * width,
+                       pair_ends[g], ks))
+    return Tier(rows, neighbours, groups), small_rows
 
 
 def build_conv_plan(in_idx, out_idx, offset_ptr, n_out, identity_offset=-1, block=9,
@@ -115,7 +150,7 @@ def build_conv_plan(in_idx, out_idx, offset_ptr, n_out, identity_offset=-1, bloc
             code[out_idx[offset_ptr[k]:offset_ptr[k + 1]]] += np.int64(1) << j
         return code
 
-    exact, identity_rows = [], None
+    exact, identity_rows = Tier(np.zeros(0, np.int32), np.zeros(0, np.int32), []), None
     remaining = np.arange(n_out, dtype=np.int32)
     everything = ([identity_offset] if identity_offset >= 0 else []) + active
     if len(everything) <= 62:
@@ -180,40 +215,48 @@ def _run_plan(plan, source, weight, out=None, bias=None, row_features=None):
     ``out`` may be None when only the weight gradient is wanted.
     """
     want_grad = row_features is not None
-    n_offsets = weight.shape[0]
-    grad = np.zeros((n_offsets, row_features.shape[1], source.shape[1]), source.dtype) \
+    n_offsets, c_src, c_out = weight.shape
+    grad = np.zeros((n_offsets, row_features.shape[1], c_src), source.dtype) \
         if want_grad else None
 
-    def unit(group, overwrite):
-        rows, neighbours, ks = group
-        gathered = source[neighbours].reshape(len(rows), -1)
-        partial = None
-        if want_grad:
-            partial = (row_features[rows].T @ gathered).reshape(-1, len(ks), source.shape[1])
+    def run_unit(tier, unit, overwrite):
+        groups = tier.groups[unit[0]:unit[1]]
+        r0, p0 = groups[0][0], groups[0][2]
+        r1, p1 = groups[-1][1], groups[-1][3]
+        rows = tier.rows[r0:r1]
+        gathered = source[tier.neighbours[p0:p1]]
+        row_values = row_features[rows] if want_grad else None
+        product = np.empty((r1 - r0, c_out), source.dtype) if out is not None else None
+        partials = []
+        for a, b, c, d, ks in groups:
+            block = gathered[c - p0:d - p0].reshape(b - a, -1)
+            if out is not None:
+                np.matmul(block, _stacked(weight, ks), out=product[a - r0:b - r0])
+            if want_grad:
+                partials.append(row_values[a - r0:b - r0].T @ block)
         if out is not None:
-            product = gathered @ _stacked(weight, ks)
             if overwrite:
                 if bias is not None:
                     product += bias
                 out[rows] = product
             else:
                 out[rows] += product
-        return partial
+        return partials
 
-    def add_partials(groups, partials):
+    def run_tier(tier, overwrite):
+        # The rows of one tier are disjoint, so its units may write concurrently; tiers
+        # run in order, so every row sums its terms in a fixed order.
+        results = parallel_map(lambda unit: run_unit(tier, unit, overwrite), tier.units,
+                               [tier.groups[u[1] - 1][3] - tier.groups[u[0]][2]
+                                for u in tier.units])
         if want_grad:
-            for (_, _, ks), partial in zip(groups, partials):
-                grad[list(ks)] += partial.transpose(1, 0, 2)
+            for unit, partials in zip(tier.units, results):
+                for (_, _, _, _, ks), partial in zip(tier.groups[unit[0]:unit[1]], partials):
+                    grad[list(ks)] += partial.reshape(-1, len(ks), c_src).transpose(1, 0, 2)
 
-    # Exact groups are disjoint, and so are the groups of one block: threads may write
-    # their rows concurrently. Blocks run in order, so each row sums in a fixed order.
-    def sizes(groups):
-        return [g[1].size for g in groups]
-
-    add_partials(plan.exact, parallel_map(lambda g: unit(g, True), plan.exact,
-                                          sizes(plan.exact)))
-    for block in plan.groups:
-        add_partials(block, parallel_map(lambda g: unit(g, False), block, sizes(block)))
+    run_tier(plan.exact, True)
+    for tier in plan.groups:
+        run_tier(tier, False)
     in_idx, out_idx, ptr = plan.residual
     offsets = [k for k in range(len(ptr) - 1) if ptr[k] != ptr[k + 1]]
 
