@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from . import backend
-from .coords import (normalize_size, normalize_spatial_shape, pack_keys, validate_features,
+from .coords import (normalize_spatial_shape, pack_keys, validate_features,
                      validate_indices)
 from .grid import Grid, Sites
 from .tensor import SparseTensor
@@ -368,19 +368,9 @@ def from_dense(dense):
     return SparseTensor.from_dense(dense)
 
 
-def sparse_tensor(features, indices, spatial_shape, batch_size=None):
-    """Shorthand for :class:`SparseTensor` (validated construction)."""
-    return SparseTensor(features, indices, spatial_shape, batch_size)
-
-
-def filter_volume(filter_size, dimension):
-    """K = prod(filter_size) for an int or per-axis filter size."""
-    return math.prod(normalize_size(filter_size, dimension, "filter_size"))
-
-
 __all__ = [
-    "avg_pool", "batch_norm", "conv", "deconv", "filter_volume", "from_dense", "full_conv",
+    "avg_pool", "batch_norm", "conv", "conv_plan", "deconv", "from_dense", "full_conv",
     "global_pool", "input_layer", "InputMap", "input_mode_name", "max_pool",
-    "network_in_network", "output_layer", "sparse_tensor", "submanifold_conv", "to_dense",
+    "network_in_network", "output_layer", "submanifold_conv", "to_dense",
     "unpool",
 ]

@@ -58,6 +58,7 @@ from sparsegrid import cpu
 from sparsegrid.coords import submanifold_offsets
 
 from conftest import GOLDEN
+from reference import expand_groups
 
 RTOL = 1e-4
 ATOL_REL = 1e-4
@@ -186,15 +187,6 @@ def check_geometry(rulebook, in_indices, out_indices, offsets, stride, centred, 
         if expected_in is not None:
             assert np.array_equal(a[:, 1:], expected_in), \
                 f"{what}: offset {k} pairs violate the kernel-offset geometry"
-
-
-def expand_groups(weight):
-    """(K, G, Cin/G, Cout/G) -> block-diagonal (K, Cin, Cout)."""
-    k, groups, ci, co = weight.shape
-    full = np.zeros((k, groups * ci, groups * co), weight.dtype)
-    for j in range(groups):
-        full[:, j * ci:(j + 1) * ci, j * co:(j + 1) * co] = weight[:, j]
-    return full
 
 
 # --------------------------------------------------------------------------------------
