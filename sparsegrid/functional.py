@@ -18,12 +18,34 @@ import numpy as np
 from . import backend
 from .coords import (normalize_spatial_shape, pack_keys, validate_features,
                      validate_indices)
+from .autodiff.core import Tensor, data_of, record
 from .grid import Grid, Sites
 from .tensor import SparseTensor
 
 # SCN's InputLayer mode numbers (measured behaviour: 1 keeps the first row, 2 the last).
 INPUT_MODES = {0: "unique", 1: "first", 2: "last", 3: "sum", 4: "mean"}
 _MODE_NAMES = ("unique", "first", "last", "sum", "mean", "max")
+
+
+def _differentiable(out, inputs, vjp):
+    """``out`` as a plain array when no input is an autodiff Tensor (inference pays
+    nothing), else a Tensor recording ``vjp(g) -> one gradient per input``.
+
+    ``inputs`` may hold None (an absent bias), which never receives a gradient.
+    """
+    present = [i for i, value in enumerate(inputs) if value is not None]
+    if not any(isinstance(inputs[i], Tensor) for i in present):
+        return out
+
+    def vjp_present(g):
+        grads = vjp(g)
+        return [grads[i] for i in present]
+
+    return record(out, [inputs[i] for i in present], vjp_present)
+
+
+def _wants(value):
+    return isinstance(value, Tensor) and value.requires_grad
 
 
 def _require_tensor(x, name="x"):
@@ -74,11 +96,23 @@ def conv_plan(rulebook, kernels):
 
 
 def _convolve(x, weight, bias, rulebook):
-    kernels = backend.kernels(x.features)
-    plan = conv_plan(rulebook, kernels) if weight.ndim == 3 else None
-    return kernels.conv_forward(
-        x.features, weight, rulebook.in_idx, rulebook.out_idx, rulebook.offset_ptr,
-        rulebook.n_out, bias, rulebook.identity_offset, plan=plan)
+    features, w, b = data_of(x.features), data_of(weight), data_of(bias)
+    kernels = backend.kernels(features)
+    plan = conv_plan(rulebook, kernels) if w.ndim == 3 else None
+    out = kernels.conv_forward(features, w, rulebook.in_idx, rulebook.out_idx,
+                               rulebook.offset_ptr, rulebook.n_out, b, rulebook.identity_offset,
+                               plan=plan)
+
+    def vjp(g):
+        back = rulebook.transpose()
+        grad_features, grad_weight = kernels.conv_backward(
+            g, features, w, rulebook.in_idx, rulebook.out_idx, rulebook.offset_ptr,
+            rulebook.identity_offset, need_features=_wants(x.features),
+            need_weight=_wants(weight),
+            transposed_plan=conv_plan(back, kernels) if w.ndim == 3 else None)
+        return grad_features, grad_weight, (g.sum(axis=0) if _wants(bias) else None)
+
+    return _differentiable(out, (x.features, weight, bias), vjp)
 
 
 def submanifold_conv(x, weight, bias=None, filter_size=3, dilation=1):
@@ -149,10 +183,18 @@ def network_in_network(x, weight, bias=None):
     if weight.ndim != 2 or weight.shape[0] != x.n_channels:
         raise ValueError(f"weight must have shape ({x.n_channels}, Cout); got {weight.shape}")
     _check_bias(x, bias, weight.shape[1])
-    out = x.features @ weight
-    if bias is not None:
-        out += bias
-    return x.with_features(out)
+    features, w, b = data_of(x.features), data_of(weight), data_of(bias)
+    out = features @ w
+    if b is not None:
+        out += b
+    kernels = backend.kernels(features)
+
+    def vjp(g):
+        return (g @ w.T if _wants(x.features) else None,
+                kernels.rows_product(features, g) if _wants(weight) else None,
+                g.sum(axis=0) if _wants(bias) else None)
+
+    return x.with_features(_differentiable(out, (x.features, weight, bias), vjp))
 
 
 def _kept_features(x, n_features_to_drop):
@@ -162,7 +204,21 @@ def _kept_features(x, n_features_to_drop):
     n = int(n_features_to_drop)
     if not 0 <= n < max(x.n_channels, 1):
         raise ValueError(f"n_features_to_drop must be in [0, {x.n_channels}); got {n}")
-    return x.features[:, n:] if n else x.features
+    features = data_of(x.features)
+    return (features[:, n:] if n else features), n
+
+
+def _pool_result(x, out, sites, grid, dropped, grad_kept):
+    """Wrap a pooling output; ``grad_kept(g)`` is the gradient of the kept channels."""
+    def vjp(g):
+        kept = grad_kept(g)
+        if not dropped:
+            return (kept,)
+        full = backend.array_namespace(kept).zeros((len(kept), x.n_channels), kept.dtype)
+        full[:, dropped:] = kept
+        return (full,)
+
+    return SparseTensor._on(_differentiable(out, (x.features,), vjp), sites, grid)
 
 
 def max_pool(x, filter_size=2, stride=2, n_features_to_drop=0):
@@ -172,21 +228,32 @@ def max_pool(x, filter_size=2, stride=2, n_features_to_drop=0):
     """
     _require_tensor(x)
     rulebook, sites = x.grid.strided(x.sites, filter_size, stride)
-    features = _kept_features(x, n_features_to_drop)
-    out, _ = backend.kernels(features).max_pool_forward(
+    features, dropped = _kept_features(x, n_features_to_drop)
+    kernels = backend.kernels(features)
+    out, argmax = kernels.max_pool_forward(
         features, rulebook.in_idx, rulebook.out_idx, rulebook.offset_ptr, rulebook.n_out)
-    return SparseTensor._on(out, sites, x.grid)
+    return _pool_result(x, out, sites, x.grid, dropped, lambda g: kernels.max_pool_backward(
+        g, argmax, rulebook.in_idx, rulebook.out_idx, rulebook.offset_ptr, rulebook.n_in))
 
 
 def avg_pool(x, filter_size=2, stride=2, n_features_to_drop=0):
     """Average pooling as SCN: the sum of active inputs divided by the window volume."""
     _require_tensor(x)
     rulebook, sites = x.grid.strided(x.sites, filter_size, stride)
-    features = _kept_features(x, n_features_to_drop)
-    out = backend.kernels(features).rule_sum(
+    features, dropped = _kept_features(x, n_features_to_drop)
+    kernels = backend.kernels(features)
+    out = kernels.rule_sum(
         features, rulebook.in_idx, rulebook.out_idx, rulebook.offset_ptr, rulebook.n_out)
-    out *= out.dtype.type(1.0 / math.prod(rulebook.filter_size))
-    return SparseTensor._on(out, sites, x.grid)
+    scale = out.dtype.type(1.0 / math.prod(rulebook.filter_size))
+    out *= scale
+
+    def grad_kept(g):
+        grad = kernels.rule_sum(g, rulebook.out_idx, rulebook.in_idx, rulebook.offset_ptr,
+                                rulebook.n_in)
+        grad *= scale
+        return grad
+
+    return _pool_result(x, out, sites, x.grid, dropped, grad_kept)
 
 
 def unpool(x, filter_size=2, stride=2, n_features_to_drop=0):
@@ -196,10 +263,12 @@ def unpool(x, filter_size=2, stride=2, n_features_to_drop=0):
     """
     _require_tensor(x)
     rulebook, sites = x.grid.transposed(x.sites, filter_size, stride)
-    features = _kept_features(x, n_features_to_drop)
-    out = backend.kernels(features).rule_sum(
+    features, dropped = _kept_features(x, n_features_to_drop)
+    kernels = backend.kernels(features)
+    out = kernels.rule_sum(
         features, rulebook.in_idx, rulebook.out_idx, rulebook.offset_ptr, rulebook.n_out)
-    return SparseTensor._on(out, sites, x.grid)
+    return _pool_result(x, out, sites, x.grid, dropped, lambda g: kernels.rule_sum(
+        g, rulebook.out_idx, rulebook.in_idx, rulebook.offset_ptr, rulebook.n_in))
 
 
 def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None, training=True,
@@ -219,11 +288,13 @@ def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None, t
         if value is not None and getattr(value, "shape", None) != (channels,):
             raise ValueError(f"{name} must have shape ({channels},); got "
                              f"{getattr(value, 'shape', type(value).__name__)}")
-    kernels = backend.kernels(x.features)
+    features, w, b = data_of(x.features), data_of(weight), data_of(bias)
+    kernels = backend.kernels(features)
     if x.n_active == 0:
-        return x.with_features(x.features.copy())
+        return x.with_features(_differentiable(features.copy(), (x.features,),
+                                               lambda g: (g,)))
     if training:
-        mean, var = kernels.batch_norm_statistics(x.features)
+        mean, var = kernels.batch_norm_statistics(features)
         n = x.n_active
         if running_mean is not None:
             running_mean *= momentum
@@ -236,8 +307,13 @@ def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None, t
         if running_mean is None or running_var is None:
             raise ValueError("batch_norm in evaluation mode needs running_mean and running_var")
         mean, var = running_mean.astype(x.dtype), running_var.astype(x.dtype)
-    out = kernels.batch_norm_forward(x.features, mean, var, weight, bias, eps, leakiness)
-    return x.with_features(out)
+    out = kernels.batch_norm_forward(features, mean, var, w, b, eps, leakiness)
+
+    def vjp(g):
+        return kernels.batch_norm_backward(g, features, mean, var, w, b, eps, leakiness,
+                                           training)
+
+    return x.with_features(_differentiable(out, (x.features, weight, bias), vjp))
 
 
 def global_pool(x, mode="max"):
@@ -248,9 +324,11 @@ def global_pool(x, mode="max"):
     _require_tensor(x)
     if mode not in ("max", "mean", "sum"):
         raise ValueError(f"mode must be 'max', 'mean' or 'sum'; got {mode!r}")
-    out, _ = backend.kernels(x.features).segment_reduce(
-        x.features, x.indices[:, 0], x.batch_size, mode)
-    return out
+    features = data_of(x.features)
+    kernels = backend.kernels(features)
+    out, chosen = kernels.segment_reduce(features, x.indices[:, 0], x.batch_size, mode)
+    return _differentiable(out, (x.features,), lambda g: (kernels.segment_reduce_backward(
+        g, x.indices[:, 0], x.batch_size, mode, chosen, x.n_active),))
 
 
 class InputMap:
@@ -314,8 +392,8 @@ def input_layer(indices, features, spatial_shape, batch_size=None, mode="sum"):
     mode = input_mode_name(mode)
     spatial_shape = normalize_spatial_shape(spatial_shape)
     indices, batch_size = validate_indices(indices, spatial_shape, batch_size)
-    features = validate_features(features, len(indices))
-    kernels = backend.kernels(features)
+    values = validate_features(data_of(features), len(indices))
+    kernels = backend.kernels(values)
     keys, _ = pack_keys(indices, spatial_shape, batch_size)
     unique_keys, first_rows, segment_ids = np.unique(keys, return_index=True,
                                                      return_inverse=True)
@@ -330,7 +408,9 @@ def input_layer(indices, features, spatial_shape, batch_size=None, mode="sum"):
                          f"{indices[second].tolist()}, but mode 0 ('unique') assumes no "
                          "duplicates; use 'first', 'last', 'sum', 'mean' or 'max'")
     reduce_mode = "sum" if mode == "unique" else mode
-    out, chosen = kernels.segment_reduce(features, segment_ids, n_sites, reduce_mode)
+    out, chosen = kernels.segment_reduce(values, segment_ids, n_sites, reduce_mode)
+    out = _differentiable(out, (features,), lambda g: (kernels.segment_reduce_backward(
+        g, segment_ids, n_sites, reduce_mode, chosen, len(values)),))
     site_indices = np.ascontiguousarray(indices[first_rows])
     sites = Sites(site_indices, spatial_shape, batch_size)
     tensor = SparseTensor._on(out, sites, Grid())
@@ -350,22 +430,47 @@ def output_layer(x, input_map):
     if x.n_active != input_map.n_sites:
         raise ValueError(f"x has {x.n_active} sites but input_map maps {input_map.n_sites}; "
                          "pass a tensor on the input layer's sites")
+    features = data_of(x.features)
+    kernels = backend.kernels(features)
     if input_map.mode in ("first", "last"):
         out = np.zeros((input_map.n_rows, x.n_channels), x.dtype)
-        out[input_map.chosen] = x.features
-        return out
-    return x.features[input_map.segment_ids]
+        out[input_map.chosen] = features
+        return _differentiable(out, (x.features,), lambda g: (g[input_map.chosen],))
+    return _differentiable(features[input_map.segment_ids], (x.features,), lambda g: (
+        kernels.segment_reduce(g, input_map.segment_ids, input_map.n_sites, "sum")[0],))
 
 
 def to_dense(x):
     """Dense (B, C, S1, ..., SD) array of a SparseTensor, zero at inactive sites."""
     _require_tensor(x)
-    return x.to_dense()
+    features = data_of(x.features)
+    kernels = backend.kernels(features)
+    out = kernels.scatter_to_dense(features, x.indices, x.batch_size, x.spatial_shape)
+    return _differentiable(out, (x.features,),
+                           lambda g: (kernels.gather_from_dense(g, x.indices),))
 
 
 def from_dense(dense):
-    """SparseTensor of a dense (B, C, S1, ..., SD) array, active where any channel != 0."""
-    return SparseTensor.from_dense(dense)
+    """SparseTensor of a dense (B, C, S1, ..., SD) array, active where any channel != 0.
+
+    Rows are sorted by (batch, x1, ..., xD); the tensor lives on a new Grid.
+    """
+    values = data_of(dense)
+    values = values if backend.is_cupy_array(values) else np.asarray(values)
+    if values.ndim < 3:
+        raise ValueError(f"dense must have shape (B, C, S1, ..., SD) with D >= 1; got "
+                         f"{values.shape}")
+    if values.dtype.kind != "f":
+        raise TypeError(f"dense must be floating point; got dtype {values.dtype}")
+    kernels = backend.kernels(values)
+    indices = kernels.dense_active_sites(values)
+    spatial_shape = normalize_spatial_shape(values.shape[2:])
+    features = validate_features(kernels.gather_from_dense(values, indices), len(indices),
+                                 "dense")
+    sites = Sites(indices, spatial_shape, values.shape[0])
+    features = _differentiable(features, (dense,), lambda g: (kernels.scatter_to_dense(
+        g, indices, values.shape[0], spatial_shape),))
+    return SparseTensor._on(features, sites, Grid())
 
 
 __all__ = [

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
 
 from . import backend
 from .coords import normalize_spatial_shape, validate_features, validate_indices
+from .autodiff.core import Tensor, data_of
 from .grid import Grid, Sites
 
 
@@ -14,7 +14,8 @@ class SparseTensor:
 
     Parameters
     ----------
-    features : array (N, C), float32 or float64
+    features : array (N, C), float32 or float64, or an autodiff Tensor around one
+        (then every sparse op on the tensor is differentiable)
     indices : integer array (N, 1 + D)
         Column 0 the batch index, columns 1..D the coordinates, each in
         ``[0, spatial_shape[d])``. Each site at most once.
@@ -42,7 +43,10 @@ class SparseTensor:
     def __init__(self, features, indices, spatial_shape, batch_size=None):
         spatial_shape = normalize_spatial_shape(spatial_shape)
         indices, batch_size = validate_indices(indices, spatial_shape, batch_size)
-        features = validate_features(features, len(indices))
+        if isinstance(features, Tensor):
+            validate_features(features.data, len(indices))
+        else:
+            features = validate_features(features, len(indices))
         self._sites = Sites.from_indices(indices, spatial_shape, batch_size)
         self._grid = Grid()
         self._features = features
@@ -117,9 +121,9 @@ class SparseTensor:
         return self._grid
 
     def to_dense(self):
-        """Dense array (B, C, S1, ..., SD), zero at inactive sites."""
-        return backend.kernels(self._features).scatter_to_dense(
-            self._features, self.indices, self.batch_size, self.spatial_shape)
+        """Dense array (B, C, S1, ..., SD), zero at inactive sites (differentiable)."""
+        from .functional import to_dense
+        return to_dense(self)
 
     @classmethod
     def from_dense(cls, dense):
@@ -127,19 +131,8 @@ class SparseTensor:
 
         Rows are sorted by (batch, x1, ..., xD).
         """
-        dense = np.asarray(dense) if not backend.is_cupy_array(dense) else dense
-        if dense.ndim < 3:
-            raise ValueError(f"dense must have shape (B, C, S1, ..., SD) with D >= 1; got "
-                             f"{dense.shape}")
-        if dense.dtype.kind != "f":
-            raise TypeError(f"dense must be floating point; got dtype {dense.dtype}")
-        kernels = backend.kernels(dense)
-        indices = kernels.dense_active_sites(dense)
-        spatial_shape = normalize_spatial_shape(dense.shape[2:])
-        features = validate_features(kernels.gather_from_dense(dense, indices), len(indices),
-                                     "dense")
-        sites = Sites(indices, spatial_shape, dense.shape[0])
-        return cls._on(features, sites, Grid())
+        from .functional import from_dense
+        return from_dense(dense)
 
     def __array__(self, dtype=None, copy=None):
         raise TypeError("a SparseTensor does not convert to a dense array implicitly (it may "
@@ -150,7 +143,7 @@ class SparseTensor:
         return len(self._sites)
 
     def __repr__(self):
-        lib = "cupy" if backend.is_cupy_array(self._features) else "numpy"
+        lib = "cupy" if backend.is_cupy_array(data_of(self._features)) else "numpy"
         return (f"SparseTensor(n_active={self.n_active}, n_channels={self.n_channels}, "
                 f"spatial_shape={self.spatial_shape}, batch_size={self.batch_size}, "
                 f"dtype={self.dtype}, backend={lib})")

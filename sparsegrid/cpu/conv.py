@@ -362,12 +362,17 @@ def conv_backward(grad_out, features, weight, in_idx, out_idx, offset_ptr, ident
 _REDUCTION_CHUNK = 32768
 
 
-def _weight_product(x, g, weight):
+def rows_product(x, g):
+    """``x.T @ g`` summed over rows deterministically (see :func:`_weight_product`)."""
+    return _weight_product(x, g)
+
+
+def _weight_product(x, g, weight=None):
     """``x.T @ g`` for one offset (per group when the weight is grouped), summed over rows
     in fixed chunks, in order, with single-threaded BLAS: deterministic."""
     def partial(start):
         xs, gs = x[start:start + _REDUCTION_CHUNK], g[start:start + _REDUCTION_CHUNK]
-        if weight.ndim == 3:
+        if weight is None or weight.ndim == 3:
             return xs.T @ gs
         groups, cin_g, cout_g = weight.shape[1:]
         xg = xs.reshape(len(xs), groups, cin_g).transpose(1, 2, 0)
