@@ -11,8 +11,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_readme_python_blocks_run():
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     assert blocks, "the README shows no Python code"
+    namespace = {}  # blocks build on each other, as a reader runs them
     for block in blocks:
-        exec(compile(block, "README.md", "exec"), {})
+        exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["w"].grad.shape == (27, 1, 4)
 
 
 def test_quickstart_example_runs():
