@@ -10,6 +10,9 @@ import itertools
 
 import numpy as np
 
+# Central finite differences are generic arithmetic, shared with the library's gradcheck.
+from sparsegrid.autodiff.gradcheck import numerical_gradient  # noqa: F401
+
 
 def random_sites(rng, spatial_shape, batch_size, density=0.3, empty_batches=()):
     """Unique random sites (N, 1 + D) int32, shuffled rows; some batches may be empty."""
@@ -136,22 +139,6 @@ def transposed_occupancy(occ, filter_size, stride):
     out = transposed_conv(occ[:, None].astype(np.float64),
                           np.ones((int(np.prod(filter_size)), 1, 1)), filter_size, stride)
     return out[:, 0] > 0
-
-
-def numerical_gradient(f, x, eps=1e-6):
-    """Central finite differences of scalar f at float64 array x (same shape as x)."""
-    x = np.array(x, dtype=np.float64)
-    grad = np.zeros_like(x)
-    flat, gflat = x.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + eps
-        up = f(x)
-        flat[i] = old - eps
-        down = f(x)
-        flat[i] = old
-        gflat[i] = (up - down) / (2 * eps)
-    return grad
 
 
 # --- helpers added for the dense-equivalence and gradient tests -------------------------
