@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 
 from . import backend
-from .coords import (normalize_size, pack_keys, strided_output_shape,
+from .coords import (normalize_size, normalize_spatial_shape, pack_keys, strided_output_shape,
                      transposed_output_shape)
 from .rulebook import Rulebook
 
@@ -168,7 +168,8 @@ class Grid:
         d = sites.dimension
         filter_size = normalize_size(filter_size, d, "filter_size")
         stride = normalize_size(stride, d, "stride")
-        out_shape = transposed_output_shape(sites.spatial_shape, filter_size, stride)
+        out_shape = normalize_spatial_shape(
+            transposed_output_shape(sites.spatial_shape, filter_size, stride))
 
         def build():
             kernels = backend.kernels(sites.indices)

@@ -182,3 +182,22 @@ def test_check_gradients_catches_a_wrong_vjp():
 
     with pytest.raises(AssertionError, match="gradient of input 0"):
         ad.check_gradients(wrong, [np.array([1.0, 2.0])])
+
+
+def test_residual_pattern_sums_both_paths():
+    """x used directly and through another op (every residual block): both paths count."""
+    x = Tensor(np.array([1.0, 2.0]), requires_grad=True)
+    ad.sum(ad.add(x, ad.mul(x, 2.0))).backward()
+    np.testing.assert_array_equal(x.grad, [3.0, 3.0])
+    h = ad.mul(x, 1.0)
+    ad.sum(ad.add(ad.mul(h, 3.0), h)).backward()
+    np.testing.assert_array_equal(x.grad, [7.0, 7.0])
+    ad.check_gradients(lambda a: ad.add(a, ad.tanh(ad.mul(a, a))) * a, [np.array([0.3, -1.2])])
+
+
+def test_leaf_gradients_are_independent_arrays():
+    a, b = Tensor(np.ones(2), requires_grad=True), Tensor(np.ones(2), requires_grad=True)
+    ad.sum(ad.add(a, b)).backward()
+    assert a.grad is not b.grad
+    a.grad *= 0
+    np.testing.assert_array_equal(b.grad, [1.0, 1.0])

@@ -154,3 +154,21 @@ def test_only_weight_requires_grad(rng):
     w = Tensor(weight(rng, 27, 3, 2), requires_grad=True)
     ad.sum(sg.submanifold_conv(x, w).features).backward()
     assert w.grad is not None and np.abs(w.grad).sum() > 0
+
+
+def test_strided_conv_with_uncovered_rows(rng):
+    """stride > filter leaves input rows in no window; backward and deconv must cope."""
+    indices = np.c_[np.zeros(29 * 29, np.int32), np.argwhere(np.ones((29, 29)))]
+    x = sg.SparseTensor(rng.standard_normal((len(indices), 2)), indices, (29, 29))
+    ad.check_gradients(lambda f, w: sg.conv(on(x, f), w, None, 2, 3).features,
+                       [x.features, weight(rng, 4, 2, 3)])
+    coarse = sg.conv(x, weight(rng, 4, 2, 3), None, 2, 3)
+    out = sg.deconv(coarse, weight(rng, 4, 3, 2), None, 2, 3)
+    uncovered = (indices[:, 1] % 3 == 2) | (indices[:, 2] % 3 == 2)
+    assert np.all(out.features[uncovered] == 0) and np.any(out.features[~uncovered] != 0)
+
+
+def test_empty_tensor_grouped_and_dense(rng):
+    empty = sg.SparseTensor(np.zeros((0, 3)), np.zeros((0, 3), np.int32), (4, 4))
+    assert sg.submanifold_conv(empty, np.ones((9, 3, 1, 1))).features.shape == (0, 3)
+    assert sg.from_dense(np.zeros((0, 2, 4, 4))).n_active == 0

@@ -126,7 +126,7 @@ class Tensor:
                 continue
             if node._vjp is None:
                 if node.requires_grad:
-                    node.grad = g if node.grad is None else node.grad + g
+                    node.grad = g.copy() if node.grad is None else node.grad + g
                 continue
             for parent, parent_grad in zip(node._inputs, node._vjp(g)):
                 if parent_grad is None or not parent.requires_grad:
@@ -138,16 +138,20 @@ class Tensor:
 
 def _topological_order(root):
     """Nodes reachable from ``root`` (inputs before outputs), without recursion."""
-    order, seen, stack = [], {id(root)}, [(root, False)]
+    # Post-order: a node is appended only after every input it depends on, so in reverse
+    # it runs after all of its consumers have added their gradients to it.
+    order, visited, stack = [], set(), [(root, False)]
     while stack:
         node, expanded = stack.pop()
         if expanded:
             order.append(node)
             continue
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
         stack.append((node, True))
         for parent in node._inputs:
-            if parent.requires_grad and id(parent) not in seen:
-                seen.add(id(parent))
+            if parent.requires_grad and id(parent) not in visited:
                 stack.append((parent, False))
     return order
 

@@ -22,7 +22,7 @@ def _matmul(x, w):
         return x @ w
     groups, cin_g, _ = w.shape
     xg = x.reshape(len(x), groups, cin_g).transpose(1, 0, 2)
-    return np.matmul(xg, w).transpose(1, 0, 2).reshape(len(x), -1)
+    return np.matmul(xg, w).transpose(1, 0, 2).reshape(len(x), groups * w.shape[-1])
 
 
 def _output_channels(weight):
@@ -154,8 +154,11 @@ def build_conv_plan(in_idx, out_idx, offset_ptr, n_out, identity_offset=-1, bloc
     remaining = np.arange(n_out, dtype=np.int32)
     everything = ([identity_offset] if identity_offset >= 0 else []) + active
     if len(everything) <= 62:
-        exact, remaining = _groups_of(codes_of(everything), remaining, min_rows, table,
-                                      everything)
+        code = codes_of(everything)
+        # Rows with no pairs at all (transposed rulebooks with stride > filter) keep their
+        # bias; they belong to no group.
+        exact, remaining = _groups_of(code, remaining[code != 0], min_rows, table, everything)
+        remaining = np.concatenate([remaining, np.flatnonzero(code == 0).astype(np.int32)])
         remaining = np.sort(remaining)
         if identity_offset >= 0:
             identity_rows = remaining

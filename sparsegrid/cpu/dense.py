@@ -24,7 +24,7 @@ def scatter_to_dense(features, indices, batch_size, spatial_shape):
 def gather_from_dense(dense, indices):
     """Rows (N, C) of a dense (B, C, *S) array at the given sites."""
     batch_size, channels = dense.shape[:2]
-    flat = dense.reshape(batch_size, channels, -1)
+    flat = dense.reshape(batch_size, channels, int(np.prod(dense.shape[2:], dtype=np.int64)))
     return flat[indices[:, 0], :, _flat_positions(indices, dense.shape[2:])]
 
 
