@@ -130,8 +130,8 @@ def validate_features(features, n_rows, name="features"):
     """Check a feature matrix: floating dtype, shape (n_rows, C), all values finite."""
     if not hasattr(features, "dtype"):
         features = np.asarray(features)
-    if features.dtype.kind != "f":
-        raise TypeError(f"{name} must be a floating-point array (float32 or float64); got dtype "
+    if features.dtype not in (np.float32, np.float64):
+        raise TypeError(f"{name} must be a float32 or float64 array; got dtype "
                         f"{features.dtype}; convert with .astype(np.float32)")
     if features.ndim != 2:
         raise ValueError(f"{name} must have shape (N, C); got {features.shape}")

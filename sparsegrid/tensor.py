@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 
+import numpy as np
+
 from . import backend
 from .coords import normalize_spatial_shape, validate_features, validate_indices
 from .autodiff.core import Tensor, data_of
@@ -74,8 +76,8 @@ class SparseTensor:
 
     @features.setter
     def features(self, value):
-        if getattr(value, "dtype", None) is None or value.dtype.kind != "f":
-            raise TypeError(f"features must be a floating-point array; got "
+        if getattr(value, "dtype", None) not in (np.float32, np.float64):
+            raise TypeError(f"features must be a float32 or float64 array; got "
                             f"{getattr(value, 'dtype', type(value).__name__)}")
         if value.ndim != 2 or len(value) != len(self._sites):
             raise ValueError(f"features must have shape ({len(self._sites)}, C); got "

@@ -309,16 +309,24 @@ def pool_header(g):
     return f, s
 
 
-def case_avgpool(g):
+def pooled(g, pool):
+    """Run ``pool`` on the golden input; check its sites, geometry and size.
+
+    Returns (filter, stride, input tensor, output, rulebook, golden row of each output row).
+    """
     f, s = pool_header(g)
     x = tensor_from(g, spatial=g.ints("spatial_size_in"))
-    out = sg.avg_pool(x, filter_size=f, stride=s)
+    out = pool(x, filter_size=f, stride=s)
     rulebook, out_sites = x.grid.strided(x.sites, f, s)
     assert out.sites is out_sites
     check_geometry(rulebook, x.indices, out_sites.indices, g["kernel_offsets"], s, False,
                    g.name)
     assert out.spatial_shape == g.ints("spatial_size_out")
-    p = match_sites(out.indices, g["out_coords"], g.name)
+    return f, s, x, out, rulebook, match_sites(out.indices, g["out_coords"], g.name)
+
+
+def case_avgpool(g):
+    f, s, x, out, rulebook, p = pooled(g, sg.avg_pool)
     assert_close(out.features, g["out_feats"][p], f"{g.name}: output (sum / prod(f))")
     grad_out = np.ascontiguousarray(g["grad_out"][p])
     back = rulebook.transpose()
@@ -361,15 +369,7 @@ def golden_windows(g, s):
 
 def case_maxpool(g):
     """Deviation 1 (see the module docstring): ours is the true max; SCN max(0, true max)."""
-    f, s = pool_header(g)
-    x = tensor_from(g, spatial=g.ints("spatial_size_in"))
-    out = sg.max_pool(x, filter_size=f, stride=s)
-    rulebook, out_sites = x.grid.strided(x.sites, f, s)
-    assert out.sites is out_sites
-    check_geometry(rulebook, x.indices, out_sites.indices, g["kernel_offsets"], s, False,
-                   g.name)
-    assert out.spatial_shape == g.ints("spatial_size_out")
-    p = match_sites(out.indices, g["out_coords"], g.name)
+    f, s, x, out, rulebook, p = pooled(g, sg.max_pool)
     q = match_sites(x.indices, g["in_coords"], "input")
 
     # Reference from the golden coordinates alone (rows in golden order).

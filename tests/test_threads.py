@@ -73,3 +73,8 @@ def test_parallel_map_propagates_errors(restore_threads):
 def test_set_num_threads_rejects(bad):
     with pytest.raises(ValueError, match="n must be a positive int"):
         sg.set_num_threads(bad)
+
+
+def test_set_num_threads_accepts_numpy_ints(restore_threads):
+    sg.set_num_threads(np.int64(2))
+    assert sg.get_num_threads() == 2 and type(sg.get_num_threads()) is int

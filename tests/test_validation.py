@@ -102,7 +102,8 @@ def test_wrong_indices_shape(build, idx):
 
 
 # --------------------------------------------------------------------------- features
-@pytest.mark.parametrize("dtype", [np.int32, np.int64, bool, np.complex64])
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, bool, np.complex64, np.float16,
+                                   np.longdouble])
 def test_non_float_features(build, dtype):
     idx = np.array([[0, 1, 1], [0, 2, 2]], np.int32)
     with pytest.raises(TypeError, match="features"):

@@ -2,8 +2,10 @@
 
 For each kernel offset k: ``out[out_idx] += features[in_idx] @ W[k]``. Within one offset the
 output rows are unique (the rulebook guarantees it), so the fancy-indexed ``+=`` is exact
-and no ``np.add.at`` is needed. Offsets are visited in order, so results are bit-identical
-run to run and for any BLAS thread count (BLAS splits rows and columns, never the sum).
+and no ``np.add.at`` is needed. Offsets (and plan tiers) are visited in a fixed order, and
+every reduction over rows (``x.T @ g``) runs in fixed chunks with single-threaded BLAS (a
+threaded BLAS may split that sum), so results are bit-identical run to run and for any
+thread count.
 
 Weights are ``(K, Cin, Cout)`` or, with groups, ``(K, G, Cin/G, Cout/G)``: input channel
 block g feeds output channel block g.

@@ -20,6 +20,8 @@ import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
 _lock = threading.Lock()
 _state = {"threads": None, "pool": None}
 
@@ -46,10 +48,10 @@ def get_num_threads():
 
 def set_num_threads(n):
     """Use ``n`` threads in the CPU kernels (results do not depend on it)."""
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
         raise ValueError(f"n must be a positive int; got {n!r}")
     with _lock:
-        _state["threads"] = n
+        _state["threads"] = int(n)
         if _state["pool"] is not None:
             _state["pool"].shutdown(wait=False)
             _state["pool"] = None
