@@ -189,8 +189,22 @@ def _stacked(weight, ks):
     return weight[list(ks)].reshape(len(ks) * weight.shape[1], weight.shape[2])
 
 
-def _start_output(features, weight, n_out, bias, identity_offset):
+def _start_output(features, weight, n_out, bias, identity_offset, plan=None):
+    """The output before the non-identity offsets: bias plus the identity offset's product.
+
+    When a plan's exact tier overwrites most rows (identity included), the identity
+    product is computed only for the others (``plan.identity_rows``); below half, the
+    gather that needs costs more than the one contiguous GEMM it saves (measured).
+    """
     cout = _output_channels(weight)
+    rows = None if plan is None else plan.identity_rows
+    if identity_offset >= 0 and rows is not None and len(rows) <= n_out // 2:
+        out = np.empty((n_out, cout), features.dtype)
+        rest = _matmul(features[rows], weight[identity_offset])
+        if bias is not None:
+            rest += bias
+        out[rows] = rest
+        return out
     if identity_offset >= 0:
         out = _matmul(features, weight[identity_offset])
         if bias is not None:
@@ -302,8 +316,10 @@ def conv_forward(features, weight, in_idx, out_idx, offset_ptr, n_out, bias=None
     -------
     (n_out, Cout) array of ``features.dtype``
     """
-    out = _start_output(features, weight, n_out, bias, identity_offset)
-    if plan is None or weight.ndim != 3:
+    use_plan = plan is not None and weight.ndim == 3
+    out = _start_output(features, weight, n_out, bias, identity_offset,
+                        plan if use_plan else None)
+    if not use_plan:
         _accumulate_pairs(out, features, weight, in_idx, out_idx, offset_ptr, identity_offset)
     else:
         _run_plan(plan, features, weight, out, bias)
@@ -332,7 +348,7 @@ def conv_backward(grad_out, features, weight, in_idx, out_idx, offset_ptr, ident
     if transposed_plan is not None and weight.ndim == 3:
         if need_features:
             grad_features = _start_output(grad_out, weight_t, len(features), None,
-                                          identity_offset)
+                                          identity_offset, transposed_plan)
         partial = _run_plan(transposed_plan, grad_out, weight_t, grad_features,
                             row_features=features if need_weight else None)
         if need_weight:
