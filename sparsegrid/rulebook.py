@@ -120,12 +120,33 @@ class Rulebook:
             missing = [n for n in _FIELDS + _META if n not in data]
             if missing:
                 raise ValueError(f"{path} is not a sparsegrid rulebook file: missing {missing}")
-            return cls(data["in_idx"].astype(np.int32), data["out_idx"].astype(np.int32),
-                       data["offset_ptr"].astype(np.int64), int(data["n_in"]),
-                       int(data["n_out"]), tuple(data["filter_size"]),
-                       stride=tuple(data["stride"]), dilation=tuple(data["dilation"]),
-                       kind=str(data["kind"]), identity_offset=int(data["identity_offset"]),
-                       transposed=bool(data["transposed"]))
+            rulebook = cls(data["in_idx"].astype(np.int32), data["out_idx"].astype(np.int32),
+                           data["offset_ptr"].astype(np.int64), int(data["n_in"]),
+                           int(data["n_out"]), tuple(data["filter_size"]),
+                           stride=tuple(data["stride"]), dilation=tuple(data["dilation"]),
+                           kind=str(data["kind"]),
+                           identity_offset=int(data["identity_offset"]),
+                           transposed=bool(data["transposed"]))
+        rulebook._check(path)
+        return rulebook
+
+    def _check(self, source):
+        """Structural checks of a rulebook from outside (rows in range, pointers sound)."""
+        ptr = self.offset_ptr
+        problems = []
+        if len(ptr) != int(np.prod(self.filter_size)) + 1:
+            problems.append(f"offset_ptr has {len(ptr)} entries for filter_size "
+                            f"{self.filter_size}")
+        elif ptr[0] != 0 or np.any(np.diff(ptr) < 0) or ptr[-1] != len(self.in_idx):
+            problems.append("offset_ptr is not a non-decreasing partition of the pairs")
+        if len(self.in_idx) != len(self.out_idx):
+            problems.append("in_idx and out_idx differ in length")
+        for name, rows, n in (("in_idx", self.in_idx, self.n_in),
+                              ("out_idx", self.out_idx, self.n_out)):
+            if len(rows) and (rows.min() < 0 or rows.max() >= n):
+                problems.append(f"{name} has rows outside [0, {n})")
+        if problems:
+            raise ValueError(f"{source} is not a valid rulebook: " + "; ".join(problems))
 
     def __repr__(self):
         t = ", transposed" if self.transposed else ""

@@ -604,3 +604,25 @@ def test_sites_from_indices_unsorted_has_order(rng):
     assert np.all(np.diff(keys[sites.order]) > 0)
     sorted_idx = idx[np.argsort(keys)]
     assert Sites.from_indices(sorted_idx, (6, 6), 2).order is None
+
+
+def test_load_rejects_corrupt_rulebooks(tmp_path):
+    x = sg.SparseTensor(np.ones((3, 1), np.float32), np.array([[0, 0, 0], [0, 0, 1], [0, 1, 1]]),
+                        (2, 2))
+    rulebook = x.grid.submanifold(x.sites, 3)
+    fields = {name: getattr(rulebook, name) for name in
+              ("in_idx", "out_idx", "offset_ptr", "n_in", "n_out", "filter_size", "stride",
+               "dilation", "kind", "identity_offset", "transposed")}
+    corruptions = {
+        "rows outside": dict(in_idx=np.where(np.arange(rulebook.n_pairs) == 0, 7,
+                                             rulebook.in_idx)),
+        "negative": dict(out_idx=np.where(np.arange(rulebook.n_pairs) == 0, -1,
+                                          rulebook.out_idx)),
+        "offset_ptr has": dict(offset_ptr=rulebook.offset_ptr[:-1]),
+        "partition": dict(offset_ptr=rulebook.offset_ptr[::-1]),
+    }
+    for message, change in corruptions.items():
+        path = tmp_path / f"bad_{len(message)}.npz"
+        np.savez(path, **{**{k: np.asarray(v) for k, v in fields.items()}, **change})
+        with pytest.raises(ValueError, match="not a valid rulebook"):
+            sg.Rulebook.load(path)
