@@ -11,6 +11,7 @@ No Python loop runs over sites or pairs; loops run over kernel offsets only.
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 
@@ -106,25 +107,32 @@ def submanifold_rules(indices, order, spatial_shape, batch_size, filter_size, di
     return in_idx, out_idx, offset_ptr, identity_offset
 
 
-def _per_axis_windows(coords, filter_size, stride, out_shape):
-    """For each axis and filter tap: which sites reach an output, and that output's coordinate.
+def _per_axis_taps(coords, filter_size, stride, out_shape):
+    """Per axis, the at most ceil(f / s) taps through which each site reaches an output.
 
-    Site x reaches output o through tap delta iff x = o * s + delta with 0 <= o < out.
+    Site x reaches output o through tap delta iff x = o * s + delta with 0 <= o < out, so
+    delta = x mod s + j * s for j = 0, 1, ...; returns, per axis, lists over j of
+    (valid mask, tap, output coordinate).
     """
-    valid, target = [], []
+    axes = []
     for d, (f, s, n_out) in enumerate(zip(filter_size, stride, out_shape)):
-        t = coords[:, d][None, :] - np.arange(f, dtype=np.int64)[:, None]
-        o, r = np.divmod(t, s)
-        valid.append((r == 0) & (t >= 0) & (o < n_out))
-        target.append(o)
-    return valid, target
+        first = coords[:, d] % s
+        choices = []
+        for j in range(-(-f // s)):
+            tap = first + j * s
+            o = (coords[:, d] - tap) // s
+            choices.append(((tap < f) & (o >= 0) & (o < n_out), tap, o))
+        axes.append(choices)
+    return axes
 
 
 def strided_rules(indices, spatial_shape, batch_size, filter_size, stride, out_shape):
     """Pairs of a strided convolution / pooling: input = output * stride + delta.
 
     An output site is active iff some active input lies in its window. Output sites come
-    back sorted by (batch, x1, ..., xD).
+    back sorted by (batch, x1, ..., xD). The loop runs over the prod(ceil(f / s)) ways a
+    site can fall into windows (1 for f <= s), not over the prod(f) kernel offsets; pairs
+    are then grouped by offset with a stable sort, keeping input-row order within one.
 
     Returns
     -------
@@ -133,21 +141,36 @@ def strided_rules(indices, spatial_shape, batch_size, filter_size, stride, out_s
     out_indices : int32 (M, 1 + D)
     """
     coords = indices[:, 1:].astype(np.int64)
-    batch = indices[:, 0].astype(np.int64)
-    strides = packing_strides(out_shape, batch_size)
-    valid, target = _per_axis_windows(coords, filter_size, stride, out_shape)
-    batch_key = batch * strides[0]
-    pairs_in, out_keys = [], []
-    for taps in itertools.product(*[range(f) for f in filter_size]):
-        mask = valid[0][taps[0]]
-        for d in range(1, len(taps)):
-            mask = mask & valid[d][taps[d]]
+    out_strides = packing_strides(out_shape, batch_size)
+    tap_strides = packing_strides(filter_size, 1)[1:]
+    axes = _per_axis_taps(coords, filter_size, stride, out_shape)
+    batch_key = indices[:, 0].astype(np.int64) * out_strides[0]
+    rows_list, offset_list, key_list = [], [], []
+    for choice in itertools.product(*[range(len(a)) for a in axes]):
+        mask = axes[0][choice[0]][0]
+        for d in range(1, len(choice)):
+            mask = mask & axes[d][choice[d]][0]
         rows = np.flatnonzero(mask)
+        offset = np.zeros(len(rows), np.int64)
         key = batch_key[rows]
-        for d, t in enumerate(taps):
-            key = key + target[d][t][rows] * strides[d + 1]
-        pairs_in.append(rows)
-        out_keys.append(key)
+        for d, j in enumerate(choice):
+            _, tap, o = axes[d][j]
+            offset += tap[rows] * tap_strides[d]
+            key = key + o[rows] * out_strides[d + 1]
+        rows_list.append(rows)
+        offset_list.append(offset)
+        key_list.append(key)
+    rows = np.concatenate(rows_list)
+    offsets = np.concatenate(offset_list)
+    n_offsets = math.prod(filter_size)
+    # Each offset comes from exactly one choice, so a stable sort by offset keeps the
+    # pairs of one offset in increasing input-row order (radix sort for K < 2**16).
+    sort_keys = offsets.astype(np.uint16) if n_offsets <= 2**16 else offsets
+    order = np.argsort(sort_keys, kind="stable")
+    counts = np.bincount(offsets, minlength=n_offsets)
+    bounds = np.cumsum(counts)[:-1]
+    pairs_in = np.split(rows[order], bounds)
+    out_keys = np.split(np.concatenate(key_list)[order], bounds)
     return _finish_new_sites(pairs_in, out_keys, out_shape)
 
 
