@@ -88,8 +88,16 @@ def _check_bias(x, bias, cout):
         raise ValueError(f"bias must have shape ({cout},); got {bias.shape}")
 
 
+# Above this many kernel offsets the plan's (n_out, K) row table costs more than it saves
+# (a 3x3x3x3 filter has 81; at D = 10 a size-3 filter has 59049).
+PLAN_MAX_OFFSETS = 64
+
+
 def conv_plan(rulebook, kernels):
-    """The kernels' cached :class:`ConvPlan` of a rulebook (built on first use)."""
+    """The kernels' cached :class:`ConvPlan` of a rulebook (built on first use), or None
+    for filters with more than ``PLAN_MAX_OFFSETS`` offsets (the per-offset path runs)."""
+    if rulebook.n_offsets > PLAN_MAX_OFFSETS:
+        return None
     return rulebook.derived("conv_plan", lambda: kernels.build_conv_plan(
         rulebook.in_idx, rulebook.out_idx, rulebook.offset_ptr, rulebook.n_out,
         rulebook.identity_offset))
