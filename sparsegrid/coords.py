@@ -231,3 +231,37 @@ def strided_output_shape(spatial_shape, filter_size, stride, name="input"):
 def transposed_output_shape(spatial_shape, filter_size, stride):
     """(in - 1) * s + f per axis (Deconvolution, FullConvolution, UnPooling)."""
     return tuple((n - 1) * s + f for n, f, s in zip(spatial_shape, filter_size, stride))
+
+
+def permutohedral_basis(dimension):
+    """``(a, a_inverse)``: a lower-triangular basis in which unit lattice vectors meet at 60°.
+
+    Rows of ``a`` have unit length and pairwise dot products 1/2 (a permutohedral /
+    A*-style lattice). Map real coordinates ``p`` into lattice coordinates with
+    ``p @ a_inverse`` before rounding them to a sparse input (as SCN's
+    ``permutohedral_basis``).
+    """
+    d = int(dimension)
+    a = np.zeros((d, d))
+    for i in range(d):
+        for j in range(i):
+            a[i, j] = (0.5 - a[i, :] @ a[j, :]) / a[j, j]
+        a[i, i] = np.sqrt(1.0 - a[i, :] @ a[i, :])
+    return a, np.linalg.inv(a)
+
+
+def permutohedral_offsets(dimension):
+    """The d*d + d + 1 lattice offsets of a permutohedral submanifold convolution, (K, D).
+
+    The zero offset first, then every ``x`` in {-1, 0, 1}^d with ``|x @ a| <= 1`` (the
+    lattice's nearest neighbours) with the FIRST axis fastest, as SCN's table. (SCN's
+    2-D table starts with (0, -1) but its iterator visits the centre twice instead; here
+    all seven distinct offsets are used.)
+    """
+    d = int(dimension)
+    a, _ = permutohedral_basis(d)
+    codes = np.arange(3 ** d)
+    x = (codes[:, None] // 3 ** np.arange(d)) % 3 - 1
+    near = ((x @ a) ** 2).sum(axis=1) <= 1.01
+    x = x[near & x.any(axis=1)]
+    return np.concatenate([np.zeros((1, d), np.int64), x.astype(np.int64)])

@@ -155,6 +155,33 @@ def conv(x, weight, bias=None, filter_size=2, stride=2):
     return SparseTensor._on(_convolve(x, weight, bias, rulebook), sites, x.grid)
 
 
+def randomized_conv(x, weight, bias=None, filter_size=2, stride=2, rng=None):
+    """Strided convolution with randomly spaced windows (SCN RandomizedStrideConvolution
+    in training mode): see :meth:`Grid.randomized_strided`. ``rng`` is a NumPy Generator.
+
+    Output size, filter and weights as :func:`conv`; only the window starts move.
+    """
+    _require_tensor(x)
+    rng = np.random.default_rng() if rng is None else rng
+    rulebook, sites = x.grid.randomized_strided(x.sites, filter_size, stride, rng)
+    _check_weight(x, weight, bias, rulebook.n_offsets)
+    return SparseTensor._on(_convolve(x, weight, bias, rulebook), sites, x.grid)
+
+
+def permutohedral_conv(x, weight, bias=None):
+    """Submanifold convolution over the d*d + d + 1 offsets of a permutohedral lattice.
+
+    ``weight`` is (d*d + d + 1, Cin, Cout) (or grouped), offsets in the order of
+    :func:`sparsegrid.coords.permutohedral_offsets`; the input's coordinates should be
+    lattice coordinates (see :func:`sparsegrid.coords.permutohedral_basis`).
+    """
+    from .coords import permutohedral_offsets
+    _require_tensor(x)
+    rulebook = x.grid.lattice(x.sites, permutohedral_offsets(x.dimension), "permutohedral")
+    _check_weight(x, weight, bias, rulebook.n_offsets)
+    return x.with_features(_convolve(x, weight, bias, rulebook))
+
+
 def deconv(x, weight, bias=None, filter_size=2, stride=2):
     """Transposed convolution back onto the finer sites that produced ``x`` (SCN Deconvolution).
 
@@ -244,6 +271,19 @@ def max_pool(x, filter_size=2, stride=2, n_features_to_drop=0):
         g, argmax, rulebook.in_idx, rulebook.out_idx, rulebook.offset_ptr, rulebook.n_in))
 
 
+def randomized_max_pool(x, filter_size=2, stride=2, n_features_to_drop=0, rng=None):
+    """Max pooling with randomly spaced windows (SCN RandomizedStrideMaxPooling, training)."""
+    _require_tensor(x)
+    rng = np.random.default_rng() if rng is None else rng
+    rulebook, sites = x.grid.randomized_strided(x.sites, filter_size, stride, rng)
+    features, dropped = _kept_features(x, n_features_to_drop)
+    kernels = backend.kernels(features)
+    out, argmax = kernels.max_pool_forward(
+        features, rulebook.in_idx, rulebook.out_idx, rulebook.offset_ptr, rulebook.n_out)
+    return _pool_result(x, out, sites, x.grid, dropped, lambda g: kernels.max_pool_backward(
+        g, argmax, rulebook.in_idx, rulebook.out_idx, rulebook.offset_ptr, rulebook.n_in))
+
+
 def avg_pool(x, filter_size=2, stride=2, n_features_to_drop=0):
     """Average pooling as SCN: the sum of active inputs divided by the window volume."""
     _require_tensor(x)
@@ -322,6 +362,78 @@ def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None, t
                                            training)
 
     return x.with_features(_differentiable(out, (x.features, weight, bias), vjp))
+
+
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
+    """Group normalisation per sample: statistics over the sample's active sites and the
+    channels of each of ``num_groups`` channel groups (GroupNorm on the active sites only).
+
+    ``weight``/``bias`` are per channel (C,) or None. Empty samples contribute nothing.
+    """
+    _require_tensor(x)
+    channels = x.n_channels
+    if not isinstance(num_groups, (int, np.integer)) or num_groups < 1 or channels % num_groups:
+        raise ValueError(f"num_groups must be a positive divisor of the {channels} channels; "
+                         f"got {num_groups!r}")
+    for name, value in (("weight", weight), ("bias", bias)):
+        if value is not None and getattr(value, "shape", None) != (channels,):
+            raise ValueError(f"{name} must have shape ({channels},); got "
+                             f"{getattr(value, 'shape', type(value).__name__)}")
+    features, w, b = data_of(x.features), data_of(weight), data_of(bias)
+    kernels = backend.kernels(features)
+    n, g = x.n_active, int(num_groups)
+    per = channels // g
+    samples = x.indices[:, 0]
+    size = kernels.segment_reduce(np.ones((n, 1), features.dtype), samples, x.batch_size,
+                                  "sum")[0][:, 0] * per
+    count = np.maximum(size, 1)[:, None]                                  # (B, 1)
+    grouped = features.reshape(n, g, per)
+    mean = kernels.segment_reduce(grouped.sum(axis=2), samples, x.batch_size, "sum")[0] / count
+    centred = grouped - mean[samples][:, :, None]
+    var = kernels.segment_reduce((centred * centred).sum(axis=2), samples, x.batch_size,
+                                 "sum")[0] / count
+    inv = (1.0 / np.sqrt(var + eps)).astype(features.dtype)               # (B, G)
+    normed = (centred * inv[samples][:, :, None]).reshape(n, channels)
+    out = normed * w if w is not None else normed.copy()
+    if b is not None:
+        out += b
+
+    def vjp(grad):
+        gy = (grad * w if w is not None else grad).reshape(n, g, per)
+        y = normed.reshape(n, g, per)
+        s1 = kernels.segment_reduce(gy.sum(axis=2), samples, x.batch_size, "sum")[0] / count
+        s2 = kernels.segment_reduce((gy * y).sum(axis=2), samples, x.batch_size,
+                                    "sum")[0] / count
+        dx = (gy - s1[samples][:, :, None] - y * s2[samples][:, :, None]) * \
+            inv[samples][:, :, None]
+        return (dx.reshape(n, channels),
+                (grad * normed).sum(axis=0) if _wants(weight) else None,
+                grad.sum(axis=0) if _wants(bias) else None)
+
+    return x.with_features(_differentiable(out, (x.features, weight, bias), vjp))
+
+
+def select(x, keep):
+    """The sites where the boolean ``keep`` (N,) is true, on a new Grid (SCN Sparsify).
+
+    Rows keep their relative order; features are gathered (differentiably).
+    """
+    _require_tensor(x)
+    keep = np.asarray(backend.to_numpy(data_of(keep)))
+    if keep.dtype != bool or keep.shape != (x.n_active,):
+        raise ValueError(f"keep must be a boolean array of shape ({x.n_active},); got "
+                         f"{keep.dtype} {keep.shape}")
+    rows = np.flatnonzero(keep)
+    features = data_of(x.features)
+    indices = np.ascontiguousarray(x.indices[rows])
+    sites = Sites.from_indices(indices, x.spatial_shape, x.batch_size)
+
+    def vjp(g):
+        full = backend.array_namespace(g).zeros((x.n_active, x.n_channels), g.dtype)
+        full[rows] = g   # rows are distinct: plain assignment
+        return (full,)
+
+    return SparseTensor._on(_differentiable(features[rows], (x.features,), vjp), sites, Grid())
 
 
 def global_pool(x, mode="max"):
@@ -483,7 +595,7 @@ def from_dense(dense):
 
 __all__ = [
     "avg_pool", "batch_norm", "conv", "conv_plan", "deconv", "from_dense", "full_conv",
-    "global_pool", "input_layer", "InputMap", "input_mode_name", "max_pool",
-    "network_in_network", "output_layer", "submanifold_conv", "to_dense",
-    "unpool",
+    "global_pool", "group_norm", "input_layer", "InputMap", "input_mode_name", "max_pool",
+    "network_in_network", "output_layer", "permutohedral_conv", "randomized_conv",
+    "randomized_max_pool", "select", "submanifold_conv", "to_dense", "unpool",
 ]

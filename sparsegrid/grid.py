@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
+
 from . import backend
 from .coords import (normalize_size, normalize_spatial_shape, pack_keys, strided_output_shape,
                      transposed_output_shape)
@@ -77,6 +79,7 @@ class Grid:
 
     def __init__(self):
         self._rulebooks = {}
+        self.input_map = None   # set by nn.InputLayer: what nn.OutputLayer inverts
 
     def __repr__(self):
         return f"Grid({len(self._rulebooks)} cached rulebooks)"
@@ -129,6 +132,56 @@ class Grid:
             return rulebook, out_sites
 
         return self._cached((sites.uid, "strided", filter_size, stride), build)
+
+    def lattice(self, sites, offsets, name):
+        """Rulebook of a submanifold convolution over an explicit offset list (K, D).
+
+        ``input = output + offsets[k]``; ``name`` identifies the offset set in the cache
+        (for example ``'permutohedral'``).
+        """
+        offsets = tuple(tuple(int(v) for v in row) for row in offsets)
+
+        def build():
+            kernels = backend.kernels(sites.indices)
+            in_idx, out_idx, ptr, identity = kernels.offset_rules(
+                sites.indices, sites.order, sites.spatial_shape, sites.batch_size, offsets)
+            return Rulebook(in_idx, out_idx, ptr, len(sites), len(sites), (len(offsets),),
+                            kind="submanifold", identity_offset=identity)
+
+        return self._cached((sites.uid, "lattice", name, offsets), build)
+
+    def randomized_strided(self, sites, filter_size, stride, rng):
+        """``(rulebook, output_sites)`` of a strided op with randomly spaced windows.
+
+        Per axis, the ``out - 1`` steps between window starts are a shuffle of about one
+        third ``s - 1``, one third ``s + 1`` and the rest ``s`` (equal numbers of ``s - 1``
+        and ``s + 1``, so the windows still span the whole input), as SCN's
+        RandomizedStrideConvolution. Strides of 1 are not randomised (a step of 0 would
+        repeat a window). Nothing is cached: every call draws new windows; the output
+        sites remember the rulebook, so a Deconvolution/UnPooling finds its adjoint.
+        """
+        d = sites.dimension
+        filter_size = normalize_size(filter_size, d, "filter_size")
+        stride = normalize_size(stride, d, "stride")
+        out_shape = strided_output_shape(sites.spatial_shape, filter_size, stride)
+        starts = []
+        for s, n_out in zip(stride, out_shape):
+            steps = np.full(n_out - 1, s, np.int64)
+            if s > 1:
+                third = (n_out - 1) // 3
+                steps[:third] -= 1
+                steps[third:2 * third] += 1
+                rng.shuffle(steps)
+            starts.append(np.concatenate([[0], np.cumsum(steps)]).astype(np.int64))
+        kernels = backend.kernels(sites.indices)
+        in_idx, out_idx, ptr, out_indices = kernels.window_rules(
+            sites.indices, sites.spatial_shape, sites.batch_size, filter_size, starts,
+            out_shape)
+        rulebook = Rulebook(in_idx, out_idx, ptr, len(sites), len(out_indices), filter_size,
+                            stride=stride, kind="strided")
+        out_sites = Sites(out_indices, out_shape, sites.batch_size,
+                          producer=(sites, filter_size, stride, rulebook))
+        return rulebook, out_sites
 
     def transposed(self, sites, filter_size, stride):
         """``(rulebook, output_sites)`` of Deconvolution / UnPooling on coarse ``sites``.

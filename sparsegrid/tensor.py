@@ -122,6 +122,22 @@ class SparseTensor:
     def grid(self):
         return self._grid
 
+    # -- SparseConvNet compatibility ------------------------------------------------------
+    @property
+    def spatial_size(self):
+        """SCN's name: the spatial shape as an int64 array (D,)."""
+        return np.asarray(self.spatial_shape, np.int64)
+
+    def get_spatial_locations(self):
+        """SCN's coordinate form: int64 (N, D + 1), spatial coordinates then the batch
+        index LAST, row-aligned with :attr:`features`."""
+        indices = self.indices
+        return np.concatenate([indices[:, 1:], indices[:, :1]], axis=1).astype(np.int64)
+
+    def detach(self):
+        """The same sites and grid with features cut from the autodiff graph."""
+        return SparseTensor._on(data_of(self._features), self._sites, self._grid)
+
     def to_dense(self):
         """Dense array (B, C, S1, ..., SD), zero at inactive sites (differentiable)."""
         from .functional import to_dense

@@ -141,9 +141,54 @@ def strided_rules(indices, spatial_shape, batch_size, filter_size, stride, out_s
     out_indices : int32 (M, 1 + D)
     """
     coords = indices[:, 1:].astype(np.int64)
+    axes = _per_axis_taps(coords, filter_size, stride, out_shape)
+    return _rules_from_taps(indices, axes, batch_size, filter_size, out_shape)
+
+
+def _window_taps(coords, filter_size, starts):
+    """:func:`_per_axis_taps` for windows starting at arbitrary ``starts[d]`` per axis.
+
+    ``starts[d]`` is an increasing int64 array (one start per output coordinate); window
+    o of axis d covers ``[starts[d][o], starts[d][o] + f - 1]``.
+    """
+    axes = []
+    for d, (f, st) in enumerate(zip(filter_size, starts)):
+        st = np.asarray(st, np.int64)
+        n_out = len(st)
+        cells = (st[:, None] + np.arange(f)).reshape(-1)          # covered coordinate
+        outs = np.repeat(np.arange(n_out, dtype=np.int64), f)
+        taps = np.tile(np.arange(f, dtype=np.int64), n_out)
+        order = np.argsort(cells, kind="stable")
+        cells, outs, taps = cells[order], outs[order], taps[order]
+        size = int(max(coords[:, d].max(initial=0), cells.max(initial=0))) + 1
+        first = np.searchsorted(cells, cells)                     # start of each cell's run
+        slot = np.arange(len(cells)) - first
+        width = int(slot.max(initial=-1)) + 1
+        valid = np.zeros((size, width), bool)
+        tap_table = np.zeros((size, width), np.int64)
+        out_table = np.zeros((size, width), np.int64)
+        valid[cells, slot] = True
+        tap_table[cells, slot] = taps
+        out_table[cells, slot] = outs
+        c = coords[:, d]
+        axes.append([(valid[c, j], tap_table[c, j], out_table[c, j]) for j in range(width)])
+    return axes
+
+
+def window_rules(indices, spatial_shape, batch_size, filter_size, starts, out_shape):
+    """Pairs of a strided op whose windows start at ``starts[d][o]`` on axis d.
+
+    RandomizedStrideConvolution / RandomizedStrideMaxPooling use it with randomly spaced,
+    strictly increasing starts. Same return values as :func:`strided_rules`.
+    """
+    coords = indices[:, 1:].astype(np.int64)
+    axes = _window_taps(coords, filter_size, starts)
+    return _rules_from_taps(indices, axes, batch_size, filter_size, out_shape)
+
+
+def _rules_from_taps(indices, axes, batch_size, filter_size, out_shape):
     out_strides = packing_strides(out_shape, batch_size)
     tap_strides = packing_strides(filter_size, 1)[1:]
-    axes = _per_axis_taps(coords, filter_size, stride, out_shape)
     batch_key = indices[:, 0].astype(np.int64) * out_strides[0]
     rows_list, offset_list, key_list = [], [], []
     for choice in itertools.product(*[range(len(a)) for a in axes]):
@@ -160,8 +205,10 @@ def strided_rules(indices, spatial_shape, batch_size, filter_size, stride, out_s
         rows_list.append(rows)
         offset_list.append(offset)
         key_list.append(key)
-    rows = np.concatenate(rows_list)
-    offsets = np.concatenate(offset_list)
+    empty = np.zeros(0, np.int64)
+    rows = np.concatenate(rows_list) if rows_list else empty
+    offsets = np.concatenate(offset_list) if offset_list else empty
+    keys = np.concatenate(key_list) if key_list else empty
     n_offsets = math.prod(filter_size)
     # Each offset comes from exactly one choice, so a stable sort by offset keeps the
     # pairs of one offset in increasing input-row order (radix sort for K < 2**16).
@@ -170,8 +217,42 @@ def strided_rules(indices, spatial_shape, batch_size, filter_size, stride, out_s
     counts = np.bincount(offsets, minlength=n_offsets)
     bounds = np.cumsum(counts)[:-1]
     pairs_in = np.split(rows[order], bounds)
-    out_keys = np.split(np.concatenate(key_list)[order], bounds)
+    out_keys = np.split(keys[order], bounds)
     return _finish_new_sites(pairs_in, out_keys, out_shape)
+
+
+def offset_rules(indices, order, spatial_shape, batch_size, offsets):
+    """Submanifold pairs for an explicit offset list: input = output + offsets[k].
+
+    Used for lattices that are not a box (PermutohedralSubmanifoldConvolution). One binary
+    search per offset. The first all-zero offset is the identity offset.
+
+    Returns ``(in_idx, out_idx, offset_ptr, identity_offset)`` as :func:`submanifold_rules`.
+    """
+    n = len(indices)
+    offsets = np.asarray(offsets, np.int64).reshape(-1, len(spatial_shape))
+    pad = np.abs(offsets).max(axis=0) if len(offsets) else np.zeros(len(spatial_shape),
+                                                                    np.int64)
+    sorted_indices = indices if order is None else indices[order]
+    keys, strides = pack_keys(sorted_indices, spatial_shape, batch_size, pad)
+    packed = offsets @ strides[1:]
+    skeys = np.append(keys, KEY_SENTINEL)
+    rows = np.arange(n, dtype=np.int64) if order is None else order
+    zero = np.flatnonzero(~offsets.any(axis=1))
+    identity_offset = int(zero[0]) if len(zero) else -1
+    pairs_in, pairs_out = [], []
+    for k in range(len(offsets)):
+        if k == identity_offset:
+            pairs_in.append(np.arange(n))
+            pairs_out.append(np.arange(n))
+            continue
+        query = keys + packed[k]
+        pos = np.searchsorted(skeys, query)
+        found = np.flatnonzero(skeys[pos] == query)
+        pairs_in.append(rows[pos[found]])
+        pairs_out.append(rows[found])
+    in_idx, out_idx, offset_ptr = _assemble(pairs_in, pairs_out)
+    return in_idx, out_idx, offset_ptr, identity_offset
 
 
 def full_rules(indices, spatial_shape, batch_size, filter_size, stride, out_shape):

@@ -1,0 +1,18 @@
+"""SparseConvNet-compatible layers, containers, network builders and training tools.
+
+``import sparsegrid.nn as scn`` gives SCN's names with SCN's constructor arguments and
+initialisation; see docs/differences_from_scn.md for the deliberate differences.
+"""
+
+from .containers import AddTable, ConcatTable, Identity, JoinTable, Sequential
+from .layers import *  # noqa: F401,F403 - the SCN layer catalogue
+from .layers import __all__ as _layers
+from .module import Module, Parameter, default_rng, manual_seed
+from .networks import FullyConvolutionalNet, SparseResNet, SparseVggNet, UNet
+from ..coords import permutohedral_basis
+
+__all__ = sorted(_layers + [
+    "AddTable", "ConcatTable", "FullyConvolutionalNet", "Identity", "JoinTable", "Module",
+    "Parameter", "Sequential", "SparseResNet", "SparseVggNet", "UNet", "default_rng",
+    "manual_seed", "permutohedral_basis",
+])

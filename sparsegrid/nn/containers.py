@@ -1,0 +1,166 @@
+"""Containers: Sequential, ConcatTable, JoinTable, AddTable, Identity (SCN's tables)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..autodiff import ops
+from ..autodiff.core import Tensor
+from ..tensor import SparseTensor
+from .module import Module
+
+
+class Sequential(Module):
+    """Modules applied in order; children are named "0", "1", ... (PyTorch/SCN keys).
+
+    ``add``/``append`` return the container so calls chain as in SCN; ``insert`` renumbers.
+    """
+
+    def __init__(self, *modules):
+        super().__init__()
+        for module in modules:
+            self.add(module)
+
+    def add(self, module):
+        """Append ``module``; returns self (SCN's chaining style)."""
+        return self.add_module(str(len(self._modules)), module)
+
+    append = add
+
+    def insert(self, index, module):
+        """Insert ``module`` before position ``index``; returns self."""
+        if not isinstance(module, Module):
+            raise TypeError(f"module must be a sparsegrid.nn.Module; got {type(module).__name__}")
+        items = list(self._modules.values())
+        index = index + len(items) if index < 0 else index
+        if not 0 <= index <= len(items):
+            raise IndexError(f"insert index {index} out of range for {len(items)} modules")
+        items.insert(index, module)
+        for name in list(self._modules):
+            delattr(self, name)
+        for module in items:
+            self.add(module)
+        return self
+
+    def extend(self, modules):
+        for module in modules:
+            self.add(module)
+        return self
+
+    def __add__(self, other):
+        """A new Sequential running self's modules, then ``other``'s (or ``other``)."""
+        more = list(other) if isinstance(other, Sequential) else [other]
+        return Sequential(*self, *more)
+
+    def __len__(self):
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __getitem__(self, index):
+        items = list(self._modules.values())
+        if isinstance(index, slice):
+            return Sequential(*items[index])
+        return items[index]
+
+    def forward(self, x):
+        for module in self._modules.values():
+            x = module(x)
+        return x
+
+    def input_spatial_size(self, out_size):
+        """Input spatial size giving ``out_size`` at the end: each module's inverse, in
+        reverse order (hello world: 10x10 out needs 87x87 in)."""
+        for module in reversed(list(self._modules.values())):
+            out_size = module.input_spatial_size(out_size)
+        return out_size
+
+
+class ConcatTable(Module):
+    """Apply every branch to the same input; returns the list of their outputs."""
+
+    def __init__(self, *modules):
+        super().__init__()
+        for module in modules:
+            self.add(module)
+
+    def add(self, module):
+        return self.add_module(str(len(self._modules)), module)
+
+    append = add
+
+    def __len__(self):
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __getitem__(self, index):
+        return list(self._modules.values())[index]
+
+    def forward(self, x):
+        return [module(x) for module in self._modules.values()]
+
+    def input_spatial_size(self, out_size):
+        return next(iter(self._modules.values())).input_spatial_size(out_size)
+
+
+def _same_sites(module, tensors):
+    if not isinstance(tensors, (list, tuple)) or not tensors:
+        raise TypeError(f"{type(module).__name__} expects a non-empty list of SparseTensors")
+    first = tensors[0]
+    for i, t in enumerate(tensors):
+        if not isinstance(t, SparseTensor):
+            raise TypeError(f"{type(module).__name__} input {i} is a {type(t).__name__}, "
+                            "not a SparseTensor")
+        if t.sites is first.sites:
+            continue
+        if t.spatial_shape != first.spatial_shape or t.n_active != first.n_active or \
+                not np.array_equal(t.indices, first.indices):
+            raise ValueError(f"{type(module).__name__} needs tensors on the same sites in the "
+                             f"same row order; input {i} ({t.n_active} sites, "
+                             f"{t.spatial_shape}) differs from input 0 ({first.n_active} "
+                             f"sites, {first.spatial_shape})")
+    return first
+
+
+class JoinTable(Module):
+    """Concatenate the channels of tensors on the same sites (checked, unlike SCN)."""
+
+    def forward(self, tensors):
+        first = _same_sites(self, tensors)
+        features = [t.features for t in tensors]
+        if any(isinstance(f, Tensor) for f in features):
+            return first.with_features(ops.concatenate(features, axis=1))
+        return first.with_features(np.concatenate(features, axis=1))
+
+
+class AddTable(Module):
+    """Sum tensors on the same sites with the same channel count (checked, unlike SCN)."""
+
+    def forward(self, tensors):
+        first = _same_sites(self, tensors)
+        channels = {t.n_channels for t in tensors}
+        if len(channels) != 1:
+            raise ValueError(f"AddTable needs equal channel counts; got {sorted(channels)}")
+        features = [t.features for t in tensors]
+        if any(isinstance(f, Tensor) for f in features):
+            total = features[0]
+            for f in features[1:]:
+                total = ops.add(total, f)
+            return first.with_features(total)
+        total = features[0].copy()
+        for f in features[1:]:
+            total += f
+        return first.with_features(total)
+
+
+class Identity(Module):
+    """Returns its input."""
+
+    def forward(self, x):
+        return x
+
+
+__all__ = ["AddTable", "ConcatTable", "Identity", "JoinTable", "Sequential"]

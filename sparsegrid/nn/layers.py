@@ -1,0 +1,843 @@
+"""SparseConvNet's layers with SCN's names, constructor arguments, defaults and initialisation.
+
+Each layer maps a :class:`~sparsegrid.SparseTensor` to a SparseTensor through
+:mod:`sparsegrid.functional`; parameters are :class:`Parameter` objects, so a forward pass
+on them records the autodiff graph (and inference under ``no_grad()`` records nothing).
+Deliberate differences from SCN are listed in docs/differences_from_scn.md.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from .. import functional as F
+from .. import backend
+from ..autodiff import ops
+from ..autodiff.core import Tensor, data_of, record
+from ..coords import normalize_size, permutohedral_offsets
+from ..tensor import SparseTensor
+from .module import Module, Parameter, default_rng
+
+
+# -- helpers ------------------------------------------------------------------------------
+def _size(value, dimension, name):
+    """SCN's toLongTensor: an int or D ints -> tuple of D ints."""
+    if hasattr(value, "tolist") and not isinstance(value, (int, np.integer)):
+        value = value.tolist()
+    return normalize_size(value, dimension, name)
+
+
+def _spatial(value, dimension, name="spatial_size"):
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return normalize_size(np.asarray(value).tolist() if not isinstance(value, (int, np.integer))
+                          else value, dimension, name)
+
+
+def _as_size_array(out_size, dimension):
+    out = np.asarray(out_size.detach().cpu().numpy() if hasattr(out_size, "detach")
+                     else out_size, dtype=np.int64)
+    return np.broadcast_to(out, (dimension,)).copy() if out.ndim == 0 else out
+
+
+def _check_input(module, x):
+    if not isinstance(x, SparseTensor):
+        raise TypeError(f"{type(module).__name__} expects a SparseTensor; got "
+                        f"{type(x).__name__}")
+
+
+def _check_planes(module, x, n_planes):
+    _check_input(module, x)
+    if x.n_channels != n_planes:
+        raise ValueError(f"{type(module).__name__} expects {n_planes} input channels; the "
+                         f"input has {x.n_channels}")
+
+
+def _map_features(x, fn):
+    """Apply a dense autodiff op to the features; plain arrays stay plain arrays."""
+    out = fn(x.features)
+    if not isinstance(x.features, Tensor):
+        out = data_of(out)
+    return x.with_features(out)
+
+
+def _normal(shape, std):
+    return (default_rng().standard_normal(shape) * std).astype(np.float32)
+
+
+def _positive_int(value, name):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int; got {value!r}")
+    return int(value)
+
+
+# -- input and output -----------------------------------------------------------------------
+def _scn_coordinates(coords, dimension):
+    """SCN coordinates (N, D + 1) with the batch LAST, or (N, D) -> batch-first indices."""
+    coords = coords.detach().cpu().numpy() if hasattr(coords, "detach") else np.asarray(coords)
+    if coords.ndim != 2 or coords.shape[1] not in (dimension, dimension + 1):
+        raise ValueError(f"coords must have shape (N, {dimension}) or (N, {dimension + 1}) "
+                         f"(SCN form: spatial coordinates, then the batch index); got "
+                         f"{coords.shape}")
+    if coords.dtype.kind not in "iu":
+        raise TypeError(f"coords must be an integer array; got dtype {coords.dtype}")
+    if coords.shape[1] == dimension:
+        batch = np.zeros((len(coords), 1), coords.dtype)
+        return np.concatenate([batch, coords], axis=1)
+    return np.concatenate([coords[:, dimension:], coords[:, :dimension]], axis=1)
+
+
+def _as_features(feats):
+    if isinstance(feats, Tensor):
+        return feats
+    if hasattr(feats, "detach"):
+        feats = feats.detach().cpu().numpy()
+    return feats if backend.is_cupy_array(feats) else np.asarray(feats)
+
+
+class InputLayerInput(list):
+    """SCN's ``InputLayerInput(coords, features)``: a two-item sequence."""
+
+    def __init__(self, coords, features, batch_size=None):
+        super().__init__([coords, features] + ([] if batch_size is None else [batch_size]))
+
+
+class InputLayer(Module):
+    """Coordinates and features of a batch -> a SparseTensor (SCN InputLayer).
+
+    ``forward([coords, features(, batch_size)])`` takes SCN's form: ``coords`` (N, D + 1)
+    with the batch index in the LAST column, or (N, D) for a single sample. Duplicate
+    sites are merged by ``mode``: 0 none allowed (an error, not SCN's corruption), 1 keep
+    the first row, 2 keep the last row (SCN's measured behaviour), 3 sum, 4 mean, or a name
+    ('unique', 'first', 'last', 'sum', 'mean', 'max'). Coordinates are validated. Output
+    rows are sorted by (batch, x1, ..., xD) (SCN: first appearance).
+    """
+
+    def __init__(self, dimension, spatial_size, mode=3):
+        super().__init__()
+        self.dimension = _positive_int(dimension, "dimension")
+        self.spatial_size = _spatial(spatial_size, self.dimension)
+        self.mode = F.input_mode_name(mode)
+
+    def extra_repr(self):
+        return f"{self.dimension}, spatial_size={self.spatial_size}, mode={self.mode!r}"
+
+    def forward(self, input):
+        if not isinstance(input, (list, tuple)) or len(input) not in (2, 3):
+            raise TypeError("InputLayer expects [coords, features] or [coords, features, "
+                            f"batch_size]; got {type(input).__name__}")
+        indices = _scn_coordinates(input[0], self.dimension)
+        batch_size = None if len(input) == 2 else int(input[2])
+        if batch_size is not None and len(indices):
+            batch_size = max(batch_size, int(indices[:, 0].max()) + 1)  # SCN: a lower bound
+        tensor, input_map = F.input_layer(indices, _as_features(input[1]), self.spatial_size,
+                                          batch_size, self.mode)
+        tensor.grid.input_map = input_map
+        return tensor
+
+
+class OutputLayer(Module):
+    """Features back onto the rows given to the InputLayer (SCN OutputLayer): (N_rows, C)."""
+
+    def __init__(self, dimension):
+        super().__init__()
+        self.dimension = _positive_int(dimension, "dimension")
+
+    def extra_repr(self):
+        return str(self.dimension)
+
+    def forward(self, x):
+        _check_input(self, x)
+        input_map = getattr(x.grid, "input_map", None)
+        if input_map is None:
+            raise ValueError("OutputLayer needs a tensor on the sites made by an InputLayer "
+                             "(of this batch); this one's grid has no input map")
+        return F.output_layer(x, input_map)
+
+
+_BL_MODES = {0: "unique", 1: "last", 2: "first", 3: "sum", 4: "mean"}
+
+
+class BLInputLayer(Module):
+    """Batched, padded input (SCN BLInputLayer): coords (B, L, D), features (B, L, C).
+
+    A row is empty when its first coordinate is negative. Mode 1 keeps the LAST duplicate
+    and mode 2 the FIRST (as SCN documents and does for this layer, the opposite of
+    InputLayer); 3 sums, 4 averages, 0 forbids duplicates.
+    """
+
+    def __init__(self, dimension, spatial_size, mode=3):
+        super().__init__()
+        self.dimension = _positive_int(dimension, "dimension")
+        self.spatial_size = _spatial(spatial_size, self.dimension)
+        self.mode = _BL_MODES[mode] if isinstance(mode, (int, np.integer)) and \
+            int(mode) in _BL_MODES else F.input_mode_name(mode)
+
+    def extra_repr(self):
+        return f"{self.dimension}, spatial_size={self.spatial_size}, mode={self.mode!r}"
+
+    def forward(self, input):
+        if not isinstance(input, (list, tuple)) or len(input) != 2:
+            raise TypeError("BLInputLayer expects [coords (B, L, D), features (B, L, C)]")
+        coords = input[0].detach().cpu().numpy() if hasattr(input[0], "detach") else \
+            np.asarray(input[0])
+        feats = _as_features(input[1])
+        if coords.ndim != 3 or coords.shape[2] != self.dimension:
+            raise ValueError(f"coords must have shape (B, L, {self.dimension}); got "
+                             f"{coords.shape}")
+        if feats.ndim != 3 or feats.shape[:2] != coords.shape[:2]:
+            raise ValueError(f"features must have shape {coords.shape[:2] + ('C',)}; got "
+                             f"{feats.shape}")
+        b, length = coords.shape[:2]
+        valid = np.flatnonzero(coords[:, :, 0].reshape(-1) >= 0)
+        batch = (valid // max(length, 1)).astype(coords.dtype)[:, None]
+        indices = np.concatenate([batch, coords.reshape(-1, self.dimension)[valid]], axis=1)
+        flat = ops.reshape(feats, (b * length, feats.shape[2])) if isinstance(feats, Tensor) \
+            else feats.reshape(b * length, feats.shape[2])
+        rows = ops.getitem(flat, valid) if isinstance(flat, Tensor) else flat[valid]
+        tensor, input_map = F.input_layer(indices, rows, self.spatial_size, b, self.mode)
+        tensor.grid.input_map = input_map
+        tensor.grid.bl_layout = (valid, b, length)
+        return tensor
+
+
+class BLOutputLayer(Module):
+    """Inverse of :class:`BLInputLayer`: features (B, L, C), zero on empty rows."""
+
+    def __init__(self, dimension):
+        super().__init__()
+        self.dimension = _positive_int(dimension, "dimension")
+
+    def extra_repr(self):
+        return str(self.dimension)
+
+    def forward(self, x):
+        _check_input(self, x)
+        layout = getattr(x.grid, "bl_layout", None)
+        if layout is None or getattr(x.grid, "input_map", None) is None:
+            raise ValueError("BLOutputLayer needs a tensor on the sites made by a BLInputLayer")
+        valid, b, length = layout
+        rows = F.output_layer(x, x.grid.input_map)
+        values = data_of(rows)
+        out = np.zeros((b * length, values.shape[1]), values.dtype)
+        out[valid] = values
+        out = out.reshape(b, length, values.shape[1])
+        if not isinstance(rows, Tensor):
+            return out
+        return record(out, (rows,), lambda g: (g.reshape(b * length, -1)[valid],))
+
+
+# -- convolutions ---------------------------------------------------------------------------
+class _Convolution(Module):
+    """Shared parameter handling: weight (K, Cin, Cout) or (K, G, Cin/G, Cout/G), SCN init."""
+
+    def __init__(self, dimension, nIn, nOut, filter_size, filter_stride, bias, groups=1,
+                 filter_volume=None):
+        super().__init__()
+        self.dimension = _positive_int(dimension, "dimension")
+        self.nIn = _positive_int(nIn, "nIn")
+        self.nOut = _positive_int(nOut, "nOut")
+        self.groups = _positive_int(groups, "groups")
+        if self.nIn % self.groups or self.nOut % self.groups:
+            raise ValueError(f"groups={groups} must divide nIn={nIn} and nOut={nOut}")
+        if filter_volume is None:
+            self.filter_size = _size(filter_size, self.dimension, "filter_size")
+            self.filter_stride = _size(filter_stride, self.dimension, "filter_stride")
+            filter_volume = math.prod(self.filter_size)
+        self.filter_volume = filter_volume
+        std = math.sqrt(2.0 * self.groups / self.nIn / filter_volume)
+        shape = (filter_volume, self.nIn, self.nOut) if self.groups == 1 else \
+            (filter_volume, self.groups, self.nIn // self.groups, self.nOut // self.groups)
+        self.weight = Parameter(_normal(shape, std))
+        self.bias = Parameter(np.zeros(self.nOut, np.float32)) if bias else None
+
+    def _convert_loaded(self, name, value, shape):
+        # SCN stores ungrouped weights as (K, 1, Cin, Cout).
+        if name == "weight" and value.ndim == 4 and value.shape[1] == 1 and len(shape) == 3:
+            return value.reshape(value.shape[0], value.shape[2], value.shape[3])
+        return value
+
+    def extra_repr(self):
+        parts = [f"{self.nIn}->{self.nOut}"]
+        if hasattr(self, "filter_size"):
+            parts.append(f"filter_size={_short(self.filter_size)}")
+            if self.filter_stride != (1,) * self.dimension:
+                parts.append(f"stride={_short(self.filter_stride)}")
+        if self.groups > 1:
+            parts.append(f"groups={self.groups}")
+        parts.append(f"bias={self.bias is not None}")
+        return ", ".join(parts)
+
+    def _check(self, x):
+        _check_planes(self, x, self.nIn)
+        if x.dimension != self.dimension:
+            raise ValueError(f"{type(self).__name__} is {self.dimension}-D; the input has "
+                             f"{x.dimension} spatial dimensions")
+
+
+def _short(size):
+    return size[0] if len(set(size)) == 1 else size
+
+
+class SubmanifoldConvolution(_Convolution):
+    """Submanifold convolution: output sites and rows are the input's (SCN)."""
+
+    def __init__(self, dimension, nIn, nOut, filter_size, bias, groups=1):
+        super().__init__(dimension, nIn, nOut, filter_size, 1, bias, groups)
+
+    def forward(self, x):
+        self._check(x)
+        return F.submanifold_conv(x, self.weight, self.bias, self.filter_size)
+
+
+ValidConvolution = SubmanifoldConvolution
+
+
+class Convolution(_Convolution):
+    """Strided convolution: spatial size (in - f) / s + 1, which must be exact."""
+
+    def __init__(self, dimension, nIn, nOut, filter_size, filter_stride, bias, groups=1):
+        super().__init__(dimension, nIn, nOut, filter_size, filter_stride, bias, groups)
+
+    def forward(self, x):
+        self._check(x)
+        return F.conv(x, self.weight, self.bias, self.filter_size, self.filter_stride)
+
+    def input_spatial_size(self, out_size):
+        return (_as_size_array(out_size, self.dimension) - 1) * np.array(self.filter_stride) \
+            + np.array(self.filter_size)
+
+
+class RandomizedStrideConvolution(Convolution):
+    """Convolution whose windows are randomly spaced in training mode (SCN); plain
+    Convolution in evaluation mode."""
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        self._check(x)
+        return F.randomized_conv(x, self.weight, self.bias, self.filter_size,
+                                 self.filter_stride, default_rng())
+
+
+class _Transposed(_Convolution):
+    def input_spatial_size(self, out_size):
+        out = _as_size_array(out_size, self.dimension) - np.array(self.filter_size)
+        stride = np.array(self.filter_stride)
+        if (out % stride).any() or (out < 0).any():
+            raise ValueError(f"no input size gives output size {tuple(out_size)} with "
+                             f"filter_size={self.filter_size}, stride={self.filter_stride}")
+        return out // stride + 1
+
+
+class Deconvolution(_Transposed):
+    """Transposed convolution back onto the finer sites of the matching Convolution."""
+
+    def __init__(self, dimension, nIn, nOut, filter_size, filter_stride, bias, groups=1):
+        super().__init__(dimension, nIn, nOut, filter_size, filter_stride, bias, groups)
+
+    def forward(self, x):
+        self._check(x)
+        return F.deconv(x, self.weight, self.bias, self.filter_size, self.filter_stride)
+
+
+class FullConvolution(_Transposed):
+    """Generative transposed convolution: every child of every site (new grid)."""
+
+    def __init__(self, dimension, nIn, nOut, filter_size, filter_stride, bias, groups=1):
+        super().__init__(dimension, nIn, nOut, filter_size, filter_stride, bias, groups)
+
+    def forward(self, x):
+        self._check(x)
+        return F.full_conv(x, self.weight, self.bias, self.filter_size, self.filter_stride)
+
+
+TransposeConvolution = FullConvolution
+
+
+class PermutohedralSubmanifoldConvolution(_Convolution):
+    """Submanifold convolution over the d*d + d + 1 offsets of a permutohedral lattice.
+
+    Map point coordinates into lattice coordinates with ``permutohedral_basis(d)[1]``
+    first. Weight init as SCN: std = sqrt(2 / (nIn * K)).
+    """
+
+    def __init__(self, dimension, nIn, nOut, bias, groups=1):
+        d = _positive_int(dimension, "dimension")
+        super().__init__(d, nIn, nOut, None, None, bias, groups,
+                         filter_volume=len(permutohedral_offsets(d)))
+        # SCN initialises this layer without the groups factor.
+        self.weight.data = self.weight.data / np.float32(math.sqrt(self.groups))
+
+    def forward(self, x):
+        self._check(x)
+        return F.permutohedral_conv(x, self.weight, self.bias)
+
+
+class NetworkInNetwork(Module):
+    """Per-site linear map, weight (nIn, nOut) with std sqrt(2 / nIn) (SCN)."""
+
+    def __init__(self, nIn, nOut, bias=False):
+        super().__init__()
+        self.nIn = _positive_int(nIn, "nIn")
+        self.nOut = _positive_int(nOut, "nOut")
+        self.weight = Parameter(_normal((self.nIn, self.nOut), math.sqrt(2.0 / self.nIn)))
+        self.bias = Parameter(np.zeros(self.nOut, np.float32)) if bias else None
+
+    def extra_repr(self):
+        return f"{self.nIn}->{self.nOut}, bias={self.bias is not None}"
+
+    def forward(self, x):
+        _check_planes(self, x, self.nIn)
+        return F.network_in_network(x, self.weight, self.bias)
+
+
+class ShapeContext(Module):
+    """Concatenate each site's neighbours' features (a fixed identity-weight submanifold
+    convolution): nIn -> nIn * prod(filter_size) channels, neighbours in offset order,
+    zeros where a neighbour is inactive. SCN ships this layer broken; this is its intent.
+    """
+
+    def __init__(self, dimension, nIn, filter_size=3):
+        super().__init__()
+        self.dimension = _positive_int(dimension, "dimension")
+        self.nIn = _positive_int(nIn, "nIn")
+        self.filter_size = _size(filter_size, self.dimension, "filter_size")
+        k = math.prod(self.filter_size)
+        self.nOut = self.nIn * k
+        eye = np.zeros((k, self.nIn, k, self.nIn), np.float32)
+        eye[np.arange(k), :, np.arange(k), :] = np.eye(self.nIn, dtype=np.float32)
+        self._selector = eye.reshape(k, self.nIn, self.nOut)
+
+    def extra_repr(self):
+        return f"{self.dimension}, {self.nIn}, filter_size={_short(self.filter_size)}"
+
+    def forward(self, x):
+        _check_planes(self, x, self.nIn)
+        return F.submanifold_conv(x, self._selector.astype(x.dtype, copy=False), None,
+                                  self.filter_size)
+
+
+# -- pooling --------------------------------------------------------------------------------
+class _Pooling(Module):
+    def __init__(self, dimension, pool_size, pool_stride, nFeaturesToDrop=0):
+        super().__init__()
+        self.dimension = _positive_int(dimension, "dimension")
+        self.pool_size = _size(pool_size, self.dimension, "pool_size")
+        self.pool_stride = _size(pool_stride, self.dimension, "pool_stride")
+        self.nFeaturesToDrop = int(nFeaturesToDrop)
+
+    def extra_repr(self):
+        s = f"{self.dimension}, {_short(self.pool_size)}, {_short(self.pool_stride)}"
+        return s + (f", nFeaturesToDrop={self.nFeaturesToDrop}" if self.nFeaturesToDrop else "")
+
+    def input_spatial_size(self, out_size):
+        return (_as_size_array(out_size, self.dimension) - 1) * np.array(self.pool_stride) \
+            + np.array(self.pool_size)
+
+
+class MaxPooling(_Pooling):
+    """Max pooling: the true maximum of each window's active inputs (SCN clamps at 0)."""
+
+    def forward(self, x):
+        _check_input(self, x)
+        return F.max_pool(x, self.pool_size, self.pool_stride, self.nFeaturesToDrop)
+
+
+class RandomizedStrideMaxPooling(_Pooling):
+    """Max pooling with randomly spaced windows in training mode; MaxPooling in eval."""
+
+    def forward(self, x):
+        _check_input(self, x)
+        if not self.training:
+            return F.max_pool(x, self.pool_size, self.pool_stride, self.nFeaturesToDrop)
+        return F.randomized_max_pool(x, self.pool_size, self.pool_stride,
+                                     self.nFeaturesToDrop, default_rng())
+
+
+class AveragePooling(_Pooling):
+    """Average pooling as SCN: the window's sum divided by the window volume."""
+
+    def forward(self, x):
+        _check_input(self, x)
+        return F.avg_pool(x, self.pool_size, self.pool_stride, self.nFeaturesToDrop)
+
+
+class UnPooling(_Pooling):
+    """Each finer site receives the sum of its coarse parents (reuses the pooling rulebook)."""
+
+    def forward(self, x):
+        _check_input(self, x)
+        return F.unpool(x, self.pool_size, self.pool_stride, self.nFeaturesToDrop)
+
+    def input_spatial_size(self, out_size):
+        # SCN returns (o - 1) s + f here, which is wrong; this is the inverse of the op.
+        out = _as_size_array(out_size, self.dimension) - np.array(self.pool_size)
+        return out // np.array(self.pool_stride) + 1
+
+
+# -- normalisation --------------------------------------------------------------------------
+class BatchNormalization(Module):
+    """Batch normalisation over active sites, then a leaky activation (SCN).
+
+    ``running = momentum * running + (1 - momentum) * batch`` (SCN's convention, the
+    inverse of PyTorch's); ``leakiness`` 1 means no activation, 0 ReLU.
+    """
+
+    def __init__(self, nPlanes, eps=1e-4, momentum=0.99, affine=True, leakiness=1):
+        super().__init__()
+        self.nPlanes = _positive_int(nPlanes, "nPlanes")
+        self.eps = float(eps)
+        self.momentum = float(momentum)
+        self.affine = bool(affine)
+        self.leakiness = float(leakiness)
+        self.register_buffer("running_mean", np.zeros(self.nPlanes, np.float32))
+        self.register_buffer("running_var", np.ones(self.nPlanes, np.float32))
+        self.weight = Parameter(np.ones(self.nPlanes, np.float32)) if affine else None
+        self.bias = Parameter(np.zeros(self.nPlanes, np.float32)) if affine else None
+
+    def extra_repr(self):
+        s = f"{self.nPlanes}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}"
+        return s + (f", leakiness={self.leakiness}" if self.leakiness != 1 else "")
+
+    def forward(self, x):
+        _check_planes(self, x, self.nPlanes)
+        return F.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
+                            self.training, self.momentum, self.eps, self.leakiness)
+
+
+class BatchNormReLU(BatchNormalization):
+    def __init__(self, nPlanes, eps=1e-4, momentum=0.99):
+        super().__init__(nPlanes, eps, momentum, True, 0)
+
+
+class BatchNormLeakyReLU(BatchNormalization):
+    def __init__(self, nPlanes, eps=1e-4, momentum=0.99, leakiness=0.333):
+        super().__init__(nPlanes, eps, momentum, True, leakiness)
+
+
+def BatchNormELU(nPlanes, eps=1e-4, momentum=0.9):
+    """SCN's BatchNormELU: ``Sequential(BatchNormalization, ELU)``."""
+    from .containers import Sequential
+    return Sequential(BatchNormalization(nPlanes, eps, momentum), ELU())
+
+
+class MeanOnlyBNLeakyReLU(Module):
+    """Subtract the per-channel mean over sites (batch mean in training, running mean in
+    evaluation), add a bias, apply a leaky ReLU. SCN ships this broken with affine=True
+    and stops the gradient through the mean; here the mean is differentiated."""
+
+    def __init__(self, nPlanes, affine=True, leakiness=1, momentum=0.99):
+        super().__init__()
+        self.nPlanes = _positive_int(nPlanes, "nPlanes")
+        self.affine = bool(affine)
+        self.leakiness = float(leakiness)
+        self.momentum = float(momentum)
+        self.register_buffer("running_mean", np.zeros(self.nPlanes, np.float32))
+        self.bias = Parameter(np.zeros(self.nPlanes, np.float32)) if affine else None
+
+    def extra_repr(self):
+        return f"{self.nPlanes}, momentum={self.momentum}, leakiness={self.leakiness}"
+
+    def forward(self, x):
+        _check_planes(self, x, self.nPlanes)
+        if x.n_active == 0:
+            return x
+
+        def fn(f):
+            if self.training:
+                mean = ops.mean(f, axis=0, keepdims=True)
+                self.running_mean *= self.momentum
+                self.running_mean += (1 - self.momentum) * data_of(mean)[0]
+            else:
+                mean = self.running_mean.astype(x.dtype)
+            out = ops.sub(f, mean)
+            if self.bias is not None:
+                out = ops.add(out, self.bias)
+            return ops.leaky_relu(out, self.leakiness) if self.leakiness != 1 else out
+
+        return _map_features(x, fn)
+
+
+class SparseGroupNorm(Module):
+    """Group normalisation per sample over its active sites (what SCN's broken layer
+    intends): ``num_channels`` split into ``num_groups`` groups."""
+
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True):
+        super().__init__()
+        self.num_groups = _positive_int(num_groups, "num_groups")
+        self.num_channels = _positive_int(num_channels, "num_channels")
+        if self.num_channels % self.num_groups:
+            raise ValueError(f"num_groups={num_groups} must divide num_channels={num_channels}")
+        self.eps = float(eps)
+        self.affine = bool(affine)
+        self.weight = Parameter(np.ones(self.num_channels, np.float32)) if affine else None
+        self.bias = Parameter(np.zeros(self.num_channels, np.float32)) if affine else None
+
+    def extra_repr(self):
+        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
+
+    def forward(self, x):
+        _check_planes(self, x, self.num_channels)
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+# -- activations and dropout ------------------------------------------------------------------
+class _Activation(Module):
+    _fn = None
+
+    def forward(self, x):
+        _check_input(self, x)
+        return _map_features(x, type(self)._fn)
+
+
+class Sigmoid(_Activation):
+    _fn = staticmethod(ops.sigmoid)
+
+
+class Tanh(_Activation):
+    _fn = staticmethod(ops.tanh)
+
+
+class ReLU(_Activation):
+    _fn = staticmethod(ops.relu)
+
+
+class ELU(_Activation):
+    _fn = staticmethod(ops.elu)
+
+
+class SELU(_Activation):
+    _fn = staticmethod(ops.selu)
+
+
+class LeakyReLU(Module):
+    def __init__(self, leak=1 / 3):
+        super().__init__()
+        self.leak = float(leak)
+
+    def extra_repr(self):
+        return f"leak={self.leak:.4g}"
+
+    def forward(self, x):
+        _check_input(self, x)
+        return _map_features(x, lambda f: ops.leaky_relu(f, self.leak))
+
+
+class Dropout(Module):
+    """Inverted dropout in training (kept values scaled by 1/(1-p)); identity in eval.
+
+    SCN's Dropout is not inverted (it scales by 1-p in evaluation instead); the expected
+    output is the same.
+    """
+
+    def __init__(self, p=0.5):
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"p must be in [0, 1); got {p}")
+        self.p = float(p)
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+    def forward(self, x):
+        _check_input(self, x)
+        if not self.training or self.p == 0:
+            return x
+        return _map_features(x, lambda f: ops.dropout(f, self.p, True, default_rng()))
+
+
+class BatchwiseDropout(Dropout):
+    """Dropout with one mask per channel, shared by every site of the batch (inverted)."""
+
+    def forward(self, x):
+        _check_input(self, x)
+        if not self.training or self.p == 0:
+            return x
+        keep = default_rng().random(x.n_channels) >= self.p
+        scale = (keep / (1 - self.p)).astype(x.dtype)
+        return _map_features(x, lambda f: ops.mul(f, scale))
+
+
+# -- conversion and sparsification ----------------------------------------------------------
+class SparseToDense(Module):
+    """A dense (B, nPlanes, S1, ..., SD) array, zero at inactive sites."""
+
+    def __init__(self, dimension, nPlanes):
+        super().__init__()
+        self.dimension = _positive_int(dimension, "dimension")
+        self.nPlanes = _positive_int(nPlanes, "nPlanes")
+
+    def extra_repr(self):
+        return f"{self.dimension}, {self.nPlanes}"
+
+    def forward(self, x):
+        _check_planes(self, x, self.nPlanes)
+        return F.to_dense(x)
+
+
+class DenseToSparse(Module):
+    """A SparseTensor of a dense (B, C, S1, ..., SD) array: active where any channel != 0."""
+
+    def __init__(self, dimension):
+        super().__init__()
+        self.dimension = _positive_int(dimension, "dimension")
+
+    def extra_repr(self):
+        return str(self.dimension)
+
+    def forward(self, dense):
+        ndim = np.ndim(data_of(dense))
+        if ndim != self.dimension + 2:
+            raise ValueError(f"DenseToSparse({self.dimension}) expects a (B, C, "
+                             f"{self.dimension} spatial axes) array; got {ndim} axes")
+        return F.from_dense(dense)
+
+    def input_spatial_size(self, out_size):
+        return out_size
+
+
+def _step_straight_through(f):
+    """(f > 0) forward, identity gradient (SCN's fakeGradHardSigmoid)."""
+    values = data_of(f)
+    return record((values > 0).astype(values.dtype), (f,), lambda g: (g,))
+
+
+class Sparsify(Module):
+    """Keep the sites where a learned per-site score passes a threshold (SCN Sparsify).
+
+    The score is NetworkInNetwork(nIn, 1, bias) followed by ``activation`` (None,
+    'sigmoid' or 'fakeGradHardSigmoid' (step forward, identity gradient)); sites with
+    score > 0.5 (0 without activation) are kept, on a new grid. The scores of all input
+    sites are returned as ``output.mask`` (N, 1) for a loss.
+    """
+
+    def __init__(self, dimension, nIn, activation=None):
+        super().__init__()
+        if activation not in (None, "sigmoid", "fakeGradHardSigmoid"):
+            raise ValueError(f"activation must be None, 'sigmoid' or 'fakeGradHardSigmoid'; "
+                             f"got {activation!r}")
+        self.dimension = _positive_int(dimension, "dimension")
+        self.activation = activation
+        self.net = NetworkInNetwork(nIn, 1, True)
+        self.threshold = 0.5 if activation else 0.0
+
+    def extra_repr(self):
+        return f"{self.dimension}, activation={self.activation!r}"
+
+    def forward(self, x):
+        _check_input(self, x)
+        mask = self.net(x).features
+        if self.activation == "sigmoid":
+            mask = ops.sigmoid(mask) if isinstance(mask, Tensor) else data_of(ops.sigmoid(mask))
+        elif self.activation == "fakeGradHardSigmoid":
+            mask = _step_straight_through(mask) if isinstance(mask, Tensor) else \
+                (mask > 0).astype(mask.dtype)
+        out = F.select(x, data_of(mask)[:, 0] > self.threshold)
+        out.mask = mask
+        return out
+
+
+class SparsifyFCS(Module):
+    """Keep the sites whose first channel is positive (new grid)."""
+
+    def __init__(self, dimension):
+        super().__init__()
+        self.dimension = _positive_int(dimension, "dimension")
+
+    def forward(self, x):
+        _check_input(self, x)
+        return F.select(x, data_of(x.features)[:, 0] > 0)
+
+
+class AddCoords(Module):
+    """Append each site's coordinates scaled to [-1, 1]: ``x / ((size - 1) / 2) - 1``."""
+
+    def forward(self, x):
+        _check_input(self, x)
+        size = np.asarray(x.spatial_shape, np.float64)
+        half = np.where(size > 1, (size - 1) / 2, 1.0)
+        coords = (x.indices[:, 1:] / half - (size > 1)).astype(x.dtype)
+        if isinstance(x.features, Tensor):
+            return x.with_features(ops.concatenate([x.features, coords], axis=1))
+        return x.with_features(np.concatenate([x.features, coords], axis=1))
+
+
+# -- dense heads -------------------------------------------------------------------------------
+class Linear(Module):
+    """Dense ``x @ weight + bias`` for classifier heads; weight (in_features, out_features).
+
+    Initialised as PyTorch's nn.Linear: U(-1/sqrt(in), 1/sqrt(in)) for weight and bias.
+    Accepts an array/Tensor (N, in_features) or a SparseTensor (applied per site).
+    Note the weight layout is transposed with respect to PyTorch's (out, in).
+    """
+
+    def __init__(self, in_features, out_features, bias=True):
+        super().__init__()
+        self.in_features = _positive_int(in_features, "in_features")
+        self.out_features = _positive_int(out_features, "out_features")
+        bound = 1.0 / math.sqrt(self.in_features)
+        rng = default_rng()
+        self.weight = Parameter(rng.uniform(-bound, bound, (self.in_features,
+                                                            self.out_features)).astype(np.float32))
+        self.bias = Parameter(rng.uniform(-bound, bound, self.out_features).astype(
+            np.float32)) if bias else None
+
+    def extra_repr(self):
+        return f"{self.in_features}->{self.out_features}, bias={self.bias is not None}"
+
+    def forward(self, x):
+        if isinstance(x, SparseTensor):
+            return F.network_in_network(x, self.weight, self.bias)
+        shape = np.shape(data_of(x))
+        if len(shape) != 2 or shape[1] != self.in_features:
+            raise ValueError(f"Linear expects (N, {self.in_features}); got {shape}")
+        out = ops.matmul(x, self.weight)
+        return ops.add(out, self.bias) if self.bias is not None else out
+
+
+class Flatten(Module):
+    """Reshape (B, ...) to (B, -1): between SparseToDense and a Linear head."""
+
+    def forward(self, x):
+        shape = np.shape(data_of(x))
+        return ops.reshape(x, (shape[0], -1))
+
+
+class _GlobalPooling(Module):
+    _mode = None
+
+    def forward(self, x):
+        _check_input(self, x)
+        return F.global_pool(x, self._mode)
+
+
+class GlobalMaxPooling(_GlobalPooling):
+    """Per-sample maximum over active sites: dense (batch_size, C)."""
+    _mode = "max"
+
+
+class GlobalAveragePooling(_GlobalPooling):
+    """Per-sample mean over active sites: dense (batch_size, C)."""
+    _mode = "mean"
+
+
+class GlobalSumPooling(_GlobalPooling):
+    """Per-sample sum over active sites: dense (batch_size, C)."""
+    _mode = "sum"
+
+
+__all__ = [
+    "AddCoords", "AveragePooling", "BatchNormalization", "BatchNormELU", "BatchNormLeakyReLU",
+    "BatchNormReLU", "BatchwiseDropout", "BLInputLayer", "BLOutputLayer", "Convolution",
+    "Deconvolution", "DenseToSparse", "Dropout", "ELU", "Flatten", "FullConvolution",
+    "GlobalAveragePooling", "GlobalMaxPooling", "GlobalSumPooling", "InputLayer",
+    "InputLayerInput", "LeakyReLU", "Linear", "MaxPooling", "MeanOnlyBNLeakyReLU",
+    "NetworkInNetwork", "OutputLayer", "PermutohedralSubmanifoldConvolution",
+    "RandomizedStrideConvolution", "RandomizedStrideMaxPooling", "ReLU", "SELU",
+    "ShapeContext", "Sigmoid", "SparseGroupNorm", "SparseToDense", "Sparsify", "SparsifyFCS",
+    "SubmanifoldConvolution", "Tanh", "TransposeConvolution", "UnPooling", "ValidConvolution",
+]

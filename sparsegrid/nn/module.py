@@ -1,0 +1,247 @@
+"""Module and Parameter: the containers of trainable state (PyTorch-shaped, NumPy inside).
+
+A :class:`Module` registers the :class:`Parameter` objects, buffers and sub-modules
+assigned to its attributes, in assignment order. ``state_dict()`` names them with dotted
+paths exactly as a PyTorch module tree would (``"0.weight"``, ``"2.running_mean"``), which
+is how SparseConvNet checkpoints are keyed.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+
+from ..autodiff.core import Tensor
+
+_rng = np.random.default_rng()
+
+
+def manual_seed(seed):
+    """Seed the generator that initialises weights and draws dropout masks."""
+    global _rng
+    _rng = np.random.default_rng(seed)
+
+
+def default_rng():
+    """The generator behind weight initialisation and dropout (see :func:`manual_seed`)."""
+    return _rng
+
+
+class Parameter(Tensor):
+    """A trainable array: a :class:`~sparsegrid.autodiff.Tensor` with ``requires_grad=True``."""
+
+    __slots__ = ()
+
+    def __init__(self, data, requires_grad=True):
+        super().__init__(data, requires_grad)
+
+    def __repr__(self):
+        return f"Parameter(shape={self.shape}, dtype={self.dtype})"
+
+
+class Module:
+    """Base class of layers and networks.
+
+    Subclasses set parameters, buffers (:meth:`register_buffer`) and sub-modules as
+    attributes in ``__init__`` and implement ``forward``. Calling the module calls
+    ``forward``.
+    """
+
+    def __init__(self):
+        object.__setattr__(self, "training", True)
+        object.__setattr__(self, "_parameters", OrderedDict())
+        object.__setattr__(self, "_buffers", OrderedDict())
+        object.__setattr__(self, "_modules", OrderedDict())
+
+    # -- registration ---------------------------------------------------------------------
+    def __setattr__(self, name, value):
+        if "_parameters" not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__}.__init__ must call "
+                                 "Module.__init__(self) before assigning attributes")
+        for table in (self._parameters, self._buffers, self._modules):
+            table.pop(name, None)
+        if isinstance(value, Parameter):
+            self._parameters[name] = value
+        elif isinstance(value, Module):
+            self._modules[name] = value
+        elif name in self.__dict__.get("_buffer_names", ()):
+            self._buffers[name] = value
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name):
+        for table in (self._parameters, self._buffers, self._modules):
+            table.pop(name, None)
+        object.__delattr__(self, name)
+
+    def register_buffer(self, name, array):
+        """A non-trainable array saved in ``state_dict`` (running statistics)."""
+        names = self.__dict__.setdefault("_buffer_names", set())
+        names.add(name)
+        setattr(self, name, array)
+
+    def add_module(self, name, module):
+        if not isinstance(module, Module):
+            raise TypeError(f"module must be a sparsegrid.nn.Module; got {type(module).__name__}")
+        setattr(self, str(name), module)
+        return self
+
+    # -- traversal ------------------------------------------------------------------------
+    def children(self):
+        return iter(self._modules.values())
+
+    def named_children(self):
+        return iter(self._modules.items())
+
+    def named_modules(self, prefix=""):
+        """``(dotted name, module)`` for this module and every descendant, depth first."""
+        yield prefix, self
+        for name, child in self._modules.items():
+            yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+
+    def modules(self):
+        for _, module in self.named_modules():
+            yield module
+
+    def named_parameters(self, prefix=""):
+        """``(dotted name, Parameter)`` pairs; a parameter shared by two modules once."""
+        seen = set()
+        for path, module in self.named_modules(prefix):
+            for name, param in module._parameters.items():
+                if id(param) in seen:
+                    continue
+                seen.add(id(param))
+                yield (f"{path}.{name}" if path else name), param
+
+    def parameters(self):
+        for _, param in self.named_parameters():
+            yield param
+
+    def named_buffers(self, prefix=""):
+        for path, module in self.named_modules(prefix):
+            for name, buf in module._buffers.items():
+                yield (f"{path}.{name}" if path else name), buf
+
+    def apply(self, fn):
+        """Call ``fn(module)`` on every descendant and on self (children first)."""
+        for child in self._modules.values():
+            child.apply(fn)
+        fn(self)
+        return self
+
+    # -- modes ----------------------------------------------------------------------------
+    def train(self, mode=True):
+        """Training mode (batch statistics, dropout active) for this module and descendants."""
+        for module in self.modules():
+            object.__setattr__(module, "training", bool(mode))
+        return self
+
+    def eval(self):
+        """Evaluation mode: running statistics, no dropout."""
+        return self.train(False)
+
+    def zero_grad(self):
+        """Forget accumulated gradients."""
+        for param in self.parameters():
+            param.grad = None
+
+    def astype(self, dtype):
+        """Convert every parameter and floating buffer to ``dtype`` in place (float64 for
+        gradient checks); returns self."""
+        dtype = np.dtype(dtype)
+        for module in self.modules():
+            for param in module._parameters.values():
+                param.data = param.data.astype(dtype)
+                param.grad = None
+            for name, buf in list(module._buffers.items()):
+                if buf is not None and buf.dtype.kind == "f":
+                    setattr(module, name, buf.astype(dtype))
+        return self
+
+    def double(self):
+        return self.astype(np.float64)
+
+    def float(self):
+        return self.astype(np.float32)
+
+    # -- state ----------------------------------------------------------------------------
+    def state_dict(self):
+        """An ordered dict of dotted names to arrays (copies): parameters, then buffers,
+        module by module, as PyTorch orders them."""
+        state = OrderedDict()
+        for path, module in self.named_modules():
+            for name, param in module._parameters.items():
+                state[f"{path}.{name}" if path else name] = np.array(param.data, copy=True)
+            for name, buf in module._buffers.items():
+                if buf is not None:
+                    state[f"{path}.{name}" if path else name] = np.array(buf, copy=True)
+        return state
+
+    def load_state_dict(self, state, strict=True):
+        """Copy arrays from ``state`` into this module's parameters and buffers.
+
+        Values may be NumPy arrays or anything ``np.asarray`` takes (including CPU torch
+        tensors). A layer may accept other layouts of its own weights (convolutions take
+        SCN's ``(K, 1, Cin, Cout)`` for ungrouped weights). With ``strict``, missing or
+        unexpected keys raise a KeyError listing them; a shape that does not fit always
+        raises a ValueError naming the key.
+
+        Returns ``(missing_keys, unexpected_keys)``.
+        """
+        targets = {}
+        for path, module in self.named_modules():
+            for name in list(module._parameters) + [n for n, b in module._buffers.items()
+                                                   if b is not None]:
+                targets[f"{path}.{name}" if path else name] = (module, name)
+        missing = [key for key in targets if key not in state]
+        unexpected = [key for key in state if key not in targets]
+        if strict and (missing or unexpected):
+            raise KeyError(f"load_state_dict: missing keys {missing}, unexpected keys "
+                           f"{unexpected}")
+        for key, (module, name) in targets.items():
+            if key not in state:
+                continue
+            value = state[key]
+            value = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+            current = getattr(module, name)
+            current_data = current.data if isinstance(current, Tensor) else current
+            value = module._convert_loaded(name, value, current_data.shape)
+            if value.shape != current_data.shape:
+                raise ValueError(f"load_state_dict: {key!r} has shape {value.shape}; this "
+                                 f"module expects {current_data.shape}")
+            value = value.astype(current_data.dtype, copy=True)
+            if isinstance(current, Tensor):
+                current.data = value
+                current.grad = None
+            else:
+                setattr(module, name, value)
+        return missing, unexpected
+
+    def _convert_loaded(self, name, value, shape):
+        """Hook: map another layout of parameter ``name`` to ``shape`` (default: as is)."""
+        return value
+
+    # -- calling and printing -------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError(f"{type(self).__name__} does not define forward()")
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def extra_repr(self):
+        """One line of constructor arguments shown by ``repr``."""
+        return ""
+
+    def __repr__(self):
+        head = f"{type(self).__name__}({self.extra_repr()}"
+        if not self._modules:
+            return head + ")"
+        lines = [head]
+        for name, child in self._modules.items():
+            body = repr(child).replace("\n", "\n  ")
+            lines.append(f"  ({name}): {body}")
+        return "\n".join(lines) + "\n)"
+
+    def input_spatial_size(self, out_size):
+        """The input spatial size that gives ``out_size`` (identity for size-keeping layers)."""
+        return out_size
