@@ -4,6 +4,7 @@
 initialisation; see docs/differences_from_scn.md for the deliberate differences.
 """
 
+from . import checkpoint, optim
 from .containers import AddTable, ConcatTable, Identity, JoinTable, Sequential
 from .layers import *  # noqa: F401,F403 - the SCN layer catalogue
 from .layers import __all__ as _layers
@@ -13,6 +14,6 @@ from ..coords import permutohedral_basis
 
 __all__ = sorted(_layers + [
     "AddTable", "ConcatTable", "FullyConvolutionalNet", "Identity", "JoinTable", "Module",
-    "Parameter", "Sequential", "SparseResNet", "SparseVggNet", "UNet", "default_rng",
+    "Parameter", "Sequential", "checkpoint", "optim", "SparseResNet", "SparseVggNet", "UNet", "default_rng",
     "manual_seed", "permutohedral_basis",
 ])

@@ -1,0 +1,688 @@
+"""Optimizers, learning-rate schedules and checkpoints (sparsegrid.nn.optim / .checkpoint).
+
+The optimizers are checked against references written here from the published update
+equations (the algorithm boxes of PyTorch's documentation), and against torch.optim
+itself when torch happens to be installed.
+"""
+
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from sparsegrid import autodiff as ad
+from sparsegrid.autodiff import Tensor
+from sparsegrid.nn import Module, Parameter
+from sparsegrid.nn import optim
+from sparsegrid.nn.checkpoint import (CheckpointError, load_checkpoint, load_state_dict,
+                                      save_checkpoint, save_state_dict)
+
+SHAPES = [(3, 4), (5,)]
+N_STEPS = 6
+
+
+# -- references from the published equations ------------------------------------------------
+def ref_sgd(theta, grads, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False):
+    """torch.optim.SGD's documented algorithm, one parameter, all steps; every iterate."""
+    out, buf = [], None
+    for t, g in enumerate(grads, start=1):
+        if weight_decay != 0:
+            g = g + weight_decay * theta
+        if momentum != 0:
+            buf = g if t == 1 else momentum * buf + (1 - dampening) * g
+            g = g + momentum * buf if nesterov else buf
+        theta = theta - lr * g
+        out.append(theta)
+    return out
+
+
+def ref_adam(theta, grads, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+             amsgrad=False, decoupled=False):
+    """torch.optim.Adam / AdamW's documented algorithm (AMSGrad: running max of v_t, then
+    bias correction); every iterate."""
+    beta1, beta2 = betas
+    m = v = v_max = np.zeros_like(theta)
+    out = []
+    for t, g in enumerate(grads, start=1):
+        if decoupled:
+            theta = theta - lr * weight_decay * theta
+        elif weight_decay != 0:
+            g = g + weight_decay * theta
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        m_hat = m / (1 - beta1 ** t)
+        if amsgrad:
+            v_max = np.maximum(v_max, v)
+            v_hat = v_max / (1 - beta2 ** t)
+        else:
+            v_hat = v / (1 - beta2 ** t)
+        theta = theta - lr * m_hat / (np.sqrt(v_hat) + eps)
+        out.append(theta)
+    return out
+
+
+SGD_CASES = {
+    "plain": dict(lr=0.1),
+    "momentum": dict(lr=0.1, momentum=0.9),
+    "dampening": dict(lr=0.1, momentum=0.9, dampening=0.3),
+    "nesterov": dict(lr=0.05, momentum=0.8, nesterov=True),
+    "weight_decay": dict(lr=0.1, momentum=0.9, weight_decay=0.05),
+    "weight_decay_nesterov": dict(lr=0.1, momentum=0.5, weight_decay=0.2, nesterov=True),
+}
+ADAM_CASES = {
+    "default": dict(lr=0.01),
+    "betas": dict(lr=0.02, betas=(0.5, 0.6), eps=1e-3),
+    "amsgrad": dict(lr=0.02, betas=(0.8, 0.6), amsgrad=True),
+    "weight_decay": dict(lr=0.01, weight_decay=0.3),
+    "amsgrad_weight_decay": dict(lr=0.02, betas=(0.8, 0.6), weight_decay=0.3, amsgrad=True),
+}
+ADAMW_CASES = {
+    "default": dict(lr=0.01),
+    "strong_decay": dict(lr=0.05, weight_decay=0.5, betas=(0.7, 0.9)),
+    "amsgrad": dict(lr=0.02, betas=(0.8, 0.6), weight_decay=0.1, amsgrad=True),
+}
+
+
+def _problem(rng, dtype=np.float64):
+    """Initial values and a gradient sequence whose scale falls (so AMSGrad's running
+    maximum differs from the current second moment)."""
+    init = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
+    scales = [3.0, 1.0, 0.2, 2.0, 0.05, 0.5][:N_STEPS]
+    grads = [[(scale * rng.standard_normal(s)).astype(dtype) for s in SHAPES]
+             for scale in scales]
+    return init, grads
+
+
+def _run(cls, kwargs, init, grads):
+    params = [Parameter(x.copy()) for x in init]
+    opt = cls(params, **kwargs)
+    history = []
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.copy()
+        opt.step()
+        history.append([p.data.copy() for p in params])
+    return params, opt, history
+
+
+def _reference(cls, kwargs, theta, grads):
+    if cls is optim.SGD:
+        return ref_sgd(theta, grads, **kwargs)
+    if cls is optim.AdamW:  # AdamW's default weight decay is 0.01, Adam's 0
+        return ref_adam(theta, grads, decoupled=True, **{"weight_decay": 1e-2, **kwargs})
+    return ref_adam(theta, grads, **kwargs)
+
+
+ALL_CASES = ([(optim.SGD, name, kw) for name, kw in SGD_CASES.items()]
+             + [(optim.Adam, name, kw) for name, kw in ADAM_CASES.items()]
+             + [(optim.AdamW, name, kw) for name, kw in ADAMW_CASES.items()])
+CASE_IDS = [f"{cls.__name__}-{name}" for cls, name, _ in ALL_CASES]
+
+
+@pytest.mark.parametrize("cls,name,kwargs", ALL_CASES, ids=CASE_IDS)
+def test_matches_published_update_rule(rng, cls, name, kwargs):
+    init, grads = _problem(rng)
+    _, _, history = _run(cls, kwargs, init, grads)
+    for k in range(len(SHAPES)):
+        expected = _reference(cls, kwargs, init[k], [g[k] for g in grads])
+        for step in range(N_STEPS):
+            np.testing.assert_allclose(history[step][k], expected[step], rtol=1e-12,
+                                       atol=1e-14, err_msg=f"param {k}, step {step + 1}")
+            assert history[step][k].dtype == np.float64
+
+
+def test_options_change_the_result(rng):
+    """Guards the reference comparison: each option makes a visible difference."""
+    init, grads = _problem(rng)
+
+    def final(cls, **kw):
+        return _run(cls, kw, init, grads)[2][-1][0]
+
+    base_sgd = final(optim.SGD, lr=0.1, momentum=0.9)
+    for kw in (dict(dampening=0.3), dict(nesterov=True), dict(weight_decay=0.05)):
+        assert not np.allclose(final(optim.SGD, lr=0.1, momentum=0.9, **kw), base_sgd)
+    base_adam = final(optim.Adam, lr=0.02, betas=(0.8, 0.6))
+    assert not np.allclose(final(optim.Adam, lr=0.02, betas=(0.8, 0.6), amsgrad=True), base_adam)
+    assert not np.allclose(final(optim.Adam, lr=0.02, betas=(0.8, 0.6), weight_decay=0.3),
+                           base_adam)
+    # AdamW's decoupled decay is not Adam's L2 term
+    assert not np.allclose(final(optim.AdamW, lr=0.02, weight_decay=0.3),
+                           final(optim.Adam, lr=0.02, weight_decay=0.3))
+    assert np.array_equal(final(optim.AdamW, lr=0.02, weight_decay=0.0),
+                          final(optim.Adam, lr=0.02))
+
+
+@pytest.mark.parametrize("cls,name,kwargs", ALL_CASES, ids=CASE_IDS)
+def test_matches_torch(rng, cls, name, kwargs):
+    torch = pytest.importorskip("torch")
+    init, grads = _problem(rng)
+    _, _, history = _run(cls, kwargs, init, grads)
+    tparams = [torch.tensor(x.copy(), requires_grad=True) for x in init]
+    topt = getattr(torch.optim, cls.__name__)(tparams, **kwargs)
+    for step, step_grads in enumerate(grads):
+        for p, g in zip(tparams, step_grads):
+            p.grad = torch.from_numpy(g.copy())
+        topt.step()
+        for k, p in enumerate(tparams):
+            np.testing.assert_allclose(history[step][k], p.detach().numpy(), rtol=1e-12,
+                                       atol=1e-14, err_msg=f"param {k}, step {step + 1}")
+
+
+def test_schedules_match_torch():
+    torch = pytest.importorskip("torch")
+    cases = [
+        ("LambdaLR", dict(lr_lambda=lambda e: 1.0 / (1 + e))),
+        ("StepLR", dict(step_size=3, gamma=0.5)),
+        ("MultiStepLR", dict(milestones=[2, 5, 5, 8], gamma=0.3)),
+        ("ExponentialLR", dict(gamma=0.9)),
+        ("CosineAnnealingLR", dict(T_max=6, eta_min=0.01)),
+    ]
+    for name, kwargs in cases:
+        ours_opt = optim.SGD([Parameter(np.zeros(2))], lr=0.5)
+        ours = getattr(optim, name)(ours_opt, **kwargs)
+        theirs_opt = torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.5)
+        theirs = getattr(torch.optim.lr_scheduler, name)(theirs_opt, **kwargs)
+        for epoch in range(15):
+            np.testing.assert_allclose(ours.get_last_lr(), theirs.get_last_lr(), rtol=1e-12,
+                                       atol=1e-15, err_msg=f"{name}, epoch {epoch}")
+            theirs_opt.step()
+            theirs.step()
+            ours.step()
+
+
+# -- dtype, missing gradients, groups ------------------------------------------------------------
+@pytest.mark.parametrize("cls,kwargs", [
+    (optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True)),
+    (optim.Adam, dict(lr=0.01, weight_decay=0.01, amsgrad=True)),
+    (optim.AdamW, dict(lr=0.01, amsgrad=True)),
+], ids=["SGD", "Adam", "AdamW"])
+def test_float32_stays_float32(rng, cls, kwargs):
+    init, grads = _problem(rng, np.float32)
+    params, opt, history = _run(cls, kwargs, init, grads)
+    for p in params:
+        assert p.data.dtype == np.float32
+        for value in opt.state_of(p).values():
+            if isinstance(value, np.ndarray):
+                assert value.dtype == np.float32
+    expected = _reference(cls, kwargs, init[0].astype(np.float64),
+                          [g[0].astype(np.float64) for g in grads])
+    np.testing.assert_allclose(params[0].data, expected[-1], rtol=1e-4, atol=1e-5)
+    # a float64 gradient on a float32 parameter is cast, not promoted
+    params[0].grad = np.ones(SHAPES[0])
+    opt.step()
+    assert params[0].data.dtype == np.float32
+
+
+def test_update_is_in_place(rng):
+    p = Parameter(rng.standard_normal(4))
+    array = p.data
+    opt = optim.Adam([p], lr=0.1)
+    p.grad = np.ones(4)
+    opt.step()
+    assert p.data is array
+
+
+@pytest.mark.parametrize("cls", [optim.SGD, optim.Adam, optim.AdamW])
+def test_parameters_without_gradient_are_untouched(rng, cls):
+    a, b = Parameter(rng.standard_normal(3)), Parameter(rng.standard_normal(3))
+    before = b.data.copy()
+    opt = cls([a, b], lr=0.1, weight_decay=0.1)
+    for _ in range(3):
+        a.grad = rng.standard_normal(3)
+        opt.step()
+    assert np.array_equal(b.data, before)
+    assert opt.state_of(b) == {}
+    assert not np.array_equal(a.data, before)
+
+
+def test_zero_grad(rng):
+    a, b = Parameter(rng.standard_normal(3)), Parameter(rng.standard_normal(2))
+    opt = optim.SGD([a, b], lr=0.1)
+    a.grad, b.grad = np.ones(3), np.ones(2)
+    opt.zero_grad(set_to_none=False)
+    assert np.array_equal(a.grad, np.zeros(3)) and np.array_equal(b.grad, np.zeros(2))
+    opt.zero_grad()
+    assert a.grad is None and b.grad is None
+    opt.step()  # nothing to do
+
+
+def test_param_groups_have_their_own_hyperparameters(rng):
+    a, b = Parameter(rng.standard_normal(3)), Parameter(rng.standard_normal(3))
+    a0, b0 = a.data.copy(), b.data.copy()
+    opt = optim.SGD([{"params": [a]}, {"params": b, "lr": 0.01}], lr=0.1, momentum=0.5)
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.01]
+    assert opt.param_groups[1]["momentum"] == 0.5
+    g = rng.standard_normal(3)
+    a.grad, b.grad = g, g
+    opt.step()
+    np.testing.assert_allclose(a.data, a0 - 0.1 * g, rtol=1e-15)
+    np.testing.assert_allclose(b.data, b0 - 0.01 * g, rtol=1e-15)
+    c = Parameter(rng.standard_normal(2))
+    opt.add_param_group({"params": [c], "momentum": 0.0})
+    assert opt.param_groups[2]["lr"] == 0.1 and opt.param_groups[2]["momentum"] == 0.0
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        opt.add_param_group({"params": [a]})
+    with pytest.raises(ValueError, match="lr"):
+        opt.add_param_group({"params": [Parameter(np.zeros(1))], "lr": -1.0})
+
+
+def test_validation():
+    p = [Parameter(np.zeros(2))]
+    with pytest.raises(ValueError, match="lr"):
+        optim.SGD(p, lr=-0.1)
+    with pytest.raises(ValueError, match="momentum"):
+        optim.SGD(p, lr=0.1, momentum=-0.5)
+    with pytest.raises(ValueError, match="weight_decay"):
+        optim.SGD(p, lr=0.1, weight_decay=-1)
+    with pytest.raises(ValueError, match="nesterov"):
+        optim.SGD(p, lr=0.1, nesterov=True)
+    with pytest.raises(ValueError, match="nesterov"):
+        optim.SGD(p, lr=0.1, momentum=0.9, dampening=0.1, nesterov=True)
+    for bad in [(1.0, 0.9), (0.9, 1.0), (-0.1, 0.9), (0.9,)]:
+        with pytest.raises(ValueError, match="betas"):
+            optim.Adam(p, betas=bad)
+    with pytest.raises(ValueError, match="eps"):
+        optim.Adam(p, eps=-1e-8)
+    with pytest.raises(ValueError, match="weight_decay"):
+        optim.AdamW(p, weight_decay=-0.01)
+    with pytest.raises(ValueError, match="lr"):
+        optim.AdamW(p, lr=float("nan"))
+    with pytest.raises(TypeError):
+        optim.SGD([np.zeros(2)], lr=0.1)
+    with pytest.raises(TypeError):
+        optim.SGD(Parameter(np.zeros(2)), lr=0.1)  # a Tensor, not an iterable of them
+    with pytest.raises(ValueError, match="empty"):
+        optim.Adam([])
+    with pytest.raises(ValueError, match="empty"):
+        optim.Adam(iter(()))
+    # generators work, plain Tensors (requires_grad False) too
+    assert len(optim.SGD((q for q in p), lr=0.1).param_groups[0]["params"]) == 1
+    optim.SGD([Tensor(np.zeros(2))], lr=0.1)
+
+
+def test_repr():
+    opt = optim.Adam([Parameter(np.zeros(2))], lr=0.5)
+    text = repr(opt)
+    assert text.startswith("Adam (") and "Parameter Group 0" in text and "lr: 0.5" in text
+    assert "betas: (0.9, 0.999)" in text
+    assert "StepLR" in repr(optim.StepLR(opt, 2))
+
+
+# -- state dict ----------------------------------------------------------------------------------
+def _deep_equal(a, b):
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)
+                and a.dtype == b.dtype and np.array_equal(a, b))
+    if isinstance(a, dict):
+        return (isinstance(b, dict) and list(a) == list(b)
+                and all(_deep_equal(a[k], b[k]) for k in a))
+    if isinstance(a, (list, tuple)):
+        return (type(a) is type(b) and len(a) == len(b)
+                and all(_deep_equal(x, y) for x, y in zip(a, b)))
+    return type(a) is type(b) and a == b
+
+
+@pytest.mark.parametrize("cls,kwargs", [
+    (optim.SGD, dict(lr=0.1, momentum=0.9, dampening=0.1)),
+    (optim.Adam, dict(lr=0.01, amsgrad=True, weight_decay=0.01)),
+    (optim.AdamW, dict(lr=0.01, betas=(0.8, 0.9))),
+], ids=["SGD", "Adam", "AdamW"])
+def test_state_dict_round_trip_continues_identically(rng, cls, kwargs):
+    init, grads = _problem(rng)
+    params_a = [Parameter(x.copy()) for x in init]
+    opt_a = cls(params_a, **kwargs)
+    for step_grads in grads[:3]:
+        for p, g in zip(params_a, step_grads):
+            p.grad = g.copy()
+        opt_a.step()
+    saved = opt_a.state_dict()
+    assert sorted(saved["state"]) == [0, 1]
+    assert saved["param_groups"][0]["params"] == [0, 1]
+    first_array = next(v for v in saved["state"][0].values() if isinstance(v, np.ndarray))
+    assert not any(first_array is v for v in opt_a.state_of(params_a[0]).values())  # a copy
+
+    params_b = [Parameter(p.data.copy()) for p in params_a]
+    opt_b = cls(params_b, lr=123.0)  # hyper-parameters come from the state dict
+    opt_b.load_state_dict(saved)
+    first_array += 1.0  # the loaded optimizer does not share the saved arrays
+    assert opt_b.param_groups[0]["lr"] == kwargs["lr"]
+    assert _deep_equal(opt_b.state_dict(), opt_a.state_dict())
+    for step_grads in grads[3:]:
+        for pa, pb, g in zip(params_a, params_b, step_grads):
+            pa.grad, pb.grad = g.copy(), g.copy()
+        opt_a.step()
+        opt_b.step()
+    for pa, pb in zip(params_a, params_b):
+        assert np.array_equal(pa.data, pb.data)
+
+
+def test_load_state_dict_checks_structure(rng):
+    a, b = Parameter(np.zeros(2)), Parameter(np.zeros(3))
+    saved = optim.SGD([a, b], lr=0.1).state_dict()
+    with pytest.raises(ValueError, match="parameters"):
+        optim.SGD([a], lr=0.1).load_state_dict(saved)
+    with pytest.raises(ValueError, match="groups"):
+        optim.SGD([{"params": [a]}, {"params": [b]}], lr=0.1).load_state_dict(saved)
+
+
+# -- schedules -----------------------------------------------------------------------------------
+BASE_LRS = [0.5, 0.1]
+
+
+def _two_group_sgd():
+    return optim.SGD([{"params": [Parameter(np.zeros(2))]},
+                      {"params": [Parameter(np.zeros(2))], "lr": BASE_LRS[1]}],
+                     lr=BASE_LRS[0])
+
+
+SCHEDULES = {
+    "LambdaLR": (lambda o: optim.LambdaLR(o, lambda e: 0.95 ** e + 0.1 * (e % 3)),
+                 lambda base, e: base * (0.95 ** e + 0.1 * (e % 3))),
+    "StepLR": (lambda o: optim.StepLR(o, step_size=3, gamma=0.5),
+               lambda base, e: base * 0.5 ** (e // 3)),
+    "MultiStepLR": (lambda o: optim.MultiStepLR(o, milestones=[8, 2, 5, 5], gamma=0.3),
+                    lambda base, e: base * 0.3 ** sum(m <= e for m in [2, 5, 5, 8])),
+    "ExponentialLR": (lambda o: optim.ExponentialLR(o, gamma=0.9),
+                      lambda base, e: base * 0.9 ** e),
+    "CosineAnnealingLR": (lambda o: optim.CosineAnnealingLR(o, T_max=6, eta_min=0.01),
+                          lambda base, e: 0.01 + (base - 0.01) * (1 + math.cos(math.pi * e / 6)) / 2),
+    "ExponentialDecayLR": (lambda o: optim.ExponentialDecayLR(o, decay=0.04),
+                           lambda base, e: base * math.exp(-0.04 * e)),
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_schedule_follows_closed_form(name):
+    make, closed_form = SCHEDULES[name]
+    opt = _two_group_sgd()
+    sched = make(opt)
+    assert [g["initial_lr"] for g in opt.param_groups] == BASE_LRS
+    seen = []
+    for epoch in range(12):
+        assert sched.last_epoch == epoch
+        expected = [closed_form(base, epoch) for base in BASE_LRS]
+        np.testing.assert_allclose(sched.get_last_lr(), expected, rtol=1e-13)
+        assert [g["lr"] for g in opt.param_groups] == sched.get_last_lr()
+        seen.append(sched.get_last_lr()[0])
+        sched.step()
+    assert len(set(seen)) > 2  # the rate actually changes
+    assert [g["initial_lr"] for g in opt.param_groups] == BASE_LRS
+
+
+def test_exponential_decay_matches_sparseconvnet():
+    """SCN's ClassificationTrainValidate sets, at the start of epoch = 1, 2, ...:
+    lr = initial_lr * exp((1 - epoch) * lr_decay). Here: train, then step()."""
+    initial_lr, lr_decay = 0.1, 4e-2
+    p = Parameter(np.zeros(1))
+    opt = optim.SGD([p], lr=initial_lr, momentum=0.9)
+    sched = optim.ExponentialDecayLR(opt, decay=lr_decay)
+    for epoch in range(1, 21):
+        scn_lr = initial_lr * math.exp((1 - epoch) * lr_decay)
+        assert sched.epoch == epoch
+        assert opt.param_groups[0]["lr"] == pytest.approx(scn_lr, rel=1e-15)
+        sched.step()
+
+
+def test_schedule_changes_the_step_size():
+    p = Parameter(np.zeros(1))
+    opt = optim.SGD([p], lr=1.0)
+    sched = optim.StepLR(opt, step_size=1, gamma=0.5)
+    for expected in [1.0, 0.5, 0.25]:
+        before = p.data.copy()
+        p.grad = np.ones(1)
+        opt.step()
+        assert before - p.data == pytest.approx(expected)
+        sched.step()
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_schedule_state_dict_round_trip(name):
+    make, _ = SCHEDULES[name]
+    opt_a = _two_group_sgd()
+    sched_a = make(opt_a)
+    for _ in range(4):
+        sched_a.step()
+    opt_b = _two_group_sgd()
+    sched_b = make(opt_b)
+    opt_b.load_state_dict(opt_a.state_dict())
+    sched_b.load_state_dict(sched_a.state_dict())
+    assert sched_b.last_epoch == 4 and sched_b.get_last_lr() == sched_a.get_last_lr()
+    for _ in range(5):
+        sched_a.step()
+        sched_b.step()
+        assert sched_a.get_last_lr() == sched_b.get_last_lr()
+        assert [g["lr"] for g in opt_b.param_groups] == sched_a.get_last_lr()
+
+
+def test_schedule_resume_with_last_epoch():
+    opt = _two_group_sgd()
+    with pytest.raises(KeyError, match="initial_lr"):
+        optim.ExponentialLR(opt, gamma=0.5, last_epoch=3)
+    for group in opt.param_groups:
+        group["initial_lr"] = group["lr"]
+    sched = optim.ExponentialLR(opt, gamma=0.5, last_epoch=3)
+    assert sched.last_epoch == 4
+    np.testing.assert_allclose(sched.get_last_lr(), [b * 0.5 ** 4 for b in BASE_LRS])
+    with pytest.raises(ValueError, match="step_size"):
+        optim.StepLR(opt, step_size=0)
+    with pytest.raises(ValueError, match="T_max"):
+        optim.CosineAnnealingLR(opt, T_max=0)
+
+
+# -- end to end ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("make,steps", [
+    (lambda ps: optim.SGD(ps, lr=0.02), 150),
+    (lambda ps: optim.SGD(ps, lr=0.01, momentum=0.9, nesterov=True), 150),
+    (lambda ps: optim.Adam(ps, lr=0.1), 150),
+    (lambda ps: optim.AdamW(ps, lr=0.1, weight_decay=1e-4, amsgrad=True), 150),
+], ids=["SGD", "SGD-nesterov", "Adam", "AdamW-amsgrad"])
+def test_minimises_a_quadratic(rng, make, steps):
+    A = rng.standard_normal((8, 4))
+    b = A @ rng.standard_normal((4, 1))
+    x = Parameter(np.zeros((4, 1)))
+    opt = make([x])
+
+    def loss_fn():
+        r = ad.sub(ad.matmul(Tensor(A), x), Tensor(b))
+        return ad.sum(ad.mul(r, r))
+
+    first = loss_fn().item()
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+    assert loss_fn().item() < first / 100
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+class Net(Module):
+    def __init__(self, seed):
+        super().__init__()
+        r = np.random.default_rng(seed)
+        self.weight = Parameter(r.standard_normal((3, 4)))
+        self.bias = Parameter(r.standard_normal((1, 4)).astype(np.float32))
+        self.register_buffer("running_mean", r.standard_normal(4).astype(np.float32))
+        self.register_buffer("counts", r.integers(0, 2 ** 40, size=3, dtype=np.int64))
+
+    def forward(self, x):
+        return ad.add(ad.matmul(x, self.weight), self.bias)
+
+
+def _train(model, opt, sched, rng_seed, steps):
+    r = np.random.default_rng(rng_seed)
+    for _ in range(steps):
+        x, target = Tensor(r.standard_normal((5, 3))), Tensor(r.standard_normal((5, 4)))
+        opt.zero_grad()
+        diff = ad.sub(model(x), target)
+        ad.sum(ad.mul(diff, diff)).backward()
+        opt.step()
+        sched.step()
+
+
+def _setup(seed):
+    model = Net(seed)
+    opt = optim.Adam(model.parameters(), lr=0.01, betas=(0.8, 0.95), amsgrad=True,
+                     weight_decay=1e-3)
+    sched = optim.StepLR(opt, step_size=2, gamma=0.5)
+    return model, opt, sched
+
+
+def _assert_same_training_state(a, b):
+    (model_a, opt_a, sched_a), (model_b, opt_b, sched_b) = a, b
+    assert _deep_equal(dict(model_a.state_dict()), dict(model_b.state_dict()))
+    assert _deep_equal(opt_a.state_dict(), opt_b.state_dict())
+    assert _deep_equal(sched_a.state_dict(), sched_b.state_dict())
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_checkpoint_round_trip(tmp_path, suffix):
+    if suffix == ".safetensors":
+        pytest.importorskip("safetensors")
+    a = _setup(seed=1)
+    _train(*a, rng_seed=10, steps=3)
+    path = tmp_path / f"ckpt{suffix}"
+    save_checkpoint(path, *a, epoch=3, note="x", history=[1.5, 2.5])
+    assert sorted(os.listdir(tmp_path)) == [path.name]  # no temporary file left behind
+
+    b = _setup(seed=2)
+    assert not np.array_equal(a[0].weight.data, b[0].weight.data)
+    extra = load_checkpoint(str(path), *b)
+    assert extra == {"epoch": 3, "note": "x", "history": [1.5, 2.5]}
+    assert type(extra["epoch"]) is int and type(extra["history"][0]) is float
+    _assert_same_training_state(a, b)
+    assert b[0].bias.data.dtype == np.float32 and b[0].counts.dtype == np.int64
+    assert b[1].param_groups[0]["betas"] == (0.8, 0.95)
+    assert b[1].param_groups[0]["lr"] == a[1].param_groups[0]["lr"] == 0.005
+    assert b[2].last_epoch == 3
+
+    _train(*a, rng_seed=20, steps=3)
+    _train(*b, rng_seed=20, steps=3)
+    _assert_same_training_state(a, b)
+    assert np.array_equal(a[0].weight.data, b[0].weight.data)
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_state_dict_file_round_trip(tmp_path, suffix):
+    if suffix == ".safetensors":
+        pytest.importorskip("safetensors")
+    state = {"w": np.random.default_rng(0).standard_normal((2, 3)),
+             "w32": np.arange(6, dtype=np.float32).reshape(3, 2) / 7,
+             "n": np.array([2 ** 62, -1], dtype=np.int64),
+             "mask": np.array([True, False]),
+             "scalar": np.array(1.25)}
+    path = tmp_path / f"weights{suffix}"
+    save_state_dict(path, state)
+    loaded = load_state_dict(path)
+    assert set(loaded) == set(state)
+    for key, value in state.items():
+        assert loaded[key].dtype == value.dtype and loaded[key].shape == value.shape
+        assert np.array_equal(loaded[key], value)
+    # a model's weights only, and a checkpoint read as weights
+    model = Net(3)
+    save_state_dict(path, model.state_dict())
+    fresh = Net(4)
+    fresh.load_state_dict(load_state_dict(path))
+    assert _deep_equal(dict(fresh.state_dict()), dict(model.state_dict()))
+    save_checkpoint(tmp_path / f"c{suffix}", model)
+    assert _deep_equal(load_state_dict(tmp_path / f"c{suffix}"), dict(model.state_dict()))
+
+
+def test_checkpoint_exact_path_and_other_values(tmp_path):
+    path = tmp_path / "model.ckpt"  # not .npz: np.savez would append a suffix to a name
+    value = {"nested": {1: (2, "three"), "f32": np.float32(0.1), "none": None},
+             "arr": np.arange(5, dtype=np.int16), "nan": float("nan"), "big": 2 ** 70,
+             "__odd": [True, -0.0]}
+    save_checkpoint(path, config=value, epoch=7)
+    assert sorted(os.listdir(tmp_path)) == ["model.ckpt"]
+    extra = load_checkpoint(path)
+    got = extra["config"]
+    assert extra["epoch"] == 7
+    assert got["nested"][1] == (2, "three") and got["nested"]["none"] is None
+    assert got["nested"]["f32"].dtype == np.float32 and got["nested"]["f32"] == np.float32(0.1)
+    assert got["arr"].dtype == np.int16 and np.array_equal(got["arr"], np.arange(5))
+    assert math.isnan(got["nan"]) and got["big"] == 2 ** 70
+    assert got["__odd"] == [True, -0.0] and math.copysign(1, got["__odd"][1]) == -1
+    with pytest.raises(TypeError, match="not supported"):
+        save_checkpoint(tmp_path / "bad.npz", thing=object())
+    assert not (tmp_path / "bad.npz").exists()
+
+
+def test_checkpoint_strict_keys(tmp_path):
+    model = Net(5)
+    state = model.state_dict()
+    del state["counts"]
+    path = tmp_path / "partial.npz"
+    save_checkpoint(path, model=state)
+    with pytest.raises(KeyError, match="counts"):
+        load_checkpoint(path, model=Net(6))
+    fresh = Net(6)
+    counts = fresh.counts.copy()
+    load_checkpoint(path, model=fresh, strict=False)
+    assert np.array_equal(fresh.weight.data, model.weight.data)
+    assert np.array_equal(fresh.counts, counts)
+    # asking for a part the checkpoint does not hold
+    opt = optim.SGD(fresh.parameters(), lr=0.1)
+    with pytest.raises(KeyError, match="optimizer"):
+        load_checkpoint(path, optimizer=opt)
+    load_checkpoint(path, optimizer=opt, strict=False)
+
+
+def test_corrupted_and_foreign_files(tmp_path):
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"this is not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="neither"):
+        load_checkpoint(garbage)
+
+    path = tmp_path / "good.npz"
+    a = _setup(seed=1)
+    save_checkpoint(path, *a, epoch=1)
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupted or truncated"):
+        load_checkpoint(truncated)
+    flipped = bytearray(data)
+    start = data.index(b"model/weight.npy")
+    flipped[start + 200: start + 208] = bytes(8)  # inside the weight's values
+    damaged = tmp_path / "damaged.npz"
+    damaged.write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(damaged, *_setup(seed=2))
+
+    foreign = tmp_path / "foreign.npz"
+    with open(foreign, "wb") as f:
+        np.savez(f, weights=np.ones(3))
+    with pytest.raises(CheckpointError, match="not a sparsegrid checkpoint"):
+        load_checkpoint(foreign)
+    assert np.array_equal(load_state_dict(foreign)["weights"], np.ones(3))
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "missing.npz")
+
+
+def test_interrupted_save_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.npz"
+    save_checkpoint(path, epoch=1)
+    before = path.read_bytes()
+
+    def crash(f, **arrays):
+        f.write(b"PK\x03\x04 half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, epoch=2)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.npz"]
+    assert load_checkpoint(path) == {"epoch": 1}
+
+
+def test_safetensors_missing_gives_install_hint(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "safetensors", None)
+    monkeypatch.setitem(sys.modules, "safetensors.numpy", None)
+    with pytest.raises(ImportError, match="pip install safetensors"):
+        save_state_dict(tmp_path / "w.safetensors", {"a": np.zeros(1)})
+    assert os.listdir(tmp_path) == []
