@@ -15,6 +15,8 @@ def test_readme_python_blocks_run():
     for block in blocks:
         exec(compile(block, "README.md", "exec"), namespace)
     assert namespace["w"].grad.shape == (27, 1, 4)
+    assert list(namespace["size"]) == [19, 19]
+    assert namespace["out"].shape == (2, 16, 4, 4)
 
 
 def test_quickstart_example_runs():
