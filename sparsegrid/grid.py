@@ -157,17 +157,18 @@ class Grid:
         third ``s - 1``, one third ``s + 1`` and the rest ``s`` (equal numbers of ``s - 1``
         and ``s + 1``, so the windows still span the whole input), as SCN's
         RandomizedStrideConvolution. Strides of 1 are not randomised (a step of 0 would
-        repeat a window). Nothing is cached: every call draws new windows; the output
-        sites remember the rulebook, so a Deconvolution/UnPooling finds its adjoint.
+        repeat a window), nor filters no larger than the stride (a step of ``s + 1`` would
+        leave inputs in no window). Nothing is cached: every call draws new windows; the
+        output sites remember the rulebook, so a Deconvolution/UnPooling finds its adjoint.
         """
         d = sites.dimension
         filter_size = normalize_size(filter_size, d, "filter_size")
         stride = normalize_size(stride, d, "stride")
         out_shape = strided_output_shape(sites.spatial_shape, filter_size, stride)
         starts = []
-        for s, n_out in zip(stride, out_shape):
+        for f, s, n_out in zip(filter_size, stride, out_shape):
             steps = np.full(n_out - 1, s, np.int64)
-            if s > 1:
+            if 1 < s < f:
                 third = (n_out - 1) // 3
                 steps[:third] -= 1
                 steps[third:2 * third] += 1

@@ -136,6 +136,7 @@ class InputLayer(Module):
         tensor, input_map = F.input_layer(indices, _as_features(input[1]), self.spatial_size,
                                           batch_size, self.mode)
         tensor.grid.input_map = input_map
+        tensor.grid.input_sites = tensor.sites
         return tensor
 
 
@@ -155,7 +156,18 @@ class OutputLayer(Module):
         if input_map is None:
             raise ValueError("OutputLayer needs a tensor on the sites made by an InputLayer "
                              "(of this batch); this one's grid has no input map")
+        _check_input_sites(self, x)
         return F.output_layer(x, input_map)
+
+
+def _check_input_sites(module, x, input_layer="InputLayer"):
+    # The grid is shared by every tensor derived from the input, so a strided op's output
+    # has the input map too; its rows may even be as many as the input's sites.
+    if x.sites is not getattr(x.grid, "input_sites", None):
+        raise ValueError(f"{type(module).__name__} needs a tensor on the sites made by its "
+                         f"{input_layer}; this one has {x.n_active} sites of spatial shape "
+                         f"{x.spatial_shape} from a later strided op (go back up with "
+                         "Deconvolution/UnPooling first)")
 
 
 _BL_MODES = {0: "unique", 1: "last", 2: "first", 3: "sum", 4: "mean"}
@@ -200,6 +212,7 @@ class BLInputLayer(Module):
         rows = ops.getitem(flat, valid) if isinstance(flat, Tensor) else flat[valid]
         tensor, input_map = F.input_layer(indices, rows, self.spatial_size, b, self.mode)
         tensor.grid.input_map = input_map
+        tensor.grid.input_sites = tensor.sites
         tensor.grid.bl_layout = (valid, b, length)
         return tensor
 
@@ -219,6 +232,7 @@ class BLOutputLayer(Module):
         layout = getattr(x.grid, "bl_layout", None)
         if layout is None or getattr(x.grid, "input_map", None) is None:
             raise ValueError("BLOutputLayer needs a tensor on the sites made by a BLInputLayer")
+        _check_input_sites(self, x, "BLInputLayer")
         valid, b, length = layout
         rows = F.output_layer(x, x.grid.input_map)
         values = data_of(rows)
@@ -722,7 +736,12 @@ class Sparsify(Module):
                              f"got {activation!r}")
         self.dimension = _positive_int(dimension, "dimension")
         self.activation = activation
+        # SCN's module tree (and so its checkpoint keys): Sequential(NIN, activation) with
+        # an activation ("net.0.weight"), the bare NIN without ("net.weight").
         self.net = NetworkInNetwork(nIn, 1, True)
+        if activation:
+            from .containers import Sequential
+            self.net = Sequential(self.net)
         self.threshold = 0.5 if activation else 0.0
 
     def extra_repr(self):

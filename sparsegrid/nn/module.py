@@ -59,14 +59,19 @@ class Module:
         if "_parameters" not in self.__dict__:
             raise AttributeError(f"{type(self).__name__}.__init__ must call "
                                  "Module.__init__(self) before assigning attributes")
-        for table in (self._parameters, self._buffers, self._modules):
-            table.pop(name, None)
         if isinstance(value, Parameter):
-            self._parameters[name] = value
+            target = self._parameters
         elif isinstance(value, Module):
-            self._modules[name] = value
+            target = self._modules
         elif name in self.__dict__.get("_buffer_names", ()):
-            self._buffers[name] = value
+            target = self._buffers
+        else:
+            target = None
+        for table in (self._parameters, self._buffers, self._modules):
+            if table is not target:
+                table.pop(name, None)
+        if target is not None:
+            target[name] = value   # an existing name keeps its place (state_dict order)
         object.__setattr__(self, name, value)
 
     def __delattr__(self, name):
