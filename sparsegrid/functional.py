@@ -262,7 +262,10 @@ def max_pool(x, filter_size=2, stride=2, n_features_to_drop=0):
     Sizes and sites as :func:`conv`; the first ``n_features_to_drop`` channels are dropped.
     """
     _require_tensor(x)
-    rulebook, sites = x.grid.strided(x.sites, filter_size, stride)
+    return _max_pool(x, *x.grid.strided(x.sites, filter_size, stride), n_features_to_drop)
+
+
+def _max_pool(x, rulebook, sites, n_features_to_drop):
     features, dropped = _kept_features(x, n_features_to_drop)
     kernels = backend.kernels(features)
     out, argmax = kernels.max_pool_forward(
@@ -275,13 +278,8 @@ def randomized_max_pool(x, filter_size=2, stride=2, n_features_to_drop=0, rng=No
     """Max pooling with randomly spaced windows (SCN RandomizedStrideMaxPooling, training)."""
     _require_tensor(x)
     rng = np.random.default_rng() if rng is None else rng
-    rulebook, sites = x.grid.randomized_strided(x.sites, filter_size, stride, rng)
-    features, dropped = _kept_features(x, n_features_to_drop)
-    kernels = backend.kernels(features)
-    out, argmax = kernels.max_pool_forward(
-        features, rulebook.in_idx, rulebook.out_idx, rulebook.offset_ptr, rulebook.n_out)
-    return _pool_result(x, out, sites, x.grid, dropped, lambda g: kernels.max_pool_backward(
-        g, argmax, rulebook.in_idx, rulebook.out_idx, rulebook.offset_ptr, rulebook.n_in))
+    return _max_pool(x, *x.grid.randomized_strided(x.sites, filter_size, stride, rng),
+                     n_features_to_drop)
 
 
 def avg_pool(x, filter_size=2, stride=2, n_features_to_drop=0):

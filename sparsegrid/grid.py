@@ -74,6 +74,17 @@ class Sites:
                 f"batch_size={self.batch_size})")
 
 
+def _strided_result(sites, filter_size, stride, out_shape, rules):
+    """``(rulebook, output_sites)`` of a strided op's rules; the output sites remember
+    the rulebook that made them (for Deconvolution / UnPooling)."""
+    in_idx, out_idx, ptr, out_indices = rules
+    rulebook = Rulebook(in_idx, out_idx, ptr, len(sites), len(out_indices), filter_size,
+                        stride=stride, kind="strided")
+    out_sites = Sites(out_indices, out_shape, sites.batch_size,
+                      producer=(sites, filter_size, stride, rulebook))
+    return rulebook, out_sites
+
+
 class Grid:
     """Site sets derived from one input, and the rulebooks between them (cached)."""
 
@@ -122,14 +133,9 @@ class Grid:
 
         def build():
             kernels = backend.kernels(sites.indices)
-            in_idx, out_idx, ptr, out_indices = kernels.strided_rules(
+            return _strided_result(sites, filter_size, stride, out_shape, kernels.strided_rules(
                 sites.indices, sites.spatial_shape, sites.batch_size, filter_size, stride,
-                out_shape)
-            rulebook = Rulebook(in_idx, out_idx, ptr, len(sites), len(out_indices), filter_size,
-                                stride=stride, kind="strided")
-            out_sites = Sites(out_indices, out_shape, sites.batch_size,
-                              producer=(sites, filter_size, stride, rulebook))
-            return rulebook, out_sites
+                out_shape))
 
         return self._cached((sites.uid, "strided", filter_size, stride), build)
 
@@ -175,14 +181,9 @@ class Grid:
                 rng.shuffle(steps)
             starts.append(np.concatenate([[0], np.cumsum(steps)]).astype(np.int64))
         kernels = backend.kernels(sites.indices)
-        in_idx, out_idx, ptr, out_indices = kernels.window_rules(
+        return _strided_result(sites, filter_size, stride, out_shape, kernels.window_rules(
             sites.indices, sites.spatial_shape, sites.batch_size, filter_size, starts,
-            out_shape)
-        rulebook = Rulebook(in_idx, out_idx, ptr, len(sites), len(out_indices), filter_size,
-                            stride=stride, kind="strided")
-        out_sites = Sites(out_indices, out_shape, sites.batch_size,
-                          producer=(sites, filter_size, stride, rulebook))
-        return rulebook, out_sites
+            out_shape))
 
     def transposed(self, sites, filter_size, stride):
         """``(rulebook, output_sites)`` of Deconvolution / UnPooling on coarse ``sites``.

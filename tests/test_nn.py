@@ -446,7 +446,7 @@ def test_linear_init_is_pytorch_uniform():
     scn.manual_seed(0)
     lin = scn.Linear(400, 300)
     bound = 1 / math.sqrt(400)
-    assert lin.weight.shape == (400, 300) and lin.bias.shape == (300,)
+    assert lin.weight.shape == (300, 400) and lin.bias.shape == (300,)   # torch's layout
     assert np.abs(lin.weight.data).max() <= bound and np.abs(lin.bias.data).max() <= bound
     # uniform on [-b, b]: std b / sqrt(3)
     assert abs(lin.weight.data.std() / (bound / math.sqrt(3)) - 1) < 0.02
@@ -1269,9 +1269,9 @@ def test_bl_layers_errors(rng):
 def test_linear_and_flatten(rng):
     lin = scn.Linear(6, 3)
     x = rng.standard_normal((4, 6)).astype(np.float32)
-    close(lin(x), x.astype(np.float64) @ w64(lin.weight) + w64(lin.bias))
+    close(lin(x), x.astype(np.float64) @ w64(lin.weight).T + w64(lin.bias))
     s = sparse(rng, (5, 5), channels=6)
-    close(lin(s).features, np.asarray(s.features, np.float64) @ w64(lin.weight)
+    close(lin(s).features, np.asarray(s.features, np.float64) @ w64(lin.weight).T
           + w64(lin.bias))
     assert scn.Linear(6, 3, bias=False).bias is None
     with pytest.raises(ValueError, match=r"\(N, 6\)"):

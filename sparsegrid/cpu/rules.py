@@ -210,8 +210,9 @@ def _rules_from_taps(indices, axes, batch_size, filter_size, out_shape):
     offsets = np.concatenate(offset_list) if offset_list else empty
     keys = np.concatenate(key_list) if key_list else empty
     n_offsets = math.prod(filter_size)
-    # Each offset comes from exactly one choice, so a stable sort by offset keeps the
-    # pairs of one offset in increasing input-row order (radix sort for K < 2**16).
+    # A stable sort by offset (radix sort for K < 2**16) groups the pairs by offset; with
+    # regular windows each offset comes from exactly one choice, so its pairs are also in
+    # increasing input-row order (random windows: not necessarily; nothing relies on it).
     sort_keys = offsets.astype(np.uint16) if n_offsets <= 2**16 else offsets
     order = np.argsort(sort_keys, kind="stable")
     counts = np.bincount(offsets, minlength=n_offsets)

@@ -10,11 +10,8 @@ from ..tensor import SparseTensor
 from .module import Module
 
 
-class Sequential(Module):
-    """Modules applied in order; children are named "0", "1", ... (PyTorch/SCN keys).
-
-    ``add``/``append`` return the container so calls chain as in SCN; ``insert`` renumbers.
-    """
+class _Numbered(Module):
+    """Children named "0", "1", ... (PyTorch/SCN keys), added by ``add``/``append``."""
 
     def __init__(self, *modules):
         super().__init__()
@@ -26,6 +23,19 @@ class Sequential(Module):
         return self.add_module(str(len(self._modules)), module)
 
     append = add
+
+    def __len__(self):
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+
+class Sequential(_Numbered):
+    """Modules applied in order; children are named "0", "1", ... (PyTorch/SCN keys).
+
+    ``add``/``append`` return the container so calls chain as in SCN; ``insert`` renumbers.
+    """
 
     def insert(self, index, module):
         """Insert ``module`` before position ``index``; returns self."""
@@ -52,12 +62,6 @@ class Sequential(Module):
         more = list(other) if isinstance(other, Sequential) else [other]
         return Sequential(*self, *more)
 
-    def __len__(self):
-        return len(self._modules)
-
-    def __iter__(self):
-        return iter(self._modules.values())
-
     def __getitem__(self, index):
         items = list(self._modules.values())
         if isinstance(index, slice):
@@ -77,24 +81,8 @@ class Sequential(Module):
         return out_size
 
 
-class ConcatTable(Module):
+class ConcatTable(_Numbered):
     """Apply every branch to the same input; returns the list of their outputs."""
-
-    def __init__(self, *modules):
-        super().__init__()
-        for module in modules:
-            self.add(module)
-
-    def add(self, module):
-        return self.add_module(str(len(self._modules)), module)
-
-    append = add
-
-    def __len__(self):
-        return len(self._modules)
-
-    def __iter__(self):
-        return iter(self._modules.values())
 
     def __getitem__(self, index):
         return list(self._modules.values())[index]

@@ -120,10 +120,22 @@ class InputLayer(Module):
         super().__init__()
         self.dimension = _positive_int(dimension, "dimension")
         self.spatial_size = _spatial(spatial_size, self.dimension)
-        self.mode = F.input_mode_name(mode)
+        self.mode = self._mode_name(mode)
+
+    @staticmethod
+    def _mode_name(mode):
+        return F.input_mode_name(mode)
 
     def extra_repr(self):
         return f"{self.dimension}, spatial_size={self.spatial_size}, mode={self.mode!r}"
+
+    @staticmethod
+    def _remember(tensor, input_map, bl_layout=None):
+        """Record on the tensor's grid what the output layer inverts, and on which sites."""
+        tensor.grid.input_map = input_map
+        tensor.grid.input_sites = tensor.sites
+        tensor.grid.bl_layout = bl_layout
+        return tensor
 
     def forward(self, input):
         if not isinstance(input, (list, tuple)) or len(input) not in (2, 3):
@@ -133,11 +145,8 @@ class InputLayer(Module):
         batch_size = None if len(input) == 2 else int(input[2])
         if batch_size is not None and len(indices):
             batch_size = max(batch_size, int(indices[:, 0].max()) + 1)  # SCN: a lower bound
-        tensor, input_map = F.input_layer(indices, _as_features(input[1]), self.spatial_size,
-                                          batch_size, self.mode)
-        tensor.grid.input_map = input_map
-        tensor.grid.input_sites = tensor.sites
-        return tensor
+        return self._remember(*F.input_layer(indices, _as_features(input[1]),
+                                             self.spatial_size, batch_size, self.mode))
 
 
 class OutputLayer(Module):
@@ -173,7 +182,7 @@ def _check_input_sites(module, x, input_layer="InputLayer"):
 _BL_MODES = {0: "unique", 1: "last", 2: "first", 3: "sum", 4: "mean"}
 
 
-class BLInputLayer(Module):
+class BLInputLayer(InputLayer):
     """Batched, padded input (SCN BLInputLayer): coords (B, L, D), features (B, L, C).
 
     A row is empty when its first coordinate is negative. Mode 1 keeps the LAST duplicate
@@ -181,15 +190,11 @@ class BLInputLayer(Module):
     InputLayer); 3 sums, 4 averages, 0 forbids duplicates.
     """
 
-    def __init__(self, dimension, spatial_size, mode=3):
-        super().__init__()
-        self.dimension = _positive_int(dimension, "dimension")
-        self.spatial_size = _spatial(spatial_size, self.dimension)
-        self.mode = _BL_MODES[mode] if isinstance(mode, (int, np.integer)) and \
-            int(mode) in _BL_MODES else F.input_mode_name(mode)
-
-    def extra_repr(self):
-        return f"{self.dimension}, spatial_size={self.spatial_size}, mode={self.mode!r}"
+    @staticmethod
+    def _mode_name(mode):
+        if isinstance(mode, (int, np.integer)) and int(mode) in _BL_MODES:
+            return _BL_MODES[int(mode)]
+        return F.input_mode_name(mode)
 
     def forward(self, input):
         if not isinstance(input, (list, tuple)) or len(input) != 2:
@@ -211,21 +216,11 @@ class BLInputLayer(Module):
             else feats.reshape(b * length, feats.shape[2])
         rows = ops.getitem(flat, valid) if isinstance(flat, Tensor) else flat[valid]
         tensor, input_map = F.input_layer(indices, rows, self.spatial_size, b, self.mode)
-        tensor.grid.input_map = input_map
-        tensor.grid.input_sites = tensor.sites
-        tensor.grid.bl_layout = (valid, b, length)
-        return tensor
+        return self._remember(tensor, input_map, (valid, b, length))
 
 
-class BLOutputLayer(Module):
+class BLOutputLayer(OutputLayer):
     """Inverse of :class:`BLInputLayer`: features (B, L, C), zero on empty rows."""
-
-    def __init__(self, dimension):
-        super().__init__()
-        self.dimension = _positive_int(dimension, "dimension")
-
-    def extra_repr(self):
-        return str(self.dimension)
 
     def forward(self, x):
         _check_input(self, x)
@@ -787,11 +782,11 @@ class AddCoords(Module):
 
 # -- dense heads -------------------------------------------------------------------------------
 class Linear(Module):
-    """Dense ``x @ weight + bias`` for classifier heads; weight (in_features, out_features).
+    """Dense ``x @ weight.T + bias`` for classifier heads, laid out as ``torch.nn.Linear``:
+    weight (out_features, in_features), so the head of an SCN + PyTorch checkpoint loads
+    as is. Initialised as PyTorch: U(-1/sqrt(in), 1/sqrt(in)) for weight and bias.
 
-    Initialised as PyTorch's nn.Linear: U(-1/sqrt(in), 1/sqrt(in)) for weight and bias.
     Accepts an array/Tensor (N, in_features) or a SparseTensor (applied per site).
-    Note the weight layout is transposed with respect to PyTorch's (out, in).
     """
 
     def __init__(self, in_features, out_features, bias=True):
@@ -800,8 +795,8 @@ class Linear(Module):
         self.out_features = _positive_int(out_features, "out_features")
         bound = 1.0 / math.sqrt(self.in_features)
         rng = default_rng()
-        self.weight = Parameter(rng.uniform(-bound, bound, (self.in_features,
-                                                            self.out_features)).astype(np.float32))
+        self.weight = Parameter(rng.uniform(-bound, bound, (self.out_features,
+                                                            self.in_features)).astype(np.float32))
         self.bias = Parameter(rng.uniform(-bound, bound, self.out_features).astype(
             np.float32)) if bias else None
 
@@ -810,11 +805,15 @@ class Linear(Module):
 
     def forward(self, x):
         if isinstance(x, SparseTensor):
-            return F.network_in_network(x, self.weight, self.bias)
+            _check_planes(self, x, self.in_features)
+            return _map_features(x, self._apply)
         shape = np.shape(data_of(x))
         if len(shape) != 2 or shape[1] != self.in_features:
             raise ValueError(f"Linear expects (N, {self.in_features}); got {shape}")
-        out = ops.matmul(x, self.weight)
+        return self._apply(x)
+
+    def _apply(self, x):
+        out = ops.matmul(x, ops.transpose(self.weight))
         return ops.add(out, self.bias) if self.bias is not None else out
 
 
