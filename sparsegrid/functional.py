@@ -18,7 +18,7 @@ import numpy as np
 from . import backend
 from .coords import (normalize_spatial_shape, pack_keys, validate_features,
                      validate_indices)
-from .autodiff.core import Tensor, data_of, record
+from .autodiff.core import Tensor, data_of, is_grad_enabled, record
 from .grid import Grid, Sites
 from .tensor import SparseTensor
 
@@ -28,13 +28,14 @@ _MODE_NAMES = ("unique", "first", "last", "sum", "mean", "max")
 
 
 def _differentiable(out, inputs, vjp):
-    """``out`` as a plain array when no input is an autodiff Tensor (inference pays
-    nothing), else a Tensor recording ``vjp(g) -> one gradient per input``.
+    """``out`` as a plain array when no input needs a gradient (plain arrays, Tensors
+    without ``requires_grad``, or anything under ``no_grad()``: inference pays nothing),
+    else a Tensor recording ``vjp(g) -> one gradient per input``.
 
     ``inputs`` may hold None (an absent bias), which never receives a gradient.
     """
     present = [i for i, value in enumerate(inputs) if value is not None]
-    if not any(isinstance(inputs[i], Tensor) for i in present):
+    if not is_grad_enabled() or not any(_wants(inputs[i]) for i in present):
         return out
 
     def vjp_present(g):

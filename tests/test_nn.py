@@ -1544,7 +1544,7 @@ def test_inference_records_nothing(rng):
     x = sparse(rng, SHAPES[2])
     with no_grad():
         y = net(x)
-    assert not y.features.requires_grad and y.features._inputs == ()
+    assert isinstance(y.features, np.ndarray), "inference under no_grad: plain arrays"
     z = net(x)
     assert z.features.requires_grad and z.features._inputs != ()
     np.testing.assert_array_equal(values(y), values(z))
