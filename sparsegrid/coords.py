@@ -254,14 +254,19 @@ def permutohedral_offsets(dimension):
     """The d*d + d + 1 lattice offsets of a permutohedral submanifold convolution, (K, D).
 
     The zero offset first, then every ``x`` in {-1, 0, 1}^d with ``|x @ a| <= 1`` (the
-    lattice's nearest neighbours) with the FIRST axis fastest, as SCN's table. (SCN's
-    2-D table starts with (0, -1) but its iterator visits the centre twice instead; here
-    all seven distinct offsets are used.)
+    lattice's nearest neighbours) with the FIRST axis fastest, as SCN's table. In 2-D
+    SCN's iterator visits the centre twice (slots 0 and 3) and never (0, -1); here slot
+    3 is (0, -1) and the other slots are SCN's.
     """
     d = int(dimension)
     a, _ = permutohedral_basis(d)
     codes = np.arange(3 ** d)
     x = (codes[:, None] // 3 ** np.arange(d)) % 3 - 1
     near = ((x @ a) ** 2).sum(axis=1) <= 1.01
-    x = x[near & x.any(axis=1)]
-    return np.concatenate([np.zeros((1, d), np.int64), x.astype(np.int64)])
+    x = x[near & x.any(axis=1)].astype(np.int64)
+    if d == 2:
+        # SCN's 2-D kernel k uses (centre, (1,-1), (-1,0), centre again, (1,0), (-1,1),
+        # (0,1)); slot 3 gets the missing (0,-1), so the other six slots hold the same
+        # offsets as SCN's and an SCN checkpoint's weights land where SCN used them.
+        x = x[[1, 2, 0, 3, 4, 5]]
+    return np.concatenate([np.zeros((1, d), np.int64), x])

@@ -56,9 +56,7 @@ def _require_tensor(x, name="x"):
 
 def _check_weight(x, weight, bias, n_offsets, name="weight"):
     """Validate a convolution weight (and bias) against the input; return Cout."""
-    if not hasattr(weight, "dtype") or weight.dtype != x.dtype:
-        raise TypeError(f"{name} must be an array of the features' dtype {x.dtype}; got "
-                        f"{getattr(weight, 'dtype', type(weight).__name__)}")
+    _check_dtype(x, weight, name)
     cin = x.n_channels
     if weight.ndim == 3:
         k, w_cin, cout = weight.shape
@@ -79,12 +77,23 @@ def _check_weight(x, weight, bias, n_offsets, name="weight"):
     return cout
 
 
+def _check_dtype(x, value, name):
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        raise TypeError(f"{name} must be an array; got {type(value).__name__}")
+    if dtype != x.dtype:
+        hint = ""
+        if dtype in (np.float32, np.float64):
+            hint = (f" (the parameters are {dtype}: cast the input features with "
+                    f".astype({str(dtype)!r}), or a Module with .float() / .double())")
+        raise TypeError(f"{name} must be an array of the features' dtype {x.dtype}; got "
+                        f"{dtype}{hint}")
+
+
 def _check_bias(x, bias, cout):
     if bias is None:
         return
-    if not hasattr(bias, "dtype") or bias.dtype != x.dtype:
-        raise TypeError(f"bias must be an array of the features' dtype {x.dtype}; got "
-                        f"{getattr(bias, 'dtype', type(bias).__name__)}")
+    _check_dtype(x, bias, "bias")
     if bias.shape != (cout,):
         raise ValueError(f"bias must have shape ({cout},); got {bias.shape}")
 
@@ -183,6 +192,30 @@ def permutohedral_conv(x, weight, bias=None):
     return x.with_features(_convolve(x, weight, bias, rulebook))
 
 
+def neighbour_features(x, filter_size=3, dilation=1):
+    """Each site's neighbours' features side by side: (N, K * C), block k holding the
+    neighbour at submanifold offset k (zeros where it is inactive). ShapeContext."""
+    _require_tensor(x)
+    rulebook = x.grid.submanifold(x.sites, filter_size, dilation)
+    features = data_of(x.features)
+    n, c, k_total = x.n_active, x.n_channels, rulebook.n_offsets
+    xp = backend.array_namespace(features)
+    out = xp.zeros((n, k_total, c), features.dtype)
+    for k in range(k_total):
+        rows_in, rows_out = rulebook.pairs(k)
+        out[rows_out, k] = features[rows_in]
+
+    def vjp(g):
+        g = g.reshape(n, k_total, c)
+        grad = xp.zeros((n, c), g.dtype)
+        for k in range(k_total):
+            rows_in, rows_out = rulebook.pairs(k)
+            grad[rows_in] += g[rows_out, k]   # inputs are unique within an offset
+        return (grad,)
+
+    return x.with_features(_differentiable(out.reshape(n, k_total * c), (x.features,), vjp))
+
+
 def deconv(x, weight, bias=None, filter_size=2, stride=2):
     """Transposed convolution back onto the finer sites that produced ``x`` (SCN Deconvolution).
 
@@ -214,8 +247,7 @@ def network_in_network(x, weight, bias=None):
     ``weight`` is (Cin, Cout).
     """
     _require_tensor(x)
-    if not hasattr(weight, "dtype") or weight.dtype != x.dtype:
-        raise TypeError(f"weight must be an array of the features' dtype {x.dtype}")
+    _check_dtype(x, weight, "weight")
     if weight.ndim != 2 or weight.shape[0] != x.n_channels:
         raise ValueError(f"weight must have shape ({x.n_channels}, Cout); got {weight.shape}")
     _check_bias(x, bias, weight.shape[1])
@@ -595,6 +627,6 @@ def from_dense(dense):
 __all__ = [
     "avg_pool", "batch_norm", "conv", "conv_plan", "deconv", "from_dense", "full_conv",
     "global_pool", "group_norm", "input_layer", "InputMap", "input_mode_name", "max_pool",
-    "network_in_network", "output_layer", "permutohedral_conv", "randomized_conv",
+    "neighbour_features", "network_in_network", "output_layer", "permutohedral_conv", "randomized_conv",
     "randomized_max_pool", "select", "submanifold_conv", "to_dense", "unpool",
 ]

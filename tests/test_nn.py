@@ -823,7 +823,7 @@ def test_sparsify(rng, activation):
     keep = score[:, 0] > 0           # mask > 0.5 (activation) or > 0 (none): the same sites
     assert 0 < keep.sum() < x.n_active
     y = layer(x)
-    close(y.mask, mask, 1e-6)
+    close(y.mask, mask[:, 0], 1e-6)   # (N,), as SCN
     np.testing.assert_array_equal(y.indices, x.indices[keep])   # relative order kept
     np.testing.assert_array_equal(y.features, x.features[keep])
     assert y.grid is not x.grid and y.spatial_shape == x.spatial_shape
@@ -840,7 +840,7 @@ def test_sparsify_dropping_everything_gives_an_empty_usable_tensor(rng):
     layer = scn.Sparsify(2, 2)
     layer.net.bias.data[:] = -1e3
     y = layer(x)
-    assert y.n_active == 0 and y.mask.shape == (x.n_active, 1)
+    assert y.n_active == 0 and y.mask.shape == (x.n_active,)
     assert scn.SubmanifoldConvolution(2, 2, 3, 3, True)(y).features.shape == (0, 3)
 
 
@@ -887,9 +887,14 @@ def test_permutohedral_offsets_are_the_lattice_neighbours(d):
     np.testing.assert_allclose(a @ a_inv, np.eye(d), atol=1e-12)
     assert scn.permutohedral_basis is permutohedral_basis
     # Weight k belongs to offset k: the order is part of the checkpoint format (SCN's
-    # table, first axis fastest; see permutohedral_offsets).
+    # table, first axis fastest; see permutohedral_offsets). 2-D: SCN's kernel uses the
+    # centre in slots 0 and 3 and never (0, -1); ours puts (0, -1) in slot 3, every other
+    # slot as SCN's (so SCN weights land on SCN's offsets).
     expected = {1: [[0], [-1], [1]],
-                2: [[0, 0], [0, -1], [1, -1], [-1, 0], [1, 0], [-1, 1], [0, 1]]}
+                2: [[0, 0], [1, -1], [-1, 0], [0, -1], [1, 0], [-1, 1], [0, 1]],
+                3: [[0, 0, 0], [0, 0, -1], [1, 0, -1], [0, 1, -1], [0, -1, 0], [1, -1, 0],
+                    [-1, 0, 0], [1, 0, 0], [-1, 1, 0], [0, 1, 0], [0, -1, 1], [-1, 0, 1],
+                    [0, 0, 1]]}
     if d in expected:
         assert offsets.tolist() == expected[d]
 
@@ -1506,8 +1511,8 @@ def test_fake_grad_hard_sigmoid_is_straight_through(rng):
     g = rng.standard_normal(y.mask.shape)
     y.mask.backward(g)
     nin = layer.net[0]
-    close(nin.weight.grad, x.features.T @ g, 1e-12)   # d step / d score taken as 1
-    close(nin.bias.grad, g.sum(axis=0), 1e-12)
+    close(nin.weight.grad, x.features.T @ g[:, None], 1e-12)   # d step / d score taken as 1
+    close(nin.bias.grad, g.sum(keepdims=True), 1e-12)
 
 
 # --------------------------------------------------------------------------------------
@@ -1548,3 +1553,42 @@ def test_inference_records_nothing(rng):
     z = net(x)
     assert z.features.requires_grad and z.features._inputs != ()
     np.testing.assert_array_equal(values(y), values(z))
+
+
+# --------------------------------------------------------------------------------------
+# Review fixes: silent traps turned into errors
+# --------------------------------------------------------------------------------------
+def test_assigning_an_array_to_a_parameter_raises():
+    conv = scn.SubmanifoldConvolution(2, 3, 4, 3, True)
+    with pytest.raises(TypeError, match="parameter 'weight'"):
+        conv.weight = np.zeros((9, 3, 4), np.float32)
+    assert list(conv.state_dict()) == ["weight", "bias"]
+    conv.bias = None                                   # removing a parameter is allowed
+    assert list(conv.state_dict()) == ["weight"]
+
+
+def test_sequential_slices_keep_their_keys():
+    net = scn.Sequential(scn.NetworkInNetwork(2, 3), scn.ReLU(), scn.NetworkInNetwork(3, 4))
+    assert list(net[1:].state_dict()) == ["2.weight"]
+    assert net[2] is list(net)[2]
+
+
+def test_transposed_input_spatial_size_must_be_exact():
+    assert scn.UnPooling(2, 3, 2).input_spatial_size(np.array([9, 9])).tolist() == [4, 4]
+    with pytest.raises(ValueError, match="multiple of the stride"):
+        scn.UnPooling(2, 3, 2).input_spatial_size(np.array([10, 10]))
+
+
+def test_losses_refuse_broadcasting_shapes(rng):
+    scores, targets = rng.standard_normal((5, 1)), rng.random(5)
+    with pytest.raises(ValueError, match="same shape"):
+        ops.mse_loss(scores, targets)
+    with pytest.raises(ValueError, match="same shape"):
+        ops.binary_cross_entropy_with_logits(scores, targets)
+
+
+def test_dtype_mismatch_names_the_cure(rng):
+    conv = scn.SubmanifoldConvolution(2, 3, 4, 3, False)
+    x = sparse(rng, (5, 5), channels=3, dtype=np.float64)
+    with pytest.raises(TypeError, match=r"\.double\(\)"):
+        conv(x)

@@ -131,6 +131,10 @@ class Tensor:
             for parent, parent_grad in zip(node._inputs, node._vjp(g)):
                 if parent_grad is None or not parent.requires_grad:
                     continue
+                if parent_grad.shape != parent.data.shape:
+                    raise RuntimeError(f"internal error: an operation returned a gradient "
+                                       f"of shape {parent_grad.shape} for an input of shape "
+                                       f"{parent.data.shape}")
                 key = id(parent)
                 grads[key] = parent_grad if key not in grads else grads[key] + parent_grad
             node._inputs, node._vjp = (), None  # release the graph as we go

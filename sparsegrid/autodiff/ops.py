@@ -234,7 +234,12 @@ def _scatter_rows(base, values, rows, n):
 
 
 def binary_cross_entropy_with_logits(logits, targets, reduction="mean"):
-    """Mean (or sum) of ``max(x, 0) - x * t + log(1 + exp(-|x|))``: stable for any x."""
+    """Mean (or sum) of ``max(x, 0) - x * t + log(1 + exp(-|x|))``: stable for any x.
+
+    ``logits`` and ``targets`` must have the same shape (no broadcasting: an (N, 1) score
+    against (N,) targets would silently become (N, N)).
+    """
+    _same_shape(logits, targets, "logits", "targets")
     x, t = data_of(logits), data_of(targets)
     xp = _xp(logits)
     losses = xp.maximum(x, 0) - x * t + xp.log1p(xp.exp(-xp.abs(x)))
@@ -249,7 +254,15 @@ def binary_cross_entropy_with_logits(logits, targets, reduction="mean"):
                   lambda g: (g * scale * (prob - t), -g * scale * x))
 
 
+def _same_shape(a, b, name_a, name_b):
+    if _shape(a) != _shape(b):
+        raise ValueError(f"{name_a} and {name_b} must have the same shape; got {_shape(a)} "
+                         f"and {_shape(b)} (reshape one: losses do not broadcast)")
+
+
 def mse_loss(a, b, reduction="mean"):
+    """Mean (or sum, or per element) squared difference of two same-shape arrays."""
+    _same_shape(a, b, "input", "target")
     diff = sub(a, b)
     squared = mul(diff, diff)
     if reduction == "none":

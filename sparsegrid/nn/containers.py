@@ -63,10 +63,13 @@ class Sequential(_Numbered):
         return Sequential(*self, *more)
 
     def __getitem__(self, index):
-        items = list(self._modules.values())
+        items = list(self._modules.items())
         if isinstance(index, slice):
-            return Sequential(*items[index])
-        return items[index]
+            part = Sequential()   # keeps the children's names (and so state_dict keys)
+            for name, module in items[index]:
+                part.add_module(name, module)
+            return part
+        return items[index][1]
 
     def forward(self, x):
         for module in self._modules.values():

@@ -332,14 +332,19 @@ class RandomizedStrideConvolution(Convolution):
                                  self.filter_stride, default_rng())
 
 
+def _transposed_input_size(out_size, filter_size, stride):
+    """The input size a transposed op maps to ``out_size``: (o - f) / s + 1, exactly."""
+    out = _as_size_array(out_size, len(filter_size)) - np.array(filter_size)
+    if (out % np.array(stride)).any() or (out < 0).any():
+        raise ValueError(f"no input size gives output size {tuple(np.ravel(out_size))} with "
+                         f"filter_size={filter_size}, stride={stride}: (out - filter) must be "
+                         "a non-negative multiple of the stride")
+    return out // np.array(stride) + 1
+
+
 class _Transposed(_Convolution):
     def input_spatial_size(self, out_size):
-        out = _as_size_array(out_size, self.dimension) - np.array(self.filter_size)
-        stride = np.array(self.filter_stride)
-        if (out % stride).any() or (out < 0).any():
-            raise ValueError(f"no input size gives output size {tuple(out_size)} with "
-                             f"filter_size={self.filter_size}, stride={self.filter_stride}")
-        return out // stride + 1
+        return _transposed_input_size(out_size, self.filter_size, self.filter_stride)
 
 
 class Deconvolution(_Transposed):
@@ -405,9 +410,9 @@ class NetworkInNetwork(Module):
 
 
 class ShapeContext(Module):
-    """Concatenate each site's neighbours' features (a fixed identity-weight submanifold
-    convolution): nIn -> nIn * prod(filter_size) channels, neighbours in offset order,
-    zeros where a neighbour is inactive. SCN ships this layer broken; this is its intent.
+    """Concatenate each site's neighbours' features (what SCN's fixed identity-weight
+    submanifold convolution intends): nIn -> nIn * prod(filter_size) channels, neighbours
+    in offset order, zeros where a neighbour is inactive. SCN ships this layer broken.
     """
 
     def __init__(self, dimension, nIn, filter_size=3):
@@ -415,19 +420,14 @@ class ShapeContext(Module):
         self.dimension = _positive_int(dimension, "dimension")
         self.nIn = _positive_int(nIn, "nIn")
         self.filter_size = _size(filter_size, self.dimension, "filter_size")
-        k = math.prod(self.filter_size)
-        self.nOut = self.nIn * k
-        eye = np.zeros((k, self.nIn, k, self.nIn), np.float32)
-        eye[np.arange(k), :, np.arange(k), :] = np.eye(self.nIn, dtype=np.float32)
-        self._selector = eye.reshape(k, self.nIn, self.nOut)
+        self.nOut = self.nIn * math.prod(self.filter_size)
 
     def extra_repr(self):
         return f"{self.dimension}, {self.nIn}, filter_size={_short(self.filter_size)}"
 
     def forward(self, x):
         _check_planes(self, x, self.nIn)
-        return F.submanifold_conv(x, self._selector.astype(x.dtype, copy=False), None,
-                                  self.filter_size)
+        return F.neighbour_features(x, self.filter_size)
 
 
 # -- pooling --------------------------------------------------------------------------------
@@ -484,8 +484,7 @@ class UnPooling(_Pooling):
 
     def input_spatial_size(self, out_size):
         # SCN returns (o - 1) s + f here, which is wrong; this is the inverse of the op.
-        out = _as_size_array(out_size, self.dimension) - np.array(self.pool_size)
-        return out // np.array(self.pool_stride) + 1
+        return _transposed_input_size(out_size, self.pool_size, self.pool_stride)
 
 
 # -- normalisation --------------------------------------------------------------------------
@@ -721,7 +720,7 @@ class Sparsify(Module):
     The score is NetworkInNetwork(nIn, 1, bias) followed by ``activation`` (None,
     'sigmoid' or 'fakeGradHardSigmoid' (step forward, identity gradient)); sites with
     score > 0.5 (0 without activation) are kept, on a new grid. The scores of all input
-    sites are returned as ``output.mask`` (N, 1) for a loss.
+    sites are returned as ``output.mask`` (N,), as SCN, for a loss.
     """
 
     def __init__(self, dimension, nIn, activation=None):
@@ -750,7 +749,8 @@ class Sparsify(Module):
         elif self.activation == "fakeGradHardSigmoid":
             mask = _step_straight_through(mask) if isinstance(mask, Tensor) else \
                 (mask > 0).astype(mask.dtype)
-        out = F.select(x, data_of(mask)[:, 0] > self.threshold)
+        mask = ops.reshape(mask, (-1,)) if isinstance(mask, Tensor) else mask.reshape(-1)
+        out = F.select(x, data_of(mask) > self.threshold)
         out.mask = mask
         return out
 

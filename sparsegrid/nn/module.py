@@ -59,6 +59,11 @@ class Module:
         if "_parameters" not in self.__dict__:
             raise AttributeError(f"{type(self).__name__}.__init__ must call "
                                  "Module.__init__(self) before assigning attributes")
+        if name in self._parameters and value is not None and \
+                not isinstance(value, Parameter):
+            raise TypeError(f"cannot assign a {type(value).__name__} to parameter {name!r} "
+                            f"of {type(self).__name__}: assign a Parameter (or None), or set "
+                            f"{name}.data to change its values")
         if isinstance(value, Parameter):
             target = self._parameters
         elif isinstance(value, Module):
