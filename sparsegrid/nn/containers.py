@@ -155,3 +155,24 @@ class Identity(Module):
 
 
 __all__ = ["AddTable", "ConcatTable", "Identity", "JoinTable", "Sequential"]
+
+
+class VerboseIdentity(Identity):
+    """Returns its input after printing a one-line description of it (debugging)."""
+
+    def forward(self, x):
+        print(x)
+        return x
+
+
+def concatenate_feature_planes(tensors):
+    """Functional JoinTable: channels of tensors on the same sites, side by side."""
+    return JoinTable()(tensors)
+
+
+def add_feature_planes(tensors):
+    """Functional AddTable: the sum of tensors on the same sites."""
+    return AddTable()(tensors)
+
+
+__all__ += ["VerboseIdentity", "add_feature_planes", "concatenate_feature_planes"]
