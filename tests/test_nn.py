@@ -1629,3 +1629,29 @@ def test_functional_tables_and_verbose_identity(rng, capsys):
     close(scn.add_feature_planes([x, y]).features, 3 * values(x))
     assert scn.VerboseIdentity()(x) is x
     assert "SparseTensor(" in capsys.readouterr().out
+
+
+def test_checkpointed_sequential_gives_the_same_values_and_gradients(rng):
+    x0 = sparse(rng, (9, 9), channels=3, dtype=np.float64)
+
+    def run(cls):
+        scn.manual_seed(1)
+        net = cls(scn.SubmanifoldConvolution(2, 3, 4, 3, True), scn.BatchNormLeakyReLU(4),
+                  scn.Dropout(0.3), scn.Convolution(2, 4, 5, 3, 2, False)).double()
+        scn.manual_seed(5)                                  # the same dropout masks
+        leaf = Tensor(np.array(x0.features), requires_grad=True)
+        y = net(x0.with_features(leaf))
+        ops.sum(ops.mul(y.features, y.features)).backward()
+        return y, leaf.grad, [p.grad for p in net.parameters()]
+
+    plain, checkpointed = run(scn.Sequential), run(scn.CheckpointedSequential)
+    np.testing.assert_array_equal(values(plain[0]), values(checkpointed[0]))
+    np.testing.assert_array_equal(plain[1], checkpointed[1])
+    for a, b in zip(plain[2], checkpointed[2]):
+        np.testing.assert_array_equal(a, b)
+    # Nothing of the inner layers is kept for the backward pass: one recorded node.
+    scn.manual_seed(1)
+    net = scn.CheckpointedSequential(scn.SubmanifoldConvolution(2, 3, 4, 3, True),
+                                     scn.ReLU()).double()
+    y = net(x0.with_features(Tensor(np.array(x0.features), requires_grad=True)))
+    assert all(not getattr(t, "_inputs", ()) for t in y.features._inputs)

@@ -5,7 +5,7 @@ initialisation; see docs/differences_from_scn.md for the deliberate differences.
 """
 
 from . import checkpoint, optim
-from .containers import (AddTable, ConcatTable, Identity, JoinTable, Sequential,
+from .containers import (AddTable, CheckpointedSequential, ConcatTable, Identity, JoinTable, Sequential,
                          VerboseIdentity, add_feature_planes, concatenate_feature_planes)
 from .layers import *  # noqa: F401,F403 - the SCN layer catalogue
 from .layers import __all__ as _layers
@@ -16,7 +16,7 @@ from ..coords import permutohedral_basis
 
 __all__ = sorted(_layers + [
     "AddTable", "ConcatTable", "FullyConvolutionalNet", "Identity", "JoinTable", "Module",
-    "Parameter", "Sequential", "checkpoint", "optim", "VerboseIdentity",
+    "Parameter", "Sequential", "CheckpointedSequential", "checkpoint", "optim", "VerboseIdentity",
     "add_feature_planes", "append_tensors", "compare_sparse", "concatenate_feature_planes", "SparseResNet", "SparseVggNet", "UNet", "default_rng",
     "manual_seed", "permutohedral_basis",
 ])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..autodiff import ops
-from ..autodiff.core import Tensor
+from ..autodiff.core import Tensor, data_of, record
 from ..tensor import SparseTensor
 from .module import Module
 
@@ -176,3 +176,48 @@ def add_feature_planes(tensors):
 
 
 __all__ += ["VerboseIdentity", "add_feature_planes", "concatenate_feature_planes"]
+
+
+class CheckpointedSequential(Sequential):
+    """A Sequential that keeps no intermediate results for the backward pass: the forward
+    runs without recording, and the backward pass runs the modules again (with the same
+    random draws) to get their gradients. Trades one extra forward for the memory of the
+    activations, as SCN's (PyTorch-checkpoint based) CheckpointedSequential.
+
+    As with any recomputation, batch-norm running statistics are updated twice per
+    training step (once per forward).
+    """
+
+    def forward(self, x):
+        from ..autodiff.core import is_grad_enabled, no_grad
+        from .module import default_rng
+        features = x.features if isinstance(x, SparseTensor) else None
+        params = [p for p in self.parameters() if p.requires_grad]
+        inputs = ([features] if isinstance(features, Tensor) else []) + params
+        if not is_grad_enabled() or not any(t.requires_grad for t in inputs):
+            return super().forward(x)
+        rng_state = default_rng().bit_generator.state
+        with no_grad():
+            out = super().forward(x.detach())
+        if not isinstance(out, SparseTensor):
+            raise TypeError("CheckpointedSequential needs its modules to return a "
+                            "SparseTensor")
+
+        def vjp(g):
+            after = default_rng().bit_generator.state
+            default_rng().bit_generator.state = rng_state        # the same dropout masks
+            leaf = Tensor(features.data, requires_grad=features.requires_grad) \
+                if isinstance(features, Tensor) else None
+            again = super(CheckpointedSequential, self).forward(
+                x.with_features(leaf) if leaf is not None else x.detach())
+            default_rng().bit_generator.state = after
+            if isinstance(again.features, Tensor) and again.features.requires_grad:
+                again.features.backward(g)   # parameter gradients accumulate in place
+            grads = [leaf.grad if leaf is not None else None] if inputs and \
+                inputs[0] is features else []
+            return grads + [None] * len(params)
+
+        return out.with_features(record(data_of(out.features), inputs, vjp))
+
+
+__all__ += ["CheckpointedSequential"]
