@@ -4,6 +4,8 @@ Run (spconv optional; without it only sparsegrid's times are printed)::
 
     .venv-spconv/bin/python benchmarks/bench_conv.py            # full table, 1 and 2 threads
     .venv-spconv/bin/python benchmarks/bench_conv.py --quick    # fewer repeats, one scene
+    .venv-spconv/bin/python benchmarks/bench_conv.py --jit off   # NumPy path even with numba
+    .venv-spconv/bin/python benchmarks/bench_conv.py --jit both  # JIT and NumPy, side by side
 
 Each thread count runs in a fresh child process whose BLAS / OpenMP / torch thread counts
 are set before NumPy is imported. Times are medians of ``--repeat`` runs after a warm-up.
@@ -21,6 +23,10 @@ Rows (3-D, float32):
   k2s2 / k3s2     strided convolution C=32 -> 32, rulebook cached
   inv k2s2/k3s2   the transposed convolution back onto the finer sites, rulebook cached
   peak MiB        peak extra resident memory of rulebook + one forward (C=32), fresh process
+                  (with the JIT: after compiling / loading the kernels on a tiny input)
+
+Which convolution path ran is printed per run: "jit" (numba kernels, sparsegrid.cpu.jit) or
+"numpy" (the NumPy plan path). ``--jit off`` sets SPARSEGRID_JIT=0 in the children.
 """
 
 from __future__ import annotations
@@ -136,6 +142,10 @@ def memory_child(path, shape, channels):
     from spconv_baseline import _rss_kib
 
     indices = np.load(path)
+    # compile / load the JIT kernels (and import numba) before the measurement
+    tiny = sg.SparseTensor(np.ones((1, channels), np.float32), np.zeros((1, 4), np.int32),
+                           (1, 1, 1))
+    sg.submanifold_conv(tiny, np.zeros((27, channels, channels), np.float32))
     features = np.random.default_rng(0).standard_normal((len(indices), channels)).astype(np.float32)
     weight = np.zeros((27, channels, channels), np.float32)
     with open("/proc/self/clear_refs", "w") as clear:
@@ -149,6 +159,7 @@ def memory_child(path, shape, channels):
 
 
 def peak_memory(indices, shape, channels, spconv):
+    env = _thread_env(1)
     import numpy as np
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -157,7 +168,7 @@ def peak_memory(indices, shape, channels, spconv):
         ours = subprocess.run(
             [sys.executable, "-c", f"import sys; sys.path.insert(0, {HERE!r}); import bench_conv as b; "
              f"b.memory_child({path!r}, {tuple(shape)!r}, {channels})"],
-            capture_output=True, text=True, check=True, env=_thread_env(1))
+            capture_output=True, text=True, check=True, env=env)
     result = {"ours": int(json.loads(ours.stdout.splitlines()[-1])["peak_bytes"])}
     if spconv:
         import spconv_baseline as sb
@@ -172,10 +183,12 @@ def child(args):
     import scenes
     import spconv_baseline as sb
 
-    have_spconv = args.threads == 1 and sb.available() and not args.no_spconv
+    from sparsegrid import cpu
+
+    have_spconv = args.threads == 1 and sb.available() and not args.no_spconv and args.spconv
     if have_spconv:
         sb.set_threads(1)
-    report = {}
+    report = {"_path": "jit" if cpu.jit_enabled() else "numpy"}
     for name in args.scenes:
         indices, shape = scenes.SCENES[name]()
         ours, digests = sparsegrid_rows(indices, shape, args.repeat, args.channels)
@@ -207,7 +220,10 @@ def main():
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="one scene, 3 repeats")
     parser.add_argument("--no-spconv", action="store_true")
+    parser.add_argument("--jit", choices=["auto", "on", "off", "both"], default="auto",
+                        help="SPARSEGRID_JIT for the children ('both': run each path)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--spconv", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the raw results to this file")
     args = parser.parse_args()
     if args.quick:
@@ -216,22 +232,57 @@ def main():
         args.threads = int(os.environ.get("SPARSEGRID_NUM_THREADS", "1"))
         return child(args)
 
-    results = {}
-    for n in args.threads:
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", "--repeat", str(args.repeat),
-               "--scenes", *args.scenes, "--channels", *map(str, args.channels)]
-        if args.no_spconv:
-            cmd.append("--no-spconv")
-        out = subprocess.run(cmd, capture_output=True, text=True, env=_thread_env(n))
-        if out.returncode:
-            sys.stderr.write(out.stderr)
-            return out.returncode
-        results[n] = json.loads(out.stdout.split("JSON", 1)[1])
+    modes = {"auto": [None], "on": ["1"], "off": ["0"], "both": ["1", "0"]}[args.jit]
+    everything = {}
+    for m, mode in enumerate(modes):
+        results = {}
+        for n in args.threads:
+            cmd = [sys.executable, os.path.abspath(__file__), "--child", "--repeat",
+                   str(args.repeat), "--scenes", *args.scenes, "--channels",
+                   *map(str, args.channels), "--spconv", "1" if m == 0 else "0"]
+            if args.no_spconv:
+                cmd.append("--no-spconv")
+            env = _thread_env(n)
+            if mode is not None:
+                env["SPARSEGRID_JIT"] = mode
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if out.returncode:
+                sys.stderr.write(out.stderr)
+                return out.returncode
+            results[n] = json.loads(out.stdout.split("JSON", 1)[1])
+        if m > 0:  # spconv ran once; compare every path with those times
+            for n in args.threads:
+                for name in args.scenes:
+                    for key in ("spconv", "max_abs_diff_vs_spconv"):
+                        if key in everything[modes[0]][n][name]:
+                            results[n][name][key] = everything[modes[0]][n][name][key]
+                    if "memory" in everything[modes[0]][n][name]:
+                        results[n][name]["memory"] = peak_memory_with(
+                            results[n][name], everything[modes[0]][n][name], args, name, mode)
+        everything[mode] = results
+        print_report(results, args)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(results, fh, indent=1)
-    print_report(results, args)
+            json.dump(everything if len(modes) > 1 else everything[modes[0]], fh, indent=1)
     return 0
+
+
+def peak_memory_with(entry, reference, args, name, mode):
+    """Our peak memory under another SPARSEGRID_JIT mode (spconv's number reused)."""
+    sys.path.insert(0, HERE)
+    import scenes
+
+    indices, shape = scenes.SCENES[name]()
+    before = os.environ.get("SPARSEGRID_JIT")
+    os.environ["SPARSEGRID_JIT"] = mode
+    try:
+        ours = peak_memory(indices, shape, 32, False)["ours"]
+    finally:
+        if before is None:
+            del os.environ["SPARSEGRID_JIT"]
+        else:
+            os.environ["SPARSEGRID_JIT"] = before
+    return {"ours": ours, "spconv": reference["memory"]["spconv"]}
 
 
 def print_report(results, args):
@@ -240,6 +291,7 @@ def print_report(results, args):
     base = results[args.threads[0]]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"median of {args.repeat}; times in ms; ratio = sparsegrid / spconv")
+    print(f"sparsegrid convolution path: {base['_path']}")
     for name in args.scenes:
         entry = base[name]
         print(f"\n{name}: N = {entry['n']:,}")

@@ -104,8 +104,15 @@ PLAN_MAX_OFFSETS = 64
 
 
 def conv_plan(rulebook, kernels):
-    """The kernels' cached :class:`ConvPlan` of a rulebook (built on first use), or None
-    for filters with more than ``PLAN_MAX_OFFSETS`` offsets (the per-offset path runs)."""
+    """The kernels' cached plan of a rulebook (built on first use): the compiled kernels'
+    plan when they are available (numba, ``sparsegrid.cpu.jit``), else a :class:`ConvPlan`,
+    or None for filters with more than ``PLAN_MAX_OFFSETS`` offsets (the per-offset path
+    runs)."""
+    fast = getattr(kernels, "fast_plan_available", None)
+    if fast is not None and fast(rulebook.n_offsets):
+        return rulebook.derived("fast_plan", lambda: kernels.build_fast_plan(
+            rulebook.in_idx, rulebook.out_idx, rulebook.offset_ptr, rulebook.n_out,
+            rulebook.identity_offset))
     if rulebook.n_offsets > PLAN_MAX_OFFSETS:
         return None
     return rulebook.derived("conv_plan", lambda: kernels.build_conv_plan(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import jit
 from .threads import parallel_map
 
 
@@ -185,6 +186,16 @@ def build_conv_plan(in_idx, out_idx, offset_ptr, n_out, identity_offset=-1, bloc
     return ConvPlan(exact, groups, residual, identity_rows, identity_offset)
 
 
+def fast_plan_available(n_offsets):
+    """True when :func:`build_fast_plan` gives a plan (numba importable, JIT enabled)."""
+    return jit.plan_supported(n_offsets)
+
+
+def build_fast_plan(in_idx, out_idx, offset_ptr, n_out, identity_offset=-1):
+    """The compiled kernels' plan of a rulebook (:class:`sparsegrid.cpu.jit.JitPlan`)."""
+    return jit.build_plan(in_idx, out_idx, offset_ptr, n_out)
+
+
 def _stacked(weight, ks):
     return weight[list(ks)].reshape(len(ks) * weight.shape[1], weight.shape[2])
 
@@ -308,14 +319,18 @@ def conv_forward(features, weight, in_idx, out_idx, offset_ptr, n_out, bias=None
     identity_offset : int
         An offset whose pairs are (r, r) for every row (submanifold centre): its product
         is computed without gather or scatter.
-    plan : ConvPlan, optional
-        :func:`build_conv_plan` of this rulebook: same result, faster, multi-threaded
-        (ungrouped weights only).
+    plan : ConvPlan or JitPlan, optional
+        :func:`build_conv_plan` (or, with numba, :func:`build_fast_plan`) of this rulebook:
+        same result to float rounding, faster, multi-threaded (ungrouped weights only).
 
     Returns
     -------
     (n_out, Cout) array of ``features.dtype``
     """
+    if isinstance(plan, jit.JitPlan):
+        if jit.usable(features, weight, plan):
+            return jit.forward(features, weight, plan, bias)
+        plan = None
     use_plan = plan is not None and weight.ndim == 3
     out = _start_output(features, weight, n_out, bias, identity_offset,
                         plan if use_plan else None)
@@ -345,6 +360,15 @@ def conv_backward(grad_out, features, weight, in_idx, out_idx, offset_ptr, ident
     """
     grad_features = grad_weight = None
     weight_t = _transpose_weight(weight)
+    if isinstance(transposed_plan, jit.JitPlan):
+        if jit.usable(grad_out, weight, transposed_plan):
+            if need_features:
+                grad_features = jit.forward(grad_out, weight_t, transposed_plan)
+            if need_weight:
+                grad_weight = jit.weight_gradient(features, grad_out, in_idx, out_idx,
+                                                  offset_ptr, identity_offset)
+            return grad_features, grad_weight
+        transposed_plan = None
     if transposed_plan is not None and weight.ndim == 3:
         if need_features:
             grad_features = _start_output(grad_out, weight_t, len(features), None,

@@ -1,0 +1,213 @@
+"""The optional numba fast path (sparsegrid.cpu.jit) agrees with the NumPy path, gives the
+same bits for any thread count, can be switched off, and is never imported by
+``import sparsegrid``."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import sparsegrid as sg
+from sparsegrid import autodiff as ad
+from sparsegrid import cpu
+from sparsegrid.autodiff import Tensor
+from sparsegrid.autodiff.core import data_of
+from sparsegrid.cpu import jit
+from sparsegrid.functional import conv_plan
+
+from reference import random_sites
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_import_sparsegrid_does_not_import_numba():
+    code = ("import sparsegrid, sys; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('numba', 'llvmlite')]; "
+            "assert not bad, bad")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_generated_kernels_up_to_date():
+    path = pathlib.Path(jit.__file__).with_name("_jit_kernels.py")
+    assert path.read_text() == jit.generate_source(), \
+        "regenerate with: python -m sparsegrid.cpu.jit"
+
+
+def test_set_jit_enabled_rejects():
+    with pytest.raises(ValueError, match="True, False or None"):
+        cpu.set_jit_enabled(1)
+
+
+pytest.importorskip("numba")
+
+
+@pytest.fixture
+def jit_on():
+    cpu.set_jit_enabled(True)
+    yield
+    cpu.set_jit_enabled(None)
+
+
+@pytest.fixture
+def restore_threads():
+    before = sg.get_num_threads()
+    yield
+    sg.set_num_threads(before)
+
+
+def _both_paths(run):
+    """run() with the JIT, then with the NumPy path."""
+    cpu.set_jit_enabled(True)
+    try:
+        fast = run()
+        cpu.set_jit_enabled(False)
+        slow = run()
+    finally:
+        cpu.set_jit_enabled(None)
+    return fast, slow
+
+
+def _close(a, b, dtype):
+    tol = 1e-11 if dtype == np.float64 else 2e-5
+    for u, v in zip(a, b):
+        assert u.shape == v.shape and u.dtype == v.dtype
+        np.testing.assert_allclose(u, v, rtol=tol, atol=tol)
+
+
+def _tensor(rng, shape, channels, dtype, density=0.3, batch=2):
+    indices = random_sites(rng, shape, batch, density=density)
+    return sg.SparseTensor(rng.standard_normal((len(indices), channels)).astype(dtype),
+                           indices, shape)
+
+
+def _grads(op, x, w, b, dtype):
+    """Output, feature, weight and bias gradients of sum(op(x) * G) through autodiff."""
+    f = Tensor(x.features, requires_grad=True)
+    wt = Tensor(w, requires_grad=True)
+    bt = Tensor(b, requires_grad=True)
+    y = op(x.with_features(f), wt, bt)
+    g = np.random.default_rng(7).standard_normal(y.features.shape).astype(dtype)
+    ad.sum(y.features * g).backward()
+    return data_of(y.features), f.grad, wt.grad, bt.grad
+
+
+CASES = {
+    # name: (spatial shape, weight offsets, op)
+    "1d_subm3": ((40,), 3, lambda x, w, b: sg.submanifold_conv(x, w, b, 3)),
+    "2d_subm3": ((12, 11), 9, lambda x, w, b: sg.submanifold_conv(x, w, b, 3)),
+    "2d_subm4_even": ((9, 10), 16, lambda x, w, b: sg.submanifold_conv(x, w, b, 4)),
+    "3d_subm3": ((7, 6, 8), 27, lambda x, w, b: sg.submanifold_conv(x, w, b, 3)),
+    "3d_subm2_dilated": ((7, 6, 8), 8, lambda x, w, b: sg.submanifold_conv(x, w, b, 2, 2)),
+    "3d_subm5": ((6, 6, 6), 125, lambda x, w, b: sg.submanifold_conv(x, w, b, 5)),
+    "4d_subm3": ((5, 4, 5, 4), 81, lambda x, w, b: sg.submanifold_conv(x, w, b, 3)),
+    "3d_k2s2": ((8, 6, 8), 8, lambda x, w, b: sg.conv(x, w, b, 2, 2)),
+    "3d_k3s2": ((9, 7, 9), 27, lambda x, w, b: sg.conv(x, w, b, 3, 2)),
+    "3d_k2s2_deconv": ((8, 6, 8), 8,
+                       lambda x, w, b: sg.deconv(sg.conv(x, w, None, 2, 2), w, b, 2, 2)),
+    "2d_full": ((5, 6), 9, lambda x, w, b: sg.full_conv(x, w, b, 3, 2)),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_jit_matches_numpy(rng, case, dtype):
+    shape, k, op = CASES[case]
+    # channel counts that use the generated tiles, the generic tail and both together
+    for cin, cout in ((3, 5), (8, 16), (4, 12)):
+        x = _tensor(rng, shape, cin, dtype)
+        w = (rng.standard_normal((k, cin, cout)) / np.sqrt(k * cin)).astype(dtype)
+        if case == "3d_k2s2_deconv":
+            w = (rng.standard_normal((k, cin, cin)) / np.sqrt(k * cin)).astype(dtype)
+        b = rng.standard_normal(w.shape[-1]).astype(dtype)
+        fast, slow = _both_paths(lambda: _grads(op, x, w, b, dtype))
+        _close(fast, slow, dtype)
+
+
+@pytest.mark.parametrize("n_sites", [0, 1])
+def test_jit_empty_and_single_site(rng, n_sites, jit_on):
+    shape = (5, 5, 5)
+    indices = np.array([[0, 2, 3, 1]], np.int32)[:n_sites]
+    x = sg.SparseTensor(rng.standard_normal((n_sites, 4)), indices, shape)
+    w = rng.standard_normal((27, 4, 6))
+    b = rng.standard_normal(6)
+    fast, slow = _both_paths(lambda: _grads(
+        lambda x, w, b: sg.submanifold_conv(x, w, b, 3), x, w, b, np.float64))
+    _close(fast, slow, np.float64)
+    if n_sites:
+        np.testing.assert_allclose(fast[0], x.features @ w[13] + b, rtol=1e-13)
+
+
+def test_grouped_weights_fall_back(rng):
+    x = _tensor(rng, (6, 6, 6), 6, np.float64)
+    w = rng.standard_normal((27, 2, 3, 4))
+    fast, slow = _both_paths(lambda: sg.submanifold_conv(x, w).features)
+    np.testing.assert_array_equal(fast, slow)
+
+
+def test_jit_plan_is_used_and_switch_disables_it(rng):
+    x = _tensor(rng, (6, 6, 6), 4, np.float32)
+    rb = x.grid.submanifold(x.sites, 3)
+    cpu.set_jit_enabled(True)
+    try:
+        assert cpu.jit_enabled()
+        assert isinstance(conv_plan(rb, cpu), jit.JitPlan)
+        cpu.set_jit_enabled(False)
+        assert not cpu.jit_enabled()
+        assert isinstance(conv_plan(rb, cpu), cpu.ConvPlan)
+    finally:
+        cpu.set_jit_enabled(None)
+
+
+def test_environment_variable_disables_jit():
+    code = ("import numpy as np, sparsegrid as sg, sys\n"
+            "from sparsegrid import cpu\n"
+            "x = sg.SparseTensor(np.ones((2, 3), np.float32), np.array([[0, 0, 0], [0, 1, 1]], "
+            "np.int32), (3, 3))\n"
+            "sg.submanifold_conv(x, np.ones((9, 3, 3), np.float32))\n"
+            "assert not cpu.jit_enabled()\n"
+            "assert 'numba' not in sys.modules, 'numba imported although SPARSEGRID_JIT=0'\n")
+    env = dict(os.environ, SPARSEGRID_JIT="0")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_jit_bits_identical_for_1_2_3_threads(rng, jit_on, restore_threads):
+    # several units of work (> jit.UNIT_ROWS rows) so the pool really splits the rows
+    shape, c = (40, 40, 40), 24
+    indices = random_sites(rng, shape, 1, density=0.2)
+    x = sg.SparseTensor(rng.standard_normal((len(indices), c)).astype(np.float32), indices,
+                        shape)
+    w = rng.standard_normal((27, c, c)).astype(np.float32)
+    grad = rng.standard_normal((len(indices), c)).astype(np.float32)
+    rb = x.grid.submanifold(x.sites, 3)
+    assert rb.n_out > 2 * jit.UNIT_ROWS
+    results = {}
+    for n in (1, 2, 3):
+        sg.set_num_threads(n)
+        y = sg.submanifold_conv(x, w)
+        gf, gw = cpu.conv_backward(grad, x.features, w, rb.in_idx, rb.out_idx, rb.offset_ptr,
+                                   rb.identity_offset,
+                                   transposed_plan=conv_plan(rb.transpose(), cpu))
+        results[n] = (y.features, gf, gw)
+    assert isinstance(conv_plan(rb, cpu), jit.JitPlan)
+    for n in (2, 3):
+        for a, b in zip(results[1], results[n]):
+            assert np.array_equal(a, b), f"{n} threads changed the bits"
+
+
+def test_csr_plan_groups_pairs_by_output_row_in_offset_order(rng, jit_on):
+    x = _tensor(rng, (7, 7), 1, np.float32, density=0.5)
+    rb = x.grid.submanifold(x.sites, 3)
+    plan = conv_plan(rb, cpu)
+    table = rb.neighbor_map()
+    for o in range(rb.n_out):
+        lo, hi = plan.row_ptr[o], plan.row_ptr[o + 1]
+        ks = np.flatnonzero(table[o] >= 0)
+        np.testing.assert_array_equal(plan.offsets[lo:hi], ks)
+        np.testing.assert_array_equal(plan.in_rows[lo:hi], table[o, ks])
