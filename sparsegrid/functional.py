@@ -397,7 +397,7 @@ def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None, t
 
     def vjp(g):
         return kernels.batch_norm_backward(g, features, mean, var, w, b, eps, leakiness,
-                                           training)
+                                           training, out=out)
 
     return x.with_features(_differentiable(out, (x.features, weight, bias), vjp))
 

@@ -34,13 +34,14 @@ def max_pool_forward(features, in_idx, out_idx, offset_ptr, n_out):
 
 
 def max_pool_backward(grad_out, argmax, in_idx, out_idx, offset_ptr, n_in):
-    """Send each output gradient to the input row recorded in ``argmax``, channel by channel."""
-    grad_in = np.zeros((n_in, grad_out.shape[1]), grad_out.dtype)
-    for k in range(len(offset_ptr) - 1):
-        start, stop = offset_ptr[k], offset_ptr[k + 1]
-        if start == stop:
-            continue
-        rows_in, rows_out = in_idx[start:stop], out_idx[start:stop]
-        chosen = argmax.take(rows_out, axis=0) == rows_in[:, None]
-        grad_in[rows_in] += np.where(chosen, grad_out.take(rows_out, axis=0), 0)
-    return grad_in
+    """Send each output gradient to the input row recorded in ``argmax``, channel by channel.
+
+    Several outputs may pick one input (overlapping windows): their gradients are summed
+    by one ``bincount`` over (row, channel) cells, in row order (deterministic; float64
+    accumulation, rounded once to the gradient's dtype).
+    """
+    n_out, channels = grad_out.shape
+    cells = argmax.astype(np.int64) * channels + np.arange(channels)
+    total = np.bincount(cells.reshape(-1), weights=grad_out.reshape(-1),
+                        minlength=n_in * channels)
+    return total.reshape(n_in, channels).astype(grad_out.dtype, copy=False)
