@@ -211,3 +211,118 @@ def test_csr_plan_groups_pairs_by_output_row_in_offset_order(rng, jit_on):
         ks = np.flatnonzero(table[o] >= 0)
         np.testing.assert_array_equal(plan.offsets[lo:hi], ks)
         np.testing.assert_array_equal(plan.in_rows[lo:hi], table[o, ks])
+
+
+# --- compiled weight gradient (jit.weight_gradient on the transposed rulebook's plan) ----
+
+def _random_rulebook(rng, n_in, n_out, n_offsets, fill=0.4, empty=()):
+    """Pairs offset by offset; within an offset each output row at most once (the
+    rulebook's guarantee), input rows random. Offsets in ``empty`` get no pairs."""
+    ins, outs, ptr = [], [], [0]
+    for k in range(n_offsets):
+        n = 0 if k in empty or n_out == 0 or n_in == 0 else rng.binomial(n_out, fill)
+        rows = np.sort(rng.choice(n_out, size=n, replace=False)) if n else np.zeros(0, int)
+        outs.append(rows)
+        ins.append(rng.integers(0, max(n_in, 1), size=n))
+        ptr.append(ptr[-1] + n)
+    return (np.concatenate(ins).astype(np.int32), np.concatenate(outs).astype(np.int32),
+            np.array(ptr, np.int64))
+
+
+def _wgrad_numpy(x, g, in_idx, out_idx, ptr):
+    cout = g.shape[1]
+    w = np.zeros((len(ptr) - 1, x.shape[1], cout), x.dtype)
+    cpu.set_jit_enabled(False)
+    try:
+        _, grad = cpu.conv_backward(g, x, w, in_idx, out_idx, ptr, -1, need_features=False)
+    finally:
+        cpu.set_jit_enabled(None)
+    return grad
+
+
+def _wgrad_compiled(x, g, in_idx, out_idx, ptr, method="compiled"):
+    plan = jit.build_plan(out_idx, in_idx, ptr, len(x))   # the transposed rulebook's plan
+    return jit.weight_gradient(x, g, in_idx, out_idx, ptr, -1, plan=plan, method=method)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("cin, cout", [(3, 5), (8, 8), (7, 16), (16, 12), (13, 32), (6, 40),
+                                       (5, 64), (4, 70)])
+def test_compiled_weight_gradient_matches_numpy(rng, jit_on, dtype, cin, cout):
+    # every generated tile width (64, 32, 16, 8), the generic tail, and input-channel
+    # counts that leave remainders after the 6- and 8-row register tiles
+    n_in, n_out = 300, 260
+    in_idx, out_idx, ptr = _random_rulebook(rng, n_in, n_out, 27, empty=(3, 26))
+    x = rng.standard_normal((n_in, cin)).astype(dtype)
+    g = rng.standard_normal((n_out, cout)).astype(dtype)
+    fast = _wgrad_compiled(x, g, in_idx, out_idx, ptr)
+    assert fast.dtype == dtype and fast.shape == (27, cin, cout)
+    _close([fast], [_wgrad_numpy(x, g, in_idx, out_idx, ptr)], dtype)
+    assert not fast[3].any() and not fast[26].any()
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_compiled_weight_gradient_on_real_rulebooks(rng, jit_on, case, dtype):
+    # 1-D to 4-D submanifold, strided, transposed and full convolutions
+    shape, k, op = CASES[case]
+    x = _tensor(rng, shape, 8, dtype)
+    rb = x.grid.submanifold(x.sites, round(k ** (1 / len(shape)))) \
+        if "subm" in case and "even" not in case and "dilated" not in case else None
+    if rb is None:
+        return  # covered through autodiff by test_jit_matches_numpy
+    g = rng.standard_normal((rb.n_out, 16)).astype(dtype)
+    fast = jit.weight_gradient(x.features, g, rb.in_idx, rb.out_idx, rb.offset_ptr,
+                               rb.identity_offset, plan=conv_plan(rb.transpose(), cpu))
+    assert jit.wgrad_method(8, 16, conv_plan(rb.transpose(), cpu)) == "compiled"
+    slow = _wgrad_numpy(x.features, g, rb.in_idx, rb.out_idx, rb.offset_ptr)
+    _close([fast], [slow], dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_compiled_weight_gradient_edge_cases(rng, jit_on, dtype):
+    # a single pair
+    x = rng.standard_normal((4, 3)).astype(dtype)
+    g = rng.standard_normal((5, 8)).astype(dtype)
+    in_idx, out_idx = np.array([2], np.int32), np.array([4], np.int32)
+    ptr = np.array([0, 0, 1, 1], np.int64)
+    fast = _wgrad_compiled(x, g, in_idx, out_idx, ptr)
+    expected = np.zeros((3, 3, 8), dtype)
+    expected[1] = np.outer(x[2], g[4])
+    np.testing.assert_array_equal(fast, expected)  # one product per value: exact
+    # no pairs at all, no rows, no channels
+    for n_in, cin, cout in ((4, 3, 8), (0, 3, 8), (4, 0, 8), (4, 3, 0)):
+        x = rng.standard_normal((n_in, cin)).astype(dtype)
+        g = rng.standard_normal((5, cout)).astype(dtype)
+        empty = np.zeros(0, np.int32)
+        fast = _wgrad_compiled(x, g, empty, empty, np.zeros(4, np.int64))
+        assert fast.shape == (3, cin, cout) and fast.dtype == dtype and not fast.any()
+    with pytest.raises(ValueError, match="transposed JitPlan"):
+        jit.weight_gradient(x, g, empty, empty, np.zeros(4, np.int64), -1, method="compiled")
+
+
+def test_weight_gradient_method_rule():
+    plan = jit.JitPlan(np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int16), 27)
+    assert jit.wgrad_method(64, 64, plan) == "compiled"
+    assert jit.wgrad_method(16, 32, plan) == "compiled"
+    assert jit.wgrad_method(64, 65, plan) == "blas"
+    assert jit.wgrad_method(16, 16, None) == "blas"
+
+
+@pytest.mark.parametrize("method", ["compiled", "blas"])
+def test_weight_gradient_bits_identical_for_1_2_3_threads(rng, jit_on, restore_threads,
+                                                          method):
+    # several units of work (> jit.WGRAD_UNIT_ROWS input rows), two channel tiles
+    n_in, n_out = 3 * jit.WGRAD_UNIT_ROWS + 100, 3 * jit.WGRAD_UNIT_ROWS
+    in_idx, out_idx, ptr = _random_rulebook(rng, n_in, n_out, 27, fill=0.15, empty=(5,))
+    x = rng.standard_normal((n_in, 32)).astype(np.float32)
+    g = rng.standard_normal((n_out, 40)).astype(np.float32)
+    results = {}
+    for n in (1, 2, 3):
+        sg.set_num_threads(n)
+        results[n] = _wgrad_compiled(x, g, in_idx, out_idx, ptr, method=method)
+    for n in (2, 3):
+        assert np.array_equal(results[1], results[n]), f"{n} threads changed the bits"
+    if method == "compiled":  # sums of ~3,700 float32 products: tolerance scaled to them
+        slow = _wgrad_numpy(x, g, in_idx, out_idx, ptr)
+        np.testing.assert_allclose(results[1], slow, rtol=0, atol=1e-5 * np.abs(slow).max())

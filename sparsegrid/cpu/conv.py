@@ -366,7 +366,8 @@ def conv_backward(grad_out, features, weight, in_idx, out_idx, offset_ptr, ident
                 grad_features = jit.forward(grad_out, weight_t, transposed_plan)
             if need_weight:
                 grad_weight = jit.weight_gradient(features, grad_out, in_idx, out_idx,
-                                                  offset_ptr, identity_offset)
+                                                  offset_ptr, identity_offset,
+                                                  plan=transposed_plan)
             return grad_features, grad_weight
         transposed_plan = None
     if transposed_plan is not None and weight.ndim == 3:
