@@ -98,6 +98,21 @@ def _as_features(feats):
     return feats if backend.is_cupy_array(feats) else np.asarray(feats)
 
 
+def _take_rows(values, rows):
+    """``values[rows]`` for distinct ``rows``; its gradient is a plain assignment (autodiff's
+    general ``getitem`` must allow repeats and uses ``np.add.at``)."""
+    if not isinstance(values, Tensor):
+        return values[rows]
+    data = values.data
+
+    def vjp(g):
+        grad = np.zeros_like(data)
+        grad[rows] = g
+        return (grad,)
+
+    return record(data[rows], (values,), vjp)
+
+
 class InputLayerInput(list):
     """SCN's ``InputLayerInput(coords, features)``: a two-item sequence."""
 
@@ -214,7 +229,7 @@ class BLInputLayer(InputLayer):
         indices = np.concatenate([batch, coords.reshape(-1, self.dimension)[valid]], axis=1)
         flat = ops.reshape(feats, (b * length, feats.shape[2])) if isinstance(feats, Tensor) \
             else feats.reshape(b * length, feats.shape[2])
-        rows = ops.getitem(flat, valid) if isinstance(flat, Tensor) else flat[valid]
+        rows = _take_rows(flat, valid)
         tensor, input_map = F.input_layer(indices, rows, self.spatial_size, b, self.mode)
         return self._remember(tensor, input_map, (valid, b, length))
 
