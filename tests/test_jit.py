@@ -326,3 +326,99 @@ def test_weight_gradient_bits_identical_for_1_2_3_threads(rng, jit_on, restore_t
     if method == "compiled":  # sums of ~3,700 float32 products: tolerance scaled to them
         slow = _wgrad_numpy(x, g, in_idx, out_idx, ptr)
         np.testing.assert_allclose(results[1], slow, rtol=0, atol=1e-5 * np.abs(slow).max())
+
+
+# --- register tiles for 512- and 256-bit vectors (jit.FORWARD_TILES / WGRAD_TILES) -------
+
+def _forward_numpy(x, w, b, in_idx, out_idx, ptr, n_out):
+    out = np.tile(b, (n_out, 1)).astype(x.dtype)
+    for k in range(len(ptr) - 1):
+        s, e = ptr[k], ptr[k + 1]
+        out[out_idx[s:e]] += x[in_idx[s:e]] @ w[k]   # each output row once per offset
+    return out
+
+
+def test_vector_bits_is_512_or_256():
+    assert jit.vector_bits() in (512, 256)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("cin, cout", [(13, 123), (17, 59), (1, 8), (6, 3)])
+def test_every_forward_tile_both_vector_widths(rng, dtype, cin, cout):
+    # 123 = 64 + 32 + 16 + 8 + 3 and 59 = 32 + 16 + 8 + 3: every generated tile of both
+    # tables and the generic tail; many rows per offset and block, so the R-row groups,
+    # the single-row remainder and several blocks all run
+    n_in, n_out = 700, 650
+    in_idx, out_idx, ptr = _random_rulebook(rng, n_in, n_out, 27, empty=(4,))
+    x = rng.standard_normal((n_in, cin)).astype(dtype)
+    w = rng.standard_normal((27, cin, cout)).astype(dtype)
+    b = rng.standard_normal(cout).astype(dtype)
+    plan = jit.build_plan(in_idx, out_idx, ptr, n_out)
+    results = {bits: jit.forward(x, w, plan, b, bits=bits) for bits in (512, 256)}
+    # the same fused multiply-adds in the same order: identical bits at either width
+    assert np.array_equal(results[512], results[256])
+    _close([results[512]], [_forward_numpy(x, w, b, in_idx, out_idx, ptr, n_out)], dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("cout", [64, 96, 48, 24, 27, 5])
+def test_every_weight_gradient_tile_both_vector_widths(rng, dtype, cout):
+    # cout picks the register-tile width (64, 32, 16, 8, 8 + generic tail, generic only);
+    # 29 input channels leave remainders after every row count of the tables
+    n_in, n_out = 600, 550
+    in_idx, out_idx, ptr = _random_rulebook(rng, n_in, n_out, 27, empty=(0, 13))
+    x = rng.standard_normal((n_in, 29)).astype(dtype)
+    g = rng.standard_normal((n_out, cout)).astype(dtype)
+    plan = jit.build_plan(out_idx, in_idx, ptr, n_in)
+    results = {bits: jit.weight_gradient(x, g, in_idx, out_idx, ptr, -1, plan=plan,
+                                         method="compiled", bits=bits) for bits in (512, 256)}
+    assert np.array_equal(results[512], results[256])
+    _close([results[512]], [_wgrad_numpy(x, g, in_idx, out_idx, ptr)], dtype)
+
+
+def test_every_generated_kernel_is_reachable():
+    # every (width, lanes, rows) of the tables has a kernel in _jit_kernels.py, and the
+    # channel counts of the two tests above select each of them
+    kernels = jit._kernels()
+    for table, name in ((jit.FORWARD_TILES, jit._forward_name),
+                        (jit.WGRAD_TILES, jit._wgrad_name)):
+        for tiles in table.values():
+            for tile in tiles:
+                assert callable(getattr(kernels, name(*tile)))
+    for (bits, dtype), tiles in jit.FORWARD_TILES.items():
+        chosen = {(width, lanes, rows) for cout in (123, 59)
+                  for _, width, lanes, rows in jit.forward_tiles(cout, dtype, bits) if lanes}
+        assert chosen == set(tiles), (bits, dtype)
+    for (bits, dtype), tiles in jit.WGRAD_TILES.items():
+        chosen = {jit._wgrad_split(cout, dtype, bits)[1] for cout in (64, 96, 48, 24, 27)}
+        assert chosen == {jit._wgrad_name(*tile) for tile in tiles}, (bits, dtype)
+
+
+def test_simd_operations_reject_wrong_types():
+    import numba
+    from numba.core.errors import TypingError
+
+    from sparsegrid.cpu import _simd
+
+    @numba.njit
+    def load_1d(a):
+        return _simd.load8(a, 0, 0)
+
+    @numba.njit
+    def store_mismatch(a):
+        _simd.store8(a, 0, 0, _simd.splat16(a[0, 0]))
+
+    @numba.njit
+    def round_trip(a, s):
+        _simd.store4(a, 1, 2, _simd.fma(_simd.splat4(s), _simd.load4(a, 0, 0),
+                                        _simd.load4(a, 1, 2)))
+
+    with pytest.raises((TypeError, TypingError), match="2-D float32 or float64"):
+        load_1d(np.zeros(16, np.float32))
+    with pytest.raises((TypeError, TypingError), match="store8"):
+        store_mismatch(np.zeros((2, 16), np.float32))
+    a = np.arange(16, dtype=np.float64).reshape(2, 8)
+    expected = a.copy()
+    expected[1, 2:6] = 3.0 * a[0, :4] + a[1, 2:6]
+    round_trip(a, 3.0)
+    np.testing.assert_array_equal(a, expected)

@@ -3,6 +3,7 @@ do not edit: change the generator and regenerate, a test checks they agree)."""
 
 import numpy as np
 
+from ._simd import fma, load4, load8, load16, splat4, splat8, splat16, store4, store8, store16
 from .jit import _njit
 
 BLOCK_ROWS = 128
@@ -78,15 +79,16 @@ def wgrad_rows_any(x, g, row_ptr, nbr, offsets, acc, r_start, r_stop):
 
 
 @_njit
-def conv_rows_64(x, w, b, row_ptr, in_rows, offsets, out, j0, o_start, o_stop):
-    """out[o, j0:j0+64] = b + sum over o's pairs of x[i] @ w[k], w of width 64.
+def conv_t64_l16_r4(x, w, b, n_k, row_ptr, in_rows, offsets, out, j0, o_start, o_stop):
+    """out[o, j0:j0+64] = b + sum over o's pairs (i, k) of x[i] @ w[k * cin:(k + 1) * cin]
+    (w: (K * Cin, 64), b: (1, 64)), in vectors of 16 lanes.
 
     Per block of output rows, the pairs are bucketed by offset; the rows of one offset are
-    taken 2 at a time (each weight value feeds 2 accumulators). Each row's sum runs in
-    the same order whatever the grouping: bias, then its pairs by increasing offset.
+    taken 4 at a time (each weight vector feeds 4 accumulators). Each row's sum runs in
+    the same order whatever the grouping: bias, then its pairs by increasing offset, each
+    over the input channels in order, one fused multiply-add per term.
     """
     cin = x.shape[1]
-    n_k = w.shape[0]
     most = 0
     for r0 in range(o_start, o_stop, BLOCK_ROWS):
         r1 = min(o_stop, r0 + BLOCK_ROWS)
@@ -105,8 +107,10 @@ def conv_rows_64(x, w, b, row_ptr, in_rows, offsets, out, j0, o_start, o_stop):
         for k in range(n_k):
             ends[k + 1] += ends[k]
         for r in range(nb):
-            for j in range(64):
-                acc[r, j] = b[j]
+            store16(acc, r, 0, load16(b, 0, 0))
+            store16(acc, r, 16, load16(b, 0, 16))
+            store16(acc, r, 32, load16(b, 0, 32))
+            store16(acc, r, 48, load16(b, 0, 48))
             for q in range(row_ptr[r0 + r], row_ptr[r0 + r + 1]):
                 k = offsets[q]
                 pos = ends[k]
@@ -116,740 +120,114 @@ def conv_rows_64(x, w, b, row_ptr, in_rows, offsets, out, j0, o_start, o_stop):
         t = 0
         for k in range(n_k):
             stop = ends[k]
-            while t + 2 <= stop:
+            kc = k * cin
+            while t + 4 <= stop:
                 s0 = rows[t + 0]
                 i0 = ins[t + 0]
-                a0_0 = acc[s0, 0]
-                a0_1 = acc[s0, 1]
-                a0_2 = acc[s0, 2]
-                a0_3 = acc[s0, 3]
-                a0_4 = acc[s0, 4]
-                a0_5 = acc[s0, 5]
-                a0_6 = acc[s0, 6]
-                a0_7 = acc[s0, 7]
-                a0_8 = acc[s0, 8]
-                a0_9 = acc[s0, 9]
-                a0_10 = acc[s0, 10]
-                a0_11 = acc[s0, 11]
-                a0_12 = acc[s0, 12]
-                a0_13 = acc[s0, 13]
-                a0_14 = acc[s0, 14]
-                a0_15 = acc[s0, 15]
-                a0_16 = acc[s0, 16]
-                a0_17 = acc[s0, 17]
-                a0_18 = acc[s0, 18]
-                a0_19 = acc[s0, 19]
-                a0_20 = acc[s0, 20]
-                a0_21 = acc[s0, 21]
-                a0_22 = acc[s0, 22]
-                a0_23 = acc[s0, 23]
-                a0_24 = acc[s0, 24]
-                a0_25 = acc[s0, 25]
-                a0_26 = acc[s0, 26]
-                a0_27 = acc[s0, 27]
-                a0_28 = acc[s0, 28]
-                a0_29 = acc[s0, 29]
-                a0_30 = acc[s0, 30]
-                a0_31 = acc[s0, 31]
-                a0_32 = acc[s0, 32]
-                a0_33 = acc[s0, 33]
-                a0_34 = acc[s0, 34]
-                a0_35 = acc[s0, 35]
-                a0_36 = acc[s0, 36]
-                a0_37 = acc[s0, 37]
-                a0_38 = acc[s0, 38]
-                a0_39 = acc[s0, 39]
-                a0_40 = acc[s0, 40]
-                a0_41 = acc[s0, 41]
-                a0_42 = acc[s0, 42]
-                a0_43 = acc[s0, 43]
-                a0_44 = acc[s0, 44]
-                a0_45 = acc[s0, 45]
-                a0_46 = acc[s0, 46]
-                a0_47 = acc[s0, 47]
-                a0_48 = acc[s0, 48]
-                a0_49 = acc[s0, 49]
-                a0_50 = acc[s0, 50]
-                a0_51 = acc[s0, 51]
-                a0_52 = acc[s0, 52]
-                a0_53 = acc[s0, 53]
-                a0_54 = acc[s0, 54]
-                a0_55 = acc[s0, 55]
-                a0_56 = acc[s0, 56]
-                a0_57 = acc[s0, 57]
-                a0_58 = acc[s0, 58]
-                a0_59 = acc[s0, 59]
-                a0_60 = acc[s0, 60]
-                a0_61 = acc[s0, 61]
-                a0_62 = acc[s0, 62]
-                a0_63 = acc[s0, 63]
+                a0_0 = load16(acc, s0, 0)
+                a0_1 = load16(acc, s0, 16)
+                a0_2 = load16(acc, s0, 32)
+                a0_3 = load16(acc, s0, 48)
                 s1 = rows[t + 1]
                 i1 = ins[t + 1]
-                a1_0 = acc[s1, 0]
-                a1_1 = acc[s1, 1]
-                a1_2 = acc[s1, 2]
-                a1_3 = acc[s1, 3]
-                a1_4 = acc[s1, 4]
-                a1_5 = acc[s1, 5]
-                a1_6 = acc[s1, 6]
-                a1_7 = acc[s1, 7]
-                a1_8 = acc[s1, 8]
-                a1_9 = acc[s1, 9]
-                a1_10 = acc[s1, 10]
-                a1_11 = acc[s1, 11]
-                a1_12 = acc[s1, 12]
-                a1_13 = acc[s1, 13]
-                a1_14 = acc[s1, 14]
-                a1_15 = acc[s1, 15]
-                a1_16 = acc[s1, 16]
-                a1_17 = acc[s1, 17]
-                a1_18 = acc[s1, 18]
-                a1_19 = acc[s1, 19]
-                a1_20 = acc[s1, 20]
-                a1_21 = acc[s1, 21]
-                a1_22 = acc[s1, 22]
-                a1_23 = acc[s1, 23]
-                a1_24 = acc[s1, 24]
-                a1_25 = acc[s1, 25]
-                a1_26 = acc[s1, 26]
-                a1_27 = acc[s1, 27]
-                a1_28 = acc[s1, 28]
-                a1_29 = acc[s1, 29]
-                a1_30 = acc[s1, 30]
-                a1_31 = acc[s1, 31]
-                a1_32 = acc[s1, 32]
-                a1_33 = acc[s1, 33]
-                a1_34 = acc[s1, 34]
-                a1_35 = acc[s1, 35]
-                a1_36 = acc[s1, 36]
-                a1_37 = acc[s1, 37]
-                a1_38 = acc[s1, 38]
-                a1_39 = acc[s1, 39]
-                a1_40 = acc[s1, 40]
-                a1_41 = acc[s1, 41]
-                a1_42 = acc[s1, 42]
-                a1_43 = acc[s1, 43]
-                a1_44 = acc[s1, 44]
-                a1_45 = acc[s1, 45]
-                a1_46 = acc[s1, 46]
-                a1_47 = acc[s1, 47]
-                a1_48 = acc[s1, 48]
-                a1_49 = acc[s1, 49]
-                a1_50 = acc[s1, 50]
-                a1_51 = acc[s1, 51]
-                a1_52 = acc[s1, 52]
-                a1_53 = acc[s1, 53]
-                a1_54 = acc[s1, 54]
-                a1_55 = acc[s1, 55]
-                a1_56 = acc[s1, 56]
-                a1_57 = acc[s1, 57]
-                a1_58 = acc[s1, 58]
-                a1_59 = acc[s1, 59]
-                a1_60 = acc[s1, 60]
-                a1_61 = acc[s1, 61]
-                a1_62 = acc[s1, 62]
-                a1_63 = acc[s1, 63]
+                a1_0 = load16(acc, s1, 0)
+                a1_1 = load16(acc, s1, 16)
+                a1_2 = load16(acc, s1, 32)
+                a1_3 = load16(acc, s1, 48)
+                s2 = rows[t + 2]
+                i2 = ins[t + 2]
+                a2_0 = load16(acc, s2, 0)
+                a2_1 = load16(acc, s2, 16)
+                a2_2 = load16(acc, s2, 32)
+                a2_3 = load16(acc, s2, 48)
+                s3 = rows[t + 3]
+                i3 = ins[t + 3]
+                a3_0 = load16(acc, s3, 0)
+                a3_1 = load16(acc, s3, 16)
+                a3_2 = load16(acc, s3, 32)
+                a3_3 = load16(acc, s3, 48)
                 for c in range(cin):
-                    x0 = x[i0, c]
-                    x1 = x[i1, c]
-                    wv = w[k, c, 0]
-                    a0_0 += x0 * wv
-                    a1_0 += x1 * wv
-                    wv = w[k, c, 1]
-                    a0_1 += x0 * wv
-                    a1_1 += x1 * wv
-                    wv = w[k, c, 2]
-                    a0_2 += x0 * wv
-                    a1_2 += x1 * wv
-                    wv = w[k, c, 3]
-                    a0_3 += x0 * wv
-                    a1_3 += x1 * wv
-                    wv = w[k, c, 4]
-                    a0_4 += x0 * wv
-                    a1_4 += x1 * wv
-                    wv = w[k, c, 5]
-                    a0_5 += x0 * wv
-                    a1_5 += x1 * wv
-                    wv = w[k, c, 6]
-                    a0_6 += x0 * wv
-                    a1_6 += x1 * wv
-                    wv = w[k, c, 7]
-                    a0_7 += x0 * wv
-                    a1_7 += x1 * wv
-                    wv = w[k, c, 8]
-                    a0_8 += x0 * wv
-                    a1_8 += x1 * wv
-                    wv = w[k, c, 9]
-                    a0_9 += x0 * wv
-                    a1_9 += x1 * wv
-                    wv = w[k, c, 10]
-                    a0_10 += x0 * wv
-                    a1_10 += x1 * wv
-                    wv = w[k, c, 11]
-                    a0_11 += x0 * wv
-                    a1_11 += x1 * wv
-                    wv = w[k, c, 12]
-                    a0_12 += x0 * wv
-                    a1_12 += x1 * wv
-                    wv = w[k, c, 13]
-                    a0_13 += x0 * wv
-                    a1_13 += x1 * wv
-                    wv = w[k, c, 14]
-                    a0_14 += x0 * wv
-                    a1_14 += x1 * wv
-                    wv = w[k, c, 15]
-                    a0_15 += x0 * wv
-                    a1_15 += x1 * wv
-                    wv = w[k, c, 16]
-                    a0_16 += x0 * wv
-                    a1_16 += x1 * wv
-                    wv = w[k, c, 17]
-                    a0_17 += x0 * wv
-                    a1_17 += x1 * wv
-                    wv = w[k, c, 18]
-                    a0_18 += x0 * wv
-                    a1_18 += x1 * wv
-                    wv = w[k, c, 19]
-                    a0_19 += x0 * wv
-                    a1_19 += x1 * wv
-                    wv = w[k, c, 20]
-                    a0_20 += x0 * wv
-                    a1_20 += x1 * wv
-                    wv = w[k, c, 21]
-                    a0_21 += x0 * wv
-                    a1_21 += x1 * wv
-                    wv = w[k, c, 22]
-                    a0_22 += x0 * wv
-                    a1_22 += x1 * wv
-                    wv = w[k, c, 23]
-                    a0_23 += x0 * wv
-                    a1_23 += x1 * wv
-                    wv = w[k, c, 24]
-                    a0_24 += x0 * wv
-                    a1_24 += x1 * wv
-                    wv = w[k, c, 25]
-                    a0_25 += x0 * wv
-                    a1_25 += x1 * wv
-                    wv = w[k, c, 26]
-                    a0_26 += x0 * wv
-                    a1_26 += x1 * wv
-                    wv = w[k, c, 27]
-                    a0_27 += x0 * wv
-                    a1_27 += x1 * wv
-                    wv = w[k, c, 28]
-                    a0_28 += x0 * wv
-                    a1_28 += x1 * wv
-                    wv = w[k, c, 29]
-                    a0_29 += x0 * wv
-                    a1_29 += x1 * wv
-                    wv = w[k, c, 30]
-                    a0_30 += x0 * wv
-                    a1_30 += x1 * wv
-                    wv = w[k, c, 31]
-                    a0_31 += x0 * wv
-                    a1_31 += x1 * wv
-                    wv = w[k, c, 32]
-                    a0_32 += x0 * wv
-                    a1_32 += x1 * wv
-                    wv = w[k, c, 33]
-                    a0_33 += x0 * wv
-                    a1_33 += x1 * wv
-                    wv = w[k, c, 34]
-                    a0_34 += x0 * wv
-                    a1_34 += x1 * wv
-                    wv = w[k, c, 35]
-                    a0_35 += x0 * wv
-                    a1_35 += x1 * wv
-                    wv = w[k, c, 36]
-                    a0_36 += x0 * wv
-                    a1_36 += x1 * wv
-                    wv = w[k, c, 37]
-                    a0_37 += x0 * wv
-                    a1_37 += x1 * wv
-                    wv = w[k, c, 38]
-                    a0_38 += x0 * wv
-                    a1_38 += x1 * wv
-                    wv = w[k, c, 39]
-                    a0_39 += x0 * wv
-                    a1_39 += x1 * wv
-                    wv = w[k, c, 40]
-                    a0_40 += x0 * wv
-                    a1_40 += x1 * wv
-                    wv = w[k, c, 41]
-                    a0_41 += x0 * wv
-                    a1_41 += x1 * wv
-                    wv = w[k, c, 42]
-                    a0_42 += x0 * wv
-                    a1_42 += x1 * wv
-                    wv = w[k, c, 43]
-                    a0_43 += x0 * wv
-                    a1_43 += x1 * wv
-                    wv = w[k, c, 44]
-                    a0_44 += x0 * wv
-                    a1_44 += x1 * wv
-                    wv = w[k, c, 45]
-                    a0_45 += x0 * wv
-                    a1_45 += x1 * wv
-                    wv = w[k, c, 46]
-                    a0_46 += x0 * wv
-                    a1_46 += x1 * wv
-                    wv = w[k, c, 47]
-                    a0_47 += x0 * wv
-                    a1_47 += x1 * wv
-                    wv = w[k, c, 48]
-                    a0_48 += x0 * wv
-                    a1_48 += x1 * wv
-                    wv = w[k, c, 49]
-                    a0_49 += x0 * wv
-                    a1_49 += x1 * wv
-                    wv = w[k, c, 50]
-                    a0_50 += x0 * wv
-                    a1_50 += x1 * wv
-                    wv = w[k, c, 51]
-                    a0_51 += x0 * wv
-                    a1_51 += x1 * wv
-                    wv = w[k, c, 52]
-                    a0_52 += x0 * wv
-                    a1_52 += x1 * wv
-                    wv = w[k, c, 53]
-                    a0_53 += x0 * wv
-                    a1_53 += x1 * wv
-                    wv = w[k, c, 54]
-                    a0_54 += x0 * wv
-                    a1_54 += x1 * wv
-                    wv = w[k, c, 55]
-                    a0_55 += x0 * wv
-                    a1_55 += x1 * wv
-                    wv = w[k, c, 56]
-                    a0_56 += x0 * wv
-                    a1_56 += x1 * wv
-                    wv = w[k, c, 57]
-                    a0_57 += x0 * wv
-                    a1_57 += x1 * wv
-                    wv = w[k, c, 58]
-                    a0_58 += x0 * wv
-                    a1_58 += x1 * wv
-                    wv = w[k, c, 59]
-                    a0_59 += x0 * wv
-                    a1_59 += x1 * wv
-                    wv = w[k, c, 60]
-                    a0_60 += x0 * wv
-                    a1_60 += x1 * wv
-                    wv = w[k, c, 61]
-                    a0_61 += x0 * wv
-                    a1_61 += x1 * wv
-                    wv = w[k, c, 62]
-                    a0_62 += x0 * wv
-                    a1_62 += x1 * wv
-                    wv = w[k, c, 63]
-                    a0_63 += x0 * wv
-                    a1_63 += x1 * wv
-                acc[s0, 0] = a0_0
-                acc[s0, 1] = a0_1
-                acc[s0, 2] = a0_2
-                acc[s0, 3] = a0_3
-                acc[s0, 4] = a0_4
-                acc[s0, 5] = a0_5
-                acc[s0, 6] = a0_6
-                acc[s0, 7] = a0_7
-                acc[s0, 8] = a0_8
-                acc[s0, 9] = a0_9
-                acc[s0, 10] = a0_10
-                acc[s0, 11] = a0_11
-                acc[s0, 12] = a0_12
-                acc[s0, 13] = a0_13
-                acc[s0, 14] = a0_14
-                acc[s0, 15] = a0_15
-                acc[s0, 16] = a0_16
-                acc[s0, 17] = a0_17
-                acc[s0, 18] = a0_18
-                acc[s0, 19] = a0_19
-                acc[s0, 20] = a0_20
-                acc[s0, 21] = a0_21
-                acc[s0, 22] = a0_22
-                acc[s0, 23] = a0_23
-                acc[s0, 24] = a0_24
-                acc[s0, 25] = a0_25
-                acc[s0, 26] = a0_26
-                acc[s0, 27] = a0_27
-                acc[s0, 28] = a0_28
-                acc[s0, 29] = a0_29
-                acc[s0, 30] = a0_30
-                acc[s0, 31] = a0_31
-                acc[s0, 32] = a0_32
-                acc[s0, 33] = a0_33
-                acc[s0, 34] = a0_34
-                acc[s0, 35] = a0_35
-                acc[s0, 36] = a0_36
-                acc[s0, 37] = a0_37
-                acc[s0, 38] = a0_38
-                acc[s0, 39] = a0_39
-                acc[s0, 40] = a0_40
-                acc[s0, 41] = a0_41
-                acc[s0, 42] = a0_42
-                acc[s0, 43] = a0_43
-                acc[s0, 44] = a0_44
-                acc[s0, 45] = a0_45
-                acc[s0, 46] = a0_46
-                acc[s0, 47] = a0_47
-                acc[s0, 48] = a0_48
-                acc[s0, 49] = a0_49
-                acc[s0, 50] = a0_50
-                acc[s0, 51] = a0_51
-                acc[s0, 52] = a0_52
-                acc[s0, 53] = a0_53
-                acc[s0, 54] = a0_54
-                acc[s0, 55] = a0_55
-                acc[s0, 56] = a0_56
-                acc[s0, 57] = a0_57
-                acc[s0, 58] = a0_58
-                acc[s0, 59] = a0_59
-                acc[s0, 60] = a0_60
-                acc[s0, 61] = a0_61
-                acc[s0, 62] = a0_62
-                acc[s0, 63] = a0_63
-                acc[s1, 0] = a1_0
-                acc[s1, 1] = a1_1
-                acc[s1, 2] = a1_2
-                acc[s1, 3] = a1_3
-                acc[s1, 4] = a1_4
-                acc[s1, 5] = a1_5
-                acc[s1, 6] = a1_6
-                acc[s1, 7] = a1_7
-                acc[s1, 8] = a1_8
-                acc[s1, 9] = a1_9
-                acc[s1, 10] = a1_10
-                acc[s1, 11] = a1_11
-                acc[s1, 12] = a1_12
-                acc[s1, 13] = a1_13
-                acc[s1, 14] = a1_14
-                acc[s1, 15] = a1_15
-                acc[s1, 16] = a1_16
-                acc[s1, 17] = a1_17
-                acc[s1, 18] = a1_18
-                acc[s1, 19] = a1_19
-                acc[s1, 20] = a1_20
-                acc[s1, 21] = a1_21
-                acc[s1, 22] = a1_22
-                acc[s1, 23] = a1_23
-                acc[s1, 24] = a1_24
-                acc[s1, 25] = a1_25
-                acc[s1, 26] = a1_26
-                acc[s1, 27] = a1_27
-                acc[s1, 28] = a1_28
-                acc[s1, 29] = a1_29
-                acc[s1, 30] = a1_30
-                acc[s1, 31] = a1_31
-                acc[s1, 32] = a1_32
-                acc[s1, 33] = a1_33
-                acc[s1, 34] = a1_34
-                acc[s1, 35] = a1_35
-                acc[s1, 36] = a1_36
-                acc[s1, 37] = a1_37
-                acc[s1, 38] = a1_38
-                acc[s1, 39] = a1_39
-                acc[s1, 40] = a1_40
-                acc[s1, 41] = a1_41
-                acc[s1, 42] = a1_42
-                acc[s1, 43] = a1_43
-                acc[s1, 44] = a1_44
-                acc[s1, 45] = a1_45
-                acc[s1, 46] = a1_46
-                acc[s1, 47] = a1_47
-                acc[s1, 48] = a1_48
-                acc[s1, 49] = a1_49
-                acc[s1, 50] = a1_50
-                acc[s1, 51] = a1_51
-                acc[s1, 52] = a1_52
-                acc[s1, 53] = a1_53
-                acc[s1, 54] = a1_54
-                acc[s1, 55] = a1_55
-                acc[s1, 56] = a1_56
-                acc[s1, 57] = a1_57
-                acc[s1, 58] = a1_58
-                acc[s1, 59] = a1_59
-                acc[s1, 60] = a1_60
-                acc[s1, 61] = a1_61
-                acc[s1, 62] = a1_62
-                acc[s1, 63] = a1_63
-                t += 2
+                    w0 = load16(w, kc + c, 0)
+                    w1 = load16(w, kc + c, 16)
+                    w2 = load16(w, kc + c, 32)
+                    w3 = load16(w, kc + c, 48)
+                    x0 = splat16(x[i0, c])
+                    a0_0 = fma(x0, w0, a0_0)
+                    a0_1 = fma(x0, w1, a0_1)
+                    a0_2 = fma(x0, w2, a0_2)
+                    a0_3 = fma(x0, w3, a0_3)
+                    x1 = splat16(x[i1, c])
+                    a1_0 = fma(x1, w0, a1_0)
+                    a1_1 = fma(x1, w1, a1_1)
+                    a1_2 = fma(x1, w2, a1_2)
+                    a1_3 = fma(x1, w3, a1_3)
+                    x2 = splat16(x[i2, c])
+                    a2_0 = fma(x2, w0, a2_0)
+                    a2_1 = fma(x2, w1, a2_1)
+                    a2_2 = fma(x2, w2, a2_2)
+                    a2_3 = fma(x2, w3, a2_3)
+                    x3 = splat16(x[i3, c])
+                    a3_0 = fma(x3, w0, a3_0)
+                    a3_1 = fma(x3, w1, a3_1)
+                    a3_2 = fma(x3, w2, a3_2)
+                    a3_3 = fma(x3, w3, a3_3)
+                store16(acc, s0, 0, a0_0)
+                store16(acc, s0, 16, a0_1)
+                store16(acc, s0, 32, a0_2)
+                store16(acc, s0, 48, a0_3)
+                store16(acc, s1, 0, a1_0)
+                store16(acc, s1, 16, a1_1)
+                store16(acc, s1, 32, a1_2)
+                store16(acc, s1, 48, a1_3)
+                store16(acc, s2, 0, a2_0)
+                store16(acc, s2, 16, a2_1)
+                store16(acc, s2, 32, a2_2)
+                store16(acc, s2, 48, a2_3)
+                store16(acc, s3, 0, a3_0)
+                store16(acc, s3, 16, a3_1)
+                store16(acc, s3, 32, a3_2)
+                store16(acc, s3, 48, a3_3)
+                t += 4
             while t < stop:
                 s0 = rows[t + 0]
                 i0 = ins[t + 0]
-                a0_0 = acc[s0, 0]
-                a0_1 = acc[s0, 1]
-                a0_2 = acc[s0, 2]
-                a0_3 = acc[s0, 3]
-                a0_4 = acc[s0, 4]
-                a0_5 = acc[s0, 5]
-                a0_6 = acc[s0, 6]
-                a0_7 = acc[s0, 7]
-                a0_8 = acc[s0, 8]
-                a0_9 = acc[s0, 9]
-                a0_10 = acc[s0, 10]
-                a0_11 = acc[s0, 11]
-                a0_12 = acc[s0, 12]
-                a0_13 = acc[s0, 13]
-                a0_14 = acc[s0, 14]
-                a0_15 = acc[s0, 15]
-                a0_16 = acc[s0, 16]
-                a0_17 = acc[s0, 17]
-                a0_18 = acc[s0, 18]
-                a0_19 = acc[s0, 19]
-                a0_20 = acc[s0, 20]
-                a0_21 = acc[s0, 21]
-                a0_22 = acc[s0, 22]
-                a0_23 = acc[s0, 23]
-                a0_24 = acc[s0, 24]
-                a0_25 = acc[s0, 25]
-                a0_26 = acc[s0, 26]
-                a0_27 = acc[s0, 27]
-                a0_28 = acc[s0, 28]
-                a0_29 = acc[s0, 29]
-                a0_30 = acc[s0, 30]
-                a0_31 = acc[s0, 31]
-                a0_32 = acc[s0, 32]
-                a0_33 = acc[s0, 33]
-                a0_34 = acc[s0, 34]
-                a0_35 = acc[s0, 35]
-                a0_36 = acc[s0, 36]
-                a0_37 = acc[s0, 37]
-                a0_38 = acc[s0, 38]
-                a0_39 = acc[s0, 39]
-                a0_40 = acc[s0, 40]
-                a0_41 = acc[s0, 41]
-                a0_42 = acc[s0, 42]
-                a0_43 = acc[s0, 43]
-                a0_44 = acc[s0, 44]
-                a0_45 = acc[s0, 45]
-                a0_46 = acc[s0, 46]
-                a0_47 = acc[s0, 47]
-                a0_48 = acc[s0, 48]
-                a0_49 = acc[s0, 49]
-                a0_50 = acc[s0, 50]
-                a0_51 = acc[s0, 51]
-                a0_52 = acc[s0, 52]
-                a0_53 = acc[s0, 53]
-                a0_54 = acc[s0, 54]
-                a0_55 = acc[s0, 55]
-                a0_56 = acc[s0, 56]
-                a0_57 = acc[s0, 57]
-                a0_58 = acc[s0, 58]
-                a0_59 = acc[s0, 59]
-                a0_60 = acc[s0, 60]
-                a0_61 = acc[s0, 61]
-                a0_62 = acc[s0, 62]
-                a0_63 = acc[s0, 63]
+                a0_0 = load16(acc, s0, 0)
+                a0_1 = load16(acc, s0, 16)
+                a0_2 = load16(acc, s0, 32)
+                a0_3 = load16(acc, s0, 48)
                 for c in range(cin):
-                    x0 = x[i0, c]
-                    wv = w[k, c, 0]
-                    a0_0 += x0 * wv
-                    wv = w[k, c, 1]
-                    a0_1 += x0 * wv
-                    wv = w[k, c, 2]
-                    a0_2 += x0 * wv
-                    wv = w[k, c, 3]
-                    a0_3 += x0 * wv
-                    wv = w[k, c, 4]
-                    a0_4 += x0 * wv
-                    wv = w[k, c, 5]
-                    a0_5 += x0 * wv
-                    wv = w[k, c, 6]
-                    a0_6 += x0 * wv
-                    wv = w[k, c, 7]
-                    a0_7 += x0 * wv
-                    wv = w[k, c, 8]
-                    a0_8 += x0 * wv
-                    wv = w[k, c, 9]
-                    a0_9 += x0 * wv
-                    wv = w[k, c, 10]
-                    a0_10 += x0 * wv
-                    wv = w[k, c, 11]
-                    a0_11 += x0 * wv
-                    wv = w[k, c, 12]
-                    a0_12 += x0 * wv
-                    wv = w[k, c, 13]
-                    a0_13 += x0 * wv
-                    wv = w[k, c, 14]
-                    a0_14 += x0 * wv
-                    wv = w[k, c, 15]
-                    a0_15 += x0 * wv
-                    wv = w[k, c, 16]
-                    a0_16 += x0 * wv
-                    wv = w[k, c, 17]
-                    a0_17 += x0 * wv
-                    wv = w[k, c, 18]
-                    a0_18 += x0 * wv
-                    wv = w[k, c, 19]
-                    a0_19 += x0 * wv
-                    wv = w[k, c, 20]
-                    a0_20 += x0 * wv
-                    wv = w[k, c, 21]
-                    a0_21 += x0 * wv
-                    wv = w[k, c, 22]
-                    a0_22 += x0 * wv
-                    wv = w[k, c, 23]
-                    a0_23 += x0 * wv
-                    wv = w[k, c, 24]
-                    a0_24 += x0 * wv
-                    wv = w[k, c, 25]
-                    a0_25 += x0 * wv
-                    wv = w[k, c, 26]
-                    a0_26 += x0 * wv
-                    wv = w[k, c, 27]
-                    a0_27 += x0 * wv
-                    wv = w[k, c, 28]
-                    a0_28 += x0 * wv
-                    wv = w[k, c, 29]
-                    a0_29 += x0 * wv
-                    wv = w[k, c, 30]
-                    a0_30 += x0 * wv
-                    wv = w[k, c, 31]
-                    a0_31 += x0 * wv
-                    wv = w[k, c, 32]
-                    a0_32 += x0 * wv
-                    wv = w[k, c, 33]
-                    a0_33 += x0 * wv
-                    wv = w[k, c, 34]
-                    a0_34 += x0 * wv
-                    wv = w[k, c, 35]
-                    a0_35 += x0 * wv
-                    wv = w[k, c, 36]
-                    a0_36 += x0 * wv
-                    wv = w[k, c, 37]
-                    a0_37 += x0 * wv
-                    wv = w[k, c, 38]
-                    a0_38 += x0 * wv
-                    wv = w[k, c, 39]
-                    a0_39 += x0 * wv
-                    wv = w[k, c, 40]
-                    a0_40 += x0 * wv
-                    wv = w[k, c, 41]
-                    a0_41 += x0 * wv
-                    wv = w[k, c, 42]
-                    a0_42 += x0 * wv
-                    wv = w[k, c, 43]
-                    a0_43 += x0 * wv
-                    wv = w[k, c, 44]
-                    a0_44 += x0 * wv
-                    wv = w[k, c, 45]
-                    a0_45 += x0 * wv
-                    wv = w[k, c, 46]
-                    a0_46 += x0 * wv
-                    wv = w[k, c, 47]
-                    a0_47 += x0 * wv
-                    wv = w[k, c, 48]
-                    a0_48 += x0 * wv
-                    wv = w[k, c, 49]
-                    a0_49 += x0 * wv
-                    wv = w[k, c, 50]
-                    a0_50 += x0 * wv
-                    wv = w[k, c, 51]
-                    a0_51 += x0 * wv
-                    wv = w[k, c, 52]
-                    a0_52 += x0 * wv
-                    wv = w[k, c, 53]
-                    a0_53 += x0 * wv
-                    wv = w[k, c, 54]
-                    a0_54 += x0 * wv
-                    wv = w[k, c, 55]
-                    a0_55 += x0 * wv
-                    wv = w[k, c, 56]
-                    a0_56 += x0 * wv
-                    wv = w[k, c, 57]
-                    a0_57 += x0 * wv
-                    wv = w[k, c, 58]
-                    a0_58 += x0 * wv
-                    wv = w[k, c, 59]
-                    a0_59 += x0 * wv
-                    wv = w[k, c, 60]
-                    a0_60 += x0 * wv
-                    wv = w[k, c, 61]
-                    a0_61 += x0 * wv
-                    wv = w[k, c, 62]
-                    a0_62 += x0 * wv
-                    wv = w[k, c, 63]
-                    a0_63 += x0 * wv
-                acc[s0, 0] = a0_0
-                acc[s0, 1] = a0_1
-                acc[s0, 2] = a0_2
-                acc[s0, 3] = a0_3
-                acc[s0, 4] = a0_4
-                acc[s0, 5] = a0_5
-                acc[s0, 6] = a0_6
-                acc[s0, 7] = a0_7
-                acc[s0, 8] = a0_8
-                acc[s0, 9] = a0_9
-                acc[s0, 10] = a0_10
-                acc[s0, 11] = a0_11
-                acc[s0, 12] = a0_12
-                acc[s0, 13] = a0_13
-                acc[s0, 14] = a0_14
-                acc[s0, 15] = a0_15
-                acc[s0, 16] = a0_16
-                acc[s0, 17] = a0_17
-                acc[s0, 18] = a0_18
-                acc[s0, 19] = a0_19
-                acc[s0, 20] = a0_20
-                acc[s0, 21] = a0_21
-                acc[s0, 22] = a0_22
-                acc[s0, 23] = a0_23
-                acc[s0, 24] = a0_24
-                acc[s0, 25] = a0_25
-                acc[s0, 26] = a0_26
-                acc[s0, 27] = a0_27
-                acc[s0, 28] = a0_28
-                acc[s0, 29] = a0_29
-                acc[s0, 30] = a0_30
-                acc[s0, 31] = a0_31
-                acc[s0, 32] = a0_32
-                acc[s0, 33] = a0_33
-                acc[s0, 34] = a0_34
-                acc[s0, 35] = a0_35
-                acc[s0, 36] = a0_36
-                acc[s0, 37] = a0_37
-                acc[s0, 38] = a0_38
-                acc[s0, 39] = a0_39
-                acc[s0, 40] = a0_40
-                acc[s0, 41] = a0_41
-                acc[s0, 42] = a0_42
-                acc[s0, 43] = a0_43
-                acc[s0, 44] = a0_44
-                acc[s0, 45] = a0_45
-                acc[s0, 46] = a0_46
-                acc[s0, 47] = a0_47
-                acc[s0, 48] = a0_48
-                acc[s0, 49] = a0_49
-                acc[s0, 50] = a0_50
-                acc[s0, 51] = a0_51
-                acc[s0, 52] = a0_52
-                acc[s0, 53] = a0_53
-                acc[s0, 54] = a0_54
-                acc[s0, 55] = a0_55
-                acc[s0, 56] = a0_56
-                acc[s0, 57] = a0_57
-                acc[s0, 58] = a0_58
-                acc[s0, 59] = a0_59
-                acc[s0, 60] = a0_60
-                acc[s0, 61] = a0_61
-                acc[s0, 62] = a0_62
-                acc[s0, 63] = a0_63
+                    w0 = load16(w, kc + c, 0)
+                    w1 = load16(w, kc + c, 16)
+                    w2 = load16(w, kc + c, 32)
+                    w3 = load16(w, kc + c, 48)
+                    x0 = splat16(x[i0, c])
+                    a0_0 = fma(x0, w0, a0_0)
+                    a0_1 = fma(x0, w1, a0_1)
+                    a0_2 = fma(x0, w2, a0_2)
+                    a0_3 = fma(x0, w3, a0_3)
+                store16(acc, s0, 0, a0_0)
+                store16(acc, s0, 16, a0_1)
+                store16(acc, s0, 32, a0_2)
+                store16(acc, s0, 48, a0_3)
                 t += 1
         for r in range(nb):
-            for j in range(64):
-                out[r0 + r, j0 + j] = acc[r, j]
+            store16(out, r0 + r, j0 + 0, load16(acc, r, 0))
+            store16(out, r0 + r, j0 + 16, load16(acc, r, 16))
+            store16(out, r0 + r, j0 + 32, load16(acc, r, 32))
+            store16(out, r0 + r, j0 + 48, load16(acc, r, 48))
 
 
 @_njit
-def conv_rows_32(x, w, b, row_ptr, in_rows, offsets, out, j0, o_start, o_stop):
-    """out[o, j0:j0+32] = b + sum over o's pairs of x[i] @ w[k], w of width 32.
+def conv_t32_l16_r6(x, w, b, n_k, row_ptr, in_rows, offsets, out, j0, o_start, o_stop):
+    """out[o, j0:j0+32] = b + sum over o's pairs (i, k) of x[i] @ w[k * cin:(k + 1) * cin]
+    (w: (K * Cin, 32), b: (1, 32)), in vectors of 16 lanes.
 
     Per block of output rows, the pairs are bucketed by offset; the rows of one offset are
-    taken 4 at a time (each weight value feeds 4 accumulators). Each row's sum runs in
-    the same order whatever the grouping: bias, then its pairs by increasing offset.
+    taken 6 at a time (each weight vector feeds 6 accumulators). Each row's sum runs in
+    the same order whatever the grouping: bias, then its pairs by increasing offset, each
+    over the input channels in order, one fused multiply-add per term.
     """
     cin = x.shape[1]
-    n_k = w.shape[0]
     most = 0
     for r0 in range(o_start, o_stop, BLOCK_ROWS):
         r1 = min(o_stop, r0 + BLOCK_ROWS)
@@ -868,8 +246,8 @@ def conv_rows_32(x, w, b, row_ptr, in_rows, offsets, out, j0, o_start, o_stop):
         for k in range(n_k):
             ends[k + 1] += ends[k]
         for r in range(nb):
-            for j in range(32):
-                acc[r, j] = b[j]
+            store16(acc, r, 0, load16(b, 0, 0))
+            store16(acc, r, 16, load16(b, 0, 16))
             for q in range(row_ptr[r0 + r], row_ptr[r0 + r + 1]):
                 k = offsets[q]
                 pos = ends[k]
@@ -879,586 +257,344 @@ def conv_rows_32(x, w, b, row_ptr, in_rows, offsets, out, j0, o_start, o_stop):
         t = 0
         for k in range(n_k):
             stop = ends[k]
+            kc = k * cin
+            while t + 6 <= stop:
+                s0 = rows[t + 0]
+                i0 = ins[t + 0]
+                a0_0 = load16(acc, s0, 0)
+                a0_1 = load16(acc, s0, 16)
+                s1 = rows[t + 1]
+                i1 = ins[t + 1]
+                a1_0 = load16(acc, s1, 0)
+                a1_1 = load16(acc, s1, 16)
+                s2 = rows[t + 2]
+                i2 = ins[t + 2]
+                a2_0 = load16(acc, s2, 0)
+                a2_1 = load16(acc, s2, 16)
+                s3 = rows[t + 3]
+                i3 = ins[t + 3]
+                a3_0 = load16(acc, s3, 0)
+                a3_1 = load16(acc, s3, 16)
+                s4 = rows[t + 4]
+                i4 = ins[t + 4]
+                a4_0 = load16(acc, s4, 0)
+                a4_1 = load16(acc, s4, 16)
+                s5 = rows[t + 5]
+                i5 = ins[t + 5]
+                a5_0 = load16(acc, s5, 0)
+                a5_1 = load16(acc, s5, 16)
+                for c in range(cin):
+                    w0 = load16(w, kc + c, 0)
+                    w1 = load16(w, kc + c, 16)
+                    x0 = splat16(x[i0, c])
+                    a0_0 = fma(x0, w0, a0_0)
+                    a0_1 = fma(x0, w1, a0_1)
+                    x1 = splat16(x[i1, c])
+                    a1_0 = fma(x1, w0, a1_0)
+                    a1_1 = fma(x1, w1, a1_1)
+                    x2 = splat16(x[i2, c])
+                    a2_0 = fma(x2, w0, a2_0)
+                    a2_1 = fma(x2, w1, a2_1)
+                    x3 = splat16(x[i3, c])
+                    a3_0 = fma(x3, w0, a3_0)
+                    a3_1 = fma(x3, w1, a3_1)
+                    x4 = splat16(x[i4, c])
+                    a4_0 = fma(x4, w0, a4_0)
+                    a4_1 = fma(x4, w1, a4_1)
+                    x5 = splat16(x[i5, c])
+                    a5_0 = fma(x5, w0, a5_0)
+                    a5_1 = fma(x5, w1, a5_1)
+                store16(acc, s0, 0, a0_0)
+                store16(acc, s0, 16, a0_1)
+                store16(acc, s1, 0, a1_0)
+                store16(acc, s1, 16, a1_1)
+                store16(acc, s2, 0, a2_0)
+                store16(acc, s2, 16, a2_1)
+                store16(acc, s3, 0, a3_0)
+                store16(acc, s3, 16, a3_1)
+                store16(acc, s4, 0, a4_0)
+                store16(acc, s4, 16, a4_1)
+                store16(acc, s5, 0, a5_0)
+                store16(acc, s5, 16, a5_1)
+                t += 6
+            while t < stop:
+                s0 = rows[t + 0]
+                i0 = ins[t + 0]
+                a0_0 = load16(acc, s0, 0)
+                a0_1 = load16(acc, s0, 16)
+                for c in range(cin):
+                    w0 = load16(w, kc + c, 0)
+                    w1 = load16(w, kc + c, 16)
+                    x0 = splat16(x[i0, c])
+                    a0_0 = fma(x0, w0, a0_0)
+                    a0_1 = fma(x0, w1, a0_1)
+                store16(acc, s0, 0, a0_0)
+                store16(acc, s0, 16, a0_1)
+                t += 1
+        for r in range(nb):
+            store16(out, r0 + r, j0 + 0, load16(acc, r, 0))
+            store16(out, r0 + r, j0 + 16, load16(acc, r, 16))
+
+
+@_njit
+def conv_t32_l8_r4(x, w, b, n_k, row_ptr, in_rows, offsets, out, j0, o_start, o_stop):
+    """out[o, j0:j0+32] = b + sum over o's pairs (i, k) of x[i] @ w[k * cin:(k + 1) * cin]
+    (w: (K * Cin, 32), b: (1, 32)), in vectors of 8 lanes.
+
+    Per block of output rows, the pairs are bucketed by offset; the rows of one offset are
+    taken 4 at a time (each weight vector feeds 4 accumulators). Each row's sum runs in
+    the same order whatever the grouping: bias, then its pairs by increasing offset, each
+    over the input channels in order, one fused multiply-add per term.
+    """
+    cin = x.shape[1]
+    most = 0
+    for r0 in range(o_start, o_stop, BLOCK_ROWS):
+        r1 = min(o_stop, r0 + BLOCK_ROWS)
+        most = max(most, row_ptr[r1] - row_ptr[r0])
+    rows = np.empty(most, np.int64)
+    ins = np.empty(most, np.int64)
+    ends = np.empty(n_k + 1, np.int64)
+    acc = np.empty((BLOCK_ROWS, 32), out.dtype)
+    for r0 in range(o_start, o_stop, BLOCK_ROWS):
+        nb = min(o_stop, r0 + BLOCK_ROWS) - r0
+        p0 = row_ptr[r0]
+        for k in range(n_k + 1):
+            ends[k] = 0
+        for q in range(p0, row_ptr[r0 + nb]):
+            ends[offsets[q] + 1] += 1
+        for k in range(n_k):
+            ends[k + 1] += ends[k]
+        for r in range(nb):
+            store8(acc, r, 0, load8(b, 0, 0))
+            store8(acc, r, 8, load8(b, 0, 8))
+            store8(acc, r, 16, load8(b, 0, 16))
+            store8(acc, r, 24, load8(b, 0, 24))
+            for q in range(row_ptr[r0 + r], row_ptr[r0 + r + 1]):
+                k = offsets[q]
+                pos = ends[k]
+                rows[pos] = r
+                ins[pos] = in_rows[q]
+                ends[k] = pos + 1
+        t = 0
+        for k in range(n_k):
+            stop = ends[k]
+            kc = k * cin
             while t + 4 <= stop:
                 s0 = rows[t + 0]
                 i0 = ins[t + 0]
-                a0_0 = acc[s0, 0]
-                a0_1 = acc[s0, 1]
-                a0_2 = acc[s0, 2]
-                a0_3 = acc[s0, 3]
-                a0_4 = acc[s0, 4]
-                a0_5 = acc[s0, 5]
-                a0_6 = acc[s0, 6]
-                a0_7 = acc[s0, 7]
-                a0_8 = acc[s0, 8]
-                a0_9 = acc[s0, 9]
-                a0_10 = acc[s0, 10]
-                a0_11 = acc[s0, 11]
-                a0_12 = acc[s0, 12]
-                a0_13 = acc[s0, 13]
-                a0_14 = acc[s0, 14]
-                a0_15 = acc[s0, 15]
-                a0_16 = acc[s0, 16]
-                a0_17 = acc[s0, 17]
-                a0_18 = acc[s0, 18]
-                a0_19 = acc[s0, 19]
-                a0_20 = acc[s0, 20]
-                a0_21 = acc[s0, 21]
-                a0_22 = acc[s0, 22]
-                a0_23 = acc[s0, 23]
-                a0_24 = acc[s0, 24]
-                a0_25 = acc[s0, 25]
-                a0_26 = acc[s0, 26]
-                a0_27 = acc[s0, 27]
-                a0_28 = acc[s0, 28]
-                a0_29 = acc[s0, 29]
-                a0_30 = acc[s0, 30]
-                a0_31 = acc[s0, 31]
+                a0_0 = load8(acc, s0, 0)
+                a0_1 = load8(acc, s0, 8)
+                a0_2 = load8(acc, s0, 16)
+                a0_3 = load8(acc, s0, 24)
                 s1 = rows[t + 1]
                 i1 = ins[t + 1]
-                a1_0 = acc[s1, 0]
-                a1_1 = acc[s1, 1]
-                a1_2 = acc[s1, 2]
-                a1_3 = acc[s1, 3]
-                a1_4 = acc[s1, 4]
-                a1_5 = acc[s1, 5]
-                a1_6 = acc[s1, 6]
-                a1_7 = acc[s1, 7]
-                a1_8 = acc[s1, 8]
-                a1_9 = acc[s1, 9]
-                a1_10 = acc[s1, 10]
-                a1_11 = acc[s1, 11]
-                a1_12 = acc[s1, 12]
-                a1_13 = acc[s1, 13]
-                a1_14 = acc[s1, 14]
-                a1_15 = acc[s1, 15]
-                a1_16 = acc[s1, 16]
-                a1_17 = acc[s1, 17]
-                a1_18 = acc[s1, 18]
-                a1_19 = acc[s1, 19]
-                a1_20 = acc[s1, 20]
-                a1_21 = acc[s1, 21]
-                a1_22 = acc[s1, 22]
-                a1_23 = acc[s1, 23]
-                a1_24 = acc[s1, 24]
-                a1_25 = acc[s1, 25]
-                a1_26 = acc[s1, 26]
-                a1_27 = acc[s1, 27]
-                a1_28 = acc[s1, 28]
-                a1_29 = acc[s1, 29]
-                a1_30 = acc[s1, 30]
-                a1_31 = acc[s1, 31]
+                a1_0 = load8(acc, s1, 0)
+                a1_1 = load8(acc, s1, 8)
+                a1_2 = load8(acc, s1, 16)
+                a1_3 = load8(acc, s1, 24)
                 s2 = rows[t + 2]
                 i2 = ins[t + 2]
-                a2_0 = acc[s2, 0]
-                a2_1 = acc[s2, 1]
-                a2_2 = acc[s2, 2]
-                a2_3 = acc[s2, 3]
-                a2_4 = acc[s2, 4]
-                a2_5 = acc[s2, 5]
-                a2_6 = acc[s2, 6]
-                a2_7 = acc[s2, 7]
-                a2_8 = acc[s2, 8]
-                a2_9 = acc[s2, 9]
-                a2_10 = acc[s2, 10]
-                a2_11 = acc[s2, 11]
-                a2_12 = acc[s2, 12]
-                a2_13 = acc[s2, 13]
-                a2_14 = acc[s2, 14]
-                a2_15 = acc[s2, 15]
-                a2_16 = acc[s2, 16]
-                a2_17 = acc[s2, 17]
-                a2_18 = acc[s2, 18]
-                a2_19 = acc[s2, 19]
-                a2_20 = acc[s2, 20]
-                a2_21 = acc[s2, 21]
-                a2_22 = acc[s2, 22]
-                a2_23 = acc[s2, 23]
-                a2_24 = acc[s2, 24]
-                a2_25 = acc[s2, 25]
-                a2_26 = acc[s2, 26]
-                a2_27 = acc[s2, 27]
-                a2_28 = acc[s2, 28]
-                a2_29 = acc[s2, 29]
-                a2_30 = acc[s2, 30]
-                a2_31 = acc[s2, 31]
+                a2_0 = load8(acc, s2, 0)
+                a2_1 = load8(acc, s2, 8)
+                a2_2 = load8(acc, s2, 16)
+                a2_3 = load8(acc, s2, 24)
                 s3 = rows[t + 3]
                 i3 = ins[t + 3]
-                a3_0 = acc[s3, 0]
-                a3_1 = acc[s3, 1]
-                a3_2 = acc[s3, 2]
-                a3_3 = acc[s3, 3]
-                a3_4 = acc[s3, 4]
-                a3_5 = acc[s3, 5]
-                a3_6 = acc[s3, 6]
-                a3_7 = acc[s3, 7]
-                a3_8 = acc[s3, 8]
-                a3_9 = acc[s3, 9]
-                a3_10 = acc[s3, 10]
-                a3_11 = acc[s3, 11]
-                a3_12 = acc[s3, 12]
-                a3_13 = acc[s3, 13]
-                a3_14 = acc[s3, 14]
-                a3_15 = acc[s3, 15]
-                a3_16 = acc[s3, 16]
-                a3_17 = acc[s3, 17]
-                a3_18 = acc[s3, 18]
-                a3_19 = acc[s3, 19]
-                a3_20 = acc[s3, 20]
-                a3_21 = acc[s3, 21]
-                a3_22 = acc[s3, 22]
-                a3_23 = acc[s3, 23]
-                a3_24 = acc[s3, 24]
-                a3_25 = acc[s3, 25]
-                a3_26 = acc[s3, 26]
-                a3_27 = acc[s3, 27]
-                a3_28 = acc[s3, 28]
-                a3_29 = acc[s3, 29]
-                a3_30 = acc[s3, 30]
-                a3_31 = acc[s3, 31]
+                a3_0 = load8(acc, s3, 0)
+                a3_1 = load8(acc, s3, 8)
+                a3_2 = load8(acc, s3, 16)
+                a3_3 = load8(acc, s3, 24)
                 for c in range(cin):
-                    x0 = x[i0, c]
-                    x1 = x[i1, c]
-                    x2 = x[i2, c]
-                    x3 = x[i3, c]
-                    wv = w[k, c, 0]
-                    a0_0 += x0 * wv
-                    a1_0 += x1 * wv
-                    a2_0 += x2 * wv
-                    a3_0 += x3 * wv
-                    wv = w[k, c, 1]
-                    a0_1 += x0 * wv
-                    a1_1 += x1 * wv
-                    a2_1 += x2 * wv
-                    a3_1 += x3 * wv
-                    wv = w[k, c, 2]
-                    a0_2 += x0 * wv
-                    a1_2 += x1 * wv
-                    a2_2 += x2 * wv
-                    a3_2 += x3 * wv
-                    wv = w[k, c, 3]
-                    a0_3 += x0 * wv
-                    a1_3 += x1 * wv
-                    a2_3 += x2 * wv
-                    a3_3 += x3 * wv
-                    wv = w[k, c, 4]
-                    a0_4 += x0 * wv
-                    a1_4 += x1 * wv
-                    a2_4 += x2 * wv
-                    a3_4 += x3 * wv
-                    wv = w[k, c, 5]
-                    a0_5 += x0 * wv
-                    a1_5 += x1 * wv
-                    a2_5 += x2 * wv
-                    a3_5 += x3 * wv
-                    wv = w[k, c, 6]
-                    a0_6 += x0 * wv
-                    a1_6 += x1 * wv
-                    a2_6 += x2 * wv
-                    a3_6 += x3 * wv
-                    wv = w[k, c, 7]
-                    a0_7 += x0 * wv
-                    a1_7 += x1 * wv
-                    a2_7 += x2 * wv
-                    a3_7 += x3 * wv
-                    wv = w[k, c, 8]
-                    a0_8 += x0 * wv
-                    a1_8 += x1 * wv
-                    a2_8 += x2 * wv
-                    a3_8 += x3 * wv
-                    wv = w[k, c, 9]
-                    a0_9 += x0 * wv
-                    a1_9 += x1 * wv
-                    a2_9 += x2 * wv
-                    a3_9 += x3 * wv
-                    wv = w[k, c, 10]
-                    a0_10 += x0 * wv
-                    a1_10 += x1 * wv
-                    a2_10 += x2 * wv
-                    a3_10 += x3 * wv
-                    wv = w[k, c, 11]
-                    a0_11 += x0 * wv
-                    a1_11 += x1 * wv
-                    a2_11 += x2 * wv
-                    a3_11 += x3 * wv
-                    wv = w[k, c, 12]
-                    a0_12 += x0 * wv
-                    a1_12 += x1 * wv
-                    a2_12 += x2 * wv
-                    a3_12 += x3 * wv
-                    wv = w[k, c, 13]
-                    a0_13 += x0 * wv
-                    a1_13 += x1 * wv
-                    a2_13 += x2 * wv
-                    a3_13 += x3 * wv
-                    wv = w[k, c, 14]
-                    a0_14 += x0 * wv
-                    a1_14 += x1 * wv
-                    a2_14 += x2 * wv
-                    a3_14 += x3 * wv
-                    wv = w[k, c, 15]
-                    a0_15 += x0 * wv
-                    a1_15 += x1 * wv
-                    a2_15 += x2 * wv
-                    a3_15 += x3 * wv
-                    wv = w[k, c, 16]
-                    a0_16 += x0 * wv
-                    a1_16 += x1 * wv
-                    a2_16 += x2 * wv
-                    a3_16 += x3 * wv
-                    wv = w[k, c, 17]
-                    a0_17 += x0 * wv
-                    a1_17 += x1 * wv
-                    a2_17 += x2 * wv
-                    a3_17 += x3 * wv
-                    wv = w[k, c, 18]
-                    a0_18 += x0 * wv
-                    a1_18 += x1 * wv
-                    a2_18 += x2 * wv
-                    a3_18 += x3 * wv
-                    wv = w[k, c, 19]
-                    a0_19 += x0 * wv
-                    a1_19 += x1 * wv
-                    a2_19 += x2 * wv
-                    a3_19 += x3 * wv
-                    wv = w[k, c, 20]
-                    a0_20 += x0 * wv
-                    a1_20 += x1 * wv
-                    a2_20 += x2 * wv
-                    a3_20 += x3 * wv
-                    wv = w[k, c, 21]
-                    a0_21 += x0 * wv
-                    a1_21 += x1 * wv
-                    a2_21 += x2 * wv
-                    a3_21 += x3 * wv
-                    wv = w[k, c, 22]
-                    a0_22 += x0 * wv
-                    a1_22 += x1 * wv
-                    a2_22 += x2 * wv
-                    a3_22 += x3 * wv
-                    wv = w[k, c, 23]
-                    a0_23 += x0 * wv
-                    a1_23 += x1 * wv
-                    a2_23 += x2 * wv
-                    a3_23 += x3 * wv
-                    wv = w[k, c, 24]
-                    a0_24 += x0 * wv
-                    a1_24 += x1 * wv
-                    a2_24 += x2 * wv
-                    a3_24 += x3 * wv
-                    wv = w[k, c, 25]
-                    a0_25 += x0 * wv
-                    a1_25 += x1 * wv
-                    a2_25 += x2 * wv
-                    a3_25 += x3 * wv
-                    wv = w[k, c, 26]
-                    a0_26 += x0 * wv
-                    a1_26 += x1 * wv
-                    a2_26 += x2 * wv
-                    a3_26 += x3 * wv
-                    wv = w[k, c, 27]
-                    a0_27 += x0 * wv
-                    a1_27 += x1 * wv
-                    a2_27 += x2 * wv
-                    a3_27 += x3 * wv
-                    wv = w[k, c, 28]
-                    a0_28 += x0 * wv
-                    a1_28 += x1 * wv
-                    a2_28 += x2 * wv
-                    a3_28 += x3 * wv
-                    wv = w[k, c, 29]
-                    a0_29 += x0 * wv
-                    a1_29 += x1 * wv
-                    a2_29 += x2 * wv
-                    a3_29 += x3 * wv
-                    wv = w[k, c, 30]
-                    a0_30 += x0 * wv
-                    a1_30 += x1 * wv
-                    a2_30 += x2 * wv
-                    a3_30 += x3 * wv
-                    wv = w[k, c, 31]
-                    a0_31 += x0 * wv
-                    a1_31 += x1 * wv
-                    a2_31 += x2 * wv
-                    a3_31 += x3 * wv
-                acc[s0, 0] = a0_0
-                acc[s0, 1] = a0_1
-                acc[s0, 2] = a0_2
-                acc[s0, 3] = a0_3
-                acc[s0, 4] = a0_4
-                acc[s0, 5] = a0_5
-                acc[s0, 6] = a0_6
-                acc[s0, 7] = a0_7
-                acc[s0, 8] = a0_8
-                acc[s0, 9] = a0_9
-                acc[s0, 10] = a0_10
-                acc[s0, 11] = a0_11
-                acc[s0, 12] = a0_12
-                acc[s0, 13] = a0_13
-                acc[s0, 14] = a0_14
-                acc[s0, 15] = a0_15
-                acc[s0, 16] = a0_16
-                acc[s0, 17] = a0_17
-                acc[s0, 18] = a0_18
-                acc[s0, 19] = a0_19
-                acc[s0, 20] = a0_20
-                acc[s0, 21] = a0_21
-                acc[s0, 22] = a0_22
-                acc[s0, 23] = a0_23
-                acc[s0, 24] = a0_24
-                acc[s0, 25] = a0_25
-                acc[s0, 26] = a0_26
-                acc[s0, 27] = a0_27
-                acc[s0, 28] = a0_28
-                acc[s0, 29] = a0_29
-                acc[s0, 30] = a0_30
-                acc[s0, 31] = a0_31
-                acc[s1, 0] = a1_0
-                acc[s1, 1] = a1_1
-                acc[s1, 2] = a1_2
-                acc[s1, 3] = a1_3
-                acc[s1, 4] = a1_4
-                acc[s1, 5] = a1_5
-                acc[s1, 6] = a1_6
-                acc[s1, 7] = a1_7
-                acc[s1, 8] = a1_8
-                acc[s1, 9] = a1_9
-                acc[s1, 10] = a1_10
-                acc[s1, 11] = a1_11
-                acc[s1, 12] = a1_12
-                acc[s1, 13] = a1_13
-                acc[s1, 14] = a1_14
-                acc[s1, 15] = a1_15
-                acc[s1, 16] = a1_16
-                acc[s1, 17] = a1_17
-                acc[s1, 18] = a1_18
-                acc[s1, 19] = a1_19
-                acc[s1, 20] = a1_20
-                acc[s1, 21] = a1_21
-                acc[s1, 22] = a1_22
-                acc[s1, 23] = a1_23
-                acc[s1, 24] = a1_24
-                acc[s1, 25] = a1_25
-                acc[s1, 26] = a1_26
-                acc[s1, 27] = a1_27
-                acc[s1, 28] = a1_28
-                acc[s1, 29] = a1_29
-                acc[s1, 30] = a1_30
-                acc[s1, 31] = a1_31
-                acc[s2, 0] = a2_0
-                acc[s2, 1] = a2_1
-                acc[s2, 2] = a2_2
-                acc[s2, 3] = a2_3
-                acc[s2, 4] = a2_4
-                acc[s2, 5] = a2_5
-                acc[s2, 6] = a2_6
-                acc[s2, 7] = a2_7
-                acc[s2, 8] = a2_8
-                acc[s2, 9] = a2_9
-                acc[s2, 10] = a2_10
-                acc[s2, 11] = a2_11
-                acc[s2, 12] = a2_12
-                acc[s2, 13] = a2_13
-                acc[s2, 14] = a2_14
-                acc[s2, 15] = a2_15
-                acc[s2, 16] = a2_16
-                acc[s2, 17] = a2_17
-                acc[s2, 18] = a2_18
-                acc[s2, 19] = a2_19
-                acc[s2, 20] = a2_20
-                acc[s2, 21] = a2_21
-                acc[s2, 22] = a2_22
-                acc[s2, 23] = a2_23
-                acc[s2, 24] = a2_24
-                acc[s2, 25] = a2_25
-                acc[s2, 26] = a2_26
-                acc[s2, 27] = a2_27
-                acc[s2, 28] = a2_28
-                acc[s2, 29] = a2_29
-                acc[s2, 30] = a2_30
-                acc[s2, 31] = a2_31
-                acc[s3, 0] = a3_0
-                acc[s3, 1] = a3_1
-                acc[s3, 2] = a3_2
-                acc[s3, 3] = a3_3
-                acc[s3, 4] = a3_4
-                acc[s3, 5] = a3_5
-                acc[s3, 6] = a3_6
-                acc[s3, 7] = a3_7
-                acc[s3, 8] = a3_8
-                acc[s3, 9] = a3_9
-                acc[s3, 10] = a3_10
-                acc[s3, 11] = a3_11
-                acc[s3, 12] = a3_12
-                acc[s3, 13] = a3_13
-                acc[s3, 14] = a3_14
-                acc[s3, 15] = a3_15
-                acc[s3, 16] = a3_16
-                acc[s3, 17] = a3_17
-                acc[s3, 18] = a3_18
-                acc[s3, 19] = a3_19
-                acc[s3, 20] = a3_20
-                acc[s3, 21] = a3_21
-                acc[s3, 22] = a3_22
-                acc[s3, 23] = a3_23
-                acc[s3, 24] = a3_24
-                acc[s3, 25] = a3_25
-                acc[s3, 26] = a3_26
-                acc[s3, 27] = a3_27
-                acc[s3, 28] = a3_28
-                acc[s3, 29] = a3_29
-                acc[s3, 30] = a3_30
-                acc[s3, 31] = a3_31
+                    w0 = load8(w, kc + c, 0)
+                    w1 = load8(w, kc + c, 8)
+                    w2 = load8(w, kc + c, 16)
+                    w3 = load8(w, kc + c, 24)
+                    x0 = splat8(x[i0, c])
+                    a0_0 = fma(x0, w0, a0_0)
+                    a0_1 = fma(x0, w1, a0_1)
+                    a0_2 = fma(x0, w2, a0_2)
+                    a0_3 = fma(x0, w3, a0_3)
+                    x1 = splat8(x[i1, c])
+                    a1_0 = fma(x1, w0, a1_0)
+                    a1_1 = fma(x1, w1, a1_1)
+                    a1_2 = fma(x1, w2, a1_2)
+                    a1_3 = fma(x1, w3, a1_3)
+                    x2 = splat8(x[i2, c])
+                    a2_0 = fma(x2, w0, a2_0)
+                    a2_1 = fma(x2, w1, a2_1)
+                    a2_2 = fma(x2, w2, a2_2)
+                    a2_3 = fma(x2, w3, a2_3)
+                    x3 = splat8(x[i3, c])
+                    a3_0 = fma(x3, w0, a3_0)
+                    a3_1 = fma(x3, w1, a3_1)
+                    a3_2 = fma(x3, w2, a3_2)
+                    a3_3 = fma(x3, w3, a3_3)
+                store8(acc, s0, 0, a0_0)
+                store8(acc, s0, 8, a0_1)
+                store8(acc, s0, 16, a0_2)
+                store8(acc, s0, 24, a0_3)
+                store8(acc, s1, 0, a1_0)
+                store8(acc, s1, 8, a1_1)
+                store8(acc, s1, 16, a1_2)
+                store8(acc, s1, 24, a1_3)
+                store8(acc, s2, 0, a2_0)
+                store8(acc, s2, 8, a2_1)
+                store8(acc, s2, 16, a2_2)
+                store8(acc, s2, 24, a2_3)
+                store8(acc, s3, 0, a3_0)
+                store8(acc, s3, 8, a3_1)
+                store8(acc, s3, 16, a3_2)
+                store8(acc, s3, 24, a3_3)
                 t += 4
             while t < stop:
                 s0 = rows[t + 0]
                 i0 = ins[t + 0]
-                a0_0 = acc[s0, 0]
-                a0_1 = acc[s0, 1]
-                a0_2 = acc[s0, 2]
-                a0_3 = acc[s0, 3]
-                a0_4 = acc[s0, 4]
-                a0_5 = acc[s0, 5]
-                a0_6 = acc[s0, 6]
-                a0_7 = acc[s0, 7]
-                a0_8 = acc[s0, 8]
-                a0_9 = acc[s0, 9]
-                a0_10 = acc[s0, 10]
-                a0_11 = acc[s0, 11]
-                a0_12 = acc[s0, 12]
-                a0_13 = acc[s0, 13]
-                a0_14 = acc[s0, 14]
-                a0_15 = acc[s0, 15]
-                a0_16 = acc[s0, 16]
-                a0_17 = acc[s0, 17]
-                a0_18 = acc[s0, 18]
-                a0_19 = acc[s0, 19]
-                a0_20 = acc[s0, 20]
-                a0_21 = acc[s0, 21]
-                a0_22 = acc[s0, 22]
-                a0_23 = acc[s0, 23]
-                a0_24 = acc[s0, 24]
-                a0_25 = acc[s0, 25]
-                a0_26 = acc[s0, 26]
-                a0_27 = acc[s0, 27]
-                a0_28 = acc[s0, 28]
-                a0_29 = acc[s0, 29]
-                a0_30 = acc[s0, 30]
-                a0_31 = acc[s0, 31]
+                a0_0 = load8(acc, s0, 0)
+                a0_1 = load8(acc, s0, 8)
+                a0_2 = load8(acc, s0, 16)
+                a0_3 = load8(acc, s0, 24)
                 for c in range(cin):
-                    x0 = x[i0, c]
-                    wv = w[k, c, 0]
-                    a0_0 += x0 * wv
-                    wv = w[k, c, 1]
-                    a0_1 += x0 * wv
-                    wv = w[k, c, 2]
-                    a0_2 += x0 * wv
-                    wv = w[k, c, 3]
-                    a0_3 += x0 * wv
-                    wv = w[k, c, 4]
-                    a0_4 += x0 * wv
-                    wv = w[k, c, 5]
-                    a0_5 += x0 * wv
-                    wv = w[k, c, 6]
-                    a0_6 += x0 * wv
-                    wv = w[k, c, 7]
-                    a0_7 += x0 * wv
-                    wv = w[k, c, 8]
-                    a0_8 += x0 * wv
-                    wv = w[k, c, 9]
-                    a0_9 += x0 * wv
-                    wv = w[k, c, 10]
-                    a0_10 += x0 * wv
-                    wv = w[k, c, 11]
-                    a0_11 += x0 * wv
-                    wv = w[k, c, 12]
-                    a0_12 += x0 * wv
-                    wv = w[k, c, 13]
-                    a0_13 += x0 * wv
-                    wv = w[k, c, 14]
-                    a0_14 += x0 * wv
-                    wv = w[k, c, 15]
-                    a0_15 += x0 * wv
-                    wv = w[k, c, 16]
-                    a0_16 += x0 * wv
-                    wv = w[k, c, 17]
-                    a0_17 += x0 * wv
-                    wv = w[k, c, 18]
-                    a0_18 += x0 * wv
-                    wv = w[k, c, 19]
-                    a0_19 += x0 * wv
-                    wv = w[k, c, 20]
-                    a0_20 += x0 * wv
-                    wv = w[k, c, 21]
-                    a0_21 += x0 * wv
-                    wv = w[k, c, 22]
-                    a0_22 += x0 * wv
-                    wv = w[k, c, 23]
-                    a0_23 += x0 * wv
-                    wv = w[k, c, 24]
-                    a0_24 += x0 * wv
-                    wv = w[k, c, 25]
-                    a0_25 += x0 * wv
-                    wv = w[k, c, 26]
-                    a0_26 += x0 * wv
-                    wv = w[k, c, 27]
-                    a0_27 += x0 * wv
-                    wv = w[k, c, 28]
-                    a0_28 += x0 * wv
-                    wv = w[k, c, 29]
-                    a0_29 += x0 * wv
-                    wv = w[k, c, 30]
-                    a0_30 += x0 * wv
-                    wv = w[k, c, 31]
-                    a0_31 += x0 * wv
-                acc[s0, 0] = a0_0
-                acc[s0, 1] = a0_1
-                acc[s0, 2] = a0_2
-                acc[s0, 3] = a0_3
-                acc[s0, 4] = a0_4
-                acc[s0, 5] = a0_5
-                acc[s0, 6] = a0_6
-                acc[s0, 7] = a0_7
-                acc[s0, 8] = a0_8
-                acc[s0, 9] = a0_9
-                acc[s0, 10] = a0_10
-                acc[s0, 11] = a0_11
-                acc[s0, 12] = a0_12
-                acc[s0, 13] = a0_13
-                acc[s0, 14] = a0_14
-                acc[s0, 15] = a0_15
-                acc[s0, 16] = a0_16
-                acc[s0, 17] = a0_17
-                acc[s0, 18] = a0_18
-                acc[s0, 19] = a0_19
-                acc[s0, 20] = a0_20
-                acc[s0, 21] = a0_21
-                acc[s0, 22] = a0_22
-                acc[s0, 23] = a0_23
-                acc[s0, 24] = a0_24
-                acc[s0, 25] = a0_25
-                acc[s0, 26] = a0_26
-                acc[s0, 27] = a0_27
-                acc[s0, 28] = a0_28
-                acc[s0, 29] = a0_29
-                acc[s0, 30] = a0_30
-                acc[s0, 31] = a0_31
+                    w0 = load8(w, kc + c, 0)
+                    w1 = load8(w, kc + c, 8)
+                    w2 = load8(w, kc + c, 16)
+                    w3 = load8(w, kc + c, 24)
+                    x0 = splat8(x[i0, c])
+                    a0_0 = fma(x0, w0, a0_0)
+                    a0_1 = fma(x0, w1, a0_1)
+                    a0_2 = fma(x0, w2, a0_2)
+                    a0_3 = fma(x0, w3, a0_3)
+                store8(acc, s0, 0, a0_0)
+                store8(acc, s0, 8, a0_1)
+                store8(acc, s0, 16, a0_2)
+                store8(acc, s0, 24, a0_3)
                 t += 1
         for r in range(nb):
-            for j in range(32):
-                out[r0 + r, j0 + j] = acc[r, j]
+            store8(out, r0 + r, j0 + 0, load8(acc, r, 0))
+            store8(out, r0 + r, j0 + 8, load8(acc, r, 8))
+            store8(out, r0 + r, j0 + 16, load8(acc, r, 16))
+            store8(out, r0 + r, j0 + 24, load8(acc, r, 24))
 
 
 @_njit
-def conv_rows_16(x, w, b, row_ptr, in_rows, offsets, out, j0, o_start, o_stop):
-    """out[o, j0:j0+16] = b + sum over o's pairs of x[i] @ w[k], w of width 16.
+def conv_t32_l8_r2(x, w, b, n_k, row_ptr, in_rows, offsets, out, j0, o_start, o_stop):
+    """out[o, j0:j0+32] = b + sum over o's pairs (i, k) of x[i] @ w[k * cin:(k + 1) * cin]
+    (w: (K * Cin, 32), b: (1, 32)), in vectors of 8 lanes.
 
     Per block of output rows, the pairs are bucketed by offset; the rows of one offset are
-    taken 4 at a time (each weight value feeds 4 accumulators). Each row's sum runs in
-    the same order whatever the grouping: bias, then its pairs by increasing offset.
+    taken 2 at a time (each weight vector feeds 2 accumulators). Each row's sum runs in
+    the same order whatever the grouping: bias, then its pairs by increasing offset, each
+    over the input channels in order, one fused multiply-add per term.
     """
     cin = x.shape[1]
-    n_k = w.shape[0]
+    most = 0
+    for r0 in range(o_start, o_stop, BLOCK_ROWS):
+        r1 = min(o_stop, r0 + BLOCK_ROWS)
+        most = max(most, row_ptr[r1] - row_ptr[r0])
+    rows = np.empty(most, np.int64)
+    ins = np.empty(most, np.int64)
+    ends = np.empty(n_k + 1, np.int64)
+    acc = np.empty((BLOCK_ROWS, 32), out.dtype)
+    for r0 in range(o_start, o_stop, BLOCK_ROWS):
+        nb = min(o_stop, r0 + BLOCK_ROWS) - r0
+        p0 = row_ptr[r0]
+        for k in range(n_k + 1):
+            ends[k] = 0
+        for q in range(p0, row_ptr[r0 + nb]):
+            ends[offsets[q] + 1] += 1
+        for k in range(n_k):
+            ends[k + 1] += ends[k]
+        for r in range(nb):
+            store8(acc, r, 0, load8(b, 0, 0))
+            store8(acc, r, 8, load8(b, 0, 8))
+            store8(acc, r, 16, load8(b, 0, 16))
+            store8(acc, r, 24, load8(b, 0, 24))
+            for q in range(row_ptr[r0 + r], row_ptr[r0 + r + 1]):
+                k = offsets[q]
+                pos = ends[k]
+                rows[pos] = r
+                ins[pos] = in_rows[q]
+                ends[k] = pos + 1
+        t = 0
+        for k in range(n_k):
+            stop = ends[k]
+            kc = k * cin
+            while t + 2 <= stop:
+                s0 = rows[t + 0]
+                i0 = ins[t + 0]
+                a0_0 = load8(acc, s0, 0)
+                a0_1 = load8(acc, s0, 8)
+                a0_2 = load8(acc, s0, 16)
+                a0_3 = load8(acc, s0, 24)
+                s1 = rows[t + 1]
+                i1 = ins[t + 1]
+                a1_0 = load8(acc, s1, 0)
+                a1_1 = load8(acc, s1, 8)
+                a1_2 = load8(acc, s1, 16)
+                a1_3 = load8(acc, s1, 24)
+                for c in range(cin):
+                    w0 = load8(w, kc + c, 0)
+                    w1 = load8(w, kc + c, 8)
+                    w2 = load8(w, kc + c, 16)
+                    w3 = load8(w, kc + c, 24)
+                    x0 = splat8(x[i0, c])
+                    a0_0 = fma(x0, w0, a0_0)
+                    a0_1 = fma(x0, w1, a0_1)
+                    a0_2 = fma(x0, w2, a0_2)
+                    a0_3 = fma(x0, w3, a0_3)
+                    x1 = splat8(x[i1, c])
+                    a1_0 = fma(x1, w0, a1_0)
+                    a1_1 = fma(x1, w1, a1_1)
+                    a1_2 = fma(x1, w2, a1_2)
+                    a1_3 = fma(x1, w3, a1_3)
+                store8(acc, s0, 0, a0_0)
+                store8(acc, s0, 8, a0_1)
+                store8(acc, s0, 16, a0_2)
+                store8(acc, s0, 24, a0_3)
+                store8(acc, s1, 0, a1_0)
+                store8(acc, s1, 8, a1_1)
+                store8(acc, s1, 16, a1_2)
+                store8(acc, s1, 24, a1_3)
+                t += 2
+            while t < stop:
+                s0 = rows[t + 0]
+                i0 = ins[t + 0]
+                a0_0 = load8(acc, s0, 0)
+                a0_1 = load8(acc, s0, 8)
+                a0_2 = load8(acc, s0, 16)
+                a0_3 = load8(acc, s0, 24)
+                for c in range(cin):
+                    w0 = load8(w, kc + c, 0)
+                    w1 = load8(w, kc + c, 8)
+                    w2 = load8(w, kc + c, 16)
+                    w3 = load8(w, kc + c, 24)
+                    x0 = splat8(x[i0, c])
+                    a0_0 = fma(x0, w0, a0_0)
+                    a0_1 = fma(x0, w1, a0_1)
+                    a0_2 = fma(x0, w2, a0_2)
+                    a0_3 = fma(x0, w3, a0_3)
+                store8(acc, s0, 0, a0_0)
+                store8(acc, s0, 8, a0_1)
+                store8(acc, s0, 16, a0_2)
+                store8(acc, s0, 24, a0_3)
+                t += 1
+        for r in range(nb):
+            store8(out, r0 + r, j0 + 0, load8(acc, r, 0))
+            store8(out, r0 + r, j0 + 8, load8(acc, r, 8))
+            store8(out, r0 + r, j0 + 16, load8(acc, r, 16))
+            store8(out, r0 + r, j0 + 24, load8(acc, r, 24))
+
+
+@_njit
+def conv_t16_l16_r8(x, w, b, n_k, row_ptr, in_rows, offsets, out, j0, o_start, o_stop):
+    """out[o, j0:j0+16] = b + sum over o's pairs (i, k) of x[i] @ w[k * cin:(k + 1) * cin]
+    (w: (K * Cin, 16), b: (1, 16)), in vectors of 16 lanes.
+
+    Per block of output rows, the pairs are bucketed by offset; the rows of one offset are
+    taken 8 at a time (each weight vector feeds 8 accumulators). Each row's sum runs in
+    the same order whatever the grouping: bias, then its pairs by increasing offset, each
+    over the input channels in order, one fused multiply-add per term.
+    """
+    cin = x.shape[1]
     most = 0
     for r0 in range(o_start, o_stop, BLOCK_ROWS):
         r1 = min(o_stop, r0 + BLOCK_ROWS)
@@ -1477,8 +613,7 @@ def conv_rows_16(x, w, b, row_ptr, in_rows, offsets, out, j0, o_start, o_stop):
         for k in range(n_k):
             ends[k + 1] += ends[k]
         for r in range(nb):
-            for j in range(16):
-                acc[r, j] = b[j]
+            store16(acc, r, 0, load16(b, 0, 0))
             for q in range(row_ptr[r0 + r], row_ptr[r0 + r + 1]):
                 k = offsets[q]
                 pos = ends[k]
@@ -1488,314 +623,312 @@ def conv_rows_16(x, w, b, row_ptr, in_rows, offsets, out, j0, o_start, o_stop):
         t = 0
         for k in range(n_k):
             stop = ends[k]
-            while t + 4 <= stop:
+            kc = k * cin
+            while t + 8 <= stop:
                 s0 = rows[t + 0]
                 i0 = ins[t + 0]
-                a0_0 = acc[s0, 0]
-                a0_1 = acc[s0, 1]
-                a0_2 = acc[s0, 2]
-                a0_3 = acc[s0, 3]
-                a0_4 = acc[s0, 4]
-                a0_5 = acc[s0, 5]
-                a0_6 = acc[s0, 6]
-                a0_7 = acc[s0, 7]
-                a0_8 = acc[s0, 8]
-                a0_9 = acc[s0, 9]
-                a0_10 = acc[s0, 10]
-                a0_11 = acc[s0, 11]
-                a0_12 = acc[s0, 12]
-                a0_13 = acc[s0, 13]
-                a0_14 = acc[s0, 14]
-                a0_15 = acc[s0, 15]
+                a0_0 = load16(acc, s0, 0)
                 s1 = rows[t + 1]
                 i1 = ins[t + 1]
-                a1_0 = acc[s1, 0]
-                a1_1 = acc[s1, 1]
-                a1_2 = acc[s1, 2]
-                a1_3 = acc[s1, 3]
-                a1_4 = acc[s1, 4]
-                a1_5 = acc[s1, 5]
-                a1_6 = acc[s1, 6]
-                a1_7 = acc[s1, 7]
-                a1_8 = acc[s1, 8]
-                a1_9 = acc[s1, 9]
-                a1_10 = acc[s1, 10]
-                a1_11 = acc[s1, 11]
-                a1_12 = acc[s1, 12]
-                a1_13 = acc[s1, 13]
-                a1_14 = acc[s1, 14]
-                a1_15 = acc[s1, 15]
+                a1_0 = load16(acc, s1, 0)
                 s2 = rows[t + 2]
                 i2 = ins[t + 2]
-                a2_0 = acc[s2, 0]
-                a2_1 = acc[s2, 1]
-                a2_2 = acc[s2, 2]
-                a2_3 = acc[s2, 3]
-                a2_4 = acc[s2, 4]
-                a2_5 = acc[s2, 5]
-                a2_6 = acc[s2, 6]
-                a2_7 = acc[s2, 7]
-                a2_8 = acc[s2, 8]
-                a2_9 = acc[s2, 9]
-                a2_10 = acc[s2, 10]
-                a2_11 = acc[s2, 11]
-                a2_12 = acc[s2, 12]
-                a2_13 = acc[s2, 13]
-                a2_14 = acc[s2, 14]
-                a2_15 = acc[s2, 15]
+                a2_0 = load16(acc, s2, 0)
                 s3 = rows[t + 3]
                 i3 = ins[t + 3]
-                a3_0 = acc[s3, 0]
-                a3_1 = acc[s3, 1]
-                a3_2 = acc[s3, 2]
-                a3_3 = acc[s3, 3]
-                a3_4 = acc[s3, 4]
-                a3_5 = acc[s3, 5]
-                a3_6 = acc[s3, 6]
-                a3_7 = acc[s3, 7]
-                a3_8 = acc[s3, 8]
-                a3_9 = acc[s3, 9]
-                a3_10 = acc[s3, 10]
-                a3_11 = acc[s3, 11]
-                a3_12 = acc[s3, 12]
-                a3_13 = acc[s3, 13]
-                a3_14 = acc[s3, 14]
-                a3_15 = acc[s3, 15]
+                a3_0 = load16(acc, s3, 0)
+                s4 = rows[t + 4]
+                i4 = ins[t + 4]
+                a4_0 = load16(acc, s4, 0)
+                s5 = rows[t + 5]
+                i5 = ins[t + 5]
+                a5_0 = load16(acc, s5, 0)
+                s6 = rows[t + 6]
+                i6 = ins[t + 6]
+                a6_0 = load16(acc, s6, 0)
+                s7 = rows[t + 7]
+                i7 = ins[t + 7]
+                a7_0 = load16(acc, s7, 0)
                 for c in range(cin):
-                    x0 = x[i0, c]
-                    x1 = x[i1, c]
-                    x2 = x[i2, c]
-                    x3 = x[i3, c]
-                    wv = w[k, c, 0]
-                    a0_0 += x0 * wv
-                    a1_0 += x1 * wv
-                    a2_0 += x2 * wv
-                    a3_0 += x3 * wv
-                    wv = w[k, c, 1]
-                    a0_1 += x0 * wv
-                    a1_1 += x1 * wv
-                    a2_1 += x2 * wv
-                    a3_1 += x3 * wv
-                    wv = w[k, c, 2]
-                    a0_2 += x0 * wv
-                    a1_2 += x1 * wv
-                    a2_2 += x2 * wv
-                    a3_2 += x3 * wv
-                    wv = w[k, c, 3]
-                    a0_3 += x0 * wv
-                    a1_3 += x1 * wv
-                    a2_3 += x2 * wv
-                    a3_3 += x3 * wv
-                    wv = w[k, c, 4]
-                    a0_4 += x0 * wv
-                    a1_4 += x1 * wv
-                    a2_4 += x2 * wv
-                    a3_4 += x3 * wv
-                    wv = w[k, c, 5]
-                    a0_5 += x0 * wv
-                    a1_5 += x1 * wv
-                    a2_5 += x2 * wv
-                    a3_5 += x3 * wv
-                    wv = w[k, c, 6]
-                    a0_6 += x0 * wv
-                    a1_6 += x1 * wv
-                    a2_6 += x2 * wv
-                    a3_6 += x3 * wv
-                    wv = w[k, c, 7]
-                    a0_7 += x0 * wv
-                    a1_7 += x1 * wv
-                    a2_7 += x2 * wv
-                    a3_7 += x3 * wv
-                    wv = w[k, c, 8]
-                    a0_8 += x0 * wv
-                    a1_8 += x1 * wv
-                    a2_8 += x2 * wv
-                    a3_8 += x3 * wv
-                    wv = w[k, c, 9]
-                    a0_9 += x0 * wv
-                    a1_9 += x1 * wv
-                    a2_9 += x2 * wv
-                    a3_9 += x3 * wv
-                    wv = w[k, c, 10]
-                    a0_10 += x0 * wv
-                    a1_10 += x1 * wv
-                    a2_10 += x2 * wv
-                    a3_10 += x3 * wv
-                    wv = w[k, c, 11]
-                    a0_11 += x0 * wv
-                    a1_11 += x1 * wv
-                    a2_11 += x2 * wv
-                    a3_11 += x3 * wv
-                    wv = w[k, c, 12]
-                    a0_12 += x0 * wv
-                    a1_12 += x1 * wv
-                    a2_12 += x2 * wv
-                    a3_12 += x3 * wv
-                    wv = w[k, c, 13]
-                    a0_13 += x0 * wv
-                    a1_13 += x1 * wv
-                    a2_13 += x2 * wv
-                    a3_13 += x3 * wv
-                    wv = w[k, c, 14]
-                    a0_14 += x0 * wv
-                    a1_14 += x1 * wv
-                    a2_14 += x2 * wv
-                    a3_14 += x3 * wv
-                    wv = w[k, c, 15]
-                    a0_15 += x0 * wv
-                    a1_15 += x1 * wv
-                    a2_15 += x2 * wv
-                    a3_15 += x3 * wv
-                acc[s0, 0] = a0_0
-                acc[s0, 1] = a0_1
-                acc[s0, 2] = a0_2
-                acc[s0, 3] = a0_3
-                acc[s0, 4] = a0_4
-                acc[s0, 5] = a0_5
-                acc[s0, 6] = a0_6
-                acc[s0, 7] = a0_7
-                acc[s0, 8] = a0_8
-                acc[s0, 9] = a0_9
-                acc[s0, 10] = a0_10
-                acc[s0, 11] = a0_11
-                acc[s0, 12] = a0_12
-                acc[s0, 13] = a0_13
-                acc[s0, 14] = a0_14
-                acc[s0, 15] = a0_15
-                acc[s1, 0] = a1_0
-                acc[s1, 1] = a1_1
-                acc[s1, 2] = a1_2
-                acc[s1, 3] = a1_3
-                acc[s1, 4] = a1_4
-                acc[s1, 5] = a1_5
-                acc[s1, 6] = a1_6
-                acc[s1, 7] = a1_7
-                acc[s1, 8] = a1_8
-                acc[s1, 9] = a1_9
-                acc[s1, 10] = a1_10
-                acc[s1, 11] = a1_11
-                acc[s1, 12] = a1_12
-                acc[s1, 13] = a1_13
-                acc[s1, 14] = a1_14
-                acc[s1, 15] = a1_15
-                acc[s2, 0] = a2_0
-                acc[s2, 1] = a2_1
-                acc[s2, 2] = a2_2
-                acc[s2, 3] = a2_3
-                acc[s2, 4] = a2_4
-                acc[s2, 5] = a2_5
-                acc[s2, 6] = a2_6
-                acc[s2, 7] = a2_7
-                acc[s2, 8] = a2_8
-                acc[s2, 9] = a2_9
-                acc[s2, 10] = a2_10
-                acc[s2, 11] = a2_11
-                acc[s2, 12] = a2_12
-                acc[s2, 13] = a2_13
-                acc[s2, 14] = a2_14
-                acc[s2, 15] = a2_15
-                acc[s3, 0] = a3_0
-                acc[s3, 1] = a3_1
-                acc[s3, 2] = a3_2
-                acc[s3, 3] = a3_3
-                acc[s3, 4] = a3_4
-                acc[s3, 5] = a3_5
-                acc[s3, 6] = a3_6
-                acc[s3, 7] = a3_7
-                acc[s3, 8] = a3_8
-                acc[s3, 9] = a3_9
-                acc[s3, 10] = a3_10
-                acc[s3, 11] = a3_11
-                acc[s3, 12] = a3_12
-                acc[s3, 13] = a3_13
-                acc[s3, 14] = a3_14
-                acc[s3, 15] = a3_15
-                t += 4
+                    w0 = load16(w, kc + c, 0)
+                    x0 = splat16(x[i0, c])
+                    a0_0 = fma(x0, w0, a0_0)
+                    x1 = splat16(x[i1, c])
+                    a1_0 = fma(x1, w0, a1_0)
+                    x2 = splat16(x[i2, c])
+                    a2_0 = fma(x2, w0, a2_0)
+                    x3 = splat16(x[i3, c])
+                    a3_0 = fma(x3, w0, a3_0)
+                    x4 = splat16(x[i4, c])
+                    a4_0 = fma(x4, w0, a4_0)
+                    x5 = splat16(x[i5, c])
+                    a5_0 = fma(x5, w0, a5_0)
+                    x6 = splat16(x[i6, c])
+                    a6_0 = fma(x6, w0, a6_0)
+                    x7 = splat16(x[i7, c])
+                    a7_0 = fma(x7, w0, a7_0)
+                store16(acc, s0, 0, a0_0)
+                store16(acc, s1, 0, a1_0)
+                store16(acc, s2, 0, a2_0)
+                store16(acc, s3, 0, a3_0)
+                store16(acc, s4, 0, a4_0)
+                store16(acc, s5, 0, a5_0)
+                store16(acc, s6, 0, a6_0)
+                store16(acc, s7, 0, a7_0)
+                t += 8
             while t < stop:
                 s0 = rows[t + 0]
                 i0 = ins[t + 0]
-                a0_0 = acc[s0, 0]
-                a0_1 = acc[s0, 1]
-                a0_2 = acc[s0, 2]
-                a0_3 = acc[s0, 3]
-                a0_4 = acc[s0, 4]
-                a0_5 = acc[s0, 5]
-                a0_6 = acc[s0, 6]
-                a0_7 = acc[s0, 7]
-                a0_8 = acc[s0, 8]
-                a0_9 = acc[s0, 9]
-                a0_10 = acc[s0, 10]
-                a0_11 = acc[s0, 11]
-                a0_12 = acc[s0, 12]
-                a0_13 = acc[s0, 13]
-                a0_14 = acc[s0, 14]
-                a0_15 = acc[s0, 15]
+                a0_0 = load16(acc, s0, 0)
                 for c in range(cin):
-                    x0 = x[i0, c]
-                    wv = w[k, c, 0]
-                    a0_0 += x0 * wv
-                    wv = w[k, c, 1]
-                    a0_1 += x0 * wv
-                    wv = w[k, c, 2]
-                    a0_2 += x0 * wv
-                    wv = w[k, c, 3]
-                    a0_3 += x0 * wv
-                    wv = w[k, c, 4]
-                    a0_4 += x0 * wv
-                    wv = w[k, c, 5]
-                    a0_5 += x0 * wv
-                    wv = w[k, c, 6]
-                    a0_6 += x0 * wv
-                    wv = w[k, c, 7]
-                    a0_7 += x0 * wv
-                    wv = w[k, c, 8]
-                    a0_8 += x0 * wv
-                    wv = w[k, c, 9]
-                    a0_9 += x0 * wv
-                    wv = w[k, c, 10]
-                    a0_10 += x0 * wv
-                    wv = w[k, c, 11]
-                    a0_11 += x0 * wv
-                    wv = w[k, c, 12]
-                    a0_12 += x0 * wv
-                    wv = w[k, c, 13]
-                    a0_13 += x0 * wv
-                    wv = w[k, c, 14]
-                    a0_14 += x0 * wv
-                    wv = w[k, c, 15]
-                    a0_15 += x0 * wv
-                acc[s0, 0] = a0_0
-                acc[s0, 1] = a0_1
-                acc[s0, 2] = a0_2
-                acc[s0, 3] = a0_3
-                acc[s0, 4] = a0_4
-                acc[s0, 5] = a0_5
-                acc[s0, 6] = a0_6
-                acc[s0, 7] = a0_7
-                acc[s0, 8] = a0_8
-                acc[s0, 9] = a0_9
-                acc[s0, 10] = a0_10
-                acc[s0, 11] = a0_11
-                acc[s0, 12] = a0_12
-                acc[s0, 13] = a0_13
-                acc[s0, 14] = a0_14
-                acc[s0, 15] = a0_15
+                    w0 = load16(w, kc + c, 0)
+                    x0 = splat16(x[i0, c])
+                    a0_0 = fma(x0, w0, a0_0)
+                store16(acc, s0, 0, a0_0)
                 t += 1
         for r in range(nb):
-            for j in range(16):
-                out[r0 + r, j0 + j] = acc[r, j]
+            store16(out, r0 + r, j0 + 0, load16(acc, r, 0))
 
 
 @_njit
-def conv_rows_8(x, w, b, row_ptr, in_rows, offsets, out, j0, o_start, o_stop):
-    """out[o, j0:j0+8] = b + sum over o's pairs of x[i] @ w[k], w of width 8.
+def conv_t16_l8_r6(x, w, b, n_k, row_ptr, in_rows, offsets, out, j0, o_start, o_stop):
+    """out[o, j0:j0+16] = b + sum over o's pairs (i, k) of x[i] @ w[k * cin:(k + 1) * cin]
+    (w: (K * Cin, 16), b: (1, 16)), in vectors of 8 lanes.
 
     Per block of output rows, the pairs are bucketed by offset; the rows of one offset are
-    taken 4 at a time (each weight value feeds 4 accumulators). Each row's sum runs in
-    the same order whatever the grouping: bias, then its pairs by increasing offset.
+    taken 6 at a time (each weight vector feeds 6 accumulators). Each row's sum runs in
+    the same order whatever the grouping: bias, then its pairs by increasing offset, each
+    over the input channels in order, one fused multiply-add per term.
     """
     cin = x.shape[1]
-    n_k = w.shape[0]
+    most = 0
+    for r0 in range(o_start, o_stop, BLOCK_ROWS):
+        r1 = min(o_stop, r0 + BLOCK_ROWS)
+        most = max(most, row_ptr[r1] - row_ptr[r0])
+    rows = np.empty(most, np.int64)
+    ins = np.empty(most, np.int64)
+    ends = np.empty(n_k + 1, np.int64)
+    acc = np.empty((BLOCK_ROWS, 16), out.dtype)
+    for r0 in range(o_start, o_stop, BLOCK_ROWS):
+        nb = min(o_stop, r0 + BLOCK_ROWS) - r0
+        p0 = row_ptr[r0]
+        for k in range(n_k + 1):
+            ends[k] = 0
+        for q in range(p0, row_ptr[r0 + nb]):
+            ends[offsets[q] + 1] += 1
+        for k in range(n_k):
+            ends[k + 1] += ends[k]
+        for r in range(nb):
+            store8(acc, r, 0, load8(b, 0, 0))
+            store8(acc, r, 8, load8(b, 0, 8))
+            for q in range(row_ptr[r0 + r], row_ptr[r0 + r + 1]):
+                k = offsets[q]
+                pos = ends[k]
+                rows[pos] = r
+                ins[pos] = in_rows[q]
+                ends[k] = pos + 1
+        t = 0
+        for k in range(n_k):
+            stop = ends[k]
+            kc = k * cin
+            while t + 6 <= stop:
+                s0 = rows[t + 0]
+                i0 = ins[t + 0]
+                a0_0 = load8(acc, s0, 0)
+                a0_1 = load8(acc, s0, 8)
+                s1 = rows[t + 1]
+                i1 = ins[t + 1]
+                a1_0 = load8(acc, s1, 0)
+                a1_1 = load8(acc, s1, 8)
+                s2 = rows[t + 2]
+                i2 = ins[t + 2]
+                a2_0 = load8(acc, s2, 0)
+                a2_1 = load8(acc, s2, 8)
+                s3 = rows[t + 3]
+                i3 = ins[t + 3]
+                a3_0 = load8(acc, s3, 0)
+                a3_1 = load8(acc, s3, 8)
+                s4 = rows[t + 4]
+                i4 = ins[t + 4]
+                a4_0 = load8(acc, s4, 0)
+                a4_1 = load8(acc, s4, 8)
+                s5 = rows[t + 5]
+                i5 = ins[t + 5]
+                a5_0 = load8(acc, s5, 0)
+                a5_1 = load8(acc, s5, 8)
+                for c in range(cin):
+                    w0 = load8(w, kc + c, 0)
+                    w1 = load8(w, kc + c, 8)
+                    x0 = splat8(x[i0, c])
+                    a0_0 = fma(x0, w0, a0_0)
+                    a0_1 = fma(x0, w1, a0_1)
+                    x1 = splat8(x[i1, c])
+                    a1_0 = fma(x1, w0, a1_0)
+                    a1_1 = fma(x1, w1, a1_1)
+                    x2 = splat8(x[i2, c])
+                    a2_0 = fma(x2, w0, a2_0)
+                    a2_1 = fma(x2, w1, a2_1)
+                    x3 = splat8(x[i3, c])
+                    a3_0 = fma(x3, w0, a3_0)
+                    a3_1 = fma(x3, w1, a3_1)
+                    x4 = splat8(x[i4, c])
+                    a4_0 = fma(x4, w0, a4_0)
+                    a4_1 = fma(x4, w1, a4_1)
+                    x5 = splat8(x[i5, c])
+                    a5_0 = fma(x5, w0, a5_0)
+                    a5_1 = fma(x5, w1, a5_1)
+                store8(acc, s0, 0, a0_0)
+                store8(acc, s0, 8, a0_1)
+                store8(acc, s1, 0, a1_0)
+                store8(acc, s1, 8, a1_1)
+                store8(acc, s2, 0, a2_0)
+                store8(acc, s2, 8, a2_1)
+                store8(acc, s3, 0, a3_0)
+                store8(acc, s3, 8, a3_1)
+                store8(acc, s4, 0, a4_0)
+                store8(acc, s4, 8, a4_1)
+                store8(acc, s5, 0, a5_0)
+                store8(acc, s5, 8, a5_1)
+                t += 6
+            while t < stop:
+                s0 = rows[t + 0]
+                i0 = ins[t + 0]
+                a0_0 = load8(acc, s0, 0)
+                a0_1 = load8(acc, s0, 8)
+                for c in range(cin):
+                    w0 = load8(w, kc + c, 0)
+                    w1 = load8(w, kc + c, 8)
+                    x0 = splat8(x[i0, c])
+                    a0_0 = fma(x0, w0, a0_0)
+                    a0_1 = fma(x0, w1, a0_1)
+                store8(acc, s0, 0, a0_0)
+                store8(acc, s0, 8, a0_1)
+                t += 1
+        for r in range(nb):
+            store8(out, r0 + r, j0 + 0, load8(acc, r, 0))
+            store8(out, r0 + r, j0 + 8, load8(acc, r, 8))
+
+
+@_njit
+def conv_t16_l4_r2(x, w, b, n_k, row_ptr, in_rows, offsets, out, j0, o_start, o_stop):
+    """out[o, j0:j0+16] = b + sum over o's pairs (i, k) of x[i] @ w[k * cin:(k + 1) * cin]
+    (w: (K * Cin, 16), b: (1, 16)), in vectors of 4 lanes.
+
+    Per block of output rows, the pairs are bucketed by offset; the rows of one offset are
+    taken 2 at a time (each weight vector feeds 2 accumulators). Each row's sum runs in
+    the same order whatever the grouping: bias, then its pairs by increasing offset, each
+    over the input channels in order, one fused multiply-add per term.
+    """
+    cin = x.shape[1]
+    most = 0
+    for r0 in range(o_start, o_stop, BLOCK_ROWS):
+        r1 = min(o_stop, r0 + BLOCK_ROWS)
+        most = max(most, row_ptr[r1] - row_ptr[r0])
+    rows = np.empty(most, np.int64)
+    ins = np.empty(most, np.int64)
+    ends = np.empty(n_k + 1, np.int64)
+    acc = np.empty((BLOCK_ROWS, 16), out.dtype)
+    for r0 in range(o_start, o_stop, BLOCK_ROWS):
+        nb = min(o_stop, r0 + BLOCK_ROWS) - r0
+        p0 = row_ptr[r0]
+        for k in range(n_k + 1):
+            ends[k] = 0
+        for q in range(p0, row_ptr[r0 + nb]):
+            ends[offsets[q] + 1] += 1
+        for k in range(n_k):
+            ends[k + 1] += ends[k]
+        for r in range(nb):
+            store4(acc, r, 0, load4(b, 0, 0))
+            store4(acc, r, 4, load4(b, 0, 4))
+            store4(acc, r, 8, load4(b, 0, 8))
+            store4(acc, r, 12, load4(b, 0, 12))
+            for q in range(row_ptr[r0 + r], row_ptr[r0 + r + 1]):
+                k = offsets[q]
+                pos = ends[k]
+                rows[pos] = r
+                ins[pos] = in_rows[q]
+                ends[k] = pos + 1
+        t = 0
+        for k in range(n_k):
+            stop = ends[k]
+            kc = k * cin
+            while t + 2 <= stop:
+                s0 = rows[t + 0]
+                i0 = ins[t + 0]
+                a0_0 = load4(acc, s0, 0)
+                a0_1 = load4(acc, s0, 4)
+                a0_2 = load4(acc, s0, 8)
+                a0_3 = load4(acc, s0, 12)
+                s1 = rows[t + 1]
+                i1 = ins[t + 1]
+                a1_0 = load4(acc, s1, 0)
+                a1_1 = load4(acc, s1, 4)
+                a1_2 = load4(acc, s1, 8)
+                a1_3 = load4(acc, s1, 12)
+                for c in range(cin):
+                    w0 = load4(w, kc + c, 0)
+                    w1 = load4(w, kc + c, 4)
+                    w2 = load4(w, kc + c, 8)
+                    w3 = load4(w, kc + c, 12)
+                    x0 = splat4(x[i0, c])
+                    a0_0 = fma(x0, w0, a0_0)
+                    a0_1 = fma(x0, w1, a0_1)
+                    a0_2 = fma(x0, w2, a0_2)
+                    a0_3 = fma(x0, w3, a0_3)
+                    x1 = splat4(x[i1, c])
+                    a1_0 = fma(x1, w0, a1_0)
+                    a1_1 = fma(x1, w1, a1_1)
+                    a1_2 = fma(x1, w2, a1_2)
+                    a1_3 = fma(x1, w3, a1_3)
+                store4(acc, s0, 0, a0_0)
+                store4(acc, s0, 4, a0_1)
+                store4(acc, s0, 8, a0_2)
+                store4(acc, s0, 12, a0_3)
+                store4(acc, s1, 0, a1_0)
+                store4(acc, s1, 4, a1_1)
+                store4(acc, s1, 8, a1_2)
+                store4(acc, s1, 12, a1_3)
+                t += 2
+            while t < stop:
+                s0 = rows[t + 0]
+                i0 = ins[t + 0]
+                a0_0 = load4(acc, s0, 0)
+                a0_1 = load4(acc, s0, 4)
+                a0_2 = load4(acc, s0, 8)
+                a0_3 = load4(acc, s0, 12)
+                for c in range(cin):
+                    w0 = load4(w, kc + c, 0)
+                    w1 = load4(w, kc + c, 4)
+                    w2 = load4(w, kc + c, 8)
+                    w3 = load4(w, kc + c, 12)
+                    x0 = splat4(x[i0, c])
+                    a0_0 = fma(x0, w0, a0_0)
+                    a0_1 = fma(x0, w1, a0_1)
+                    a0_2 = fma(x0, w2, a0_2)
+                    a0_3 = fma(x0, w3, a0_3)
+                store4(acc, s0, 0, a0_0)
+                store4(acc, s0, 4, a0_1)
+                store4(acc, s0, 8, a0_2)
+                store4(acc, s0, 12, a0_3)
+                t += 1
+        for r in range(nb):
+            store4(out, r0 + r, j0 + 0, load4(acc, r, 0))
+            store4(out, r0 + r, j0 + 4, load4(acc, r, 4))
+            store4(out, r0 + r, j0 + 8, load4(acc, r, 8))
+            store4(out, r0 + r, j0 + 12, load4(acc, r, 12))
+
+
+@_njit
+def conv_t8_l8_r8(x, w, b, n_k, row_ptr, in_rows, offsets, out, j0, o_start, o_stop):
+    """out[o, j0:j0+8] = b + sum over o's pairs (i, k) of x[i] @ w[k * cin:(k + 1) * cin]
+    (w: (K * Cin, 8), b: (1, 8)), in vectors of 8 lanes.
+
+    Per block of output rows, the pairs are bucketed by offset; the rows of one offset are
+    taken 8 at a time (each weight vector feeds 8 accumulators). Each row's sum runs in
+    the same order whatever the grouping: bias, then its pairs by increasing offset, each
+    over the input channels in order, one fused multiply-add per term.
+    """
+    cin = x.shape[1]
     most = 0
     for r0 in range(o_start, o_stop, BLOCK_ROWS):
         r1 = min(o_stop, r0 + BLOCK_ROWS)
@@ -1814,8 +947,7 @@ def conv_rows_8(x, w, b, row_ptr, in_rows, offsets, out, j0, o_start, o_stop):
         for k in range(n_k):
             ends[k + 1] += ends[k]
         for r in range(nb):
-            for j in range(8):
-                acc[r, j] = b[j]
+            store8(acc, r, 0, load8(b, 0, 0))
             for q in range(row_ptr[r0 + r], row_ptr[r0 + r + 1]):
                 k = offsets[q]
                 pos = ends[k]
@@ -1825,181 +957,204 @@ def conv_rows_8(x, w, b, row_ptr, in_rows, offsets, out, j0, o_start, o_stop):
         t = 0
         for k in range(n_k):
             stop = ends[k]
-            while t + 4 <= stop:
+            kc = k * cin
+            while t + 8 <= stop:
                 s0 = rows[t + 0]
                 i0 = ins[t + 0]
-                a0_0 = acc[s0, 0]
-                a0_1 = acc[s0, 1]
-                a0_2 = acc[s0, 2]
-                a0_3 = acc[s0, 3]
-                a0_4 = acc[s0, 4]
-                a0_5 = acc[s0, 5]
-                a0_6 = acc[s0, 6]
-                a0_7 = acc[s0, 7]
+                a0_0 = load8(acc, s0, 0)
                 s1 = rows[t + 1]
                 i1 = ins[t + 1]
-                a1_0 = acc[s1, 0]
-                a1_1 = acc[s1, 1]
-                a1_2 = acc[s1, 2]
-                a1_3 = acc[s1, 3]
-                a1_4 = acc[s1, 4]
-                a1_5 = acc[s1, 5]
-                a1_6 = acc[s1, 6]
-                a1_7 = acc[s1, 7]
+                a1_0 = load8(acc, s1, 0)
                 s2 = rows[t + 2]
                 i2 = ins[t + 2]
-                a2_0 = acc[s2, 0]
-                a2_1 = acc[s2, 1]
-                a2_2 = acc[s2, 2]
-                a2_3 = acc[s2, 3]
-                a2_4 = acc[s2, 4]
-                a2_5 = acc[s2, 5]
-                a2_6 = acc[s2, 6]
-                a2_7 = acc[s2, 7]
+                a2_0 = load8(acc, s2, 0)
                 s3 = rows[t + 3]
                 i3 = ins[t + 3]
-                a3_0 = acc[s3, 0]
-                a3_1 = acc[s3, 1]
-                a3_2 = acc[s3, 2]
-                a3_3 = acc[s3, 3]
-                a3_4 = acc[s3, 4]
-                a3_5 = acc[s3, 5]
-                a3_6 = acc[s3, 6]
-                a3_7 = acc[s3, 7]
+                a3_0 = load8(acc, s3, 0)
+                s4 = rows[t + 4]
+                i4 = ins[t + 4]
+                a4_0 = load8(acc, s4, 0)
+                s5 = rows[t + 5]
+                i5 = ins[t + 5]
+                a5_0 = load8(acc, s5, 0)
+                s6 = rows[t + 6]
+                i6 = ins[t + 6]
+                a6_0 = load8(acc, s6, 0)
+                s7 = rows[t + 7]
+                i7 = ins[t + 7]
+                a7_0 = load8(acc, s7, 0)
                 for c in range(cin):
-                    x0 = x[i0, c]
-                    x1 = x[i1, c]
-                    x2 = x[i2, c]
-                    x3 = x[i3, c]
-                    wv = w[k, c, 0]
-                    a0_0 += x0 * wv
-                    a1_0 += x1 * wv
-                    a2_0 += x2 * wv
-                    a3_0 += x3 * wv
-                    wv = w[k, c, 1]
-                    a0_1 += x0 * wv
-                    a1_1 += x1 * wv
-                    a2_1 += x2 * wv
-                    a3_1 += x3 * wv
-                    wv = w[k, c, 2]
-                    a0_2 += x0 * wv
-                    a1_2 += x1 * wv
-                    a2_2 += x2 * wv
-                    a3_2 += x3 * wv
-                    wv = w[k, c, 3]
-                    a0_3 += x0 * wv
-                    a1_3 += x1 * wv
-                    a2_3 += x2 * wv
-                    a3_3 += x3 * wv
-                    wv = w[k, c, 4]
-                    a0_4 += x0 * wv
-                    a1_4 += x1 * wv
-                    a2_4 += x2 * wv
-                    a3_4 += x3 * wv
-                    wv = w[k, c, 5]
-                    a0_5 += x0 * wv
-                    a1_5 += x1 * wv
-                    a2_5 += x2 * wv
-                    a3_5 += x3 * wv
-                    wv = w[k, c, 6]
-                    a0_6 += x0 * wv
-                    a1_6 += x1 * wv
-                    a2_6 += x2 * wv
-                    a3_6 += x3 * wv
-                    wv = w[k, c, 7]
-                    a0_7 += x0 * wv
-                    a1_7 += x1 * wv
-                    a2_7 += x2 * wv
-                    a3_7 += x3 * wv
-                acc[s0, 0] = a0_0
-                acc[s0, 1] = a0_1
-                acc[s0, 2] = a0_2
-                acc[s0, 3] = a0_3
-                acc[s0, 4] = a0_4
-                acc[s0, 5] = a0_5
-                acc[s0, 6] = a0_6
-                acc[s0, 7] = a0_7
-                acc[s1, 0] = a1_0
-                acc[s1, 1] = a1_1
-                acc[s1, 2] = a1_2
-                acc[s1, 3] = a1_3
-                acc[s1, 4] = a1_4
-                acc[s1, 5] = a1_5
-                acc[s1, 6] = a1_6
-                acc[s1, 7] = a1_7
-                acc[s2, 0] = a2_0
-                acc[s2, 1] = a2_1
-                acc[s2, 2] = a2_2
-                acc[s2, 3] = a2_3
-                acc[s2, 4] = a2_4
-                acc[s2, 5] = a2_5
-                acc[s2, 6] = a2_6
-                acc[s2, 7] = a2_7
-                acc[s3, 0] = a3_0
-                acc[s3, 1] = a3_1
-                acc[s3, 2] = a3_2
-                acc[s3, 3] = a3_3
-                acc[s3, 4] = a3_4
-                acc[s3, 5] = a3_5
-                acc[s3, 6] = a3_6
-                acc[s3, 7] = a3_7
-                t += 4
+                    w0 = load8(w, kc + c, 0)
+                    x0 = splat8(x[i0, c])
+                    a0_0 = fma(x0, w0, a0_0)
+                    x1 = splat8(x[i1, c])
+                    a1_0 = fma(x1, w0, a1_0)
+                    x2 = splat8(x[i2, c])
+                    a2_0 = fma(x2, w0, a2_0)
+                    x3 = splat8(x[i3, c])
+                    a3_0 = fma(x3, w0, a3_0)
+                    x4 = splat8(x[i4, c])
+                    a4_0 = fma(x4, w0, a4_0)
+                    x5 = splat8(x[i5, c])
+                    a5_0 = fma(x5, w0, a5_0)
+                    x6 = splat8(x[i6, c])
+                    a6_0 = fma(x6, w0, a6_0)
+                    x7 = splat8(x[i7, c])
+                    a7_0 = fma(x7, w0, a7_0)
+                store8(acc, s0, 0, a0_0)
+                store8(acc, s1, 0, a1_0)
+                store8(acc, s2, 0, a2_0)
+                store8(acc, s3, 0, a3_0)
+                store8(acc, s4, 0, a4_0)
+                store8(acc, s5, 0, a5_0)
+                store8(acc, s6, 0, a6_0)
+                store8(acc, s7, 0, a7_0)
+                t += 8
             while t < stop:
                 s0 = rows[t + 0]
                 i0 = ins[t + 0]
-                a0_0 = acc[s0, 0]
-                a0_1 = acc[s0, 1]
-                a0_2 = acc[s0, 2]
-                a0_3 = acc[s0, 3]
-                a0_4 = acc[s0, 4]
-                a0_5 = acc[s0, 5]
-                a0_6 = acc[s0, 6]
-                a0_7 = acc[s0, 7]
+                a0_0 = load8(acc, s0, 0)
                 for c in range(cin):
-                    x0 = x[i0, c]
-                    wv = w[k, c, 0]
-                    a0_0 += x0 * wv
-                    wv = w[k, c, 1]
-                    a0_1 += x0 * wv
-                    wv = w[k, c, 2]
-                    a0_2 += x0 * wv
-                    wv = w[k, c, 3]
-                    a0_3 += x0 * wv
-                    wv = w[k, c, 4]
-                    a0_4 += x0 * wv
-                    wv = w[k, c, 5]
-                    a0_5 += x0 * wv
-                    wv = w[k, c, 6]
-                    a0_6 += x0 * wv
-                    wv = w[k, c, 7]
-                    a0_7 += x0 * wv
-                acc[s0, 0] = a0_0
-                acc[s0, 1] = a0_1
-                acc[s0, 2] = a0_2
-                acc[s0, 3] = a0_3
-                acc[s0, 4] = a0_4
-                acc[s0, 5] = a0_5
-                acc[s0, 6] = a0_6
-                acc[s0, 7] = a0_7
+                    w0 = load8(w, kc + c, 0)
+                    x0 = splat8(x[i0, c])
+                    a0_0 = fma(x0, w0, a0_0)
+                store8(acc, s0, 0, a0_0)
                 t += 1
         for r in range(nb):
-            for j in range(8):
-                out[r0 + r, j0 + j] = acc[r, j]
+            store8(out, r0 + r, j0 + 0, load8(acc, r, 0))
 
 
 @_njit
-def wgrad_cols_32(x, g, row_ptr, nbr, offsets, acc, r_start, r_stop):
-    """acc[k] += x[r]^T g[o] over the pairs (o, k) of rows r_start <= r < r_stop; the
-    output channels in tiles of 32: g (n, tiles, 32), acc (K, Cin, tiles, 32).
+def conv_t8_l4_r6(x, w, b, n_k, row_ptr, in_rows, offsets, out, j0, o_start, o_stop):
+    """out[o, j0:j0+8] = b + sum over o's pairs (i, k) of x[i] @ w[k * cin:(k + 1) * cin]
+    (w: (K * Cin, 8), b: (1, 8)), in vectors of 4 lanes.
 
-    Per block of rows the pairs are bucketed by offset (row order kept); for each offset,
-    register tiles of acc[k] (6 input channels by 32 output channels; for each group
-    of input channels, tile after tile) are loaded, updated pair after pair, and stored. Every acc value sums its pairs in row
-    order whatever the tiling.
+    Per block of output rows, the pairs are bucketed by offset; the rows of one offset are
+    taken 6 at a time (each weight vector feeds 6 accumulators). Each row's sum runs in
+    the same order whatever the grouping: bias, then its pairs by increasing offset, each
+    over the input channels in order, one fused multiply-add per term.
     """
     cin = x.shape[1]
-    n_k = acc.shape[0]
-    n_tiles = acc.shape[2]
+    most = 0
+    for r0 in range(o_start, o_stop, BLOCK_ROWS):
+        r1 = min(o_stop, r0 + BLOCK_ROWS)
+        most = max(most, row_ptr[r1] - row_ptr[r0])
+    rows = np.empty(most, np.int64)
+    ins = np.empty(most, np.int64)
+    ends = np.empty(n_k + 1, np.int64)
+    acc = np.empty((BLOCK_ROWS, 8), out.dtype)
+    for r0 in range(o_start, o_stop, BLOCK_ROWS):
+        nb = min(o_stop, r0 + BLOCK_ROWS) - r0
+        p0 = row_ptr[r0]
+        for k in range(n_k + 1):
+            ends[k] = 0
+        for q in range(p0, row_ptr[r0 + nb]):
+            ends[offsets[q] + 1] += 1
+        for k in range(n_k):
+            ends[k + 1] += ends[k]
+        for r in range(nb):
+            store4(acc, r, 0, load4(b, 0, 0))
+            store4(acc, r, 4, load4(b, 0, 4))
+            for q in range(row_ptr[r0 + r], row_ptr[r0 + r + 1]):
+                k = offsets[q]
+                pos = ends[k]
+                rows[pos] = r
+                ins[pos] = in_rows[q]
+                ends[k] = pos + 1
+        t = 0
+        for k in range(n_k):
+            stop = ends[k]
+            kc = k * cin
+            while t + 6 <= stop:
+                s0 = rows[t + 0]
+                i0 = ins[t + 0]
+                a0_0 = load4(acc, s0, 0)
+                a0_1 = load4(acc, s0, 4)
+                s1 = rows[t + 1]
+                i1 = ins[t + 1]
+                a1_0 = load4(acc, s1, 0)
+                a1_1 = load4(acc, s1, 4)
+                s2 = rows[t + 2]
+                i2 = ins[t + 2]
+                a2_0 = load4(acc, s2, 0)
+                a2_1 = load4(acc, s2, 4)
+                s3 = rows[t + 3]
+                i3 = ins[t + 3]
+                a3_0 = load4(acc, s3, 0)
+                a3_1 = load4(acc, s3, 4)
+                s4 = rows[t + 4]
+                i4 = ins[t + 4]
+                a4_0 = load4(acc, s4, 0)
+                a4_1 = load4(acc, s4, 4)
+                s5 = rows[t + 5]
+                i5 = ins[t + 5]
+                a5_0 = load4(acc, s5, 0)
+                a5_1 = load4(acc, s5, 4)
+                for c in range(cin):
+                    w0 = load4(w, kc + c, 0)
+                    w1 = load4(w, kc + c, 4)
+                    x0 = splat4(x[i0, c])
+                    a0_0 = fma(x0, w0, a0_0)
+                    a0_1 = fma(x0, w1, a0_1)
+                    x1 = splat4(x[i1, c])
+                    a1_0 = fma(x1, w0, a1_0)
+                    a1_1 = fma(x1, w1, a1_1)
+                    x2 = splat4(x[i2, c])
+                    a2_0 = fma(x2, w0, a2_0)
+                    a2_1 = fma(x2, w1, a2_1)
+                    x3 = splat4(x[i3, c])
+                    a3_0 = fma(x3, w0, a3_0)
+                    a3_1 = fma(x3, w1, a3_1)
+                    x4 = splat4(x[i4, c])
+                    a4_0 = fma(x4, w0, a4_0)
+                    a4_1 = fma(x4, w1, a4_1)
+                    x5 = splat4(x[i5, c])
+                    a5_0 = fma(x5, w0, a5_0)
+                    a5_1 = fma(x5, w1, a5_1)
+                store4(acc, s0, 0, a0_0)
+                store4(acc, s0, 4, a0_1)
+                store4(acc, s1, 0, a1_0)
+                store4(acc, s1, 4, a1_1)
+                store4(acc, s2, 0, a2_0)
+                store4(acc, s2, 4, a2_1)
+                store4(acc, s3, 0, a3_0)
+                store4(acc, s3, 4, a3_1)
+                store4(acc, s4, 0, a4_0)
+                store4(acc, s4, 4, a4_1)
+                store4(acc, s5, 0, a5_0)
+                store4(acc, s5, 4, a5_1)
+                t += 6
+            while t < stop:
+                s0 = rows[t + 0]
+                i0 = ins[t + 0]
+                a0_0 = load4(acc, s0, 0)
+                a0_1 = load4(acc, s0, 4)
+                for c in range(cin):
+                    w0 = load4(w, kc + c, 0)
+                    w1 = load4(w, kc + c, 4)
+                    x0 = splat4(x[i0, c])
+                    a0_0 = fma(x0, w0, a0_0)
+                    a0_1 = fma(x0, w1, a0_1)
+                store4(acc, s0, 0, a0_0)
+                store4(acc, s0, 4, a0_1)
+                t += 1
+        for r in range(nb):
+            store4(out, r0 + r, j0 + 0, load4(acc, r, 0))
+            store4(out, r0 + r, j0 + 4, load4(acc, r, 4))
+
+
+@_njit
+def wgrad_s64_l16_r6(x, g, row_ptr, nbr, offsets, acc, n_k, r_start, r_stop):
+    """acc[k * cin + c] += x[r, c] * g[o] over the pairs (o, k) of rows r_start <= r <
+    r_stop; g (n, W) and acc (K * Cin, W) with W a multiple of 64, in vectors of 16 lanes.
+
+    Per block of rows the pairs are bucketed by offset (row order kept); for each offset,
+    register tiles of acc (6 input channels by 64 output channels; for each group of
+    input channels, tile after tile) are loaded, updated pair after pair, and stored. Every
+    acc value sums its pairs in row order whatever the tiling, one fused multiply-add each.
+    """
+    cin = x.shape[1]
+    n_tiles = g.shape[1] // 64
     most = 0
     for r0 in range(r_start, r_stop, WGRAD_BLOCK_ROWS):
         r1 = min(r_stop, r0 + WGRAD_BLOCK_ROWS)
@@ -2026,1010 +1181,173 @@ def wgrad_cols_32(x, g, row_ptr, nbr, offsets, acc, r_start, r_stop):
         for k in range(n_k):
             t1 = ends[k]
             if t1 > t0:
+                kc = k * cin
                 c0 = 0
                 while c0 + 6 <= cin:
                     for jt in range(n_tiles):
-                        a0_0 = acc[k, c0 + 0, jt, 0]
-                        a0_1 = acc[k, c0 + 0, jt, 1]
-                        a0_2 = acc[k, c0 + 0, jt, 2]
-                        a0_3 = acc[k, c0 + 0, jt, 3]
-                        a0_4 = acc[k, c0 + 0, jt, 4]
-                        a0_5 = acc[k, c0 + 0, jt, 5]
-                        a0_6 = acc[k, c0 + 0, jt, 6]
-                        a0_7 = acc[k, c0 + 0, jt, 7]
-                        a0_8 = acc[k, c0 + 0, jt, 8]
-                        a0_9 = acc[k, c0 + 0, jt, 9]
-                        a0_10 = acc[k, c0 + 0, jt, 10]
-                        a0_11 = acc[k, c0 + 0, jt, 11]
-                        a0_12 = acc[k, c0 + 0, jt, 12]
-                        a0_13 = acc[k, c0 + 0, jt, 13]
-                        a0_14 = acc[k, c0 + 0, jt, 14]
-                        a0_15 = acc[k, c0 + 0, jt, 15]
-                        a0_16 = acc[k, c0 + 0, jt, 16]
-                        a0_17 = acc[k, c0 + 0, jt, 17]
-                        a0_18 = acc[k, c0 + 0, jt, 18]
-                        a0_19 = acc[k, c0 + 0, jt, 19]
-                        a0_20 = acc[k, c0 + 0, jt, 20]
-                        a0_21 = acc[k, c0 + 0, jt, 21]
-                        a0_22 = acc[k, c0 + 0, jt, 22]
-                        a0_23 = acc[k, c0 + 0, jt, 23]
-                        a0_24 = acc[k, c0 + 0, jt, 24]
-                        a0_25 = acc[k, c0 + 0, jt, 25]
-                        a0_26 = acc[k, c0 + 0, jt, 26]
-                        a0_27 = acc[k, c0 + 0, jt, 27]
-                        a0_28 = acc[k, c0 + 0, jt, 28]
-                        a0_29 = acc[k, c0 + 0, jt, 29]
-                        a0_30 = acc[k, c0 + 0, jt, 30]
-                        a0_31 = acc[k, c0 + 0, jt, 31]
-                        a1_0 = acc[k, c0 + 1, jt, 0]
-                        a1_1 = acc[k, c0 + 1, jt, 1]
-                        a1_2 = acc[k, c0 + 1, jt, 2]
-                        a1_3 = acc[k, c0 + 1, jt, 3]
-                        a1_4 = acc[k, c0 + 1, jt, 4]
-                        a1_5 = acc[k, c0 + 1, jt, 5]
-                        a1_6 = acc[k, c0 + 1, jt, 6]
-                        a1_7 = acc[k, c0 + 1, jt, 7]
-                        a1_8 = acc[k, c0 + 1, jt, 8]
-                        a1_9 = acc[k, c0 + 1, jt, 9]
-                        a1_10 = acc[k, c0 + 1, jt, 10]
-                        a1_11 = acc[k, c0 + 1, jt, 11]
-                        a1_12 = acc[k, c0 + 1, jt, 12]
-                        a1_13 = acc[k, c0 + 1, jt, 13]
-                        a1_14 = acc[k, c0 + 1, jt, 14]
-                        a1_15 = acc[k, c0 + 1, jt, 15]
-                        a1_16 = acc[k, c0 + 1, jt, 16]
-                        a1_17 = acc[k, c0 + 1, jt, 17]
-                        a1_18 = acc[k, c0 + 1, jt, 18]
-                        a1_19 = acc[k, c0 + 1, jt, 19]
-                        a1_20 = acc[k, c0 + 1, jt, 20]
-                        a1_21 = acc[k, c0 + 1, jt, 21]
-                        a1_22 = acc[k, c0 + 1, jt, 22]
-                        a1_23 = acc[k, c0 + 1, jt, 23]
-                        a1_24 = acc[k, c0 + 1, jt, 24]
-                        a1_25 = acc[k, c0 + 1, jt, 25]
-                        a1_26 = acc[k, c0 + 1, jt, 26]
-                        a1_27 = acc[k, c0 + 1, jt, 27]
-                        a1_28 = acc[k, c0 + 1, jt, 28]
-                        a1_29 = acc[k, c0 + 1, jt, 29]
-                        a1_30 = acc[k, c0 + 1, jt, 30]
-                        a1_31 = acc[k, c0 + 1, jt, 31]
-                        a2_0 = acc[k, c0 + 2, jt, 0]
-                        a2_1 = acc[k, c0 + 2, jt, 1]
-                        a2_2 = acc[k, c0 + 2, jt, 2]
-                        a2_3 = acc[k, c0 + 2, jt, 3]
-                        a2_4 = acc[k, c0 + 2, jt, 4]
-                        a2_5 = acc[k, c0 + 2, jt, 5]
-                        a2_6 = acc[k, c0 + 2, jt, 6]
-                        a2_7 = acc[k, c0 + 2, jt, 7]
-                        a2_8 = acc[k, c0 + 2, jt, 8]
-                        a2_9 = acc[k, c0 + 2, jt, 9]
-                        a2_10 = acc[k, c0 + 2, jt, 10]
-                        a2_11 = acc[k, c0 + 2, jt, 11]
-                        a2_12 = acc[k, c0 + 2, jt, 12]
-                        a2_13 = acc[k, c0 + 2, jt, 13]
-                        a2_14 = acc[k, c0 + 2, jt, 14]
-                        a2_15 = acc[k, c0 + 2, jt, 15]
-                        a2_16 = acc[k, c0 + 2, jt, 16]
-                        a2_17 = acc[k, c0 + 2, jt, 17]
-                        a2_18 = acc[k, c0 + 2, jt, 18]
-                        a2_19 = acc[k, c0 + 2, jt, 19]
-                        a2_20 = acc[k, c0 + 2, jt, 20]
-                        a2_21 = acc[k, c0 + 2, jt, 21]
-                        a2_22 = acc[k, c0 + 2, jt, 22]
-                        a2_23 = acc[k, c0 + 2, jt, 23]
-                        a2_24 = acc[k, c0 + 2, jt, 24]
-                        a2_25 = acc[k, c0 + 2, jt, 25]
-                        a2_26 = acc[k, c0 + 2, jt, 26]
-                        a2_27 = acc[k, c0 + 2, jt, 27]
-                        a2_28 = acc[k, c0 + 2, jt, 28]
-                        a2_29 = acc[k, c0 + 2, jt, 29]
-                        a2_30 = acc[k, c0 + 2, jt, 30]
-                        a2_31 = acc[k, c0 + 2, jt, 31]
-                        a3_0 = acc[k, c0 + 3, jt, 0]
-                        a3_1 = acc[k, c0 + 3, jt, 1]
-                        a3_2 = acc[k, c0 + 3, jt, 2]
-                        a3_3 = acc[k, c0 + 3, jt, 3]
-                        a3_4 = acc[k, c0 + 3, jt, 4]
-                        a3_5 = acc[k, c0 + 3, jt, 5]
-                        a3_6 = acc[k, c0 + 3, jt, 6]
-                        a3_7 = acc[k, c0 + 3, jt, 7]
-                        a3_8 = acc[k, c0 + 3, jt, 8]
-                        a3_9 = acc[k, c0 + 3, jt, 9]
-                        a3_10 = acc[k, c0 + 3, jt, 10]
-                        a3_11 = acc[k, c0 + 3, jt, 11]
-                        a3_12 = acc[k, c0 + 3, jt, 12]
-                        a3_13 = acc[k, c0 + 3, jt, 13]
-                        a3_14 = acc[k, c0 + 3, jt, 14]
-                        a3_15 = acc[k, c0 + 3, jt, 15]
-                        a3_16 = acc[k, c0 + 3, jt, 16]
-                        a3_17 = acc[k, c0 + 3, jt, 17]
-                        a3_18 = acc[k, c0 + 3, jt, 18]
-                        a3_19 = acc[k, c0 + 3, jt, 19]
-                        a3_20 = acc[k, c0 + 3, jt, 20]
-                        a3_21 = acc[k, c0 + 3, jt, 21]
-                        a3_22 = acc[k, c0 + 3, jt, 22]
-                        a3_23 = acc[k, c0 + 3, jt, 23]
-                        a3_24 = acc[k, c0 + 3, jt, 24]
-                        a3_25 = acc[k, c0 + 3, jt, 25]
-                        a3_26 = acc[k, c0 + 3, jt, 26]
-                        a3_27 = acc[k, c0 + 3, jt, 27]
-                        a3_28 = acc[k, c0 + 3, jt, 28]
-                        a3_29 = acc[k, c0 + 3, jt, 29]
-                        a3_30 = acc[k, c0 + 3, jt, 30]
-                        a3_31 = acc[k, c0 + 3, jt, 31]
-                        a4_0 = acc[k, c0 + 4, jt, 0]
-                        a4_1 = acc[k, c0 + 4, jt, 1]
-                        a4_2 = acc[k, c0 + 4, jt, 2]
-                        a4_3 = acc[k, c0 + 4, jt, 3]
-                        a4_4 = acc[k, c0 + 4, jt, 4]
-                        a4_5 = acc[k, c0 + 4, jt, 5]
-                        a4_6 = acc[k, c0 + 4, jt, 6]
-                        a4_7 = acc[k, c0 + 4, jt, 7]
-                        a4_8 = acc[k, c0 + 4, jt, 8]
-                        a4_9 = acc[k, c0 + 4, jt, 9]
-                        a4_10 = acc[k, c0 + 4, jt, 10]
-                        a4_11 = acc[k, c0 + 4, jt, 11]
-                        a4_12 = acc[k, c0 + 4, jt, 12]
-                        a4_13 = acc[k, c0 + 4, jt, 13]
-                        a4_14 = acc[k, c0 + 4, jt, 14]
-                        a4_15 = acc[k, c0 + 4, jt, 15]
-                        a4_16 = acc[k, c0 + 4, jt, 16]
-                        a4_17 = acc[k, c0 + 4, jt, 17]
-                        a4_18 = acc[k, c0 + 4, jt, 18]
-                        a4_19 = acc[k, c0 + 4, jt, 19]
-                        a4_20 = acc[k, c0 + 4, jt, 20]
-                        a4_21 = acc[k, c0 + 4, jt, 21]
-                        a4_22 = acc[k, c0 + 4, jt, 22]
-                        a4_23 = acc[k, c0 + 4, jt, 23]
-                        a4_24 = acc[k, c0 + 4, jt, 24]
-                        a4_25 = acc[k, c0 + 4, jt, 25]
-                        a4_26 = acc[k, c0 + 4, jt, 26]
-                        a4_27 = acc[k, c0 + 4, jt, 27]
-                        a4_28 = acc[k, c0 + 4, jt, 28]
-                        a4_29 = acc[k, c0 + 4, jt, 29]
-                        a4_30 = acc[k, c0 + 4, jt, 30]
-                        a4_31 = acc[k, c0 + 4, jt, 31]
-                        a5_0 = acc[k, c0 + 5, jt, 0]
-                        a5_1 = acc[k, c0 + 5, jt, 1]
-                        a5_2 = acc[k, c0 + 5, jt, 2]
-                        a5_3 = acc[k, c0 + 5, jt, 3]
-                        a5_4 = acc[k, c0 + 5, jt, 4]
-                        a5_5 = acc[k, c0 + 5, jt, 5]
-                        a5_6 = acc[k, c0 + 5, jt, 6]
-                        a5_7 = acc[k, c0 + 5, jt, 7]
-                        a5_8 = acc[k, c0 + 5, jt, 8]
-                        a5_9 = acc[k, c0 + 5, jt, 9]
-                        a5_10 = acc[k, c0 + 5, jt, 10]
-                        a5_11 = acc[k, c0 + 5, jt, 11]
-                        a5_12 = acc[k, c0 + 5, jt, 12]
-                        a5_13 = acc[k, c0 + 5, jt, 13]
-                        a5_14 = acc[k, c0 + 5, jt, 14]
-                        a5_15 = acc[k, c0 + 5, jt, 15]
-                        a5_16 = acc[k, c0 + 5, jt, 16]
-                        a5_17 = acc[k, c0 + 5, jt, 17]
-                        a5_18 = acc[k, c0 + 5, jt, 18]
-                        a5_19 = acc[k, c0 + 5, jt, 19]
-                        a5_20 = acc[k, c0 + 5, jt, 20]
-                        a5_21 = acc[k, c0 + 5, jt, 21]
-                        a5_22 = acc[k, c0 + 5, jt, 22]
-                        a5_23 = acc[k, c0 + 5, jt, 23]
-                        a5_24 = acc[k, c0 + 5, jt, 24]
-                        a5_25 = acc[k, c0 + 5, jt, 25]
-                        a5_26 = acc[k, c0 + 5, jt, 26]
-                        a5_27 = acc[k, c0 + 5, jt, 27]
-                        a5_28 = acc[k, c0 + 5, jt, 28]
-                        a5_29 = acc[k, c0 + 5, jt, 29]
-                        a5_30 = acc[k, c0 + 5, jt, 30]
-                        a5_31 = acc[k, c0 + 5, jt, 31]
+                        j = jt * 64
+                        a0_0 = load16(acc, kc + c0 + 0, j + 0)
+                        a0_1 = load16(acc, kc + c0 + 0, j + 16)
+                        a0_2 = load16(acc, kc + c0 + 0, j + 32)
+                        a0_3 = load16(acc, kc + c0 + 0, j + 48)
+                        a1_0 = load16(acc, kc + c0 + 1, j + 0)
+                        a1_1 = load16(acc, kc + c0 + 1, j + 16)
+                        a1_2 = load16(acc, kc + c0 + 1, j + 32)
+                        a1_3 = load16(acc, kc + c0 + 1, j + 48)
+                        a2_0 = load16(acc, kc + c0 + 2, j + 0)
+                        a2_1 = load16(acc, kc + c0 + 2, j + 16)
+                        a2_2 = load16(acc, kc + c0 + 2, j + 32)
+                        a2_3 = load16(acc, kc + c0 + 2, j + 48)
+                        a3_0 = load16(acc, kc + c0 + 3, j + 0)
+                        a3_1 = load16(acc, kc + c0 + 3, j + 16)
+                        a3_2 = load16(acc, kc + c0 + 3, j + 32)
+                        a3_3 = load16(acc, kc + c0 + 3, j + 48)
+                        a4_0 = load16(acc, kc + c0 + 4, j + 0)
+                        a4_1 = load16(acc, kc + c0 + 4, j + 16)
+                        a4_2 = load16(acc, kc + c0 + 4, j + 32)
+                        a4_3 = load16(acc, kc + c0 + 4, j + 48)
+                        a5_0 = load16(acc, kc + c0 + 5, j + 0)
+                        a5_1 = load16(acc, kc + c0 + 5, j + 16)
+                        a5_2 = load16(acc, kc + c0 + 5, j + 32)
+                        a5_3 = load16(acc, kc + c0 + 5, j + 48)
                         for t in range(t0, t1):
                             i = xr[t]
                             o = gr[t]
-                            x0 = x[i, c0 + 0]
-                            x1 = x[i, c0 + 1]
-                            x2 = x[i, c0 + 2]
-                            x3 = x[i, c0 + 3]
-                            x4 = x[i, c0 + 4]
-                            x5 = x[i, c0 + 5]
-                            gv = g[o, jt, 0]
-                            a0_0 += x0 * gv
-                            a1_0 += x1 * gv
-                            a2_0 += x2 * gv
-                            a3_0 += x3 * gv
-                            a4_0 += x4 * gv
-                            a5_0 += x5 * gv
-                            gv = g[o, jt, 1]
-                            a0_1 += x0 * gv
-                            a1_1 += x1 * gv
-                            a2_1 += x2 * gv
-                            a3_1 += x3 * gv
-                            a4_1 += x4 * gv
-                            a5_1 += x5 * gv
-                            gv = g[o, jt, 2]
-                            a0_2 += x0 * gv
-                            a1_2 += x1 * gv
-                            a2_2 += x2 * gv
-                            a3_2 += x3 * gv
-                            a4_2 += x4 * gv
-                            a5_2 += x5 * gv
-                            gv = g[o, jt, 3]
-                            a0_3 += x0 * gv
-                            a1_3 += x1 * gv
-                            a2_3 += x2 * gv
-                            a3_3 += x3 * gv
-                            a4_3 += x4 * gv
-                            a5_3 += x5 * gv
-                            gv = g[o, jt, 4]
-                            a0_4 += x0 * gv
-                            a1_4 += x1 * gv
-                            a2_4 += x2 * gv
-                            a3_4 += x3 * gv
-                            a4_4 += x4 * gv
-                            a5_4 += x5 * gv
-                            gv = g[o, jt, 5]
-                            a0_5 += x0 * gv
-                            a1_5 += x1 * gv
-                            a2_5 += x2 * gv
-                            a3_5 += x3 * gv
-                            a4_5 += x4 * gv
-                            a5_5 += x5 * gv
-                            gv = g[o, jt, 6]
-                            a0_6 += x0 * gv
-                            a1_6 += x1 * gv
-                            a2_6 += x2 * gv
-                            a3_6 += x3 * gv
-                            a4_6 += x4 * gv
-                            a5_6 += x5 * gv
-                            gv = g[o, jt, 7]
-                            a0_7 += x0 * gv
-                            a1_7 += x1 * gv
-                            a2_7 += x2 * gv
-                            a3_7 += x3 * gv
-                            a4_7 += x4 * gv
-                            a5_7 += x5 * gv
-                            gv = g[o, jt, 8]
-                            a0_8 += x0 * gv
-                            a1_8 += x1 * gv
-                            a2_8 += x2 * gv
-                            a3_8 += x3 * gv
-                            a4_8 += x4 * gv
-                            a5_8 += x5 * gv
-                            gv = g[o, jt, 9]
-                            a0_9 += x0 * gv
-                            a1_9 += x1 * gv
-                            a2_9 += x2 * gv
-                            a3_9 += x3 * gv
-                            a4_9 += x4 * gv
-                            a5_9 += x5 * gv
-                            gv = g[o, jt, 10]
-                            a0_10 += x0 * gv
-                            a1_10 += x1 * gv
-                            a2_10 += x2 * gv
-                            a3_10 += x3 * gv
-                            a4_10 += x4 * gv
-                            a5_10 += x5 * gv
-                            gv = g[o, jt, 11]
-                            a0_11 += x0 * gv
-                            a1_11 += x1 * gv
-                            a2_11 += x2 * gv
-                            a3_11 += x3 * gv
-                            a4_11 += x4 * gv
-                            a5_11 += x5 * gv
-                            gv = g[o, jt, 12]
-                            a0_12 += x0 * gv
-                            a1_12 += x1 * gv
-                            a2_12 += x2 * gv
-                            a3_12 += x3 * gv
-                            a4_12 += x4 * gv
-                            a5_12 += x5 * gv
-                            gv = g[o, jt, 13]
-                            a0_13 += x0 * gv
-                            a1_13 += x1 * gv
-                            a2_13 += x2 * gv
-                            a3_13 += x3 * gv
-                            a4_13 += x4 * gv
-                            a5_13 += x5 * gv
-                            gv = g[o, jt, 14]
-                            a0_14 += x0 * gv
-                            a1_14 += x1 * gv
-                            a2_14 += x2 * gv
-                            a3_14 += x3 * gv
-                            a4_14 += x4 * gv
-                            a5_14 += x5 * gv
-                            gv = g[o, jt, 15]
-                            a0_15 += x0 * gv
-                            a1_15 += x1 * gv
-                            a2_15 += x2 * gv
-                            a3_15 += x3 * gv
-                            a4_15 += x4 * gv
-                            a5_15 += x5 * gv
-                            gv = g[o, jt, 16]
-                            a0_16 += x0 * gv
-                            a1_16 += x1 * gv
-                            a2_16 += x2 * gv
-                            a3_16 += x3 * gv
-                            a4_16 += x4 * gv
-                            a5_16 += x5 * gv
-                            gv = g[o, jt, 17]
-                            a0_17 += x0 * gv
-                            a1_17 += x1 * gv
-                            a2_17 += x2 * gv
-                            a3_17 += x3 * gv
-                            a4_17 += x4 * gv
-                            a5_17 += x5 * gv
-                            gv = g[o, jt, 18]
-                            a0_18 += x0 * gv
-                            a1_18 += x1 * gv
-                            a2_18 += x2 * gv
-                            a3_18 += x3 * gv
-                            a4_18 += x4 * gv
-                            a5_18 += x5 * gv
-                            gv = g[o, jt, 19]
-                            a0_19 += x0 * gv
-                            a1_19 += x1 * gv
-                            a2_19 += x2 * gv
-                            a3_19 += x3 * gv
-                            a4_19 += x4 * gv
-                            a5_19 += x5 * gv
-                            gv = g[o, jt, 20]
-                            a0_20 += x0 * gv
-                            a1_20 += x1 * gv
-                            a2_20 += x2 * gv
-                            a3_20 += x3 * gv
-                            a4_20 += x4 * gv
-                            a5_20 += x5 * gv
-                            gv = g[o, jt, 21]
-                            a0_21 += x0 * gv
-                            a1_21 += x1 * gv
-                            a2_21 += x2 * gv
-                            a3_21 += x3 * gv
-                            a4_21 += x4 * gv
-                            a5_21 += x5 * gv
-                            gv = g[o, jt, 22]
-                            a0_22 += x0 * gv
-                            a1_22 += x1 * gv
-                            a2_22 += x2 * gv
-                            a3_22 += x3 * gv
-                            a4_22 += x4 * gv
-                            a5_22 += x5 * gv
-                            gv = g[o, jt, 23]
-                            a0_23 += x0 * gv
-                            a1_23 += x1 * gv
-                            a2_23 += x2 * gv
-                            a3_23 += x3 * gv
-                            a4_23 += x4 * gv
-                            a5_23 += x5 * gv
-                            gv = g[o, jt, 24]
-                            a0_24 += x0 * gv
-                            a1_24 += x1 * gv
-                            a2_24 += x2 * gv
-                            a3_24 += x3 * gv
-                            a4_24 += x4 * gv
-                            a5_24 += x5 * gv
-                            gv = g[o, jt, 25]
-                            a0_25 += x0 * gv
-                            a1_25 += x1 * gv
-                            a2_25 += x2 * gv
-                            a3_25 += x3 * gv
-                            a4_25 += x4 * gv
-                            a5_25 += x5 * gv
-                            gv = g[o, jt, 26]
-                            a0_26 += x0 * gv
-                            a1_26 += x1 * gv
-                            a2_26 += x2 * gv
-                            a3_26 += x3 * gv
-                            a4_26 += x4 * gv
-                            a5_26 += x5 * gv
-                            gv = g[o, jt, 27]
-                            a0_27 += x0 * gv
-                            a1_27 += x1 * gv
-                            a2_27 += x2 * gv
-                            a3_27 += x3 * gv
-                            a4_27 += x4 * gv
-                            a5_27 += x5 * gv
-                            gv = g[o, jt, 28]
-                            a0_28 += x0 * gv
-                            a1_28 += x1 * gv
-                            a2_28 += x2 * gv
-                            a3_28 += x3 * gv
-                            a4_28 += x4 * gv
-                            a5_28 += x5 * gv
-                            gv = g[o, jt, 29]
-                            a0_29 += x0 * gv
-                            a1_29 += x1 * gv
-                            a2_29 += x2 * gv
-                            a3_29 += x3 * gv
-                            a4_29 += x4 * gv
-                            a5_29 += x5 * gv
-                            gv = g[o, jt, 30]
-                            a0_30 += x0 * gv
-                            a1_30 += x1 * gv
-                            a2_30 += x2 * gv
-                            a3_30 += x3 * gv
-                            a4_30 += x4 * gv
-                            a5_30 += x5 * gv
-                            gv = g[o, jt, 31]
-                            a0_31 += x0 * gv
-                            a1_31 += x1 * gv
-                            a2_31 += x2 * gv
-                            a3_31 += x3 * gv
-                            a4_31 += x4 * gv
-                            a5_31 += x5 * gv
-                        acc[k, c0 + 0, jt, 0] = a0_0
-                        acc[k, c0 + 0, jt, 1] = a0_1
-                        acc[k, c0 + 0, jt, 2] = a0_2
-                        acc[k, c0 + 0, jt, 3] = a0_3
-                        acc[k, c0 + 0, jt, 4] = a0_4
-                        acc[k, c0 + 0, jt, 5] = a0_5
-                        acc[k, c0 + 0, jt, 6] = a0_6
-                        acc[k, c0 + 0, jt, 7] = a0_7
-                        acc[k, c0 + 0, jt, 8] = a0_8
-                        acc[k, c0 + 0, jt, 9] = a0_9
-                        acc[k, c0 + 0, jt, 10] = a0_10
-                        acc[k, c0 + 0, jt, 11] = a0_11
-                        acc[k, c0 + 0, jt, 12] = a0_12
-                        acc[k, c0 + 0, jt, 13] = a0_13
-                        acc[k, c0 + 0, jt, 14] = a0_14
-                        acc[k, c0 + 0, jt, 15] = a0_15
-                        acc[k, c0 + 0, jt, 16] = a0_16
-                        acc[k, c0 + 0, jt, 17] = a0_17
-                        acc[k, c0 + 0, jt, 18] = a0_18
-                        acc[k, c0 + 0, jt, 19] = a0_19
-                        acc[k, c0 + 0, jt, 20] = a0_20
-                        acc[k, c0 + 0, jt, 21] = a0_21
-                        acc[k, c0 + 0, jt, 22] = a0_22
-                        acc[k, c0 + 0, jt, 23] = a0_23
-                        acc[k, c0 + 0, jt, 24] = a0_24
-                        acc[k, c0 + 0, jt, 25] = a0_25
-                        acc[k, c0 + 0, jt, 26] = a0_26
-                        acc[k, c0 + 0, jt, 27] = a0_27
-                        acc[k, c0 + 0, jt, 28] = a0_28
-                        acc[k, c0 + 0, jt, 29] = a0_29
-                        acc[k, c0 + 0, jt, 30] = a0_30
-                        acc[k, c0 + 0, jt, 31] = a0_31
-                        acc[k, c0 + 1, jt, 0] = a1_0
-                        acc[k, c0 + 1, jt, 1] = a1_1
-                        acc[k, c0 + 1, jt, 2] = a1_2
-                        acc[k, c0 + 1, jt, 3] = a1_3
-                        acc[k, c0 + 1, jt, 4] = a1_4
-                        acc[k, c0 + 1, jt, 5] = a1_5
-                        acc[k, c0 + 1, jt, 6] = a1_6
-                        acc[k, c0 + 1, jt, 7] = a1_7
-                        acc[k, c0 + 1, jt, 8] = a1_8
-                        acc[k, c0 + 1, jt, 9] = a1_9
-                        acc[k, c0 + 1, jt, 10] = a1_10
-                        acc[k, c0 + 1, jt, 11] = a1_11
-                        acc[k, c0 + 1, jt, 12] = a1_12
-                        acc[k, c0 + 1, jt, 13] = a1_13
-                        acc[k, c0 + 1, jt, 14] = a1_14
-                        acc[k, c0 + 1, jt, 15] = a1_15
-                        acc[k, c0 + 1, jt, 16] = a1_16
-                        acc[k, c0 + 1, jt, 17] = a1_17
-                        acc[k, c0 + 1, jt, 18] = a1_18
-                        acc[k, c0 + 1, jt, 19] = a1_19
-                        acc[k, c0 + 1, jt, 20] = a1_20
-                        acc[k, c0 + 1, jt, 21] = a1_21
-                        acc[k, c0 + 1, jt, 22] = a1_22
-                        acc[k, c0 + 1, jt, 23] = a1_23
-                        acc[k, c0 + 1, jt, 24] = a1_24
-                        acc[k, c0 + 1, jt, 25] = a1_25
-                        acc[k, c0 + 1, jt, 26] = a1_26
-                        acc[k, c0 + 1, jt, 27] = a1_27
-                        acc[k, c0 + 1, jt, 28] = a1_28
-                        acc[k, c0 + 1, jt, 29] = a1_29
-                        acc[k, c0 + 1, jt, 30] = a1_30
-                        acc[k, c0 + 1, jt, 31] = a1_31
-                        acc[k, c0 + 2, jt, 0] = a2_0
-                        acc[k, c0 + 2, jt, 1] = a2_1
-                        acc[k, c0 + 2, jt, 2] = a2_2
-                        acc[k, c0 + 2, jt, 3] = a2_3
-                        acc[k, c0 + 2, jt, 4] = a2_4
-                        acc[k, c0 + 2, jt, 5] = a2_5
-                        acc[k, c0 + 2, jt, 6] = a2_6
-                        acc[k, c0 + 2, jt, 7] = a2_7
-                        acc[k, c0 + 2, jt, 8] = a2_8
-                        acc[k, c0 + 2, jt, 9] = a2_9
-                        acc[k, c0 + 2, jt, 10] = a2_10
-                        acc[k, c0 + 2, jt, 11] = a2_11
-                        acc[k, c0 + 2, jt, 12] = a2_12
-                        acc[k, c0 + 2, jt, 13] = a2_13
-                        acc[k, c0 + 2, jt, 14] = a2_14
-                        acc[k, c0 + 2, jt, 15] = a2_15
-                        acc[k, c0 + 2, jt, 16] = a2_16
-                        acc[k, c0 + 2, jt, 17] = a2_17
-                        acc[k, c0 + 2, jt, 18] = a2_18
-                        acc[k, c0 + 2, jt, 19] = a2_19
-                        acc[k, c0 + 2, jt, 20] = a2_20
-                        acc[k, c0 + 2, jt, 21] = a2_21
-                        acc[k, c0 + 2, jt, 22] = a2_22
-                        acc[k, c0 + 2, jt, 23] = a2_23
-                        acc[k, c0 + 2, jt, 24] = a2_24
-                        acc[k, c0 + 2, jt, 25] = a2_25
-                        acc[k, c0 + 2, jt, 26] = a2_26
-                        acc[k, c0 + 2, jt, 27] = a2_27
-                        acc[k, c0 + 2, jt, 28] = a2_28
-                        acc[k, c0 + 2, jt, 29] = a2_29
-                        acc[k, c0 + 2, jt, 30] = a2_30
-                        acc[k, c0 + 2, jt, 31] = a2_31
-                        acc[k, c0 + 3, jt, 0] = a3_0
-                        acc[k, c0 + 3, jt, 1] = a3_1
-                        acc[k, c0 + 3, jt, 2] = a3_2
-                        acc[k, c0 + 3, jt, 3] = a3_3
-                        acc[k, c0 + 3, jt, 4] = a3_4
-                        acc[k, c0 + 3, jt, 5] = a3_5
-                        acc[k, c0 + 3, jt, 6] = a3_6
-                        acc[k, c0 + 3, jt, 7] = a3_7
-                        acc[k, c0 + 3, jt, 8] = a3_8
-                        acc[k, c0 + 3, jt, 9] = a3_9
-                        acc[k, c0 + 3, jt, 10] = a3_10
-                        acc[k, c0 + 3, jt, 11] = a3_11
-                        acc[k, c0 + 3, jt, 12] = a3_12
-                        acc[k, c0 + 3, jt, 13] = a3_13
-                        acc[k, c0 + 3, jt, 14] = a3_14
-                        acc[k, c0 + 3, jt, 15] = a3_15
-                        acc[k, c0 + 3, jt, 16] = a3_16
-                        acc[k, c0 + 3, jt, 17] = a3_17
-                        acc[k, c0 + 3, jt, 18] = a3_18
-                        acc[k, c0 + 3, jt, 19] = a3_19
-                        acc[k, c0 + 3, jt, 20] = a3_20
-                        acc[k, c0 + 3, jt, 21] = a3_21
-                        acc[k, c0 + 3, jt, 22] = a3_22
-                        acc[k, c0 + 3, jt, 23] = a3_23
-                        acc[k, c0 + 3, jt, 24] = a3_24
-                        acc[k, c0 + 3, jt, 25] = a3_25
-                        acc[k, c0 + 3, jt, 26] = a3_26
-                        acc[k, c0 + 3, jt, 27] = a3_27
-                        acc[k, c0 + 3, jt, 28] = a3_28
-                        acc[k, c0 + 3, jt, 29] = a3_29
-                        acc[k, c0 + 3, jt, 30] = a3_30
-                        acc[k, c0 + 3, jt, 31] = a3_31
-                        acc[k, c0 + 4, jt, 0] = a4_0
-                        acc[k, c0 + 4, jt, 1] = a4_1
-                        acc[k, c0 + 4, jt, 2] = a4_2
-                        acc[k, c0 + 4, jt, 3] = a4_3
-                        acc[k, c0 + 4, jt, 4] = a4_4
-                        acc[k, c0 + 4, jt, 5] = a4_5
-                        acc[k, c0 + 4, jt, 6] = a4_6
-                        acc[k, c0 + 4, jt, 7] = a4_7
-                        acc[k, c0 + 4, jt, 8] = a4_8
-                        acc[k, c0 + 4, jt, 9] = a4_9
-                        acc[k, c0 + 4, jt, 10] = a4_10
-                        acc[k, c0 + 4, jt, 11] = a4_11
-                        acc[k, c0 + 4, jt, 12] = a4_12
-                        acc[k, c0 + 4, jt, 13] = a4_13
-                        acc[k, c0 + 4, jt, 14] = a4_14
-                        acc[k, c0 + 4, jt, 15] = a4_15
-                        acc[k, c0 + 4, jt, 16] = a4_16
-                        acc[k, c0 + 4, jt, 17] = a4_17
-                        acc[k, c0 + 4, jt, 18] = a4_18
-                        acc[k, c0 + 4, jt, 19] = a4_19
-                        acc[k, c0 + 4, jt, 20] = a4_20
-                        acc[k, c0 + 4, jt, 21] = a4_21
-                        acc[k, c0 + 4, jt, 22] = a4_22
-                        acc[k, c0 + 4, jt, 23] = a4_23
-                        acc[k, c0 + 4, jt, 24] = a4_24
-                        acc[k, c0 + 4, jt, 25] = a4_25
-                        acc[k, c0 + 4, jt, 26] = a4_26
-                        acc[k, c0 + 4, jt, 27] = a4_27
-                        acc[k, c0 + 4, jt, 28] = a4_28
-                        acc[k, c0 + 4, jt, 29] = a4_29
-                        acc[k, c0 + 4, jt, 30] = a4_30
-                        acc[k, c0 + 4, jt, 31] = a4_31
-                        acc[k, c0 + 5, jt, 0] = a5_0
-                        acc[k, c0 + 5, jt, 1] = a5_1
-                        acc[k, c0 + 5, jt, 2] = a5_2
-                        acc[k, c0 + 5, jt, 3] = a5_3
-                        acc[k, c0 + 5, jt, 4] = a5_4
-                        acc[k, c0 + 5, jt, 5] = a5_5
-                        acc[k, c0 + 5, jt, 6] = a5_6
-                        acc[k, c0 + 5, jt, 7] = a5_7
-                        acc[k, c0 + 5, jt, 8] = a5_8
-                        acc[k, c0 + 5, jt, 9] = a5_9
-                        acc[k, c0 + 5, jt, 10] = a5_10
-                        acc[k, c0 + 5, jt, 11] = a5_11
-                        acc[k, c0 + 5, jt, 12] = a5_12
-                        acc[k, c0 + 5, jt, 13] = a5_13
-                        acc[k, c0 + 5, jt, 14] = a5_14
-                        acc[k, c0 + 5, jt, 15] = a5_15
-                        acc[k, c0 + 5, jt, 16] = a5_16
-                        acc[k, c0 + 5, jt, 17] = a5_17
-                        acc[k, c0 + 5, jt, 18] = a5_18
-                        acc[k, c0 + 5, jt, 19] = a5_19
-                        acc[k, c0 + 5, jt, 20] = a5_20
-                        acc[k, c0 + 5, jt, 21] = a5_21
-                        acc[k, c0 + 5, jt, 22] = a5_22
-                        acc[k, c0 + 5, jt, 23] = a5_23
-                        acc[k, c0 + 5, jt, 24] = a5_24
-                        acc[k, c0 + 5, jt, 25] = a5_25
-                        acc[k, c0 + 5, jt, 26] = a5_26
-                        acc[k, c0 + 5, jt, 27] = a5_27
-                        acc[k, c0 + 5, jt, 28] = a5_28
-                        acc[k, c0 + 5, jt, 29] = a5_29
-                        acc[k, c0 + 5, jt, 30] = a5_30
-                        acc[k, c0 + 5, jt, 31] = a5_31
+                            g0 = load16(g, o, j + 0)
+                            g1 = load16(g, o, j + 16)
+                            g2 = load16(g, o, j + 32)
+                            g3 = load16(g, o, j + 48)
+                            x0 = splat16(x[i, c0 + 0])
+                            a0_0 = fma(x0, g0, a0_0)
+                            a0_1 = fma(x0, g1, a0_1)
+                            a0_2 = fma(x0, g2, a0_2)
+                            a0_3 = fma(x0, g3, a0_3)
+                            x1 = splat16(x[i, c0 + 1])
+                            a1_0 = fma(x1, g0, a1_0)
+                            a1_1 = fma(x1, g1, a1_1)
+                            a1_2 = fma(x1, g2, a1_2)
+                            a1_3 = fma(x1, g3, a1_3)
+                            x2 = splat16(x[i, c0 + 2])
+                            a2_0 = fma(x2, g0, a2_0)
+                            a2_1 = fma(x2, g1, a2_1)
+                            a2_2 = fma(x2, g2, a2_2)
+                            a2_3 = fma(x2, g3, a2_3)
+                            x3 = splat16(x[i, c0 + 3])
+                            a3_0 = fma(x3, g0, a3_0)
+                            a3_1 = fma(x3, g1, a3_1)
+                            a3_2 = fma(x3, g2, a3_2)
+                            a3_3 = fma(x3, g3, a3_3)
+                            x4 = splat16(x[i, c0 + 4])
+                            a4_0 = fma(x4, g0, a4_0)
+                            a4_1 = fma(x4, g1, a4_1)
+                            a4_2 = fma(x4, g2, a4_2)
+                            a4_3 = fma(x4, g3, a4_3)
+                            x5 = splat16(x[i, c0 + 5])
+                            a5_0 = fma(x5, g0, a5_0)
+                            a5_1 = fma(x5, g1, a5_1)
+                            a5_2 = fma(x5, g2, a5_2)
+                            a5_3 = fma(x5, g3, a5_3)
+                        store16(acc, kc + c0 + 0, j + 0, a0_0)
+                        store16(acc, kc + c0 + 0, j + 16, a0_1)
+                        store16(acc, kc + c0 + 0, j + 32, a0_2)
+                        store16(acc, kc + c0 + 0, j + 48, a0_3)
+                        store16(acc, kc + c0 + 1, j + 0, a1_0)
+                        store16(acc, kc + c0 + 1, j + 16, a1_1)
+                        store16(acc, kc + c0 + 1, j + 32, a1_2)
+                        store16(acc, kc + c0 + 1, j + 48, a1_3)
+                        store16(acc, kc + c0 + 2, j + 0, a2_0)
+                        store16(acc, kc + c0 + 2, j + 16, a2_1)
+                        store16(acc, kc + c0 + 2, j + 32, a2_2)
+                        store16(acc, kc + c0 + 2, j + 48, a2_3)
+                        store16(acc, kc + c0 + 3, j + 0, a3_0)
+                        store16(acc, kc + c0 + 3, j + 16, a3_1)
+                        store16(acc, kc + c0 + 3, j + 32, a3_2)
+                        store16(acc, kc + c0 + 3, j + 48, a3_3)
+                        store16(acc, kc + c0 + 4, j + 0, a4_0)
+                        store16(acc, kc + c0 + 4, j + 16, a4_1)
+                        store16(acc, kc + c0 + 4, j + 32, a4_2)
+                        store16(acc, kc + c0 + 4, j + 48, a4_3)
+                        store16(acc, kc + c0 + 5, j + 0, a5_0)
+                        store16(acc, kc + c0 + 5, j + 16, a5_1)
+                        store16(acc, kc + c0 + 5, j + 32, a5_2)
+                        store16(acc, kc + c0 + 5, j + 48, a5_3)
                     c0 += 6
                 while c0 + 2 <= cin:
                     for jt in range(n_tiles):
-                        a0_0 = acc[k, c0 + 0, jt, 0]
-                        a0_1 = acc[k, c0 + 0, jt, 1]
-                        a0_2 = acc[k, c0 + 0, jt, 2]
-                        a0_3 = acc[k, c0 + 0, jt, 3]
-                        a0_4 = acc[k, c0 + 0, jt, 4]
-                        a0_5 = acc[k, c0 + 0, jt, 5]
-                        a0_6 = acc[k, c0 + 0, jt, 6]
-                        a0_7 = acc[k, c0 + 0, jt, 7]
-                        a0_8 = acc[k, c0 + 0, jt, 8]
-                        a0_9 = acc[k, c0 + 0, jt, 9]
-                        a0_10 = acc[k, c0 + 0, jt, 10]
-                        a0_11 = acc[k, c0 + 0, jt, 11]
-                        a0_12 = acc[k, c0 + 0, jt, 12]
-                        a0_13 = acc[k, c0 + 0, jt, 13]
-                        a0_14 = acc[k, c0 + 0, jt, 14]
-                        a0_15 = acc[k, c0 + 0, jt, 15]
-                        a0_16 = acc[k, c0 + 0, jt, 16]
-                        a0_17 = acc[k, c0 + 0, jt, 17]
-                        a0_18 = acc[k, c0 + 0, jt, 18]
-                        a0_19 = acc[k, c0 + 0, jt, 19]
-                        a0_20 = acc[k, c0 + 0, jt, 20]
-                        a0_21 = acc[k, c0 + 0, jt, 21]
-                        a0_22 = acc[k, c0 + 0, jt, 22]
-                        a0_23 = acc[k, c0 + 0, jt, 23]
-                        a0_24 = acc[k, c0 + 0, jt, 24]
-                        a0_25 = acc[k, c0 + 0, jt, 25]
-                        a0_26 = acc[k, c0 + 0, jt, 26]
-                        a0_27 = acc[k, c0 + 0, jt, 27]
-                        a0_28 = acc[k, c0 + 0, jt, 28]
-                        a0_29 = acc[k, c0 + 0, jt, 29]
-                        a0_30 = acc[k, c0 + 0, jt, 30]
-                        a0_31 = acc[k, c0 + 0, jt, 31]
-                        a1_0 = acc[k, c0 + 1, jt, 0]
-                        a1_1 = acc[k, c0 + 1, jt, 1]
-                        a1_2 = acc[k, c0 + 1, jt, 2]
-                        a1_3 = acc[k, c0 + 1, jt, 3]
-                        a1_4 = acc[k, c0 + 1, jt, 4]
-                        a1_5 = acc[k, c0 + 1, jt, 5]
-                        a1_6 = acc[k, c0 + 1, jt, 6]
-                        a1_7 = acc[k, c0 + 1, jt, 7]
-                        a1_8 = acc[k, c0 + 1, jt, 8]
-                        a1_9 = acc[k, c0 + 1, jt, 9]
-                        a1_10 = acc[k, c0 + 1, jt, 10]
-                        a1_11 = acc[k, c0 + 1, jt, 11]
-                        a1_12 = acc[k, c0 + 1, jt, 12]
-                        a1_13 = acc[k, c0 + 1, jt, 13]
-                        a1_14 = acc[k, c0 + 1, jt, 14]
-                        a1_15 = acc[k, c0 + 1, jt, 15]
-                        a1_16 = acc[k, c0 + 1, jt, 16]
-                        a1_17 = acc[k, c0 + 1, jt, 17]
-                        a1_18 = acc[k, c0 + 1, jt, 18]
-                        a1_19 = acc[k, c0 + 1, jt, 19]
-                        a1_20 = acc[k, c0 + 1, jt, 20]
-                        a1_21 = acc[k, c0 + 1, jt, 21]
-                        a1_22 = acc[k, c0 + 1, jt, 22]
-                        a1_23 = acc[k, c0 + 1, jt, 23]
-                        a1_24 = acc[k, c0 + 1, jt, 24]
-                        a1_25 = acc[k, c0 + 1, jt, 25]
-                        a1_26 = acc[k, c0 + 1, jt, 26]
-                        a1_27 = acc[k, c0 + 1, jt, 27]
-                        a1_28 = acc[k, c0 + 1, jt, 28]
-                        a1_29 = acc[k, c0 + 1, jt, 29]
-                        a1_30 = acc[k, c0 + 1, jt, 30]
-                        a1_31 = acc[k, c0 + 1, jt, 31]
+                        j = jt * 64
+                        a0_0 = load16(acc, kc + c0 + 0, j + 0)
+                        a0_1 = load16(acc, kc + c0 + 0, j + 16)
+                        a0_2 = load16(acc, kc + c0 + 0, j + 32)
+                        a0_3 = load16(acc, kc + c0 + 0, j + 48)
+                        a1_0 = load16(acc, kc + c0 + 1, j + 0)
+                        a1_1 = load16(acc, kc + c0 + 1, j + 16)
+                        a1_2 = load16(acc, kc + c0 + 1, j + 32)
+                        a1_3 = load16(acc, kc + c0 + 1, j + 48)
                         for t in range(t0, t1):
                             i = xr[t]
                             o = gr[t]
-                            x0 = x[i, c0 + 0]
-                            x1 = x[i, c0 + 1]
-                            gv = g[o, jt, 0]
-                            a0_0 += x0 * gv
-                            a1_0 += x1 * gv
-                            gv = g[o, jt, 1]
-                            a0_1 += x0 * gv
-                            a1_1 += x1 * gv
-                            gv = g[o, jt, 2]
-                            a0_2 += x0 * gv
-                            a1_2 += x1 * gv
-                            gv = g[o, jt, 3]
-                            a0_3 += x0 * gv
-                            a1_3 += x1 * gv
-                            gv = g[o, jt, 4]
-                            a0_4 += x0 * gv
-                            a1_4 += x1 * gv
-                            gv = g[o, jt, 5]
-                            a0_5 += x0 * gv
-                            a1_5 += x1 * gv
-                            gv = g[o, jt, 6]
-                            a0_6 += x0 * gv
-                            a1_6 += x1 * gv
-                            gv = g[o, jt, 7]
-                            a0_7 += x0 * gv
-                            a1_7 += x1 * gv
-                            gv = g[o, jt, 8]
-                            a0_8 += x0 * gv
-                            a1_8 += x1 * gv
-                            gv = g[o, jt, 9]
-                            a0_9 += x0 * gv
-                            a1_9 += x1 * gv
-                            gv = g[o, jt, 10]
-                            a0_10 += x0 * gv
-                            a1_10 += x1 * gv
-                            gv = g[o, jt, 11]
-                            a0_11 += x0 * gv
-                            a1_11 += x1 * gv
-                            gv = g[o, jt, 12]
-                            a0_12 += x0 * gv
-                            a1_12 += x1 * gv
-                            gv = g[o, jt, 13]
-                            a0_13 += x0 * gv
-                            a1_13 += x1 * gv
-                            gv = g[o, jt, 14]
-                            a0_14 += x0 * gv
-                            a1_14 += x1 * gv
-                            gv = g[o, jt, 15]
-                            a0_15 += x0 * gv
-                            a1_15 += x1 * gv
-                            gv = g[o, jt, 16]
-                            a0_16 += x0 * gv
-                            a1_16 += x1 * gv
-                            gv = g[o, jt, 17]
-                            a0_17 += x0 * gv
-                            a1_17 += x1 * gv
-                            gv = g[o, jt, 18]
-                            a0_18 += x0 * gv
-                            a1_18 += x1 * gv
-                            gv = g[o, jt, 19]
-                            a0_19 += x0 * gv
-                            a1_19 += x1 * gv
-                            gv = g[o, jt, 20]
-                            a0_20 += x0 * gv
-                            a1_20 += x1 * gv
-                            gv = g[o, jt, 21]
-                            a0_21 += x0 * gv
-                            a1_21 += x1 * gv
-                            gv = g[o, jt, 22]
-                            a0_22 += x0 * gv
-                            a1_22 += x1 * gv
-                            gv = g[o, jt, 23]
-                            a0_23 += x0 * gv
-                            a1_23 += x1 * gv
-                            gv = g[o, jt, 24]
-                            a0_24 += x0 * gv
-                            a1_24 += x1 * gv
-                            gv = g[o, jt, 25]
-                            a0_25 += x0 * gv
-                            a1_25 += x1 * gv
-                            gv = g[o, jt, 26]
-                            a0_26 += x0 * gv
-                            a1_26 += x1 * gv
-                            gv = g[o, jt, 27]
-                            a0_27 += x0 * gv
-                            a1_27 += x1 * gv
-                            gv = g[o, jt, 28]
-                            a0_28 += x0 * gv
-                            a1_28 += x1 * gv
-                            gv = g[o, jt, 29]
-                            a0_29 += x0 * gv
-                            a1_29 += x1 * gv
-                            gv = g[o, jt, 30]
-                            a0_30 += x0 * gv
-                            a1_30 += x1 * gv
-                            gv = g[o, jt, 31]
-                            a0_31 += x0 * gv
-                            a1_31 += x1 * gv
-                        acc[k, c0 + 0, jt, 0] = a0_0
-                        acc[k, c0 + 0, jt, 1] = a0_1
-                        acc[k, c0 + 0, jt, 2] = a0_2
-                        acc[k, c0 + 0, jt, 3] = a0_3
-                        acc[k, c0 + 0, jt, 4] = a0_4
-                        acc[k, c0 + 0, jt, 5] = a0_5
-                        acc[k, c0 + 0, jt, 6] = a0_6
-                        acc[k, c0 + 0, jt, 7] = a0_7
-                        acc[k, c0 + 0, jt, 8] = a0_8
-                        acc[k, c0 + 0, jt, 9] = a0_9
-                        acc[k, c0 + 0, jt, 10] = a0_10
-                        acc[k, c0 + 0, jt, 11] = a0_11
-                        acc[k, c0 + 0, jt, 12] = a0_12
-                        acc[k, c0 + 0, jt, 13] = a0_13
-                        acc[k, c0 + 0, jt, 14] = a0_14
-                        acc[k, c0 + 0, jt, 15] = a0_15
-                        acc[k, c0 + 0, jt, 16] = a0_16
-                        acc[k, c0 + 0, jt, 17] = a0_17
-                        acc[k, c0 + 0, jt, 18] = a0_18
-                        acc[k, c0 + 0, jt, 19] = a0_19
-                        acc[k, c0 + 0, jt, 20] = a0_20
-                        acc[k, c0 + 0, jt, 21] = a0_21
-                        acc[k, c0 + 0, jt, 22] = a0_22
-                        acc[k, c0 + 0, jt, 23] = a0_23
-                        acc[k, c0 + 0, jt, 24] = a0_24
-                        acc[k, c0 + 0, jt, 25] = a0_25
-                        acc[k, c0 + 0, jt, 26] = a0_26
-                        acc[k, c0 + 0, jt, 27] = a0_27
-                        acc[k, c0 + 0, jt, 28] = a0_28
-                        acc[k, c0 + 0, jt, 29] = a0_29
-                        acc[k, c0 + 0, jt, 30] = a0_30
-                        acc[k, c0 + 0, jt, 31] = a0_31
-                        acc[k, c0 + 1, jt, 0] = a1_0
-                        acc[k, c0 + 1, jt, 1] = a1_1
-                        acc[k, c0 + 1, jt, 2] = a1_2
-                        acc[k, c0 + 1, jt, 3] = a1_3
-                        acc[k, c0 + 1, jt, 4] = a1_4
-                        acc[k, c0 + 1, jt, 5] = a1_5
-                        acc[k, c0 + 1, jt, 6] = a1_6
-                        acc[k, c0 + 1, jt, 7] = a1_7
-                        acc[k, c0 + 1, jt, 8] = a1_8
-                        acc[k, c0 + 1, jt, 9] = a1_9
-                        acc[k, c0 + 1, jt, 10] = a1_10
-                        acc[k, c0 + 1, jt, 11] = a1_11
-                        acc[k, c0 + 1, jt, 12] = a1_12
-                        acc[k, c0 + 1, jt, 13] = a1_13
-                        acc[k, c0 + 1, jt, 14] = a1_14
-                        acc[k, c0 + 1, jt, 15] = a1_15
-                        acc[k, c0 + 1, jt, 16] = a1_16
-                        acc[k, c0 + 1, jt, 17] = a1_17
-                        acc[k, c0 + 1, jt, 18] = a1_18
-                        acc[k, c0 + 1, jt, 19] = a1_19
-                        acc[k, c0 + 1, jt, 20] = a1_20
-                        acc[k, c0 + 1, jt, 21] = a1_21
-                        acc[k, c0 + 1, jt, 22] = a1_22
-                        acc[k, c0 + 1, jt, 23] = a1_23
-                        acc[k, c0 + 1, jt, 24] = a1_24
-                        acc[k, c0 + 1, jt, 25] = a1_25
-                        acc[k, c0 + 1, jt, 26] = a1_26
-                        acc[k, c0 + 1, jt, 27] = a1_27
-                        acc[k, c0 + 1, jt, 28] = a1_28
-                        acc[k, c0 + 1, jt, 29] = a1_29
-                        acc[k, c0 + 1, jt, 30] = a1_30
-                        acc[k, c0 + 1, jt, 31] = a1_31
+                            g0 = load16(g, o, j + 0)
+                            g1 = load16(g, o, j + 16)
+                            g2 = load16(g, o, j + 32)
+                            g3 = load16(g, o, j + 48)
+                            x0 = splat16(x[i, c0 + 0])
+                            a0_0 = fma(x0, g0, a0_0)
+                            a0_1 = fma(x0, g1, a0_1)
+                            a0_2 = fma(x0, g2, a0_2)
+                            a0_3 = fma(x0, g3, a0_3)
+                            x1 = splat16(x[i, c0 + 1])
+                            a1_0 = fma(x1, g0, a1_0)
+                            a1_1 = fma(x1, g1, a1_1)
+                            a1_2 = fma(x1, g2, a1_2)
+                            a1_3 = fma(x1, g3, a1_3)
+                        store16(acc, kc + c0 + 0, j + 0, a0_0)
+                        store16(acc, kc + c0 + 0, j + 16, a0_1)
+                        store16(acc, kc + c0 + 0, j + 32, a0_2)
+                        store16(acc, kc + c0 + 0, j + 48, a0_3)
+                        store16(acc, kc + c0 + 1, j + 0, a1_0)
+                        store16(acc, kc + c0 + 1, j + 16, a1_1)
+                        store16(acc, kc + c0 + 1, j + 32, a1_2)
+                        store16(acc, kc + c0 + 1, j + 48, a1_3)
                     c0 += 2
                 while c0 + 1 <= cin:
                     for jt in range(n_tiles):
-                        a0_0 = acc[k, c0 + 0, jt, 0]
-                        a0_1 = acc[k, c0 + 0, jt, 1]
-                        a0_2 = acc[k, c0 + 0, jt, 2]
-                        a0_3 = acc[k, c0 + 0, jt, 3]
-                        a0_4 = acc[k, c0 + 0, jt, 4]
-                        a0_5 = acc[k, c0 + 0, jt, 5]
-                        a0_6 = acc[k, c0 + 0, jt, 6]
-                        a0_7 = acc[k, c0 + 0, jt, 7]
-                        a0_8 = acc[k, c0 + 0, jt, 8]
-                        a0_9 = acc[k, c0 + 0, jt, 9]
-                        a0_10 = acc[k, c0 + 0, jt, 10]
-                        a0_11 = acc[k, c0 + 0, jt, 11]
-                        a0_12 = acc[k, c0 + 0, jt, 12]
-                        a0_13 = acc[k, c0 + 0, jt, 13]
-                        a0_14 = acc[k, c0 + 0, jt, 14]
-                        a0_15 = acc[k, c0 + 0, jt, 15]
-                        a0_16 = acc[k, c0 + 0, jt, 16]
-                        a0_17 = acc[k, c0 + 0, jt, 17]
-                        a0_18 = acc[k, c0 + 0, jt, 18]
-                        a0_19 = acc[k, c0 + 0, jt, 19]
-                        a0_20 = acc[k, c0 + 0, jt, 20]
-                        a0_21 = acc[k, c0 + 0, jt, 21]
-                        a0_22 = acc[k, c0 + 0, jt, 22]
-                        a0_23 = acc[k, c0 + 0, jt, 23]
-                        a0_24 = acc[k, c0 + 0, jt, 24]
-                        a0_25 = acc[k, c0 + 0, jt, 25]
-                        a0_26 = acc[k, c0 + 0, jt, 26]
-                        a0_27 = acc[k, c0 + 0, jt, 27]
-                        a0_28 = acc[k, c0 + 0, jt, 28]
-                        a0_29 = acc[k, c0 + 0, jt, 29]
-                        a0_30 = acc[k, c0 + 0, jt, 30]
-                        a0_31 = acc[k, c0 + 0, jt, 31]
+                        j = jt * 64
+                        a0_0 = load16(acc, kc + c0 + 0, j + 0)
+                        a0_1 = load16(acc, kc + c0 + 0, j + 16)
+                        a0_2 = load16(acc, kc + c0 + 0, j + 32)
+                        a0_3 = load16(acc, kc + c0 + 0, j + 48)
                         for t in range(t0, t1):
                             i = xr[t]
                             o = gr[t]
-                            x0 = x[i, c0 + 0]
-                            gv = g[o, jt, 0]
-                            a0_0 += x0 * gv
-                            gv = g[o, jt, 1]
-                            a0_1 += x0 * gv
-                            gv = g[o, jt, 2]
-                            a0_2 += x0 * gv
-                            gv = g[o, jt, 3]
-                            a0_3 += x0 * gv
-                            gv = g[o, jt, 4]
-                            a0_4 += x0 * gv
-                            gv = g[o, jt, 5]
-                            a0_5 += x0 * gv
-                            gv = g[o, jt, 6]
-                            a0_6 += x0 * gv
-                            gv = g[o, jt, 7]
-                            a0_7 += x0 * gv
-                            gv = g[o, jt, 8]
-                            a0_8 += x0 * gv
-                            gv = g[o, jt, 9]
-                            a0_9 += x0 * gv
-                            gv = g[o, jt, 10]
-                            a0_10 += x0 * gv
-                            gv = g[o, jt, 11]
-                            a0_11 += x0 * gv
-                            gv = g[o, jt, 12]
-                            a0_12 += x0 * gv
-                            gv = g[o, jt, 13]
-                            a0_13 += x0 * gv
-                            gv = g[o, jt, 14]
-                            a0_14 += x0 * gv
-                            gv = g[o, jt, 15]
-                            a0_15 += x0 * gv
-                            gv = g[o, jt, 16]
-                            a0_16 += x0 * gv
-                            gv = g[o, jt, 17]
-                            a0_17 += x0 * gv
-                            gv = g[o, jt, 18]
-                            a0_18 += x0 * gv
-                            gv = g[o, jt, 19]
-                            a0_19 += x0 * gv
-                            gv = g[o, jt, 20]
-                            a0_20 += x0 * gv
-                            gv = g[o, jt, 21]
-                            a0_21 += x0 * gv
-                            gv = g[o, jt, 22]
-                            a0_22 += x0 * gv
-                            gv = g[o, jt, 23]
-                            a0_23 += x0 * gv
-                            gv = g[o, jt, 24]
-                            a0_24 += x0 * gv
-                            gv = g[o, jt, 25]
-                            a0_25 += x0 * gv
-                            gv = g[o, jt, 26]
-                            a0_26 += x0 * gv
-                            gv = g[o, jt, 27]
-                            a0_27 += x0 * gv
-                            gv = g[o, jt, 28]
-                            a0_28 += x0 * gv
-                            gv = g[o, jt, 29]
-                            a0_29 += x0 * gv
-                            gv = g[o, jt, 30]
-                            a0_30 += x0 * gv
-                            gv = g[o, jt, 31]
-                            a0_31 += x0 * gv
-                        acc[k, c0 + 0, jt, 0] = a0_0
-                        acc[k, c0 + 0, jt, 1] = a0_1
-                        acc[k, c0 + 0, jt, 2] = a0_2
-                        acc[k, c0 + 0, jt, 3] = a0_3
-                        acc[k, c0 + 0, jt, 4] = a0_4
-                        acc[k, c0 + 0, jt, 5] = a0_5
-                        acc[k, c0 + 0, jt, 6] = a0_6
-                        acc[k, c0 + 0, jt, 7] = a0_7
-                        acc[k, c0 + 0, jt, 8] = a0_8
-                        acc[k, c0 + 0, jt, 9] = a0_9
-                        acc[k, c0 + 0, jt, 10] = a0_10
-                        acc[k, c0 + 0, jt, 11] = a0_11
-                        acc[k, c0 + 0, jt, 12] = a0_12
-                        acc[k, c0 + 0, jt, 13] = a0_13
-                        acc[k, c0 + 0, jt, 14] = a0_14
-                        acc[k, c0 + 0, jt, 15] = a0_15
-                        acc[k, c0 + 0, jt, 16] = a0_16
-                        acc[k, c0 + 0, jt, 17] = a0_17
-                        acc[k, c0 + 0, jt, 18] = a0_18
-                        acc[k, c0 + 0, jt, 19] = a0_19
-                        acc[k, c0 + 0, jt, 20] = a0_20
-                        acc[k, c0 + 0, jt, 21] = a0_21
-                        acc[k, c0 + 0, jt, 22] = a0_22
-                        acc[k, c0 + 0, jt, 23] = a0_23
-                        acc[k, c0 + 0, jt, 24] = a0_24
-                        acc[k, c0 + 0, jt, 25] = a0_25
-                        acc[k, c0 + 0, jt, 26] = a0_26
-                        acc[k, c0 + 0, jt, 27] = a0_27
-                        acc[k, c0 + 0, jt, 28] = a0_28
-                        acc[k, c0 + 0, jt, 29] = a0_29
-                        acc[k, c0 + 0, jt, 30] = a0_30
-                        acc[k, c0 + 0, jt, 31] = a0_31
+                            g0 = load16(g, o, j + 0)
+                            g1 = load16(g, o, j + 16)
+                            g2 = load16(g, o, j + 32)
+                            g3 = load16(g, o, j + 48)
+                            x0 = splat16(x[i, c0 + 0])
+                            a0_0 = fma(x0, g0, a0_0)
+                            a0_1 = fma(x0, g1, a0_1)
+                            a0_2 = fma(x0, g2, a0_2)
+                            a0_3 = fma(x0, g3, a0_3)
+                        store16(acc, kc + c0 + 0, j + 0, a0_0)
+                        store16(acc, kc + c0 + 0, j + 16, a0_1)
+                        store16(acc, kc + c0 + 0, j + 32, a0_2)
+                        store16(acc, kc + c0 + 0, j + 48, a0_3)
                     c0 += 1
             t0 = t1
 
 
 @_njit
-def wgrad_cols_16(x, g, row_ptr, nbr, offsets, acc, r_start, r_stop):
-    """acc[k] += x[r]^T g[o] over the pairs (o, k) of rows r_start <= r < r_stop; the
-    output channels in tiles of 16: g (n, tiles, 16), acc (K, Cin, tiles, 16).
+def wgrad_s32_l16_r12(x, g, row_ptr, nbr, offsets, acc, n_k, r_start, r_stop):
+    """acc[k * cin + c] += x[r, c] * g[o] over the pairs (o, k) of rows r_start <= r <
+    r_stop; g (n, W) and acc (K * Cin, W) with W a multiple of 32, in vectors of 16 lanes.
 
     Per block of rows the pairs are bucketed by offset (row order kept); for each offset,
-    register tiles of acc[k] (8 input channels by 16 output channels; for each group
-    of input channels, tile after tile) are loaded, updated pair after pair, and stored. Every acc value sums its pairs in row
-    order whatever the tiling.
+    register tiles of acc (12 input channels by 32 output channels; for each group of
+    input channels, tile after tile) are loaded, updated pair after pair, and stored. Every
+    acc value sums its pairs in row order whatever the tiling, one fused multiply-add each.
     """
     cin = x.shape[1]
-    n_k = acc.shape[0]
-    n_tiles = acc.shape[2]
+    n_tiles = g.shape[1] // 32
     most = 0
     for r0 in range(r_start, r_stop, WGRAD_BLOCK_ROWS):
         r1 = min(r_stop, r0 + WGRAD_BLOCK_ROWS)
@@ -3056,508 +1374,169 @@ def wgrad_cols_16(x, g, row_ptr, nbr, offsets, acc, r_start, r_stop):
         for k in range(n_k):
             t1 = ends[k]
             if t1 > t0:
+                kc = k * cin
                 c0 = 0
-                while c0 + 8 <= cin:
+                while c0 + 12 <= cin:
                     for jt in range(n_tiles):
-                        a0_0 = acc[k, c0 + 0, jt, 0]
-                        a0_1 = acc[k, c0 + 0, jt, 1]
-                        a0_2 = acc[k, c0 + 0, jt, 2]
-                        a0_3 = acc[k, c0 + 0, jt, 3]
-                        a0_4 = acc[k, c0 + 0, jt, 4]
-                        a0_5 = acc[k, c0 + 0, jt, 5]
-                        a0_6 = acc[k, c0 + 0, jt, 6]
-                        a0_7 = acc[k, c0 + 0, jt, 7]
-                        a0_8 = acc[k, c0 + 0, jt, 8]
-                        a0_9 = acc[k, c0 + 0, jt, 9]
-                        a0_10 = acc[k, c0 + 0, jt, 10]
-                        a0_11 = acc[k, c0 + 0, jt, 11]
-                        a0_12 = acc[k, c0 + 0, jt, 12]
-                        a0_13 = acc[k, c0 + 0, jt, 13]
-                        a0_14 = acc[k, c0 + 0, jt, 14]
-                        a0_15 = acc[k, c0 + 0, jt, 15]
-                        a1_0 = acc[k, c0 + 1, jt, 0]
-                        a1_1 = acc[k, c0 + 1, jt, 1]
-                        a1_2 = acc[k, c0 + 1, jt, 2]
-                        a1_3 = acc[k, c0 + 1, jt, 3]
-                        a1_4 = acc[k, c0 + 1, jt, 4]
-                        a1_5 = acc[k, c0 + 1, jt, 5]
-                        a1_6 = acc[k, c0 + 1, jt, 6]
-                        a1_7 = acc[k, c0 + 1, jt, 7]
-                        a1_8 = acc[k, c0 + 1, jt, 8]
-                        a1_9 = acc[k, c0 + 1, jt, 9]
-                        a1_10 = acc[k, c0 + 1, jt, 10]
-                        a1_11 = acc[k, c0 + 1, jt, 11]
-                        a1_12 = acc[k, c0 + 1, jt, 12]
-                        a1_13 = acc[k, c0 + 1, jt, 13]
-                        a1_14 = acc[k, c0 + 1, jt, 14]
-                        a1_15 = acc[k, c0 + 1, jt, 15]
-                        a2_0 = acc[k, c0 + 2, jt, 0]
-                        a2_1 = acc[k, c0 + 2, jt, 1]
-                        a2_2 = acc[k, c0 + 2, jt, 2]
-                        a2_3 = acc[k, c0 + 2, jt, 3]
-                        a2_4 = acc[k, c0 + 2, jt, 4]
-                        a2_5 = acc[k, c0 + 2, jt, 5]
-                        a2_6 = acc[k, c0 + 2, jt, 6]
-                        a2_7 = acc[k, c0 + 2, jt, 7]
-                        a2_8 = acc[k, c0 + 2, jt, 8]
-                        a2_9 = acc[k, c0 + 2, jt, 9]
-                        a2_10 = acc[k, c0 + 2, jt, 10]
-                        a2_11 = acc[k, c0 + 2, jt, 11]
-                        a2_12 = acc[k, c0 + 2, jt, 12]
-                        a2_13 = acc[k, c0 + 2, jt, 13]
-                        a2_14 = acc[k, c0 + 2, jt, 14]
-                        a2_15 = acc[k, c0 + 2, jt, 15]
-                        a3_0 = acc[k, c0 + 3, jt, 0]
-                        a3_1 = acc[k, c0 + 3, jt, 1]
-                        a3_2 = acc[k, c0 + 3, jt, 2]
-                        a3_3 = acc[k, c0 + 3, jt, 3]
-                        a3_4 = acc[k, c0 + 3, jt, 4]
-                        a3_5 = acc[k, c0 + 3, jt, 5]
-                        a3_6 = acc[k, c0 + 3, jt, 6]
-                        a3_7 = acc[k, c0 + 3, jt, 7]
-                        a3_8 = acc[k, c0 + 3, jt, 8]
-                        a3_9 = acc[k, c0 + 3, jt, 9]
-                        a3_10 = acc[k, c0 + 3, jt, 10]
-                        a3_11 = acc[k, c0 + 3, jt, 11]
-                        a3_12 = acc[k, c0 + 3, jt, 12]
-                        a3_13 = acc[k, c0 + 3, jt, 13]
-                        a3_14 = acc[k, c0 + 3, jt, 14]
-                        a3_15 = acc[k, c0 + 3, jt, 15]
-                        a4_0 = acc[k, c0 + 4, jt, 0]
-                        a4_1 = acc[k, c0 + 4, jt, 1]
-                        a4_2 = acc[k, c0 + 4, jt, 2]
-                        a4_3 = acc[k, c0 + 4, jt, 3]
-                        a4_4 = acc[k, c0 + 4, jt, 4]
-                        a4_5 = acc[k, c0 + 4, jt, 5]
-                        a4_6 = acc[k, c0 + 4, jt, 6]
-                        a4_7 = acc[k, c0 + 4, jt, 7]
-                        a4_8 = acc[k, c0 + 4, jt, 8]
-                        a4_9 = acc[k, c0 + 4, jt, 9]
-                        a4_10 = acc[k, c0 + 4, jt, 10]
-                        a4_11 = acc[k, c0 + 4, jt, 11]
-                        a4_12 = acc[k, c0 + 4, jt, 12]
-                        a4_13 = acc[k, c0 + 4, jt, 13]
-                        a4_14 = acc[k, c0 + 4, jt, 14]
-                        a4_15 = acc[k, c0 + 4, jt, 15]
-                        a5_0 = acc[k, c0 + 5, jt, 0]
-                        a5_1 = acc[k, c0 + 5, jt, 1]
-                        a5_2 = acc[k, c0 + 5, jt, 2]
-                        a5_3 = acc[k, c0 + 5, jt, 3]
-                        a5_4 = acc[k, c0 + 5, jt, 4]
-                        a5_5 = acc[k, c0 + 5, jt, 5]
-                        a5_6 = acc[k, c0 + 5, jt, 6]
-                        a5_7 = acc[k, c0 + 5, jt, 7]
-                        a5_8 = acc[k, c0 + 5, jt, 8]
-                        a5_9 = acc[k, c0 + 5, jt, 9]
-                        a5_10 = acc[k, c0 + 5, jt, 10]
-                        a5_11 = acc[k, c0 + 5, jt, 11]
-                        a5_12 = acc[k, c0 + 5, jt, 12]
-                        a5_13 = acc[k, c0 + 5, jt, 13]
-                        a5_14 = acc[k, c0 + 5, jt, 14]
-                        a5_15 = acc[k, c0 + 5, jt, 15]
-                        a6_0 = acc[k, c0 + 6, jt, 0]
-                        a6_1 = acc[k, c0 + 6, jt, 1]
-                        a6_2 = acc[k, c0 + 6, jt, 2]
-                        a6_3 = acc[k, c0 + 6, jt, 3]
-                        a6_4 = acc[k, c0 + 6, jt, 4]
-                        a6_5 = acc[k, c0 + 6, jt, 5]
-                        a6_6 = acc[k, c0 + 6, jt, 6]
-                        a6_7 = acc[k, c0 + 6, jt, 7]
-                        a6_8 = acc[k, c0 + 6, jt, 8]
-                        a6_9 = acc[k, c0 + 6, jt, 9]
-                        a6_10 = acc[k, c0 + 6, jt, 10]
-                        a6_11 = acc[k, c0 + 6, jt, 11]
-                        a6_12 = acc[k, c0 + 6, jt, 12]
-                        a6_13 = acc[k, c0 + 6, jt, 13]
-                        a6_14 = acc[k, c0 + 6, jt, 14]
-                        a6_15 = acc[k, c0 + 6, jt, 15]
-                        a7_0 = acc[k, c0 + 7, jt, 0]
-                        a7_1 = acc[k, c0 + 7, jt, 1]
-                        a7_2 = acc[k, c0 + 7, jt, 2]
-                        a7_3 = acc[k, c0 + 7, jt, 3]
-                        a7_4 = acc[k, c0 + 7, jt, 4]
-                        a7_5 = acc[k, c0 + 7, jt, 5]
-                        a7_6 = acc[k, c0 + 7, jt, 6]
-                        a7_7 = acc[k, c0 + 7, jt, 7]
-                        a7_8 = acc[k, c0 + 7, jt, 8]
-                        a7_9 = acc[k, c0 + 7, jt, 9]
-                        a7_10 = acc[k, c0 + 7, jt, 10]
-                        a7_11 = acc[k, c0 + 7, jt, 11]
-                        a7_12 = acc[k, c0 + 7, jt, 12]
-                        a7_13 = acc[k, c0 + 7, jt, 13]
-                        a7_14 = acc[k, c0 + 7, jt, 14]
-                        a7_15 = acc[k, c0 + 7, jt, 15]
+                        j = jt * 32
+                        a0_0 = load16(acc, kc + c0 + 0, j + 0)
+                        a0_1 = load16(acc, kc + c0 + 0, j + 16)
+                        a1_0 = load16(acc, kc + c0 + 1, j + 0)
+                        a1_1 = load16(acc, kc + c0 + 1, j + 16)
+                        a2_0 = load16(acc, kc + c0 + 2, j + 0)
+                        a2_1 = load16(acc, kc + c0 + 2, j + 16)
+                        a3_0 = load16(acc, kc + c0 + 3, j + 0)
+                        a3_1 = load16(acc, kc + c0 + 3, j + 16)
+                        a4_0 = load16(acc, kc + c0 + 4, j + 0)
+                        a4_1 = load16(acc, kc + c0 + 4, j + 16)
+                        a5_0 = load16(acc, kc + c0 + 5, j + 0)
+                        a5_1 = load16(acc, kc + c0 + 5, j + 16)
+                        a6_0 = load16(acc, kc + c0 + 6, j + 0)
+                        a6_1 = load16(acc, kc + c0 + 6, j + 16)
+                        a7_0 = load16(acc, kc + c0 + 7, j + 0)
+                        a7_1 = load16(acc, kc + c0 + 7, j + 16)
+                        a8_0 = load16(acc, kc + c0 + 8, j + 0)
+                        a8_1 = load16(acc, kc + c0 + 8, j + 16)
+                        a9_0 = load16(acc, kc + c0 + 9, j + 0)
+                        a9_1 = load16(acc, kc + c0 + 9, j + 16)
+                        a10_0 = load16(acc, kc + c0 + 10, j + 0)
+                        a10_1 = load16(acc, kc + c0 + 10, j + 16)
+                        a11_0 = load16(acc, kc + c0 + 11, j + 0)
+                        a11_1 = load16(acc, kc + c0 + 11, j + 16)
                         for t in range(t0, t1):
                             i = xr[t]
                             o = gr[t]
-                            x0 = x[i, c0 + 0]
-                            x1 = x[i, c0 + 1]
-                            x2 = x[i, c0 + 2]
-                            x3 = x[i, c0 + 3]
-                            x4 = x[i, c0 + 4]
-                            x5 = x[i, c0 + 5]
-                            x6 = x[i, c0 + 6]
-                            x7 = x[i, c0 + 7]
-                            gv = g[o, jt, 0]
-                            a0_0 += x0 * gv
-                            a1_0 += x1 * gv
-                            a2_0 += x2 * gv
-                            a3_0 += x3 * gv
-                            a4_0 += x4 * gv
-                            a5_0 += x5 * gv
-                            a6_0 += x6 * gv
-                            a7_0 += x7 * gv
-                            gv = g[o, jt, 1]
-                            a0_1 += x0 * gv
-                            a1_1 += x1 * gv
-                            a2_1 += x2 * gv
-                            a3_1 += x3 * gv
-                            a4_1 += x4 * gv
-                            a5_1 += x5 * gv
-                            a6_1 += x6 * gv
-                            a7_1 += x7 * gv
-                            gv = g[o, jt, 2]
-                            a0_2 += x0 * gv
-                            a1_2 += x1 * gv
-                            a2_2 += x2 * gv
-                            a3_2 += x3 * gv
-                            a4_2 += x4 * gv
-                            a5_2 += x5 * gv
-                            a6_2 += x6 * gv
-                            a7_2 += x7 * gv
-                            gv = g[o, jt, 3]
-                            a0_3 += x0 * gv
-                            a1_3 += x1 * gv
-                            a2_3 += x2 * gv
-                            a3_3 += x3 * gv
-                            a4_3 += x4 * gv
-                            a5_3 += x5 * gv
-                            a6_3 += x6 * gv
-                            a7_3 += x7 * gv
-                            gv = g[o, jt, 4]
-                            a0_4 += x0 * gv
-                            a1_4 += x1 * gv
-                            a2_4 += x2 * gv
-                            a3_4 += x3 * gv
-                            a4_4 += x4 * gv
-                            a5_4 += x5 * gv
-                            a6_4 += x6 * gv
-                            a7_4 += x7 * gv
-                            gv = g[o, jt, 5]
-                            a0_5 += x0 * gv
-                            a1_5 += x1 * gv
-                            a2_5 += x2 * gv
-                            a3_5 += x3 * gv
-                            a4_5 += x4 * gv
-                            a5_5 += x5 * gv
-                            a6_5 += x6 * gv
-                            a7_5 += x7 * gv
-                            gv = g[o, jt, 6]
-                            a0_6 += x0 * gv
-                            a1_6 += x1 * gv
-                            a2_6 += x2 * gv
-                            a3_6 += x3 * gv
-                            a4_6 += x4 * gv
-                            a5_6 += x5 * gv
-                            a6_6 += x6 * gv
-                            a7_6 += x7 * gv
-                            gv = g[o, jt, 7]
-                            a0_7 += x0 * gv
-                            a1_7 += x1 * gv
-                            a2_7 += x2 * gv
-                            a3_7 += x3 * gv
-                            a4_7 += x4 * gv
-                            a5_7 += x5 * gv
-                            a6_7 += x6 * gv
-                            a7_7 += x7 * gv
-                            gv = g[o, jt, 8]
-                            a0_8 += x0 * gv
-                            a1_8 += x1 * gv
-                            a2_8 += x2 * gv
-                            a3_8 += x3 * gv
-                            a4_8 += x4 * gv
-                            a5_8 += x5 * gv
-                            a6_8 += x6 * gv
-                            a7_8 += x7 * gv
-                            gv = g[o, jt, 9]
-                            a0_9 += x0 * gv
-                            a1_9 += x1 * gv
-                            a2_9 += x2 * gv
-                            a3_9 += x3 * gv
-                            a4_9 += x4 * gv
-                            a5_9 += x5 * gv
-                            a6_9 += x6 * gv
-                            a7_9 += x7 * gv
-                            gv = g[o, jt, 10]
-                            a0_10 += x0 * gv
-                            a1_10 += x1 * gv
-                            a2_10 += x2 * gv
-                            a3_10 += x3 * gv
-                            a4_10 += x4 * gv
-                            a5_10 += x5 * gv
-                            a6_10 += x6 * gv
-                            a7_10 += x7 * gv
-                            gv = g[o, jt, 11]
-                            a0_11 += x0 * gv
-                            a1_11 += x1 * gv
-                            a2_11 += x2 * gv
-                            a3_11 += x3 * gv
-                            a4_11 += x4 * gv
-                            a5_11 += x5 * gv
-                            a6_11 += x6 * gv
-                            a7_11 += x7 * gv
-                            gv = g[o, jt, 12]
-                            a0_12 += x0 * gv
-                            a1_12 += x1 * gv
-                            a2_12 += x2 * gv
-                            a3_12 += x3 * gv
-                            a4_12 += x4 * gv
-                            a5_12 += x5 * gv
-                            a6_12 += x6 * gv
-                            a7_12 += x7 * gv
-                            gv = g[o, jt, 13]
-                            a0_13 += x0 * gv
-                            a1_13 += x1 * gv
-                            a2_13 += x2 * gv
-                            a3_13 += x3 * gv
-                            a4_13 += x4 * gv
-                            a5_13 += x5 * gv
-                            a6_13 += x6 * gv
-                            a7_13 += x7 * gv
-                            gv = g[o, jt, 14]
-                            a0_14 += x0 * gv
-                            a1_14 += x1 * gv
-                            a2_14 += x2 * gv
-                            a3_14 += x3 * gv
-                            a4_14 += x4 * gv
-                            a5_14 += x5 * gv
-                            a6_14 += x6 * gv
-                            a7_14 += x7 * gv
-                            gv = g[o, jt, 15]
-                            a0_15 += x0 * gv
-                            a1_15 += x1 * gv
-                            a2_15 += x2 * gv
-                            a3_15 += x3 * gv
-                            a4_15 += x4 * gv
-                            a5_15 += x5 * gv
-                            a6_15 += x6 * gv
-                            a7_15 += x7 * gv
-                        acc[k, c0 + 0, jt, 0] = a0_0
-                        acc[k, c0 + 0, jt, 1] = a0_1
-                        acc[k, c0 + 0, jt, 2] = a0_2
-                        acc[k, c0 + 0, jt, 3] = a0_3
-                        acc[k, c0 + 0, jt, 4] = a0_4
-                        acc[k, c0 + 0, jt, 5] = a0_5
-                        acc[k, c0 + 0, jt, 6] = a0_6
-                        acc[k, c0 + 0, jt, 7] = a0_7
-                        acc[k, c0 + 0, jt, 8] = a0_8
-                        acc[k, c0 + 0, jt, 9] = a0_9
-                        acc[k, c0 + 0, jt, 10] = a0_10
-                        acc[k, c0 + 0, jt, 11] = a0_11
-                        acc[k, c0 + 0, jt, 12] = a0_12
-                        acc[k, c0 + 0, jt, 13] = a0_13
-                        acc[k, c0 + 0, jt, 14] = a0_14
-                        acc[k, c0 + 0, jt, 15] = a0_15
-                        acc[k, c0 + 1, jt, 0] = a1_0
-                        acc[k, c0 + 1, jt, 1] = a1_1
-                        acc[k, c0 + 1, jt, 2] = a1_2
-                        acc[k, c0 + 1, jt, 3] = a1_3
-                        acc[k, c0 + 1, jt, 4] = a1_4
-                        acc[k, c0 + 1, jt, 5] = a1_5
-                        acc[k, c0 + 1, jt, 6] = a1_6
-                        acc[k, c0 + 1, jt, 7] = a1_7
-                        acc[k, c0 + 1, jt, 8] = a1_8
-                        acc[k, c0 + 1, jt, 9] = a1_9
-                        acc[k, c0 + 1, jt, 10] = a1_10
-                        acc[k, c0 + 1, jt, 11] = a1_11
-                        acc[k, c0 + 1, jt, 12] = a1_12
-                        acc[k, c0 + 1, jt, 13] = a1_13
-                        acc[k, c0 + 1, jt, 14] = a1_14
-                        acc[k, c0 + 1, jt, 15] = a1_15
-                        acc[k, c0 + 2, jt, 0] = a2_0
-                        acc[k, c0 + 2, jt, 1] = a2_1
-                        acc[k, c0 + 2, jt, 2] = a2_2
-                        acc[k, c0 + 2, jt, 3] = a2_3
-                        acc[k, c0 + 2, jt, 4] = a2_4
-                        acc[k, c0 + 2, jt, 5] = a2_5
-                        acc[k, c0 + 2, jt, 6] = a2_6
-                        acc[k, c0 + 2, jt, 7] = a2_7
-                        acc[k, c0 + 2, jt, 8] = a2_8
-                        acc[k, c0 + 2, jt, 9] = a2_9
-                        acc[k, c0 + 2, jt, 10] = a2_10
-                        acc[k, c0 + 2, jt, 11] = a2_11
-                        acc[k, c0 + 2, jt, 12] = a2_12
-                        acc[k, c0 + 2, jt, 13] = a2_13
-                        acc[k, c0 + 2, jt, 14] = a2_14
-                        acc[k, c0 + 2, jt, 15] = a2_15
-                        acc[k, c0 + 3, jt, 0] = a3_0
-                        acc[k, c0 + 3, jt, 1] = a3_1
-                        acc[k, c0 + 3, jt, 2] = a3_2
-                        acc[k, c0 + 3, jt, 3] = a3_3
-                        acc[k, c0 + 3, jt, 4] = a3_4
-                        acc[k, c0 + 3, jt, 5] = a3_5
-                        acc[k, c0 + 3, jt, 6] = a3_6
-                        acc[k, c0 + 3, jt, 7] = a3_7
-                        acc[k, c0 + 3, jt, 8] = a3_8
-                        acc[k, c0 + 3, jt, 9] = a3_9
-                        acc[k, c0 + 3, jt, 10] = a3_10
-                        acc[k, c0 + 3, jt, 11] = a3_11
-                        acc[k, c0 + 3, jt, 12] = a3_12
-                        acc[k, c0 + 3, jt, 13] = a3_13
-                        acc[k, c0 + 3, jt, 14] = a3_14
-                        acc[k, c0 + 3, jt, 15] = a3_15
-                        acc[k, c0 + 4, jt, 0] = a4_0
-                        acc[k, c0 + 4, jt, 1] = a4_1
-                        acc[k, c0 + 4, jt, 2] = a4_2
-                        acc[k, c0 + 4, jt, 3] = a4_3
-                        acc[k, c0 + 4, jt, 4] = a4_4
-                        acc[k, c0 + 4, jt, 5] = a4_5
-                        acc[k, c0 + 4, jt, 6] = a4_6
-                        acc[k, c0 + 4, jt, 7] = a4_7
-                        acc[k, c0 + 4, jt, 8] = a4_8
-                        acc[k, c0 + 4, jt, 9] = a4_9
-                        acc[k, c0 + 4, jt, 10] = a4_10
-                        acc[k, c0 + 4, jt, 11] = a4_11
-                        acc[k, c0 + 4, jt, 12] = a4_12
-                        acc[k, c0 + 4, jt, 13] = a4_13
-                        acc[k, c0 + 4, jt, 14] = a4_14
-                        acc[k, c0 + 4, jt, 15] = a4_15
-                        acc[k, c0 + 5, jt, 0] = a5_0
-                        acc[k, c0 + 5, jt, 1] = a5_1
-                        acc[k, c0 + 5, jt, 2] = a5_2
-                        acc[k, c0 + 5, jt, 3] = a5_3
-                        acc[k, c0 + 5, jt, 4] = a5_4
-                        acc[k, c0 + 5, jt, 5] = a5_5
-                        acc[k, c0 + 5, jt, 6] = a5_6
-                        acc[k, c0 + 5, jt, 7] = a5_7
-                        acc[k, c0 + 5, jt, 8] = a5_8
-                        acc[k, c0 + 5, jt, 9] = a5_9
-                        acc[k, c0 + 5, jt, 10] = a5_10
-                        acc[k, c0 + 5, jt, 11] = a5_11
-                        acc[k, c0 + 5, jt, 12] = a5_12
-                        acc[k, c0 + 5, jt, 13] = a5_13
-                        acc[k, c0 + 5, jt, 14] = a5_14
-                        acc[k, c0 + 5, jt, 15] = a5_15
-                        acc[k, c0 + 6, jt, 0] = a6_0
-                        acc[k, c0 + 6, jt, 1] = a6_1
-                        acc[k, c0 + 6, jt, 2] = a6_2
-                        acc[k, c0 + 6, jt, 3] = a6_3
-                        acc[k, c0 + 6, jt, 4] = a6_4
-                        acc[k, c0 + 6, jt, 5] = a6_5
-                        acc[k, c0 + 6, jt, 6] = a6_6
-                        acc[k, c0 + 6, jt, 7] = a6_7
-                        acc[k, c0 + 6, jt, 8] = a6_8
-                        acc[k, c0 + 6, jt, 9] = a6_9
-                        acc[k, c0 + 6, jt, 10] = a6_10
-                        acc[k, c0 + 6, jt, 11] = a6_11
-                        acc[k, c0 + 6, jt, 12] = a6_12
-                        acc[k, c0 + 6, jt, 13] = a6_13
-                        acc[k, c0 + 6, jt, 14] = a6_14
-                        acc[k, c0 + 6, jt, 15] = a6_15
-                        acc[k, c0 + 7, jt, 0] = a7_0
-                        acc[k, c0 + 7, jt, 1] = a7_1
-                        acc[k, c0 + 7, jt, 2] = a7_2
-                        acc[k, c0 + 7, jt, 3] = a7_3
-                        acc[k, c0 + 7, jt, 4] = a7_4
-                        acc[k, c0 + 7, jt, 5] = a7_5
-                        acc[k, c0 + 7, jt, 6] = a7_6
-                        acc[k, c0 + 7, jt, 7] = a7_7
-                        acc[k, c0 + 7, jt, 8] = a7_8
-                        acc[k, c0 + 7, jt, 9] = a7_9
-                        acc[k, c0 + 7, jt, 10] = a7_10
-                        acc[k, c0 + 7, jt, 11] = a7_11
-                        acc[k, c0 + 7, jt, 12] = a7_12
-                        acc[k, c0 + 7, jt, 13] = a7_13
-                        acc[k, c0 + 7, jt, 14] = a7_14
-                        acc[k, c0 + 7, jt, 15] = a7_15
-                    c0 += 8
+                            g0 = load16(g, o, j + 0)
+                            g1 = load16(g, o, j + 16)
+                            x0 = splat16(x[i, c0 + 0])
+                            a0_0 = fma(x0, g0, a0_0)
+                            a0_1 = fma(x0, g1, a0_1)
+                            x1 = splat16(x[i, c0 + 1])
+                            a1_0 = fma(x1, g0, a1_0)
+                            a1_1 = fma(x1, g1, a1_1)
+                            x2 = splat16(x[i, c0 + 2])
+                            a2_0 = fma(x2, g0, a2_0)
+                            a2_1 = fma(x2, g1, a2_1)
+                            x3 = splat16(x[i, c0 + 3])
+                            a3_0 = fma(x3, g0, a3_0)
+                            a3_1 = fma(x3, g1, a3_1)
+                            x4 = splat16(x[i, c0 + 4])
+                            a4_0 = fma(x4, g0, a4_0)
+                            a4_1 = fma(x4, g1, a4_1)
+                            x5 = splat16(x[i, c0 + 5])
+                            a5_0 = fma(x5, g0, a5_0)
+                            a5_1 = fma(x5, g1, a5_1)
+                            x6 = splat16(x[i, c0 + 6])
+                            a6_0 = fma(x6, g0, a6_0)
+                            a6_1 = fma(x6, g1, a6_1)
+                            x7 = splat16(x[i, c0 + 7])
+                            a7_0 = fma(x7, g0, a7_0)
+                            a7_1 = fma(x7, g1, a7_1)
+                            x8 = splat16(x[i, c0 + 8])
+                            a8_0 = fma(x8, g0, a8_0)
+                            a8_1 = fma(x8, g1, a8_1)
+                            x9 = splat16(x[i, c0 + 9])
+                            a9_0 = fma(x9, g0, a9_0)
+                            a9_1 = fma(x9, g1, a9_1)
+                            x10 = splat16(x[i, c0 + 10])
+                            a10_0 = fma(x10, g0, a10_0)
+                            a10_1 = fma(x10, g1, a10_1)
+                            x11 = splat16(x[i, c0 + 11])
+                            a11_0 = fma(x11, g0, a11_0)
+                            a11_1 = fma(x11, g1, a11_1)
+                        store16(acc, kc + c0 + 0, j + 0, a0_0)
+                        store16(acc, kc + c0 + 0, j + 16, a0_1)
+                        store16(acc, kc + c0 + 1, j + 0, a1_0)
+                        store16(acc, kc + c0 + 1, j + 16, a1_1)
+                        store16(acc, kc + c0 + 2, j + 0, a2_0)
+                        store16(acc, kc + c0 + 2, j + 16, a2_1)
+                        store16(acc, kc + c0 + 3, j + 0, a3_0)
+                        store16(acc, kc + c0 + 3, j + 16, a3_1)
+                        store16(acc, kc + c0 + 4, j + 0, a4_0)
+                        store16(acc, kc + c0 + 4, j + 16, a4_1)
+                        store16(acc, kc + c0 + 5, j + 0, a5_0)
+                        store16(acc, kc + c0 + 5, j + 16, a5_1)
+                        store16(acc, kc + c0 + 6, j + 0, a6_0)
+                        store16(acc, kc + c0 + 6, j + 16, a6_1)
+                        store16(acc, kc + c0 + 7, j + 0, a7_0)
+                        store16(acc, kc + c0 + 7, j + 16, a7_1)
+                        store16(acc, kc + c0 + 8, j + 0, a8_0)
+                        store16(acc, kc + c0 + 8, j + 16, a8_1)
+                        store16(acc, kc + c0 + 9, j + 0, a9_0)
+                        store16(acc, kc + c0 + 9, j + 16, a9_1)
+                        store16(acc, kc + c0 + 10, j + 0, a10_0)
+                        store16(acc, kc + c0 + 10, j + 16, a10_1)
+                        store16(acc, kc + c0 + 11, j + 0, a11_0)
+                        store16(acc, kc + c0 + 11, j + 16, a11_1)
+                    c0 += 12
+                while c0 + 4 <= cin:
+                    for jt in range(n_tiles):
+                        j = jt * 32
+                        a0_0 = load16(acc, kc + c0 + 0, j + 0)
+                        a0_1 = load16(acc, kc + c0 + 0, j + 16)
+                        a1_0 = load16(acc, kc + c0 + 1, j + 0)
+                        a1_1 = load16(acc, kc + c0 + 1, j + 16)
+                        a2_0 = load16(acc, kc + c0 + 2, j + 0)
+                        a2_1 = load16(acc, kc + c0 + 2, j + 16)
+                        a3_0 = load16(acc, kc + c0 + 3, j + 0)
+                        a3_1 = load16(acc, kc + c0 + 3, j + 16)
+                        for t in range(t0, t1):
+                            i = xr[t]
+                            o = gr[t]
+                            g0 = load16(g, o, j + 0)
+                            g1 = load16(g, o, j + 16)
+                            x0 = splat16(x[i, c0 + 0])
+                            a0_0 = fma(x0, g0, a0_0)
+                            a0_1 = fma(x0, g1, a0_1)
+                            x1 = splat16(x[i, c0 + 1])
+                            a1_0 = fma(x1, g0, a1_0)
+                            a1_1 = fma(x1, g1, a1_1)
+                            x2 = splat16(x[i, c0 + 2])
+                            a2_0 = fma(x2, g0, a2_0)
+                            a2_1 = fma(x2, g1, a2_1)
+                            x3 = splat16(x[i, c0 + 3])
+                            a3_0 = fma(x3, g0, a3_0)
+                            a3_1 = fma(x3, g1, a3_1)
+                        store16(acc, kc + c0 + 0, j + 0, a0_0)
+                        store16(acc, kc + c0 + 0, j + 16, a0_1)
+                        store16(acc, kc + c0 + 1, j + 0, a1_0)
+                        store16(acc, kc + c0 + 1, j + 16, a1_1)
+                        store16(acc, kc + c0 + 2, j + 0, a2_0)
+                        store16(acc, kc + c0 + 2, j + 16, a2_1)
+                        store16(acc, kc + c0 + 3, j + 0, a3_0)
+                        store16(acc, kc + c0 + 3, j + 16, a3_1)
+                    c0 += 4
                 while c0 + 1 <= cin:
                     for jt in range(n_tiles):
-                        a0_0 = acc[k, c0 + 0, jt, 0]
-                        a0_1 = acc[k, c0 + 0, jt, 1]
-                        a0_2 = acc[k, c0 + 0, jt, 2]
-                        a0_3 = acc[k, c0 + 0, jt, 3]
-                        a0_4 = acc[k, c0 + 0, jt, 4]
-                        a0_5 = acc[k, c0 + 0, jt, 5]
-                        a0_6 = acc[k, c0 + 0, jt, 6]
-                        a0_7 = acc[k, c0 + 0, jt, 7]
-                        a0_8 = acc[k, c0 + 0, jt, 8]
-                        a0_9 = acc[k, c0 + 0, jt, 9]
-                        a0_10 = acc[k, c0 + 0, jt, 10]
-                        a0_11 = acc[k, c0 + 0, jt, 11]
-                        a0_12 = acc[k, c0 + 0, jt, 12]
-                        a0_13 = acc[k, c0 + 0, jt, 13]
-                        a0_14 = acc[k, c0 + 0, jt, 14]
-                        a0_15 = acc[k, c0 + 0, jt, 15]
+                        j = jt * 32
+                        a0_0 = load16(acc, kc + c0 + 0, j + 0)
+                        a0_1 = load16(acc, kc + c0 + 0, j + 16)
                         for t in range(t0, t1):
                             i = xr[t]
                             o = gr[t]
-                            x0 = x[i, c0 + 0]
-                            gv = g[o, jt, 0]
-                            a0_0 += x0 * gv
-                            gv = g[o, jt, 1]
-                            a0_1 += x0 * gv
-                            gv = g[o, jt, 2]
-                            a0_2 += x0 * gv
-                            gv = g[o, jt, 3]
-                            a0_3 += x0 * gv
-                            gv = g[o, jt, 4]
-                            a0_4 += x0 * gv
-                            gv = g[o, jt, 5]
-                            a0_5 += x0 * gv
-                            gv = g[o, jt, 6]
-                            a0_6 += x0 * gv
-                            gv = g[o, jt, 7]
-                            a0_7 += x0 * gv
-                            gv = g[o, jt, 8]
-                            a0_8 += x0 * gv
-                            gv = g[o, jt, 9]
-                            a0_9 += x0 * gv
-                            gv = g[o, jt, 10]
-                            a0_10 += x0 * gv
-                            gv = g[o, jt, 11]
-                            a0_11 += x0 * gv
-                            gv = g[o, jt, 12]
-                            a0_12 += x0 * gv
-                            gv = g[o, jt, 13]
-                            a0_13 += x0 * gv
-                            gv = g[o, jt, 14]
-                            a0_14 += x0 * gv
-                            gv = g[o, jt, 15]
-                            a0_15 += x0 * gv
-                        acc[k, c0 + 0, jt, 0] = a0_0
-                        acc[k, c0 + 0, jt, 1] = a0_1
-                        acc[k, c0 + 0, jt, 2] = a0_2
-                        acc[k, c0 + 0, jt, 3] = a0_3
-                        acc[k, c0 + 0, jt, 4] = a0_4
-                        acc[k, c0 + 0, jt, 5] = a0_5
-                        acc[k, c0 + 0, jt, 6] = a0_6
-                        acc[k, c0 + 0, jt, 7] = a0_7
-                        acc[k, c0 + 0, jt, 8] = a0_8
-                        acc[k, c0 + 0, jt, 9] = a0_9
-                        acc[k, c0 + 0, jt, 10] = a0_10
-                        acc[k, c0 + 0, jt, 11] = a0_11
-                        acc[k, c0 + 0, jt, 12] = a0_12
-                        acc[k, c0 + 0, jt, 13] = a0_13
-                        acc[k, c0 + 0, jt, 14] = a0_14
-                        acc[k, c0 + 0, jt, 15] = a0_15
+                            g0 = load16(g, o, j + 0)
+                            g1 = load16(g, o, j + 16)
+                            x0 = splat16(x[i, c0 + 0])
+                            a0_0 = fma(x0, g0, a0_0)
+                            a0_1 = fma(x0, g1, a0_1)
+                        store16(acc, kc + c0 + 0, j + 0, a0_0)
+                        store16(acc, kc + c0 + 0, j + 16, a0_1)
                     c0 += 1
             t0 = t1
 
 
 @_njit
-def wgrad_cols_8(x, g, row_ptr, nbr, offsets, acc, r_start, r_stop):
-    """acc[k] += x[r]^T g[o] over the pairs (o, k) of rows r_start <= r < r_stop; the
-    output channels in tiles of 8: g (n, tiles, 8), acc (K, Cin, tiles, 8).
+def wgrad_s32_l8_r6(x, g, row_ptr, nbr, offsets, acc, n_k, r_start, r_stop):
+    """acc[k * cin + c] += x[r, c] * g[o] over the pairs (o, k) of rows r_start <= r <
+    r_stop; g (n, W) and acc (K * Cin, W) with W a multiple of 32, in vectors of 8 lanes.
 
     Per block of rows the pairs are bucketed by offset (row order kept); for each offset,
-    register tiles of acc[k] (8 input channels by 8 output channels; for each group
-    of input channels, tile after tile) are loaded, updated pair after pair, and stored. Every acc value sums its pairs in row
-    order whatever the tiling.
+    register tiles of acc (6 input channels by 32 output channels; for each group of
+    input channels, tile after tile) are loaded, updated pair after pair, and stored. Every
+    acc value sums its pairs in row order whatever the tiling, one fused multiply-add each.
     """
     cin = x.shape[1]
-    n_k = acc.shape[0]
-    n_tiles = acc.shape[2]
+    n_tiles = g.shape[1] // 32
     most = 0
     for r0 in range(r_start, r_stop, WGRAD_BLOCK_ROWS):
         r1 = min(r_stop, r0 + WGRAD_BLOCK_ROWS)
@@ -3584,258 +1563,1080 @@ def wgrad_cols_8(x, g, row_ptr, nbr, offsets, acc, r_start, r_stop):
         for k in range(n_k):
             t1 = ends[k]
             if t1 > t0:
+                kc = k * cin
                 c0 = 0
-                while c0 + 8 <= cin:
+                while c0 + 6 <= cin:
                     for jt in range(n_tiles):
-                        a0_0 = acc[k, c0 + 0, jt, 0]
-                        a0_1 = acc[k, c0 + 0, jt, 1]
-                        a0_2 = acc[k, c0 + 0, jt, 2]
-                        a0_3 = acc[k, c0 + 0, jt, 3]
-                        a0_4 = acc[k, c0 + 0, jt, 4]
-                        a0_5 = acc[k, c0 + 0, jt, 5]
-                        a0_6 = acc[k, c0 + 0, jt, 6]
-                        a0_7 = acc[k, c0 + 0, jt, 7]
-                        a1_0 = acc[k, c0 + 1, jt, 0]
-                        a1_1 = acc[k, c0 + 1, jt, 1]
-                        a1_2 = acc[k, c0 + 1, jt, 2]
-                        a1_3 = acc[k, c0 + 1, jt, 3]
-                        a1_4 = acc[k, c0 + 1, jt, 4]
-                        a1_5 = acc[k, c0 + 1, jt, 5]
-                        a1_6 = acc[k, c0 + 1, jt, 6]
-                        a1_7 = acc[k, c0 + 1, jt, 7]
-                        a2_0 = acc[k, c0 + 2, jt, 0]
-                        a2_1 = acc[k, c0 + 2, jt, 1]
-                        a2_2 = acc[k, c0 + 2, jt, 2]
-                        a2_3 = acc[k, c0 + 2, jt, 3]
-                        a2_4 = acc[k, c0 + 2, jt, 4]
-                        a2_5 = acc[k, c0 + 2, jt, 5]
-                        a2_6 = acc[k, c0 + 2, jt, 6]
-                        a2_7 = acc[k, c0 + 2, jt, 7]
-                        a3_0 = acc[k, c0 + 3, jt, 0]
-                        a3_1 = acc[k, c0 + 3, jt, 1]
-                        a3_2 = acc[k, c0 + 3, jt, 2]
-                        a3_3 = acc[k, c0 + 3, jt, 3]
-                        a3_4 = acc[k, c0 + 3, jt, 4]
-                        a3_5 = acc[k, c0 + 3, jt, 5]
-                        a3_6 = acc[k, c0 + 3, jt, 6]
-                        a3_7 = acc[k, c0 + 3, jt, 7]
-                        a4_0 = acc[k, c0 + 4, jt, 0]
-                        a4_1 = acc[k, c0 + 4, jt, 1]
-                        a4_2 = acc[k, c0 + 4, jt, 2]
-                        a4_3 = acc[k, c0 + 4, jt, 3]
-                        a4_4 = acc[k, c0 + 4, jt, 4]
-                        a4_5 = acc[k, c0 + 4, jt, 5]
-                        a4_6 = acc[k, c0 + 4, jt, 6]
-                        a4_7 = acc[k, c0 + 4, jt, 7]
-                        a5_0 = acc[k, c0 + 5, jt, 0]
-                        a5_1 = acc[k, c0 + 5, jt, 1]
-                        a5_2 = acc[k, c0 + 5, jt, 2]
-                        a5_3 = acc[k, c0 + 5, jt, 3]
-                        a5_4 = acc[k, c0 + 5, jt, 4]
-                        a5_5 = acc[k, c0 + 5, jt, 5]
-                        a5_6 = acc[k, c0 + 5, jt, 6]
-                        a5_7 = acc[k, c0 + 5, jt, 7]
-                        a6_0 = acc[k, c0 + 6, jt, 0]
-                        a6_1 = acc[k, c0 + 6, jt, 1]
-                        a6_2 = acc[k, c0 + 6, jt, 2]
-                        a6_3 = acc[k, c0 + 6, jt, 3]
-                        a6_4 = acc[k, c0 + 6, jt, 4]
-                        a6_5 = acc[k, c0 + 6, jt, 5]
-                        a6_6 = acc[k, c0 + 6, jt, 6]
-                        a6_7 = acc[k, c0 + 6, jt, 7]
-                        a7_0 = acc[k, c0 + 7, jt, 0]
-                        a7_1 = acc[k, c0 + 7, jt, 1]
-                        a7_2 = acc[k, c0 + 7, jt, 2]
-                        a7_3 = acc[k, c0 + 7, jt, 3]
-                        a7_4 = acc[k, c0 + 7, jt, 4]
-                        a7_5 = acc[k, c0 + 7, jt, 5]
-                        a7_6 = acc[k, c0 + 7, jt, 6]
-                        a7_7 = acc[k, c0 + 7, jt, 7]
+                        j = jt * 32
+                        a0_0 = load8(acc, kc + c0 + 0, j + 0)
+                        a0_1 = load8(acc, kc + c0 + 0, j + 8)
+                        a0_2 = load8(acc, kc + c0 + 0, j + 16)
+                        a0_3 = load8(acc, kc + c0 + 0, j + 24)
+                        a1_0 = load8(acc, kc + c0 + 1, j + 0)
+                        a1_1 = load8(acc, kc + c0 + 1, j + 8)
+                        a1_2 = load8(acc, kc + c0 + 1, j + 16)
+                        a1_3 = load8(acc, kc + c0 + 1, j + 24)
+                        a2_0 = load8(acc, kc + c0 + 2, j + 0)
+                        a2_1 = load8(acc, kc + c0 + 2, j + 8)
+                        a2_2 = load8(acc, kc + c0 + 2, j + 16)
+                        a2_3 = load8(acc, kc + c0 + 2, j + 24)
+                        a3_0 = load8(acc, kc + c0 + 3, j + 0)
+                        a3_1 = load8(acc, kc + c0 + 3, j + 8)
+                        a3_2 = load8(acc, kc + c0 + 3, j + 16)
+                        a3_3 = load8(acc, kc + c0 + 3, j + 24)
+                        a4_0 = load8(acc, kc + c0 + 4, j + 0)
+                        a4_1 = load8(acc, kc + c0 + 4, j + 8)
+                        a4_2 = load8(acc, kc + c0 + 4, j + 16)
+                        a4_3 = load8(acc, kc + c0 + 4, j + 24)
+                        a5_0 = load8(acc, kc + c0 + 5, j + 0)
+                        a5_1 = load8(acc, kc + c0 + 5, j + 8)
+                        a5_2 = load8(acc, kc + c0 + 5, j + 16)
+                        a5_3 = load8(acc, kc + c0 + 5, j + 24)
                         for t in range(t0, t1):
                             i = xr[t]
                             o = gr[t]
-                            x0 = x[i, c0 + 0]
-                            x1 = x[i, c0 + 1]
-                            x2 = x[i, c0 + 2]
-                            x3 = x[i, c0 + 3]
-                            x4 = x[i, c0 + 4]
-                            x5 = x[i, c0 + 5]
-                            x6 = x[i, c0 + 6]
-                            x7 = x[i, c0 + 7]
-                            gv = g[o, jt, 0]
-                            a0_0 += x0 * gv
-                            a1_0 += x1 * gv
-                            a2_0 += x2 * gv
-                            a3_0 += x3 * gv
-                            a4_0 += x4 * gv
-                            a5_0 += x5 * gv
-                            a6_0 += x6 * gv
-                            a7_0 += x7 * gv
-                            gv = g[o, jt, 1]
-                            a0_1 += x0 * gv
-                            a1_1 += x1 * gv
-                            a2_1 += x2 * gv
-                            a3_1 += x3 * gv
-                            a4_1 += x4 * gv
-                            a5_1 += x5 * gv
-                            a6_1 += x6 * gv
-                            a7_1 += x7 * gv
-                            gv = g[o, jt, 2]
-                            a0_2 += x0 * gv
-                            a1_2 += x1 * gv
-                            a2_2 += x2 * gv
-                            a3_2 += x3 * gv
-                            a4_2 += x4 * gv
-                            a5_2 += x5 * gv
-                            a6_2 += x6 * gv
-                            a7_2 += x7 * gv
-                            gv = g[o, jt, 3]
-                            a0_3 += x0 * gv
-                            a1_3 += x1 * gv
-                            a2_3 += x2 * gv
-                            a3_3 += x3 * gv
-                            a4_3 += x4 * gv
-                            a5_3 += x5 * gv
-                            a6_3 += x6 * gv
-                            a7_3 += x7 * gv
-                            gv = g[o, jt, 4]
-                            a0_4 += x0 * gv
-                            a1_4 += x1 * gv
-                            a2_4 += x2 * gv
-                            a3_4 += x3 * gv
-                            a4_4 += x4 * gv
-                            a5_4 += x5 * gv
-                            a6_4 += x6 * gv
-                            a7_4 += x7 * gv
-                            gv = g[o, jt, 5]
-                            a0_5 += x0 * gv
-                            a1_5 += x1 * gv
-                            a2_5 += x2 * gv
-                            a3_5 += x3 * gv
-                            a4_5 += x4 * gv
-                            a5_5 += x5 * gv
-                            a6_5 += x6 * gv
-                            a7_5 += x7 * gv
-                            gv = g[o, jt, 6]
-                            a0_6 += x0 * gv
-                            a1_6 += x1 * gv
-                            a2_6 += x2 * gv
-                            a3_6 += x3 * gv
-                            a4_6 += x4 * gv
-                            a5_6 += x5 * gv
-                            a6_6 += x6 * gv
-                            a7_6 += x7 * gv
-                            gv = g[o, jt, 7]
-                            a0_7 += x0 * gv
-                            a1_7 += x1 * gv
-                            a2_7 += x2 * gv
-                            a3_7 += x3 * gv
-                            a4_7 += x4 * gv
-                            a5_7 += x5 * gv
-                            a6_7 += x6 * gv
-                            a7_7 += x7 * gv
-                        acc[k, c0 + 0, jt, 0] = a0_0
-                        acc[k, c0 + 0, jt, 1] = a0_1
-                        acc[k, c0 + 0, jt, 2] = a0_2
-                        acc[k, c0 + 0, jt, 3] = a0_3
-                        acc[k, c0 + 0, jt, 4] = a0_4
-                        acc[k, c0 + 0, jt, 5] = a0_5
-                        acc[k, c0 + 0, jt, 6] = a0_6
-                        acc[k, c0 + 0, jt, 7] = a0_7
-                        acc[k, c0 + 1, jt, 0] = a1_0
-                        acc[k, c0 + 1, jt, 1] = a1_1
-                        acc[k, c0 + 1, jt, 2] = a1_2
-                        acc[k, c0 + 1, jt, 3] = a1_3
-                        acc[k, c0 + 1, jt, 4] = a1_4
-                        acc[k, c0 + 1, jt, 5] = a1_5
-                        acc[k, c0 + 1, jt, 6] = a1_6
-                        acc[k, c0 + 1, jt, 7] = a1_7
-                        acc[k, c0 + 2, jt, 0] = a2_0
-                        acc[k, c0 + 2, jt, 1] = a2_1
-                        acc[k, c0 + 2, jt, 2] = a2_2
-                        acc[k, c0 + 2, jt, 3] = a2_3
-                        acc[k, c0 + 2, jt, 4] = a2_4
-                        acc[k, c0 + 2, jt, 5] = a2_5
-                        acc[k, c0 + 2, jt, 6] = a2_6
-                        acc[k, c0 + 2, jt, 7] = a2_7
-                        acc[k, c0 + 3, jt, 0] = a3_0
-                        acc[k, c0 + 3, jt, 1] = a3_1
-                        acc[k, c0 + 3, jt, 2] = a3_2
-                        acc[k, c0 + 3, jt, 3] = a3_3
-                        acc[k, c0 + 3, jt, 4] = a3_4
-                        acc[k, c0 + 3, jt, 5] = a3_5
-                        acc[k, c0 + 3, jt, 6] = a3_6
-                        acc[k, c0 + 3, jt, 7] = a3_7
-                        acc[k, c0 + 4, jt, 0] = a4_0
-                        acc[k, c0 + 4, jt, 1] = a4_1
-                        acc[k, c0 + 4, jt, 2] = a4_2
-                        acc[k, c0 + 4, jt, 3] = a4_3
-                        acc[k, c0 + 4, jt, 4] = a4_4
-                        acc[k, c0 + 4, jt, 5] = a4_5
-                        acc[k, c0 + 4, jt, 6] = a4_6
-                        acc[k, c0 + 4, jt, 7] = a4_7
-                        acc[k, c0 + 5, jt, 0] = a5_0
-                        acc[k, c0 + 5, jt, 1] = a5_1
-                        acc[k, c0 + 5, jt, 2] = a5_2
-                        acc[k, c0 + 5, jt, 3] = a5_3
-                        acc[k, c0 + 5, jt, 4] = a5_4
-                        acc[k, c0 + 5, jt, 5] = a5_5
-                        acc[k, c0 + 5, jt, 6] = a5_6
-                        acc[k, c0 + 5, jt, 7] = a5_7
-                        acc[k, c0 + 6, jt, 0] = a6_0
-                        acc[k, c0 + 6, jt, 1] = a6_1
-                        acc[k, c0 + 6, jt, 2] = a6_2
-                        acc[k, c0 + 6, jt, 3] = a6_3
-                        acc[k, c0 + 6, jt, 4] = a6_4
-                        acc[k, c0 + 6, jt, 5] = a6_5
-                        acc[k, c0 + 6, jt, 6] = a6_6
-                        acc[k, c0 + 6, jt, 7] = a6_7
-                        acc[k, c0 + 7, jt, 0] = a7_0
-                        acc[k, c0 + 7, jt, 1] = a7_1
-                        acc[k, c0 + 7, jt, 2] = a7_2
-                        acc[k, c0 + 7, jt, 3] = a7_3
-                        acc[k, c0 + 7, jt, 4] = a7_4
-                        acc[k, c0 + 7, jt, 5] = a7_5
-                        acc[k, c0 + 7, jt, 6] = a7_6
-                        acc[k, c0 + 7, jt, 7] = a7_7
+                            g0 = load8(g, o, j + 0)
+                            g1 = load8(g, o, j + 8)
+                            g2 = load8(g, o, j + 16)
+                            g3 = load8(g, o, j + 24)
+                            x0 = splat8(x[i, c0 + 0])
+                            a0_0 = fma(x0, g0, a0_0)
+                            a0_1 = fma(x0, g1, a0_1)
+                            a0_2 = fma(x0, g2, a0_2)
+                            a0_3 = fma(x0, g3, a0_3)
+                            x1 = splat8(x[i, c0 + 1])
+                            a1_0 = fma(x1, g0, a1_0)
+                            a1_1 = fma(x1, g1, a1_1)
+                            a1_2 = fma(x1, g2, a1_2)
+                            a1_3 = fma(x1, g3, a1_3)
+                            x2 = splat8(x[i, c0 + 2])
+                            a2_0 = fma(x2, g0, a2_0)
+                            a2_1 = fma(x2, g1, a2_1)
+                            a2_2 = fma(x2, g2, a2_2)
+                            a2_3 = fma(x2, g3, a2_3)
+                            x3 = splat8(x[i, c0 + 3])
+                            a3_0 = fma(x3, g0, a3_0)
+                            a3_1 = fma(x3, g1, a3_1)
+                            a3_2 = fma(x3, g2, a3_2)
+                            a3_3 = fma(x3, g3, a3_3)
+                            x4 = splat8(x[i, c0 + 4])
+                            a4_0 = fma(x4, g0, a4_0)
+                            a4_1 = fma(x4, g1, a4_1)
+                            a4_2 = fma(x4, g2, a4_2)
+                            a4_3 = fma(x4, g3, a4_3)
+                            x5 = splat8(x[i, c0 + 5])
+                            a5_0 = fma(x5, g0, a5_0)
+                            a5_1 = fma(x5, g1, a5_1)
+                            a5_2 = fma(x5, g2, a5_2)
+                            a5_3 = fma(x5, g3, a5_3)
+                        store8(acc, kc + c0 + 0, j + 0, a0_0)
+                        store8(acc, kc + c0 + 0, j + 8, a0_1)
+                        store8(acc, kc + c0 + 0, j + 16, a0_2)
+                        store8(acc, kc + c0 + 0, j + 24, a0_3)
+                        store8(acc, kc + c0 + 1, j + 0, a1_0)
+                        store8(acc, kc + c0 + 1, j + 8, a1_1)
+                        store8(acc, kc + c0 + 1, j + 16, a1_2)
+                        store8(acc, kc + c0 + 1, j + 24, a1_3)
+                        store8(acc, kc + c0 + 2, j + 0, a2_0)
+                        store8(acc, kc + c0 + 2, j + 8, a2_1)
+                        store8(acc, kc + c0 + 2, j + 16, a2_2)
+                        store8(acc, kc + c0 + 2, j + 24, a2_3)
+                        store8(acc, kc + c0 + 3, j + 0, a3_0)
+                        store8(acc, kc + c0 + 3, j + 8, a3_1)
+                        store8(acc, kc + c0 + 3, j + 16, a3_2)
+                        store8(acc, kc + c0 + 3, j + 24, a3_3)
+                        store8(acc, kc + c0 + 4, j + 0, a4_0)
+                        store8(acc, kc + c0 + 4, j + 8, a4_1)
+                        store8(acc, kc + c0 + 4, j + 16, a4_2)
+                        store8(acc, kc + c0 + 4, j + 24, a4_3)
+                        store8(acc, kc + c0 + 5, j + 0, a5_0)
+                        store8(acc, kc + c0 + 5, j + 8, a5_1)
+                        store8(acc, kc + c0 + 5, j + 16, a5_2)
+                        store8(acc, kc + c0 + 5, j + 24, a5_3)
+                    c0 += 6
+                while c0 + 2 <= cin:
+                    for jt in range(n_tiles):
+                        j = jt * 32
+                        a0_0 = load8(acc, kc + c0 + 0, j + 0)
+                        a0_1 = load8(acc, kc + c0 + 0, j + 8)
+                        a0_2 = load8(acc, kc + c0 + 0, j + 16)
+                        a0_3 = load8(acc, kc + c0 + 0, j + 24)
+                        a1_0 = load8(acc, kc + c0 + 1, j + 0)
+                        a1_1 = load8(acc, kc + c0 + 1, j + 8)
+                        a1_2 = load8(acc, kc + c0 + 1, j + 16)
+                        a1_3 = load8(acc, kc + c0 + 1, j + 24)
+                        for t in range(t0, t1):
+                            i = xr[t]
+                            o = gr[t]
+                            g0 = load8(g, o, j + 0)
+                            g1 = load8(g, o, j + 8)
+                            g2 = load8(g, o, j + 16)
+                            g3 = load8(g, o, j + 24)
+                            x0 = splat8(x[i, c0 + 0])
+                            a0_0 = fma(x0, g0, a0_0)
+                            a0_1 = fma(x0, g1, a0_1)
+                            a0_2 = fma(x0, g2, a0_2)
+                            a0_3 = fma(x0, g3, a0_3)
+                            x1 = splat8(x[i, c0 + 1])
+                            a1_0 = fma(x1, g0, a1_0)
+                            a1_1 = fma(x1, g1, a1_1)
+                            a1_2 = fma(x1, g2, a1_2)
+                            a1_3 = fma(x1, g3, a1_3)
+                        store8(acc, kc + c0 + 0, j + 0, a0_0)
+                        store8(acc, kc + c0 + 0, j + 8, a0_1)
+                        store8(acc, kc + c0 + 0, j + 16, a0_2)
+                        store8(acc, kc + c0 + 0, j + 24, a0_3)
+                        store8(acc, kc + c0 + 1, j + 0, a1_0)
+                        store8(acc, kc + c0 + 1, j + 8, a1_1)
+                        store8(acc, kc + c0 + 1, j + 16, a1_2)
+                        store8(acc, kc + c0 + 1, j + 24, a1_3)
+                    c0 += 2
+                while c0 + 1 <= cin:
+                    for jt in range(n_tiles):
+                        j = jt * 32
+                        a0_0 = load8(acc, kc + c0 + 0, j + 0)
+                        a0_1 = load8(acc, kc + c0 + 0, j + 8)
+                        a0_2 = load8(acc, kc + c0 + 0, j + 16)
+                        a0_3 = load8(acc, kc + c0 + 0, j + 24)
+                        for t in range(t0, t1):
+                            i = xr[t]
+                            o = gr[t]
+                            g0 = load8(g, o, j + 0)
+                            g1 = load8(g, o, j + 8)
+                            g2 = load8(g, o, j + 16)
+                            g3 = load8(g, o, j + 24)
+                            x0 = splat8(x[i, c0 + 0])
+                            a0_0 = fma(x0, g0, a0_0)
+                            a0_1 = fma(x0, g1, a0_1)
+                            a0_2 = fma(x0, g2, a0_2)
+                            a0_3 = fma(x0, g3, a0_3)
+                        store8(acc, kc + c0 + 0, j + 0, a0_0)
+                        store8(acc, kc + c0 + 0, j + 8, a0_1)
+                        store8(acc, kc + c0 + 0, j + 16, a0_2)
+                        store8(acc, kc + c0 + 0, j + 24, a0_3)
+                    c0 += 1
+            t0 = t1
+
+
+@_njit
+def wgrad_s16_l16_r16(x, g, row_ptr, nbr, offsets, acc, n_k, r_start, r_stop):
+    """acc[k * cin + c] += x[r, c] * g[o] over the pairs (o, k) of rows r_start <= r <
+    r_stop; g (n, W) and acc (K * Cin, W) with W a multiple of 16, in vectors of 16 lanes.
+
+    Per block of rows the pairs are bucketed by offset (row order kept); for each offset,
+    register tiles of acc (16 input channels by 16 output channels; for each group of
+    input channels, tile after tile) are loaded, updated pair after pair, and stored. Every
+    acc value sums its pairs in row order whatever the tiling, one fused multiply-add each.
+    """
+    cin = x.shape[1]
+    n_tiles = g.shape[1] // 16
+    most = 0
+    for r0 in range(r_start, r_stop, WGRAD_BLOCK_ROWS):
+        r1 = min(r_stop, r0 + WGRAD_BLOCK_ROWS)
+        most = max(most, row_ptr[r1] - row_ptr[r0])
+    xr = np.empty(most, np.int64)
+    gr = np.empty(most, np.int64)
+    ends = np.empty(n_k + 1, np.int64)
+    for r0 in range(r_start, r_stop, WGRAD_BLOCK_ROWS):
+        r1 = min(r_stop, r0 + WGRAD_BLOCK_ROWS)
+        for k in range(n_k + 1):
+            ends[k] = 0
+        for q in range(row_ptr[r0], row_ptr[r1]):
+            ends[offsets[q] + 1] += 1
+        for k in range(n_k):
+            ends[k + 1] += ends[k]
+        for r in range(r0, r1):
+            for q in range(row_ptr[r], row_ptr[r + 1]):
+                k = offsets[q]
+                pos = ends[k]
+                xr[pos] = r
+                gr[pos] = nbr[q]
+                ends[k] = pos + 1
+        t0 = 0
+        for k in range(n_k):
+            t1 = ends[k]
+            if t1 > t0:
+                kc = k * cin
+                c0 = 0
+                while c0 + 16 <= cin:
+                    for jt in range(n_tiles):
+                        j = jt * 16
+                        a0_0 = load16(acc, kc + c0 + 0, j + 0)
+                        a1_0 = load16(acc, kc + c0 + 1, j + 0)
+                        a2_0 = load16(acc, kc + c0 + 2, j + 0)
+                        a3_0 = load16(acc, kc + c0 + 3, j + 0)
+                        a4_0 = load16(acc, kc + c0 + 4, j + 0)
+                        a5_0 = load16(acc, kc + c0 + 5, j + 0)
+                        a6_0 = load16(acc, kc + c0 + 6, j + 0)
+                        a7_0 = load16(acc, kc + c0 + 7, j + 0)
+                        a8_0 = load16(acc, kc + c0 + 8, j + 0)
+                        a9_0 = load16(acc, kc + c0 + 9, j + 0)
+                        a10_0 = load16(acc, kc + c0 + 10, j + 0)
+                        a11_0 = load16(acc, kc + c0 + 11, j + 0)
+                        a12_0 = load16(acc, kc + c0 + 12, j + 0)
+                        a13_0 = load16(acc, kc + c0 + 13, j + 0)
+                        a14_0 = load16(acc, kc + c0 + 14, j + 0)
+                        a15_0 = load16(acc, kc + c0 + 15, j + 0)
+                        for t in range(t0, t1):
+                            i = xr[t]
+                            o = gr[t]
+                            g0 = load16(g, o, j + 0)
+                            x0 = splat16(x[i, c0 + 0])
+                            a0_0 = fma(x0, g0, a0_0)
+                            x1 = splat16(x[i, c0 + 1])
+                            a1_0 = fma(x1, g0, a1_0)
+                            x2 = splat16(x[i, c0 + 2])
+                            a2_0 = fma(x2, g0, a2_0)
+                            x3 = splat16(x[i, c0 + 3])
+                            a3_0 = fma(x3, g0, a3_0)
+                            x4 = splat16(x[i, c0 + 4])
+                            a4_0 = fma(x4, g0, a4_0)
+                            x5 = splat16(x[i, c0 + 5])
+                            a5_0 = fma(x5, g0, a5_0)
+                            x6 = splat16(x[i, c0 + 6])
+                            a6_0 = fma(x6, g0, a6_0)
+                            x7 = splat16(x[i, c0 + 7])
+                            a7_0 = fma(x7, g0, a7_0)
+                            x8 = splat16(x[i, c0 + 8])
+                            a8_0 = fma(x8, g0, a8_0)
+                            x9 = splat16(x[i, c0 + 9])
+                            a9_0 = fma(x9, g0, a9_0)
+                            x10 = splat16(x[i, c0 + 10])
+                            a10_0 = fma(x10, g0, a10_0)
+                            x11 = splat16(x[i, c0 + 11])
+                            a11_0 = fma(x11, g0, a11_0)
+                            x12 = splat16(x[i, c0 + 12])
+                            a12_0 = fma(x12, g0, a12_0)
+                            x13 = splat16(x[i, c0 + 13])
+                            a13_0 = fma(x13, g0, a13_0)
+                            x14 = splat16(x[i, c0 + 14])
+                            a14_0 = fma(x14, g0, a14_0)
+                            x15 = splat16(x[i, c0 + 15])
+                            a15_0 = fma(x15, g0, a15_0)
+                        store16(acc, kc + c0 + 0, j + 0, a0_0)
+                        store16(acc, kc + c0 + 1, j + 0, a1_0)
+                        store16(acc, kc + c0 + 2, j + 0, a2_0)
+                        store16(acc, kc + c0 + 3, j + 0, a3_0)
+                        store16(acc, kc + c0 + 4, j + 0, a4_0)
+                        store16(acc, kc + c0 + 5, j + 0, a5_0)
+                        store16(acc, kc + c0 + 6, j + 0, a6_0)
+                        store16(acc, kc + c0 + 7, j + 0, a7_0)
+                        store16(acc, kc + c0 + 8, j + 0, a8_0)
+                        store16(acc, kc + c0 + 9, j + 0, a9_0)
+                        store16(acc, kc + c0 + 10, j + 0, a10_0)
+                        store16(acc, kc + c0 + 11, j + 0, a11_0)
+                        store16(acc, kc + c0 + 12, j + 0, a12_0)
+                        store16(acc, kc + c0 + 13, j + 0, a13_0)
+                        store16(acc, kc + c0 + 14, j + 0, a14_0)
+                        store16(acc, kc + c0 + 15, j + 0, a15_0)
+                    c0 += 16
+                while c0 + 8 <= cin:
+                    for jt in range(n_tiles):
+                        j = jt * 16
+                        a0_0 = load16(acc, kc + c0 + 0, j + 0)
+                        a1_0 = load16(acc, kc + c0 + 1, j + 0)
+                        a2_0 = load16(acc, kc + c0 + 2, j + 0)
+                        a3_0 = load16(acc, kc + c0 + 3, j + 0)
+                        a4_0 = load16(acc, kc + c0 + 4, j + 0)
+                        a5_0 = load16(acc, kc + c0 + 5, j + 0)
+                        a6_0 = load16(acc, kc + c0 + 6, j + 0)
+                        a7_0 = load16(acc, kc + c0 + 7, j + 0)
+                        for t in range(t0, t1):
+                            i = xr[t]
+                            o = gr[t]
+                            g0 = load16(g, o, j + 0)
+                            x0 = splat16(x[i, c0 + 0])
+                            a0_0 = fma(x0, g0, a0_0)
+                            x1 = splat16(x[i, c0 + 1])
+                            a1_0 = fma(x1, g0, a1_0)
+                            x2 = splat16(x[i, c0 + 2])
+                            a2_0 = fma(x2, g0, a2_0)
+                            x3 = splat16(x[i, c0 + 3])
+                            a3_0 = fma(x3, g0, a3_0)
+                            x4 = splat16(x[i, c0 + 4])
+                            a4_0 = fma(x4, g0, a4_0)
+                            x5 = splat16(x[i, c0 + 5])
+                            a5_0 = fma(x5, g0, a5_0)
+                            x6 = splat16(x[i, c0 + 6])
+                            a6_0 = fma(x6, g0, a6_0)
+                            x7 = splat16(x[i, c0 + 7])
+                            a7_0 = fma(x7, g0, a7_0)
+                        store16(acc, kc + c0 + 0, j + 0, a0_0)
+                        store16(acc, kc + c0 + 1, j + 0, a1_0)
+                        store16(acc, kc + c0 + 2, j + 0, a2_0)
+                        store16(acc, kc + c0 + 3, j + 0, a3_0)
+                        store16(acc, kc + c0 + 4, j + 0, a4_0)
+                        store16(acc, kc + c0 + 5, j + 0, a5_0)
+                        store16(acc, kc + c0 + 6, j + 0, a6_0)
+                        store16(acc, kc + c0 + 7, j + 0, a7_0)
                     c0 += 8
                 while c0 + 1 <= cin:
                     for jt in range(n_tiles):
-                        a0_0 = acc[k, c0 + 0, jt, 0]
-                        a0_1 = acc[k, c0 + 0, jt, 1]
-                        a0_2 = acc[k, c0 + 0, jt, 2]
-                        a0_3 = acc[k, c0 + 0, jt, 3]
-                        a0_4 = acc[k, c0 + 0, jt, 4]
-                        a0_5 = acc[k, c0 + 0, jt, 5]
-                        a0_6 = acc[k, c0 + 0, jt, 6]
-                        a0_7 = acc[k, c0 + 0, jt, 7]
+                        j = jt * 16
+                        a0_0 = load16(acc, kc + c0 + 0, j + 0)
                         for t in range(t0, t1):
                             i = xr[t]
                             o = gr[t]
-                            x0 = x[i, c0 + 0]
-                            gv = g[o, jt, 0]
-                            a0_0 += x0 * gv
-                            gv = g[o, jt, 1]
-                            a0_1 += x0 * gv
-                            gv = g[o, jt, 2]
-                            a0_2 += x0 * gv
-                            gv = g[o, jt, 3]
-                            a0_3 += x0 * gv
-                            gv = g[o, jt, 4]
-                            a0_4 += x0 * gv
-                            gv = g[o, jt, 5]
-                            a0_5 += x0 * gv
-                            gv = g[o, jt, 6]
-                            a0_6 += x0 * gv
-                            gv = g[o, jt, 7]
-                            a0_7 += x0 * gv
-                        acc[k, c0 + 0, jt, 0] = a0_0
-                        acc[k, c0 + 0, jt, 1] = a0_1
-                        acc[k, c0 + 0, jt, 2] = a0_2
-                        acc[k, c0 + 0, jt, 3] = a0_3
-                        acc[k, c0 + 0, jt, 4] = a0_4
-                        acc[k, c0 + 0, jt, 5] = a0_5
-                        acc[k, c0 + 0, jt, 6] = a0_6
-                        acc[k, c0 + 0, jt, 7] = a0_7
+                            g0 = load16(g, o, j + 0)
+                            x0 = splat16(x[i, c0 + 0])
+                            a0_0 = fma(x0, g0, a0_0)
+                        store16(acc, kc + c0 + 0, j + 0, a0_0)
+                    c0 += 1
+            t0 = t1
+
+
+@_njit
+def wgrad_s16_l8_r12(x, g, row_ptr, nbr, offsets, acc, n_k, r_start, r_stop):
+    """acc[k * cin + c] += x[r, c] * g[o] over the pairs (o, k) of rows r_start <= r <
+    r_stop; g (n, W) and acc (K * Cin, W) with W a multiple of 16, in vectors of 8 lanes.
+
+    Per block of rows the pairs are bucketed by offset (row order kept); for each offset,
+    register tiles of acc (12 input channels by 16 output channels; for each group of
+    input channels, tile after tile) are loaded, updated pair after pair, and stored. Every
+    acc value sums its pairs in row order whatever the tiling, one fused multiply-add each.
+    """
+    cin = x.shape[1]
+    n_tiles = g.shape[1] // 16
+    most = 0
+    for r0 in range(r_start, r_stop, WGRAD_BLOCK_ROWS):
+        r1 = min(r_stop, r0 + WGRAD_BLOCK_ROWS)
+        most = max(most, row_ptr[r1] - row_ptr[r0])
+    xr = np.empty(most, np.int64)
+    gr = np.empty(most, np.int64)
+    ends = np.empty(n_k + 1, np.int64)
+    for r0 in range(r_start, r_stop, WGRAD_BLOCK_ROWS):
+        r1 = min(r_stop, r0 + WGRAD_BLOCK_ROWS)
+        for k in range(n_k + 1):
+            ends[k] = 0
+        for q in range(row_ptr[r0], row_ptr[r1]):
+            ends[offsets[q] + 1] += 1
+        for k in range(n_k):
+            ends[k + 1] += ends[k]
+        for r in range(r0, r1):
+            for q in range(row_ptr[r], row_ptr[r + 1]):
+                k = offsets[q]
+                pos = ends[k]
+                xr[pos] = r
+                gr[pos] = nbr[q]
+                ends[k] = pos + 1
+        t0 = 0
+        for k in range(n_k):
+            t1 = ends[k]
+            if t1 > t0:
+                kc = k * cin
+                c0 = 0
+                while c0 + 12 <= cin:
+                    for jt in range(n_tiles):
+                        j = jt * 16
+                        a0_0 = load8(acc, kc + c0 + 0, j + 0)
+                        a0_1 = load8(acc, kc + c0 + 0, j + 8)
+                        a1_0 = load8(acc, kc + c0 + 1, j + 0)
+                        a1_1 = load8(acc, kc + c0 + 1, j + 8)
+                        a2_0 = load8(acc, kc + c0 + 2, j + 0)
+                        a2_1 = load8(acc, kc + c0 + 2, j + 8)
+                        a3_0 = load8(acc, kc + c0 + 3, j + 0)
+                        a3_1 = load8(acc, kc + c0 + 3, j + 8)
+                        a4_0 = load8(acc, kc + c0 + 4, j + 0)
+                        a4_1 = load8(acc, kc + c0 + 4, j + 8)
+                        a5_0 = load8(acc, kc + c0 + 5, j + 0)
+                        a5_1 = load8(acc, kc + c0 + 5, j + 8)
+                        a6_0 = load8(acc, kc + c0 + 6, j + 0)
+                        a6_1 = load8(acc, kc + c0 + 6, j + 8)
+                        a7_0 = load8(acc, kc + c0 + 7, j + 0)
+                        a7_1 = load8(acc, kc + c0 + 7, j + 8)
+                        a8_0 = load8(acc, kc + c0 + 8, j + 0)
+                        a8_1 = load8(acc, kc + c0 + 8, j + 8)
+                        a9_0 = load8(acc, kc + c0 + 9, j + 0)
+                        a9_1 = load8(acc, kc + c0 + 9, j + 8)
+                        a10_0 = load8(acc, kc + c0 + 10, j + 0)
+                        a10_1 = load8(acc, kc + c0 + 10, j + 8)
+                        a11_0 = load8(acc, kc + c0 + 11, j + 0)
+                        a11_1 = load8(acc, kc + c0 + 11, j + 8)
+                        for t in range(t0, t1):
+                            i = xr[t]
+                            o = gr[t]
+                            g0 = load8(g, o, j + 0)
+                            g1 = load8(g, o, j + 8)
+                            x0 = splat8(x[i, c0 + 0])
+                            a0_0 = fma(x0, g0, a0_0)
+                            a0_1 = fma(x0, g1, a0_1)
+                            x1 = splat8(x[i, c0 + 1])
+                            a1_0 = fma(x1, g0, a1_0)
+                            a1_1 = fma(x1, g1, a1_1)
+                            x2 = splat8(x[i, c0 + 2])
+                            a2_0 = fma(x2, g0, a2_0)
+                            a2_1 = fma(x2, g1, a2_1)
+                            x3 = splat8(x[i, c0 + 3])
+                            a3_0 = fma(x3, g0, a3_0)
+                            a3_1 = fma(x3, g1, a3_1)
+                            x4 = splat8(x[i, c0 + 4])
+                            a4_0 = fma(x4, g0, a4_0)
+                            a4_1 = fma(x4, g1, a4_1)
+                            x5 = splat8(x[i, c0 + 5])
+                            a5_0 = fma(x5, g0, a5_0)
+                            a5_1 = fma(x5, g1, a5_1)
+                            x6 = splat8(x[i, c0 + 6])
+                            a6_0 = fma(x6, g0, a6_0)
+                            a6_1 = fma(x6, g1, a6_1)
+                            x7 = splat8(x[i, c0 + 7])
+                            a7_0 = fma(x7, g0, a7_0)
+                            a7_1 = fma(x7, g1, a7_1)
+                            x8 = splat8(x[i, c0 + 8])
+                            a8_0 = fma(x8, g0, a8_0)
+                            a8_1 = fma(x8, g1, a8_1)
+                            x9 = splat8(x[i, c0 + 9])
+                            a9_0 = fma(x9, g0, a9_0)
+                            a9_1 = fma(x9, g1, a9_1)
+                            x10 = splat8(x[i, c0 + 10])
+                            a10_0 = fma(x10, g0, a10_0)
+                            a10_1 = fma(x10, g1, a10_1)
+                            x11 = splat8(x[i, c0 + 11])
+                            a11_0 = fma(x11, g0, a11_0)
+                            a11_1 = fma(x11, g1, a11_1)
+                        store8(acc, kc + c0 + 0, j + 0, a0_0)
+                        store8(acc, kc + c0 + 0, j + 8, a0_1)
+                        store8(acc, kc + c0 + 1, j + 0, a1_0)
+                        store8(acc, kc + c0 + 1, j + 8, a1_1)
+                        store8(acc, kc + c0 + 2, j + 0, a2_0)
+                        store8(acc, kc + c0 + 2, j + 8, a2_1)
+                        store8(acc, kc + c0 + 3, j + 0, a3_0)
+                        store8(acc, kc + c0 + 3, j + 8, a3_1)
+                        store8(acc, kc + c0 + 4, j + 0, a4_0)
+                        store8(acc, kc + c0 + 4, j + 8, a4_1)
+                        store8(acc, kc + c0 + 5, j + 0, a5_0)
+                        store8(acc, kc + c0 + 5, j + 8, a5_1)
+                        store8(acc, kc + c0 + 6, j + 0, a6_0)
+                        store8(acc, kc + c0 + 6, j + 8, a6_1)
+                        store8(acc, kc + c0 + 7, j + 0, a7_0)
+                        store8(acc, kc + c0 + 7, j + 8, a7_1)
+                        store8(acc, kc + c0 + 8, j + 0, a8_0)
+                        store8(acc, kc + c0 + 8, j + 8, a8_1)
+                        store8(acc, kc + c0 + 9, j + 0, a9_0)
+                        store8(acc, kc + c0 + 9, j + 8, a9_1)
+                        store8(acc, kc + c0 + 10, j + 0, a10_0)
+                        store8(acc, kc + c0 + 10, j + 8, a10_1)
+                        store8(acc, kc + c0 + 11, j + 0, a11_0)
+                        store8(acc, kc + c0 + 11, j + 8, a11_1)
+                    c0 += 12
+                while c0 + 4 <= cin:
+                    for jt in range(n_tiles):
+                        j = jt * 16
+                        a0_0 = load8(acc, kc + c0 + 0, j + 0)
+                        a0_1 = load8(acc, kc + c0 + 0, j + 8)
+                        a1_0 = load8(acc, kc + c0 + 1, j + 0)
+                        a1_1 = load8(acc, kc + c0 + 1, j + 8)
+                        a2_0 = load8(acc, kc + c0 + 2, j + 0)
+                        a2_1 = load8(acc, kc + c0 + 2, j + 8)
+                        a3_0 = load8(acc, kc + c0 + 3, j + 0)
+                        a3_1 = load8(acc, kc + c0 + 3, j + 8)
+                        for t in range(t0, t1):
+                            i = xr[t]
+                            o = gr[t]
+                            g0 = load8(g, o, j + 0)
+                            g1 = load8(g, o, j + 8)
+                            x0 = splat8(x[i, c0 + 0])
+                            a0_0 = fma(x0, g0, a0_0)
+                            a0_1 = fma(x0, g1, a0_1)
+                            x1 = splat8(x[i, c0 + 1])
+                            a1_0 = fma(x1, g0, a1_0)
+                            a1_1 = fma(x1, g1, a1_1)
+                            x2 = splat8(x[i, c0 + 2])
+                            a2_0 = fma(x2, g0, a2_0)
+                            a2_1 = fma(x2, g1, a2_1)
+                            x3 = splat8(x[i, c0 + 3])
+                            a3_0 = fma(x3, g0, a3_0)
+                            a3_1 = fma(x3, g1, a3_1)
+                        store8(acc, kc + c0 + 0, j + 0, a0_0)
+                        store8(acc, kc + c0 + 0, j + 8, a0_1)
+                        store8(acc, kc + c0 + 1, j + 0, a1_0)
+                        store8(acc, kc + c0 + 1, j + 8, a1_1)
+                        store8(acc, kc + c0 + 2, j + 0, a2_0)
+                        store8(acc, kc + c0 + 2, j + 8, a2_1)
+                        store8(acc, kc + c0 + 3, j + 0, a3_0)
+                        store8(acc, kc + c0 + 3, j + 8, a3_1)
+                    c0 += 4
+                while c0 + 1 <= cin:
+                    for jt in range(n_tiles):
+                        j = jt * 16
+                        a0_0 = load8(acc, kc + c0 + 0, j + 0)
+                        a0_1 = load8(acc, kc + c0 + 0, j + 8)
+                        for t in range(t0, t1):
+                            i = xr[t]
+                            o = gr[t]
+                            g0 = load8(g, o, j + 0)
+                            g1 = load8(g, o, j + 8)
+                            x0 = splat8(x[i, c0 + 0])
+                            a0_0 = fma(x0, g0, a0_0)
+                            a0_1 = fma(x0, g1, a0_1)
+                        store8(acc, kc + c0 + 0, j + 0, a0_0)
+                        store8(acc, kc + c0 + 0, j + 8, a0_1)
+                    c0 += 1
+            t0 = t1
+
+
+@_njit
+def wgrad_s16_l8_r6(x, g, row_ptr, nbr, offsets, acc, n_k, r_start, r_stop):
+    """acc[k * cin + c] += x[r, c] * g[o] over the pairs (o, k) of rows r_start <= r <
+    r_stop; g (n, W) and acc (K * Cin, W) with W a multiple of 16, in vectors of 8 lanes.
+
+    Per block of rows the pairs are bucketed by offset (row order kept); for each offset,
+    register tiles of acc (6 input channels by 16 output channels; for each group of
+    input channels, tile after tile) are loaded, updated pair after pair, and stored. Every
+    acc value sums its pairs in row order whatever the tiling, one fused multiply-add each.
+    """
+    cin = x.shape[1]
+    n_tiles = g.shape[1] // 16
+    most = 0
+    for r0 in range(r_start, r_stop, WGRAD_BLOCK_ROWS):
+        r1 = min(r_stop, r0 + WGRAD_BLOCK_ROWS)
+        most = max(most, row_ptr[r1] - row_ptr[r0])
+    xr = np.empty(most, np.int64)
+    gr = np.empty(most, np.int64)
+    ends = np.empty(n_k + 1, np.int64)
+    for r0 in range(r_start, r_stop, WGRAD_BLOCK_ROWS):
+        r1 = min(r_stop, r0 + WGRAD_BLOCK_ROWS)
+        for k in range(n_k + 1):
+            ends[k] = 0
+        for q in range(row_ptr[r0], row_ptr[r1]):
+            ends[offsets[q] + 1] += 1
+        for k in range(n_k):
+            ends[k + 1] += ends[k]
+        for r in range(r0, r1):
+            for q in range(row_ptr[r], row_ptr[r + 1]):
+                k = offsets[q]
+                pos = ends[k]
+                xr[pos] = r
+                gr[pos] = nbr[q]
+                ends[k] = pos + 1
+        t0 = 0
+        for k in range(n_k):
+            t1 = ends[k]
+            if t1 > t0:
+                kc = k * cin
+                c0 = 0
+                while c0 + 6 <= cin:
+                    for jt in range(n_tiles):
+                        j = jt * 16
+                        a0_0 = load8(acc, kc + c0 + 0, j + 0)
+                        a0_1 = load8(acc, kc + c0 + 0, j + 8)
+                        a1_0 = load8(acc, kc + c0 + 1, j + 0)
+                        a1_1 = load8(acc, kc + c0 + 1, j + 8)
+                        a2_0 = load8(acc, kc + c0 + 2, j + 0)
+                        a2_1 = load8(acc, kc + c0 + 2, j + 8)
+                        a3_0 = load8(acc, kc + c0 + 3, j + 0)
+                        a3_1 = load8(acc, kc + c0 + 3, j + 8)
+                        a4_0 = load8(acc, kc + c0 + 4, j + 0)
+                        a4_1 = load8(acc, kc + c0 + 4, j + 8)
+                        a5_0 = load8(acc, kc + c0 + 5, j + 0)
+                        a5_1 = load8(acc, kc + c0 + 5, j + 8)
+                        for t in range(t0, t1):
+                            i = xr[t]
+                            o = gr[t]
+                            g0 = load8(g, o, j + 0)
+                            g1 = load8(g, o, j + 8)
+                            x0 = splat8(x[i, c0 + 0])
+                            a0_0 = fma(x0, g0, a0_0)
+                            a0_1 = fma(x0, g1, a0_1)
+                            x1 = splat8(x[i, c0 + 1])
+                            a1_0 = fma(x1, g0, a1_0)
+                            a1_1 = fma(x1, g1, a1_1)
+                            x2 = splat8(x[i, c0 + 2])
+                            a2_0 = fma(x2, g0, a2_0)
+                            a2_1 = fma(x2, g1, a2_1)
+                            x3 = splat8(x[i, c0 + 3])
+                            a3_0 = fma(x3, g0, a3_0)
+                            a3_1 = fma(x3, g1, a3_1)
+                            x4 = splat8(x[i, c0 + 4])
+                            a4_0 = fma(x4, g0, a4_0)
+                            a4_1 = fma(x4, g1, a4_1)
+                            x5 = splat8(x[i, c0 + 5])
+                            a5_0 = fma(x5, g0, a5_0)
+                            a5_1 = fma(x5, g1, a5_1)
+                        store8(acc, kc + c0 + 0, j + 0, a0_0)
+                        store8(acc, kc + c0 + 0, j + 8, a0_1)
+                        store8(acc, kc + c0 + 1, j + 0, a1_0)
+                        store8(acc, kc + c0 + 1, j + 8, a1_1)
+                        store8(acc, kc + c0 + 2, j + 0, a2_0)
+                        store8(acc, kc + c0 + 2, j + 8, a2_1)
+                        store8(acc, kc + c0 + 3, j + 0, a3_0)
+                        store8(acc, kc + c0 + 3, j + 8, a3_1)
+                        store8(acc, kc + c0 + 4, j + 0, a4_0)
+                        store8(acc, kc + c0 + 4, j + 8, a4_1)
+                        store8(acc, kc + c0 + 5, j + 0, a5_0)
+                        store8(acc, kc + c0 + 5, j + 8, a5_1)
+                    c0 += 6
+                while c0 + 2 <= cin:
+                    for jt in range(n_tiles):
+                        j = jt * 16
+                        a0_0 = load8(acc, kc + c0 + 0, j + 0)
+                        a0_1 = load8(acc, kc + c0 + 0, j + 8)
+                        a1_0 = load8(acc, kc + c0 + 1, j + 0)
+                        a1_1 = load8(acc, kc + c0 + 1, j + 8)
+                        for t in range(t0, t1):
+                            i = xr[t]
+                            o = gr[t]
+                            g0 = load8(g, o, j + 0)
+                            g1 = load8(g, o, j + 8)
+                            x0 = splat8(x[i, c0 + 0])
+                            a0_0 = fma(x0, g0, a0_0)
+                            a0_1 = fma(x0, g1, a0_1)
+                            x1 = splat8(x[i, c0 + 1])
+                            a1_0 = fma(x1, g0, a1_0)
+                            a1_1 = fma(x1, g1, a1_1)
+                        store8(acc, kc + c0 + 0, j + 0, a0_0)
+                        store8(acc, kc + c0 + 0, j + 8, a0_1)
+                        store8(acc, kc + c0 + 1, j + 0, a1_0)
+                        store8(acc, kc + c0 + 1, j + 8, a1_1)
+                    c0 += 2
+                while c0 + 1 <= cin:
+                    for jt in range(n_tiles):
+                        j = jt * 16
+                        a0_0 = load8(acc, kc + c0 + 0, j + 0)
+                        a0_1 = load8(acc, kc + c0 + 0, j + 8)
+                        for t in range(t0, t1):
+                            i = xr[t]
+                            o = gr[t]
+                            g0 = load8(g, o, j + 0)
+                            g1 = load8(g, o, j + 8)
+                            x0 = splat8(x[i, c0 + 0])
+                            a0_0 = fma(x0, g0, a0_0)
+                            a0_1 = fma(x0, g1, a0_1)
+                        store8(acc, kc + c0 + 0, j + 0, a0_0)
+                        store8(acc, kc + c0 + 0, j + 8, a0_1)
+                    c0 += 1
+            t0 = t1
+
+
+@_njit
+def wgrad_s8_l8_r16(x, g, row_ptr, nbr, offsets, acc, n_k, r_start, r_stop):
+    """acc[k * cin + c] += x[r, c] * g[o] over the pairs (o, k) of rows r_start <= r <
+    r_stop; g (n, W) and acc (K * Cin, W) with W a multiple of 8, in vectors of 8 lanes.
+
+    Per block of rows the pairs are bucketed by offset (row order kept); for each offset,
+    register tiles of acc (16 input channels by 8 output channels; for each group of
+    input channels, tile after tile) are loaded, updated pair after pair, and stored. Every
+    acc value sums its pairs in row order whatever the tiling, one fused multiply-add each.
+    """
+    cin = x.shape[1]
+    n_tiles = g.shape[1] // 8
+    most = 0
+    for r0 in range(r_start, r_stop, WGRAD_BLOCK_ROWS):
+        r1 = min(r_stop, r0 + WGRAD_BLOCK_ROWS)
+        most = max(most, row_ptr[r1] - row_ptr[r0])
+    xr = np.empty(most, np.int64)
+    gr = np.empty(most, np.int64)
+    ends = np.empty(n_k + 1, np.int64)
+    for r0 in range(r_start, r_stop, WGRAD_BLOCK_ROWS):
+        r1 = min(r_stop, r0 + WGRAD_BLOCK_ROWS)
+        for k in range(n_k + 1):
+            ends[k] = 0
+        for q in range(row_ptr[r0], row_ptr[r1]):
+            ends[offsets[q] + 1] += 1
+        for k in range(n_k):
+            ends[k + 1] += ends[k]
+        for r in range(r0, r1):
+            for q in range(row_ptr[r], row_ptr[r + 1]):
+                k = offsets[q]
+                pos = ends[k]
+                xr[pos] = r
+                gr[pos] = nbr[q]
+                ends[k] = pos + 1
+        t0 = 0
+        for k in range(n_k):
+            t1 = ends[k]
+            if t1 > t0:
+                kc = k * cin
+                c0 = 0
+                while c0 + 16 <= cin:
+                    for jt in range(n_tiles):
+                        j = jt * 8
+                        a0_0 = load8(acc, kc + c0 + 0, j + 0)
+                        a1_0 = load8(acc, kc + c0 + 1, j + 0)
+                        a2_0 = load8(acc, kc + c0 + 2, j + 0)
+                        a3_0 = load8(acc, kc + c0 + 3, j + 0)
+                        a4_0 = load8(acc, kc + c0 + 4, j + 0)
+                        a5_0 = load8(acc, kc + c0 + 5, j + 0)
+                        a6_0 = load8(acc, kc + c0 + 6, j + 0)
+                        a7_0 = load8(acc, kc + c0 + 7, j + 0)
+                        a8_0 = load8(acc, kc + c0 + 8, j + 0)
+                        a9_0 = load8(acc, kc + c0 + 9, j + 0)
+                        a10_0 = load8(acc, kc + c0 + 10, j + 0)
+                        a11_0 = load8(acc, kc + c0 + 11, j + 0)
+                        a12_0 = load8(acc, kc + c0 + 12, j + 0)
+                        a13_0 = load8(acc, kc + c0 + 13, j + 0)
+                        a14_0 = load8(acc, kc + c0 + 14, j + 0)
+                        a15_0 = load8(acc, kc + c0 + 15, j + 0)
+                        for t in range(t0, t1):
+                            i = xr[t]
+                            o = gr[t]
+                            g0 = load8(g, o, j + 0)
+                            x0 = splat8(x[i, c0 + 0])
+                            a0_0 = fma(x0, g0, a0_0)
+                            x1 = splat8(x[i, c0 + 1])
+                            a1_0 = fma(x1, g0, a1_0)
+                            x2 = splat8(x[i, c0 + 2])
+                            a2_0 = fma(x2, g0, a2_0)
+                            x3 = splat8(x[i, c0 + 3])
+                            a3_0 = fma(x3, g0, a3_0)
+                            x4 = splat8(x[i, c0 + 4])
+                            a4_0 = fma(x4, g0, a4_0)
+                            x5 = splat8(x[i, c0 + 5])
+                            a5_0 = fma(x5, g0, a5_0)
+                            x6 = splat8(x[i, c0 + 6])
+                            a6_0 = fma(x6, g0, a6_0)
+                            x7 = splat8(x[i, c0 + 7])
+                            a7_0 = fma(x7, g0, a7_0)
+                            x8 = splat8(x[i, c0 + 8])
+                            a8_0 = fma(x8, g0, a8_0)
+                            x9 = splat8(x[i, c0 + 9])
+                            a9_0 = fma(x9, g0, a9_0)
+                            x10 = splat8(x[i, c0 + 10])
+                            a10_0 = fma(x10, g0, a10_0)
+                            x11 = splat8(x[i, c0 + 11])
+                            a11_0 = fma(x11, g0, a11_0)
+                            x12 = splat8(x[i, c0 + 12])
+                            a12_0 = fma(x12, g0, a12_0)
+                            x13 = splat8(x[i, c0 + 13])
+                            a13_0 = fma(x13, g0, a13_0)
+                            x14 = splat8(x[i, c0 + 14])
+                            a14_0 = fma(x14, g0, a14_0)
+                            x15 = splat8(x[i, c0 + 15])
+                            a15_0 = fma(x15, g0, a15_0)
+                        store8(acc, kc + c0 + 0, j + 0, a0_0)
+                        store8(acc, kc + c0 + 1, j + 0, a1_0)
+                        store8(acc, kc + c0 + 2, j + 0, a2_0)
+                        store8(acc, kc + c0 + 3, j + 0, a3_0)
+                        store8(acc, kc + c0 + 4, j + 0, a4_0)
+                        store8(acc, kc + c0 + 5, j + 0, a5_0)
+                        store8(acc, kc + c0 + 6, j + 0, a6_0)
+                        store8(acc, kc + c0 + 7, j + 0, a7_0)
+                        store8(acc, kc + c0 + 8, j + 0, a8_0)
+                        store8(acc, kc + c0 + 9, j + 0, a9_0)
+                        store8(acc, kc + c0 + 10, j + 0, a10_0)
+                        store8(acc, kc + c0 + 11, j + 0, a11_0)
+                        store8(acc, kc + c0 + 12, j + 0, a12_0)
+                        store8(acc, kc + c0 + 13, j + 0, a13_0)
+                        store8(acc, kc + c0 + 14, j + 0, a14_0)
+                        store8(acc, kc + c0 + 15, j + 0, a15_0)
+                    c0 += 16
+                while c0 + 8 <= cin:
+                    for jt in range(n_tiles):
+                        j = jt * 8
+                        a0_0 = load8(acc, kc + c0 + 0, j + 0)
+                        a1_0 = load8(acc, kc + c0 + 1, j + 0)
+                        a2_0 = load8(acc, kc + c0 + 2, j + 0)
+                        a3_0 = load8(acc, kc + c0 + 3, j + 0)
+                        a4_0 = load8(acc, kc + c0 + 4, j + 0)
+                        a5_0 = load8(acc, kc + c0 + 5, j + 0)
+                        a6_0 = load8(acc, kc + c0 + 6, j + 0)
+                        a7_0 = load8(acc, kc + c0 + 7, j + 0)
+                        for t in range(t0, t1):
+                            i = xr[t]
+                            o = gr[t]
+                            g0 = load8(g, o, j + 0)
+                            x0 = splat8(x[i, c0 + 0])
+                            a0_0 = fma(x0, g0, a0_0)
+                            x1 = splat8(x[i, c0 + 1])
+                            a1_0 = fma(x1, g0, a1_0)
+                            x2 = splat8(x[i, c0 + 2])
+                            a2_0 = fma(x2, g0, a2_0)
+                            x3 = splat8(x[i, c0 + 3])
+                            a3_0 = fma(x3, g0, a3_0)
+                            x4 = splat8(x[i, c0 + 4])
+                            a4_0 = fma(x4, g0, a4_0)
+                            x5 = splat8(x[i, c0 + 5])
+                            a5_0 = fma(x5, g0, a5_0)
+                            x6 = splat8(x[i, c0 + 6])
+                            a6_0 = fma(x6, g0, a6_0)
+                            x7 = splat8(x[i, c0 + 7])
+                            a7_0 = fma(x7, g0, a7_0)
+                        store8(acc, kc + c0 + 0, j + 0, a0_0)
+                        store8(acc, kc + c0 + 1, j + 0, a1_0)
+                        store8(acc, kc + c0 + 2, j + 0, a2_0)
+                        store8(acc, kc + c0 + 3, j + 0, a3_0)
+                        store8(acc, kc + c0 + 4, j + 0, a4_0)
+                        store8(acc, kc + c0 + 5, j + 0, a5_0)
+                        store8(acc, kc + c0 + 6, j + 0, a6_0)
+                        store8(acc, kc + c0 + 7, j + 0, a7_0)
+                    c0 += 8
+                while c0 + 1 <= cin:
+                    for jt in range(n_tiles):
+                        j = jt * 8
+                        a0_0 = load8(acc, kc + c0 + 0, j + 0)
+                        for t in range(t0, t1):
+                            i = xr[t]
+                            o = gr[t]
+                            g0 = load8(g, o, j + 0)
+                            x0 = splat8(x[i, c0 + 0])
+                            a0_0 = fma(x0, g0, a0_0)
+                        store8(acc, kc + c0 + 0, j + 0, a0_0)
+                    c0 += 1
+            t0 = t1
+
+
+@_njit
+def wgrad_s8_l8_r12(x, g, row_ptr, nbr, offsets, acc, n_k, r_start, r_stop):
+    """acc[k * cin + c] += x[r, c] * g[o] over the pairs (o, k) of rows r_start <= r <
+    r_stop; g (n, W) and acc (K * Cin, W) with W a multiple of 8, in vectors of 8 lanes.
+
+    Per block of rows the pairs are bucketed by offset (row order kept); for each offset,
+    register tiles of acc (12 input channels by 8 output channels; for each group of
+    input channels, tile after tile) are loaded, updated pair after pair, and stored. Every
+    acc value sums its pairs in row order whatever the tiling, one fused multiply-add each.
+    """
+    cin = x.shape[1]
+    n_tiles = g.shape[1] // 8
+    most = 0
+    for r0 in range(r_start, r_stop, WGRAD_BLOCK_ROWS):
+        r1 = min(r_stop, r0 + WGRAD_BLOCK_ROWS)
+        most = max(most, row_ptr[r1] - row_ptr[r0])
+    xr = np.empty(most, np.int64)
+    gr = np.empty(most, np.int64)
+    ends = np.empty(n_k + 1, np.int64)
+    for r0 in range(r_start, r_stop, WGRAD_BLOCK_ROWS):
+        r1 = min(r_stop, r0 + WGRAD_BLOCK_ROWS)
+        for k in range(n_k + 1):
+            ends[k] = 0
+        for q in range(row_ptr[r0], row_ptr[r1]):
+            ends[offsets[q] + 1] += 1
+        for k in range(n_k):
+            ends[k + 1] += ends[k]
+        for r in range(r0, r1):
+            for q in range(row_ptr[r], row_ptr[r + 1]):
+                k = offsets[q]
+                pos = ends[k]
+                xr[pos] = r
+                gr[pos] = nbr[q]
+                ends[k] = pos + 1
+        t0 = 0
+        for k in range(n_k):
+            t1 = ends[k]
+            if t1 > t0:
+                kc = k * cin
+                c0 = 0
+                while c0 + 12 <= cin:
+                    for jt in range(n_tiles):
+                        j = jt * 8
+                        a0_0 = load8(acc, kc + c0 + 0, j + 0)
+                        a1_0 = load8(acc, kc + c0 + 1, j + 0)
+                        a2_0 = load8(acc, kc + c0 + 2, j + 0)
+                        a3_0 = load8(acc, kc + c0 + 3, j + 0)
+                        a4_0 = load8(acc, kc + c0 + 4, j + 0)
+                        a5_0 = load8(acc, kc + c0 + 5, j + 0)
+                        a6_0 = load8(acc, kc + c0 + 6, j + 0)
+                        a7_0 = load8(acc, kc + c0 + 7, j + 0)
+                        a8_0 = load8(acc, kc + c0 + 8, j + 0)
+                        a9_0 = load8(acc, kc + c0 + 9, j + 0)
+                        a10_0 = load8(acc, kc + c0 + 10, j + 0)
+                        a11_0 = load8(acc, kc + c0 + 11, j + 0)
+                        for t in range(t0, t1):
+                            i = xr[t]
+                            o = gr[t]
+                            g0 = load8(g, o, j + 0)
+                            x0 = splat8(x[i, c0 + 0])
+                            a0_0 = fma(x0, g0, a0_0)
+                            x1 = splat8(x[i, c0 + 1])
+                            a1_0 = fma(x1, g0, a1_0)
+                            x2 = splat8(x[i, c0 + 2])
+                            a2_0 = fma(x2, g0, a2_0)
+                            x3 = splat8(x[i, c0 + 3])
+                            a3_0 = fma(x3, g0, a3_0)
+                            x4 = splat8(x[i, c0 + 4])
+                            a4_0 = fma(x4, g0, a4_0)
+                            x5 = splat8(x[i, c0 + 5])
+                            a5_0 = fma(x5, g0, a5_0)
+                            x6 = splat8(x[i, c0 + 6])
+                            a6_0 = fma(x6, g0, a6_0)
+                            x7 = splat8(x[i, c0 + 7])
+                            a7_0 = fma(x7, g0, a7_0)
+                            x8 = splat8(x[i, c0 + 8])
+                            a8_0 = fma(x8, g0, a8_0)
+                            x9 = splat8(x[i, c0 + 9])
+                            a9_0 = fma(x9, g0, a9_0)
+                            x10 = splat8(x[i, c0 + 10])
+                            a10_0 = fma(x10, g0, a10_0)
+                            x11 = splat8(x[i, c0 + 11])
+                            a11_0 = fma(x11, g0, a11_0)
+                        store8(acc, kc + c0 + 0, j + 0, a0_0)
+                        store8(acc, kc + c0 + 1, j + 0, a1_0)
+                        store8(acc, kc + c0 + 2, j + 0, a2_0)
+                        store8(acc, kc + c0 + 3, j + 0, a3_0)
+                        store8(acc, kc + c0 + 4, j + 0, a4_0)
+                        store8(acc, kc + c0 + 5, j + 0, a5_0)
+                        store8(acc, kc + c0 + 6, j + 0, a6_0)
+                        store8(acc, kc + c0 + 7, j + 0, a7_0)
+                        store8(acc, kc + c0 + 8, j + 0, a8_0)
+                        store8(acc, kc + c0 + 9, j + 0, a9_0)
+                        store8(acc, kc + c0 + 10, j + 0, a10_0)
+                        store8(acc, kc + c0 + 11, j + 0, a11_0)
+                    c0 += 12
+                while c0 + 4 <= cin:
+                    for jt in range(n_tiles):
+                        j = jt * 8
+                        a0_0 = load8(acc, kc + c0 + 0, j + 0)
+                        a1_0 = load8(acc, kc + c0 + 1, j + 0)
+                        a2_0 = load8(acc, kc + c0 + 2, j + 0)
+                        a3_0 = load8(acc, kc + c0 + 3, j + 0)
+                        for t in range(t0, t1):
+                            i = xr[t]
+                            o = gr[t]
+                            g0 = load8(g, o, j + 0)
+                            x0 = splat8(x[i, c0 + 0])
+                            a0_0 = fma(x0, g0, a0_0)
+                            x1 = splat8(x[i, c0 + 1])
+                            a1_0 = fma(x1, g0, a1_0)
+                            x2 = splat8(x[i, c0 + 2])
+                            a2_0 = fma(x2, g0, a2_0)
+                            x3 = splat8(x[i, c0 + 3])
+                            a3_0 = fma(x3, g0, a3_0)
+                        store8(acc, kc + c0 + 0, j + 0, a0_0)
+                        store8(acc, kc + c0 + 1, j + 0, a1_0)
+                        store8(acc, kc + c0 + 2, j + 0, a2_0)
+                        store8(acc, kc + c0 + 3, j + 0, a3_0)
+                    c0 += 4
+                while c0 + 1 <= cin:
+                    for jt in range(n_tiles):
+                        j = jt * 8
+                        a0_0 = load8(acc, kc + c0 + 0, j + 0)
+                        for t in range(t0, t1):
+                            i = xr[t]
+                            o = gr[t]
+                            g0 = load8(g, o, j + 0)
+                            x0 = splat8(x[i, c0 + 0])
+                            a0_0 = fma(x0, g0, a0_0)
+                        store8(acc, kc + c0 + 0, j + 0, a0_0)
+                    c0 += 1
+            t0 = t1
+
+
+@_njit
+def wgrad_s8_l4_r6(x, g, row_ptr, nbr, offsets, acc, n_k, r_start, r_stop):
+    """acc[k * cin + c] += x[r, c] * g[o] over the pairs (o, k) of rows r_start <= r <
+    r_stop; g (n, W) and acc (K * Cin, W) with W a multiple of 8, in vectors of 4 lanes.
+
+    Per block of rows the pairs are bucketed by offset (row order kept); for each offset,
+    register tiles of acc (6 input channels by 8 output channels; for each group of
+    input channels, tile after tile) are loaded, updated pair after pair, and stored. Every
+    acc value sums its pairs in row order whatever the tiling, one fused multiply-add each.
+    """
+    cin = x.shape[1]
+    n_tiles = g.shape[1] // 8
+    most = 0
+    for r0 in range(r_start, r_stop, WGRAD_BLOCK_ROWS):
+        r1 = min(r_stop, r0 + WGRAD_BLOCK_ROWS)
+        most = max(most, row_ptr[r1] - row_ptr[r0])
+    xr = np.empty(most, np.int64)
+    gr = np.empty(most, np.int64)
+    ends = np.empty(n_k + 1, np.int64)
+    for r0 in range(r_start, r_stop, WGRAD_BLOCK_ROWS):
+        r1 = min(r_stop, r0 + WGRAD_BLOCK_ROWS)
+        for k in range(n_k + 1):
+            ends[k] = 0
+        for q in range(row_ptr[r0], row_ptr[r1]):
+            ends[offsets[q] + 1] += 1
+        for k in range(n_k):
+            ends[k + 1] += ends[k]
+        for r in range(r0, r1):
+            for q in range(row_ptr[r], row_ptr[r + 1]):
+                k = offsets[q]
+                pos = ends[k]
+                xr[pos] = r
+                gr[pos] = nbr[q]
+                ends[k] = pos + 1
+        t0 = 0
+        for k in range(n_k):
+            t1 = ends[k]
+            if t1 > t0:
+                kc = k * cin
+                c0 = 0
+                while c0 + 6 <= cin:
+                    for jt in range(n_tiles):
+                        j = jt * 8
+                        a0_0 = load4(acc, kc + c0 + 0, j + 0)
+                        a0_1 = load4(acc, kc + c0 + 0, j + 4)
+                        a1_0 = load4(acc, kc + c0 + 1, j + 0)
+                        a1_1 = load4(acc, kc + c0 + 1, j + 4)
+                        a2_0 = load4(acc, kc + c0 + 2, j + 0)
+                        a2_1 = load4(acc, kc + c0 + 2, j + 4)
+                        a3_0 = load4(acc, kc + c0 + 3, j + 0)
+                        a3_1 = load4(acc, kc + c0 + 3, j + 4)
+                        a4_0 = load4(acc, kc + c0 + 4, j + 0)
+                        a4_1 = load4(acc, kc + c0 + 4, j + 4)
+                        a5_0 = load4(acc, kc + c0 + 5, j + 0)
+                        a5_1 = load4(acc, kc + c0 + 5, j + 4)
+                        for t in range(t0, t1):
+                            i = xr[t]
+                            o = gr[t]
+                            g0 = load4(g, o, j + 0)
+                            g1 = load4(g, o, j + 4)
+                            x0 = splat4(x[i, c0 + 0])
+                            a0_0 = fma(x0, g0, a0_0)
+                            a0_1 = fma(x0, g1, a0_1)
+                            x1 = splat4(x[i, c0 + 1])
+                            a1_0 = fma(x1, g0, a1_0)
+                            a1_1 = fma(x1, g1, a1_1)
+                            x2 = splat4(x[i, c0 + 2])
+                            a2_0 = fma(x2, g0, a2_0)
+                            a2_1 = fma(x2, g1, a2_1)
+                            x3 = splat4(x[i, c0 + 3])
+                            a3_0 = fma(x3, g0, a3_0)
+                            a3_1 = fma(x3, g1, a3_1)
+                            x4 = splat4(x[i, c0 + 4])
+                            a4_0 = fma(x4, g0, a4_0)
+                            a4_1 = fma(x4, g1, a4_1)
+                            x5 = splat4(x[i, c0 + 5])
+                            a5_0 = fma(x5, g0, a5_0)
+                            a5_1 = fma(x5, g1, a5_1)
+                        store4(acc, kc + c0 + 0, j + 0, a0_0)
+                        store4(acc, kc + c0 + 0, j + 4, a0_1)
+                        store4(acc, kc + c0 + 1, j + 0, a1_0)
+                        store4(acc, kc + c0 + 1, j + 4, a1_1)
+                        store4(acc, kc + c0 + 2, j + 0, a2_0)
+                        store4(acc, kc + c0 + 2, j + 4, a2_1)
+                        store4(acc, kc + c0 + 3, j + 0, a3_0)
+                        store4(acc, kc + c0 + 3, j + 4, a3_1)
+                        store4(acc, kc + c0 + 4, j + 0, a4_0)
+                        store4(acc, kc + c0 + 4, j + 4, a4_1)
+                        store4(acc, kc + c0 + 5, j + 0, a5_0)
+                        store4(acc, kc + c0 + 5, j + 4, a5_1)
+                    c0 += 6
+                while c0 + 2 <= cin:
+                    for jt in range(n_tiles):
+                        j = jt * 8
+                        a0_0 = load4(acc, kc + c0 + 0, j + 0)
+                        a0_1 = load4(acc, kc + c0 + 0, j + 4)
+                        a1_0 = load4(acc, kc + c0 + 1, j + 0)
+                        a1_1 = load4(acc, kc + c0 + 1, j + 4)
+                        for t in range(t0, t1):
+                            i = xr[t]
+                            o = gr[t]
+                            g0 = load4(g, o, j + 0)
+                            g1 = load4(g, o, j + 4)
+                            x0 = splat4(x[i, c0 + 0])
+                            a0_0 = fma(x0, g0, a0_0)
+                            a0_1 = fma(x0, g1, a0_1)
+                            x1 = splat4(x[i, c0 + 1])
+                            a1_0 = fma(x1, g0, a1_0)
+                            a1_1 = fma(x1, g1, a1_1)
+                        store4(acc, kc + c0 + 0, j + 0, a0_0)
+                        store4(acc, kc + c0 + 0, j + 4, a0_1)
+                        store4(acc, kc + c0 + 1, j + 0, a1_0)
+                        store4(acc, kc + c0 + 1, j + 4, a1_1)
+                    c0 += 2
+                while c0 + 1 <= cin:
+                    for jt in range(n_tiles):
+                        j = jt * 8
+                        a0_0 = load4(acc, kc + c0 + 0, j + 0)
+                        a0_1 = load4(acc, kc + c0 + 0, j + 4)
+                        for t in range(t0, t1):
+                            i = xr[t]
+                            o = gr[t]
+                            g0 = load4(g, o, j + 0)
+                            g1 = load4(g, o, j + 4)
+                            x0 = splat4(x[i, c0 + 0])
+                            a0_0 = fma(x0, g0, a0_0)
+                            a0_1 = fma(x0, g1, a0_1)
+                        store4(acc, kc + c0 + 0, j + 0, a0_0)
+                        store4(acc, kc + c0 + 0, j + 4, a0_1)
                     c0 += 1
             t0 = t1

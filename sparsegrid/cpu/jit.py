@@ -9,15 +9,16 @@ Forward (and the feature gradient, which is the same kernel on the transposed ru
 the transposed weight) is output-stationary and fused: the rulebook's pairs are regrouped
 once per rulebook into CSR form (``row_ptr``, input rows, offsets; within a row by increasing
 offset) and, for each block of 128 output rows, the kernel accumulates ``bias + sum x[i] @
-W[k]`` in registers, offset after offset, and writes each output row once. Output channels
-are processed in tiles of a fixed width (64, 32, 16, 8 for float32; 32, 16, 8 for float64)
-whose loops are generated as straight-line code (``_jit_kernels.py``, written by
-:func:`generate_source`) so that LLVM keeps the accumulators in vector registers; within a
-block, the rows that use the same offset are processed two or four at a time so each weight
-load feeds several rows. Every output row is summed in the same order (bias, then its pairs
-by increasing offset, each over input channels in order, with fused multiply-adds) whatever
-the block, the grouping or the thread count: results are bit-identical for any number of
-threads.
+W[k]`` in vector registers, offset after offset, and writes each output row once. Output
+channels are processed in tiles of a fixed width (64, 32, 16, 8 for float32 on AVX-512 CPUs;
+see ``FORWARD_TILES``) whose loops are generated as straight-line code on explicit SIMD
+vectors (``_jit_kernels.py``, written by :func:`generate_source`, using the operations of
+``_simd.py``: 512-bit vectors on AVX-512, 256-bit ones elsewhere, see :func:`vector_bits`);
+within a block, the rows that use the same offset are processed several at a time so each
+weight vector feeds several rows. Every output row is summed in the same order (bias, then
+its pairs by increasing offset, each over input channels in order, with fused multiply-adds)
+whatever the block, the grouping, the vector width or the thread count: results are
+bit-identical for any number of threads and for either vector width.
 
 The weight gradient ``grad_w[k] = sum over pairs (i, o) of x[i]^T g[o]`` is compiled too
 (:func:`weight_gradient`): it walks the transposed rulebook's plan (the feature gradient's,
@@ -25,14 +26,15 @@ CSR by input row), so a block of 256 consecutive input rows touches each ``x`` r
 its neighbours' ``g`` rows while they are in cache, for all offsets at once (per-offset
 sweeps over the whole of ``x`` and ``g``, as gathers + BLAS per offset do, are memory-bound
 on the large scenes). Within a block the pairs are bucketed by offset; for each offset,
-register tiles of ``grad_w[k]`` (6 input channels by 32 output channels for float32, or 8
-by 16 / 8 by 8) are loaded, updated with one fused multiply-add per pair and value, and
-stored (generated straight-line code, like the forward); output channels beyond a multiple
-of 8 use a generic loop. Each fixed unit of 8,192 input rows sums its pairs, in row order,
-into its own partial ``(K, Cin, Cout)``; the partials are added in unit order. Without a
-plan, or above ``WGRAD_MAX_PRODUCT`` = 64 x 64 channels (not measured there), it gathers
-each offset's rows into fixed chunks of pairs and multiplies them with single-threaded
-BLAS, chunks added in a fixed order. Either way the bits never depend on the thread count.
+register tiles of ``grad_w[k]`` (on AVX-512, 6 input channels by 64 output channels for
+float32, or 12 by 32, 16 by 16, 16 by 8; see ``WGRAD_TILES``) are loaded, updated with one
+fused multiply-add per pair and value, and stored (generated vector code, like the
+forward); output channels beyond a multiple of 8 use a generic loop. Each fixed unit of
+8,192 input rows sums its pairs, in row order, into its own partial ``(K, Cin, Cout)``; the
+partials are added in unit order. Without a plan, or above ``WGRAD_MAX_PRODUCT`` = 64 x 64
+channels (not measured there), it gathers each offset's rows into fixed chunks of pairs and
+multiplies them with single-threaded BLAS, chunks added in a fixed order. Either way the
+bits never depend on the thread count.
 
 Threads: rows are split into fixed units run on sparsegrid's own pool
 (:func:`sparsegrid.cpu.threads.parallel_map`; the kernels release the GIL), so numba's
@@ -53,7 +55,7 @@ import numpy as np
 
 from .threads import parallel_map
 
-_state = {"enabled": None, "kernels": None, "error": None}
+_state = {"enabled": None, "kernels": None, "error": None, "bits": None}
 _lock = threading.Lock()
 
 # Output rows per block inside a kernel, and rows per unit of parallel work (a multiple of
@@ -68,19 +70,37 @@ REDUCTION_CHUNK = 32768
 WGRAD_BLOCK_ROWS = 256
 WGRAD_UNIT_ROWS = 8192
 WGRAD_MAX_PRODUCT = 64 * 64
-# Generated weight-gradient kernels, by register-tile width S (output channels): the
-# input-channel rows per register tile, then the smaller row counts for the remainder. The
-# kernel of width S serves every Cout that is a multiple of S (tile after tile); float64
-# uses the narrower ones only (its values take twice the register space).
-WGRAD_COLS = {32: (6, 2), 16: (8,), 8: (8,)}
-WGRAD_DTYPE_COLS = {np.dtype(np.float32): (32, 16, 8), np.dtype(np.float64): (16, 8)}
 # Above this many kernel offsets the per-block offset table costs more than it saves.
 MAX_OFFSETS = 4096
 
-# Channel tile widths with generated kernels, and rows processed together for each.
-TILES = {np.dtype(np.float32): (64, 32, 16, 8), np.dtype(np.float64): (32, 16, 8)}
-ROWS_TOGETHER = {64: 2, 32: 4, 16: 4, 8: 4}
-SUPPORTED_DTYPES = tuple(TILES)
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+SUPPORTED_DTYPES = (_F32, _F64)
+# The generated kernels work on explicit SIMD vectors (``_simd.py``). Their register tiles
+# are sized for the vector registers of the CPU: 512-bit vectors where it has AVX-512F
+# (32 registers), else 256-bit ones in tiles that fit AVX2's 16 registers (tuned by
+# compiling for ``NUMBA_CPU_NAME=haswell``: the 32-register tiles spilled and ran 1.3-1.9x
+# slower there). Chosen by :func:`vector_bits`; the arithmetic, and so every result bit,
+# is the same for both.
+#
+# Forward (and feature gradient): (tile width T in output channels, vector lanes L, output
+# rows R that share each weight load), widest first; channels left over (fewer than 8) use
+# the generic loop.
+FORWARD_TILES = {
+    (512, _F32): ((64, 16, 4), (32, 16, 6), (16, 16, 8), (8, 8, 8)),
+    (512, _F64): ((32, 8, 4), (16, 8, 6), (8, 8, 8)),
+    (256, _F32): ((32, 8, 2), (16, 8, 6), (8, 8, 8)),
+    (256, _F64): ((16, 4, 2), (8, 4, 6)),
+}
+# Weight gradient: (register-tile width S in output channels, lanes L, input-channel rows
+# per register tile, then the smaller row counts for the remainder). The kernel of width S
+# serves every Cout that is a multiple of S (tile after tile); the first S dividing the
+# channels (less their remainder modulo 8) is used.
+WGRAD_TILES = {
+    (512, _F32): ((64, 16, (6, 2)), (32, 16, (12, 4)), (16, 16, (16, 8)), (8, 8, (16, 8))),
+    (512, _F64): ((32, 8, (6, 2)), (16, 8, (12, 4)), (8, 8, (16, 8))),
+    (256, _F32): ((16, 8, (6, 2)), (8, 8, (12, 4))),
+    (256, _F64): ((8, 4, (6, 2)),),
+}
 
 
 def _env_enabled():
@@ -181,51 +201,76 @@ def build_plan(in_idx, out_idx, offset_ptr, n_out):
     return JitPlan(row_ptr, in_rows, offsets, n_offsets)
 
 
-def _tiles(cout, dtype):
-    """(start, width) of the channel tiles: widest generated tiles first, then the rest."""
+def vector_bits():
+    """Width in bits (512 or 256) of the vectors the kernels' register tiles are sized
+    for: 512 where the CPU numba compiles for has AVX-512F (``NUMBA_CPU_FEATURES`` when
+    set, else the host's), else 256. Only speed depends on it, never a result bit."""
+    if _state["bits"] is None:
+        try:
+            from numba.core import config
+            features = config.CPU_FEATURES
+            if features is None:
+                import llvmlite.binding as llvm
+                features = llvm.get_host_cpu_features().flatten()
+        except Exception:  # pragma: no cover - feature query unavailable
+            features = ""
+        _state["bits"] = 512 if "+avx512f" in features.split(",") else 256
+    return _state["bits"]
+
+
+def forward_tiles(cout, dtype, bits=None):
+    """``(start, width, lanes, rows)`` of the output-channel tiles of the forward kernel:
+    the widest generated tiles first, then the rest (``lanes`` None: generic loop)."""
+    table = FORWARD_TILES[(vector_bits() if bits is None else bits, np.dtype(dtype))]
     tiles, start = [], 0
-    for width in TILES[dtype]:
+    for width, lanes, rows in table:
         while cout - start >= width:
-            tiles.append((start, width))
+            tiles.append((start, width, lanes, rows))
             start += width
     if start < cout:
-        tiles.append((start, cout - start))
+        tiles.append((start, cout - start, None, None))
     return tiles
 
 
 def usable(features, weight, plan):
-    return (isinstance(plan, JitPlan) and weight.ndim == 3 and features.dtype in TILES
-            and weight.dtype == features.dtype and jit_enabled())
+    return (isinstance(plan, JitPlan) and weight.ndim == 3
+            and features.dtype in SUPPORTED_DTYPES and weight.dtype == features.dtype
+            and jit_enabled())
 
 
-def forward(features, weight, plan, bias=None):
-    """``out[o] = bias + sum over o's pairs (i, k) of features[i] @ weight[k]``."""
+def forward(features, weight, plan, bias=None, bits=None):
+    """``out[o] = bias + sum over o's pairs (i, k) of features[i] @ weight[k]``.
+
+    ``bits`` picks the register tiles (512 or 256; default :func:`vector_bits`)."""
     kernels = _kernels()
     dtype = features.dtype
     n_out, cout = plan.n_out, weight.shape[2]
+    n_k, cin = weight.shape[0], weight.shape[1]
     out = np.empty((n_out, cout), dtype)
     if n_out == 0 or cout == 0:
         return out
     x = np.ascontiguousarray(features)
     b = np.zeros(cout, dtype) if bias is None else np.asarray(bias, dtype)
     calls = []
-    for start, width in _tiles(cout, dtype):
+    for start, width, lanes, rows in forward_tiles(cout, dtype, bits):
         w = np.ascontiguousarray(weight[:, :, start:start + width])
         bt = np.ascontiguousarray(b[start:start + width])
-        if width in ROWS_TOGETHER and width in TILES[dtype]:
-            kernel = getattr(kernels, f"conv_rows_{width}")
+        if lanes is None:
+            calls.append((kernels.conv_rows_any, (w, bt), start))
         else:
-            kernel = kernels.conv_rows_any
-        calls.append((kernel, w, bt, start))
+            kernel = getattr(kernels, f"conv_t{width}_l{lanes}_r{rows}")
+            calls.append((kernel, (w.reshape(n_k * cin, width), bt.reshape(1, width), n_k),
+                          start))
     with _vectorising():  # compile here (main thread), run below on the pool
-        for kernel, w, bt, start in calls:
-            kernel(x, w, bt, plan.row_ptr, plan.in_rows, plan.offsets, out, start, 0, 0)
+        for kernel, operands, start in calls:
+            kernel(x, *operands, plan.row_ptr, plan.in_rows, plan.offsets, out, start, 0, 0)
     units = list(range(0, n_out, UNIT_ROWS))
 
     def run(first):
         last = min(n_out, first + UNIT_ROWS)
-        for kernel, w, bt, start in calls:
-            kernel(x, w, bt, plan.row_ptr, plan.in_rows, plan.offsets, out, start, first, last)
+        for kernel, operands, start in calls:
+            kernel(x, *operands, plan.row_ptr, plan.in_rows, plan.offsets, out, start, first,
+                   last)
 
     sizes = [int(plan.row_ptr[min(n_out, u + UNIT_ROWS)] - plan.row_ptr[u]) * x.shape[1] * cout
              // 64 + 1 for u in units]
@@ -234,20 +279,21 @@ def forward(features, weight, plan, bias=None):
 
 
 def weight_gradient(features, grad_out, in_idx, out_idx, offset_ptr, identity_offset,
-                    plan=None, method=None):
+                    plan=None, method=None, bits=None):
     """``grad_weight[k] = sum over offset k's pairs (i, o) of features[i]^T grad_out[o]``.
 
     ``plan`` is the transposed rulebook's :class:`JitPlan` (CSR by input row). With it,
     and ``Cin * Cout <= WGRAD_MAX_PRODUCT``, the compiled kernel runs (``"compiled"``), else
     gathers + BLAS per offset (``"blas"``); ``method`` forces one (tests). Both sum in a
-    fixed order: the bits never depend on the thread count.
+    fixed order: the bits never depend on the thread count. ``bits`` picks the compiled
+    kernel's register tiles (512 or 256; default :func:`vector_bits`).
     """
     if method is None:
         method = wgrad_method(features.shape[1], grad_out.shape[1], plan)
     if method == "compiled":
         if not isinstance(plan, JitPlan):
             raise ValueError("the compiled weight gradient needs the transposed JitPlan")
-        return _weight_gradient_compiled(features, grad_out, plan)
+        return _weight_gradient_compiled(features, grad_out, plan, bits)
     if method != "blas":
         raise ValueError(f"method must be 'compiled', 'blas' or None; got {method!r}")
     return _weight_gradient_blas(features, grad_out, in_idx, out_idx, offset_ptr,
@@ -264,18 +310,18 @@ def wgrad_method(cin, cout, plan):
     return "blas"
 
 
-def _wgrad_split(cout, dtype):
-    """``(width, cols)``: the first ``width`` output channels run on the generated kernel
-    of register-tile width ``cols`` (None: no generated kernel); the rest, fewer than 8, on
-    the generic one."""
+def _wgrad_split(cout, dtype, bits=None):
+    """``(width, name)``: the first ``width`` output channels run on the generated kernel
+    ``name`` (None: none); the rest, fewer than 8, on the generic one."""
     width = cout - cout % 8
-    for cols in WGRAD_DTYPE_COLS.get(dtype, ()):
+    table = WGRAD_TILES.get((vector_bits() if bits is None else bits, np.dtype(dtype)), ())
+    for cols, lanes, row_counts in table:
         if width and width % cols == 0:
-            return width, cols
+            return width, _wgrad_name(cols, lanes, row_counts)
     return 0, None
 
 
-def _weight_gradient_compiled(features, grad_out, plan):
+def _weight_gradient_compiled(features, grad_out, plan, bits=None):
     kernels = _kernels()
     x = np.ascontiguousarray(features)
     g = np.ascontiguousarray(grad_out)
@@ -286,22 +332,25 @@ def _weight_gradient_compiled(features, grad_out, plan):
     grad = np.zeros((n_k, cin, cout), x.dtype)
     if n_rows == 0 or cin == 0 or cout == 0 or n_k == 0:
         return grad
-    width, cols = _wgrad_split(cout, x.dtype)
-    calls = []  # (kernel, g operand, accumulator shape, first output channel, width)
+    width, name = _wgrad_split(cout, x.dtype, bits)
+    calls = []  # (kernel, g columns, accumulator shape, first output channel, width)
     if width:
         main = g if width == cout else np.ascontiguousarray(g[:, :width])
-        calls.append((getattr(kernels, f"wgrad_cols_{cols}"),
-                      main.reshape(len(main), width // cols, cols),
-                      (n_k, cin, width // cols, cols), 0, width))
+        calls.append((getattr(kernels, name), main, (n_k * cin, width),
+                      0, width))
     if width < cout:
         calls.append((kernels.wgrad_rows_any, np.ascontiguousarray(g[:, width:]),
                       (n_k, cin, cout - width), width, cout - width))
 
     def run_range(first, last):
         parts = []
-        for kernel, operand, shape, _, _ in calls:
+        for kernel, g_part, shape, _, _ in calls:
             acc = np.zeros(shape, x.dtype)
-            kernel(x, operand, plan.row_ptr, plan.in_rows, plan.offsets, acc, first, last)
+            if len(shape) == 2:  # generated: accumulator rows k * cin + c
+                kernel(x, g_part, plan.row_ptr, plan.in_rows, plan.offsets, acc, n_k, first,
+                       last)
+            else:
+                kernel(x, g_part, plan.row_ptr, plan.in_rows, plan.offsets, acc, first, last)
             parts.append(acc.reshape(n_k, cin, -1))
         return parts
 
@@ -363,6 +412,7 @@ do not edit: change the generator and regenerate, a test checks they agree)."""
 
 import numpy as np
 
+from ._simd import fma, load4, load8, load16, splat4, splat8, splat16, store4, store8, store16
 from .jit import _njit
 
 BLOCK_ROWS = {block}
@@ -440,15 +490,16 @@ def wgrad_rows_any(x, g, row_ptr, nbr, offsets, acc, r_start, r_stop):
 _TILE = '''
 
 @_njit
-def conv_rows_{T}(x, w, b, row_ptr, in_rows, offsets, out, j0, o_start, o_stop):
-    """out[o, j0:j0+{T}] = b + sum over o's pairs of x[i] @ w[k], w of width {T}.
+def {name}(x, w, b, n_k, row_ptr, in_rows, offsets, out, j0, o_start, o_stop):
+    """out[o, j0:j0+{T}] = b + sum over o's pairs (i, k) of x[i] @ w[k * cin:(k + 1) * cin]
+    (w: (K * Cin, {T}), b: (1, {T})), in vectors of {L} lanes.
 
     Per block of output rows, the pairs are bucketed by offset; the rows of one offset are
-    taken {R} at a time (each weight value feeds {R} accumulators). Each row's sum runs in
-    the same order whatever the grouping: bias, then its pairs by increasing offset.
+    taken {R} at a time (each weight vector feeds {R} accumulators). Each row's sum runs in
+    the same order whatever the grouping: bias, then its pairs by increasing offset, each
+    over the input channels in order, one fused multiply-add per term.
     """
     cin = x.shape[1]
-    n_k = w.shape[0]
     most = 0
     for r0 in range(o_start, o_stop, BLOCK_ROWS):
         r1 = min(o_stop, r0 + BLOCK_ROWS)
@@ -467,8 +518,7 @@ def conv_rows_{T}(x, w, b, row_ptr, in_rows, offsets, out, j0, o_start, o_stop):
         for k in range(n_k):
             ends[k + 1] += ends[k]
         for r in range(nb):
-            for j in range({T}):
-                acc[r, j] = b[j]
+{bias}
             for q in range(row_ptr[r0 + r], row_ptr[r0 + r + 1]):
                 k = offsets[q]
                 pos = ends[k]
@@ -478,6 +528,7 @@ def conv_rows_{T}(x, w, b, row_ptr, in_rows, offsets, out, j0, o_start, o_stop):
         t = 0
         for k in range(n_k):
             stop = ends[k]
+            kc = k * cin
             while t + {R} <= stop:
 {multi}
                 t += {R}
@@ -485,26 +536,24 @@ def conv_rows_{T}(x, w, b, row_ptr, in_rows, offsets, out, j0, o_start, o_stop):
 {single}
                 t += 1
         for r in range(nb):
-            for j in range({T}):
-                out[r0 + r, j0 + j] = acc[r, j]
+{copy}
 '''
 
 
 _WGRAD = '''
 
 @_njit
-def wgrad_cols_{S}(x, g, row_ptr, nbr, offsets, acc, r_start, r_stop):
-    """acc[k] += x[r]^T g[o] over the pairs (o, k) of rows r_start <= r < r_stop; the
-    output channels in tiles of {S}: g (n, tiles, {S}), acc (K, Cin, tiles, {S}).
+def {name}(x, g, row_ptr, nbr, offsets, acc, n_k, r_start, r_stop):
+    """acc[k * cin + c] += x[r, c] * g[o] over the pairs (o, k) of rows r_start <= r <
+    r_stop; g (n, W) and acc (K * Cin, W) with W a multiple of {S}, in vectors of {L} lanes.
 
     Per block of rows the pairs are bucketed by offset (row order kept); for each offset,
-    register tiles of acc[k] ({rows} input channels by {S} output channels; for each group
-    of input channels, tile after tile) are loaded, updated pair after pair, and stored. Every acc value sums its pairs in row
-    order whatever the tiling.
+    register tiles of acc ({rows} input channels by {S} output channels; for each group of
+    input channels, tile after tile) are loaded, updated pair after pair, and stored. Every
+    acc value sums its pairs in row order whatever the tiling, one fused multiply-add each.
     """
     cin = x.shape[1]
-    n_k = acc.shape[0]
-    n_tiles = acc.shape[2]
+    n_tiles = g.shape[1] // {S}
     most = 0
     for r0 in range(r_start, r_stop, WGRAD_BLOCK_ROWS):
         r1 = min(r_stop, r0 + WGRAD_BLOCK_ROWS)
@@ -531,67 +580,89 @@ def wgrad_cols_{S}(x, g, row_ptr, nbr, offsets, acc, r_start, r_stop):
         for k in range(n_k):
             t1 = ends[k]
             if t1 > t0:
+                kc = k * cin
                 c0 = 0
 {body}
             t0 = t1
 '''
 
 
-def _wgrad_block(rows, cols, indent):
-    """One register tile: acc[k, c0:c0+rows, jt, :cols] over pairs t0 <= t < t1."""
+def _forward_name(width, lanes, rows):
+    return f"conv_t{width}_l{lanes}_r{rows}"
+
+
+def _wgrad_name(cols, lanes, row_counts):
+    return f"wgrad_s{cols}_l{lanes}_r{row_counts[0]}"
+
+
+def _wgrad_block(rows, cols, lanes, indent):
+    """One register tile: acc[kc + c0:kc + c0 + rows, j:j + cols] over pairs t0 <= t < t1."""
     pad = " " * indent
-    lines = []
+    vecs = range(cols // lanes)
+    lines = [f"{pad}j = jt * {cols}"]
     for u in range(rows):
-        lines += [f"{pad}a{u}_{j} = acc[k, c0 + {u}, jt, {j}]" for j in range(cols)]
+        lines += [f"{pad}a{u}_{v} = load{lanes}(acc, kc + c0 + {u}, j + {v * lanes})" for v in vecs]
     lines.append(f"{pad}for t in range(t0, t1):")
     lines.append(f"{pad}    i = xr[t]")
     lines.append(f"{pad}    o = gr[t]")
-    lines += [f"{pad}    x{u} = x[i, c0 + {u}]" for u in range(rows)]
-    for j in range(cols):
-        lines.append(f"{pad}    gv = g[o, jt, {j}]")
-        lines += [f"{pad}    a{u}_{j} += x{u} * gv" for u in range(rows)]
+    lines += [f"{pad}    g{v} = load{lanes}(g, o, j + {v * lanes})" for v in vecs]
     for u in range(rows):
-        lines += [f"{pad}acc[k, c0 + {u}, jt, {j}] = a{u}_{j}" for j in range(cols)]
+        lines.append(f"{pad}    x{u} = splat{lanes}(x[i, c0 + {u}])")
+        lines += [f"{pad}    a{u}_{v} = fma(x{u}, g{v}, a{u}_{v})" for v in vecs]
+    for u in range(rows):
+        lines += [f"{pad}store{lanes}(acc, kc + c0 + {u}, j + {v * lanes}, a{u}_{v})" for v in vecs]
     return "\n".join(lines)
 
 
-def _wgrad_body(cols, row_counts, indent):
+def _wgrad_body(cols, lanes, row_counts, indent):
     steps = []
     for rows in tuple(row_counts) + ((1,) if 1 not in row_counts else ()):
         steps.append(f"{' ' * indent}while c0 + {rows} <= cin:\n"
                      f"{' ' * (indent + 4)}for jt in range(n_tiles):\n"
-                     f"{_wgrad_block(rows, cols, indent + 8)}\n"
+                     f"{_wgrad_block(rows, cols, lanes, indent + 8)}\n"
                      f"{' ' * (indent + 4)}c0 += {rows}")
     return "\n".join(steps)
 
 
-def _rows_block(rows, width, indent):
+def _rows_block(rows, width, lanes, indent):
+    """``rows`` output rows of one offset: registers a{u}_{v} += x[i{u}, c] * w[kc + c]."""
     pad = " " * indent
+    vecs = range(width // lanes)
     lines = []
     for u in range(rows):
         lines.append(f"{pad}s{u} = rows[t + {u}]")
         lines.append(f"{pad}i{u} = ins[t + {u}]")
-        lines += [f"{pad}a{u}_{j} = acc[s{u}, {j}]" for j in range(width)]
+        lines += [f"{pad}a{u}_{v} = load{lanes}(acc, s{u}, {v * lanes})" for v in vecs]
     lines.append(f"{pad}for c in range(cin):")
-    lines += [f"{pad}    x{u} = x[i{u}, c]" for u in range(rows)]
-    for j in range(width):
-        lines.append(f"{pad}    wv = w[k, c, {j}]")
-        lines += [f"{pad}    a{u}_{j} += x{u} * wv" for u in range(rows)]
+    lines += [f"{pad}    w{v} = load{lanes}(w, kc + c, {v * lanes})" for v in vecs]
     for u in range(rows):
-        lines += [f"{pad}acc[s{u}, {j}] = a{u}_{j}" for j in range(width)]
+        lines.append(f"{pad}    x{u} = splat{lanes}(x[i{u}, c])")
+        lines += [f"{pad}    a{u}_{v} = fma(x{u}, w{v}, a{u}_{v})" for v in vecs]
+    for u in range(rows):
+        lines += [f"{pad}store{lanes}(acc, s{u}, {v * lanes}, a{u}_{v})" for v in vecs]
     return "\n".join(lines)
 
 
 def generate_source():
-    """Source of ``_jit_kernels.py``."""
+    """Source of ``_jit_kernels.py``: the fixed kernels, then one forward and one
+    weight-gradient kernel per distinct tile of ``FORWARD_TILES`` / ``WGRAD_TILES``."""
     src = _HEADER.format(block=BLOCK_ROWS, wblock=WGRAD_BLOCK_ROWS)
-    for width in sorted(ROWS_TOGETHER, reverse=True):
-        rows = ROWS_TOGETHER[width]
-        src += _TILE.format(T=width, R=rows, multi=_rows_block(rows, width, 16),
-                            single=_rows_block(1, width, 16))
-    for cols in sorted(WGRAD_COLS, reverse=True):
-        row_counts = WGRAD_COLS[cols]
-        src += _WGRAD.format(S=cols, rows=row_counts[0], body=_wgrad_body(cols, row_counts, 16))
+    forward = sorted({t for tiles in FORWARD_TILES.values() for t in tiles}, reverse=True)
+    for width, lanes, rows in forward:
+        vecs = range(width // lanes)
+        bias = "\n".join(f"{' ' * 12}store{lanes}(acc, r, {v * lanes}, load{lanes}(b, 0, {v * lanes}))"
+                         for v in vecs)
+        copy = "\n".join(f"{' ' * 12}store{lanes}(out, r0 + r, j0 + {v * lanes}, "
+                         f"load{lanes}(acc, r, {v * lanes}))" for v in vecs)
+        src += _TILE.format(name=_forward_name(width, lanes, rows), T=width, L=lanes, R=rows,
+                            bias=bias, copy=copy,
+                            multi=_rows_block(rows, width, lanes, 16),
+                            single=_rows_block(1, width, lanes, 16))
+    wgrad = sorted({t for tiles in WGRAD_TILES.values() for t in tiles}, reverse=True)
+    for cols, lanes, row_counts in wgrad:
+        src += _WGRAD.format(name=_wgrad_name(cols, lanes, row_counts), S=cols, L=lanes,
+                             rows=row_counts[0],
+                             body=_wgrad_body(cols, lanes, row_counts, 16))
     return src
 
 
