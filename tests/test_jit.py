@@ -305,7 +305,8 @@ def test_weight_gradient_method_rule():
     plan = jit.JitPlan(np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int16), 27)
     assert jit.wgrad_method(64, 64, plan) == "compiled"
     assert jit.wgrad_method(16, 32, plan) == "compiled"
-    assert jit.wgrad_method(64, 65, plan) == "blas"
+    assert jit.wgrad_method(128, 128, plan) == "compiled"
+    assert jit.wgrad_method(128, 129, plan) == "blas"
     assert jit.wgrad_method(16, 16, None) == "blas"
 
 

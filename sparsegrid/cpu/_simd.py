@@ -81,7 +81,8 @@ def _operations(lanes):
     def store(typingctx, arr, i, j, value):
         _check_array(arr, f"store{lanes}")
         if value != Vec(arr.dtype, lanes):
-            raise TypeError(f"store{lanes} into {arr} needs Vec({arr.dtype} x {lanes}); got {value}")
+            raise TypeError(f"store{lanes} into {arr} needs Vec({arr.dtype} x {lanes}); "
+                            f"got {value}")
 
         def codegen(context, builder, sig, args):
             pointer = _element_pointer(context, builder, sig, args)

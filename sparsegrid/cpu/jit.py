@@ -31,10 +31,10 @@ float32, or 12 by 32, 16 by 16, 16 by 8; see ``WGRAD_TILES``) are loaded, update
 fused multiply-add per pair and value, and stored (generated vector code, like the
 forward); output channels beyond a multiple of 8 use a generic loop. Each fixed unit of
 8,192 input rows sums its pairs, in row order, into its own partial ``(K, Cin, Cout)``; the
-partials are added in unit order. Without a plan, or above ``WGRAD_MAX_PRODUCT`` = 64 x 64
-channels (not measured there), it gathers each offset's rows into fixed chunks of pairs and
-multiplies them with single-threaded BLAS, chunks added in a fixed order. Either way the
-bits never depend on the thread count.
+partials are added in unit order. Without a plan, or above ``WGRAD_MAX_PRODUCT`` = 128 x
+128 channels (where the AVX2 tiles stop beating BLAS), it gathers each offset's rows into
+fixed chunks of pairs and multiplies them with single-threaded BLAS, chunks added in a
+fixed order. Either way the bits never depend on the thread count.
 
 Threads: rows are split into fixed units run on sparsegrid's own pool
 (:func:`sparsegrid.cpu.threads.parallel_map`; the kernels release the GIL), so numba's
@@ -69,7 +69,7 @@ REDUCTION_CHUNK = 32768
 # partial sum, both fixed; the compiled kernel is used while Cin * Cout <= WGRAD_MAX_PRODUCT.
 WGRAD_BLOCK_ROWS = 256
 WGRAD_UNIT_ROWS = 8192
-WGRAD_MAX_PRODUCT = 64 * 64
+WGRAD_MAX_PRODUCT = 128 * 128
 # Above this many kernel offsets the per-block offset table costs more than it saves.
 MAX_OFFSETS = 4096
 
@@ -302,9 +302,11 @@ def weight_gradient(features, grad_out, in_idx, out_idx, offset_ptr, identity_of
 
 def wgrad_method(cin, cout, plan):
     """Which weight-gradient kernel :func:`weight_gradient` runs: ``"compiled"`` with a
-    transposed plan and ``cin * cout <= WGRAD_MAX_PRODUCT`` (the measured range: 0.35-0.65x
-    the time of gathers + BLAS at 16-32 channels, 0.7-1.02x at 64), else ``"blas"``. Depends
-    on the shapes only, so the choice (and the bits) is the same for any thread count."""
+    transposed plan and ``cin * cout <= WGRAD_MAX_PRODUCT`` (measured on the benchmark
+    scenes: 0.25-0.66x the time of gathers + BLAS up to 128 x 128 channels with 512-bit
+    tiles, 0.85-0.98x at 256 x 256; 0.6-1.03x up to 128 x 128 with AVX2 tiles), else
+    ``"blas"``. Depends on the shapes only, so the choice (and the bits) is the same for
+    any thread count and vector width."""
     if isinstance(plan, JitPlan) and cin * cout <= WGRAD_MAX_PRODUCT:
         return "compiled"
     return "blas"
@@ -650,8 +652,8 @@ def generate_source():
     forward = sorted({t for tiles in FORWARD_TILES.values() for t in tiles}, reverse=True)
     for width, lanes, rows in forward:
         vecs = range(width // lanes)
-        bias = "\n".join(f"{' ' * 12}store{lanes}(acc, r, {v * lanes}, load{lanes}(b, 0, {v * lanes}))"
-                         for v in vecs)
+        bias = "\n".join(f"{' ' * 12}store{lanes}(acc, r, {v * lanes}, "
+                         f"load{lanes}(b, 0, {v * lanes}))" for v in vecs)
         copy = "\n".join(f"{' ' * 12}store{lanes}(out, r0 + r, j0 + {v * lanes}, "
                          f"load{lanes}(acc, r, {v * lanes}))" for v in vecs)
         src += _TILE.format(name=_forward_name(width, lanes, rows), T=width, L=lanes, R=rows,
