@@ -423,3 +423,51 @@ def test_simd_operations_reject_wrong_types():
     expected[1, 2:6] = 3.0 * a[0, :4] + a[1, 2:6]
     round_trip(a, 3.0)
     np.testing.assert_array_equal(a, expected)
+
+
+# --- compiled submanifold rulebook walk (the same arrays as the NumPy builder) -----------
+
+def _subm_rules(indices, shape, filter_size, dilation, enabled, shuffle_rng=None):
+    from sparsegrid.cpu.index import build_index
+    from sparsegrid.cpu.rules import submanifold_rules
+    from sparsegrid.coords import pack_keys
+
+    batch = int(indices[:, 0].max()) + 1 if len(indices) else 1
+    keys, _ = pack_keys(indices, shape, batch)
+    order = build_index(keys)
+    cpu.set_jit_enabled(enabled)
+    try:
+        return submanifold_rules(indices, order, shape, batch, filter_size, dilation)
+    finally:
+        cpu.set_jit_enabled(None)
+
+
+@pytest.mark.parametrize("shape, filter_size, dilation", [
+    ((40,), (3,), (1,)), ((40,), (4,), (1,)), ((17, 19), (3, 3), (1, 1)),
+    ((17, 19), (2, 5), (1, 1)), ((17, 19), (3, 3), (2, 1)), ((9, 10, 11), (3, 3, 3), (1, 1, 1)),
+    ((9, 10, 11), (5, 3, 3), (1, 1, 1)), ((9, 10, 11), (2, 2, 2), (1, 1, 1)),
+    ((5, 6, 7, 8), (3, 3, 3, 3), (1, 1, 1, 1)), ((5, 6, 7, 8), (3, 2, 1, 4), (1, 2, 1, 1))])
+@pytest.mark.parametrize("density", [0.02, 0.3, 1.0])
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_compiled_submanifold_walk_gives_numpy_arrays(rng, shape, filter_size, dilation,
+                                                      density, shuffled):
+    indices = random_sites(rng, shape, 3, density=density)
+    if shuffled:   # rows not in key order: the builder works through the sort permutation
+        indices = indices[rng.permutation(len(indices))]
+    fast = _subm_rules(indices, shape, filter_size, dilation, True)
+    slow = _subm_rules(indices, shape, filter_size, dilation, False)
+    assert len(fast) == len(slow) == 4 and fast[3] == slow[3]
+    for a, b in zip(fast[:3], slow[:3]):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("indices", [np.zeros((1, 4), np.int32),
+                                     np.array([[0, 0, 0, 0], [0, 0, 0, 1], [1, 0, 0, 0]],
+                                              np.int32)])
+def test_compiled_submanifold_walk_single_sites(indices):
+    for f in ((3, 3, 3), (2, 2, 2)):
+        fast = _subm_rules(indices, (4, 4, 4), f, (1, 1, 1), True)
+        slow = _subm_rules(indices, (4, 4, 4), f, (1, 1, 1), False)
+        assert fast[3] == slow[3]
+        for a, b in zip(fast[:3], slow[:3]):
+            assert np.array_equal(a, b)

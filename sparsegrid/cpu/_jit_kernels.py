@@ -33,6 +33,85 @@ def build_csr(in_idx, out_idx, offset_ptr, n_out):
 
 
 @_njit
+def submanifold_walk(keys, skeys, rows, first, f_last, symmetric):
+    """Submanifold pairs by merge walks over sorted unique keys: the pairs of the NumPy
+    builder, in its order. Column c of the filter holds offsets c * f_last + j, whose
+    packed deltas are first[c] + j; as keys[i] + first[c] increases with i, its lower
+    bound in skeys (keys + a sentinel) only moves forward, and within the column key + j
+    sits at the previous position, plus one if the previous key was found. With
+    ``symmetric`` (odd filters) only the columns up to the centre are walked: every other
+    offset k gets the pairs of K - 1 - k swapped, and the centre is the identity. The walk
+    records, per site and column, the lower bound and a bit per found offset; the pairs are
+    then counted and written from those (f_last <= 32; larger filters use NumPy)."""
+    n = len(keys)
+    n_cols = len(first)
+    k_total = n_cols * f_last
+    centre = k_total // 2
+    last_col = (n_cols - 1) // 2 if symmetric else n_cols - 1
+    base = np.empty((last_col + 1, n), np.int64)
+    found = np.zeros((last_col + 1, n), np.uint32)
+    counts = np.zeros(k_total, np.int64)
+    for c in range(last_col + 1):
+        j0 = f_last // 2 + 1 if symmetric and c == last_col else 0
+        p = 0
+        for i in range(n):
+            q = keys[i] + first[c]
+            while skeys[p] < q:
+                p += 1
+            base[c, i] = p
+            pos = p
+            bits = 0
+            for j in range(f_last):
+                if skeys[pos] == q + j:
+                    pos += 1
+                    bits |= 1 << j
+                    if j >= j0:
+                        counts[c * f_last + j] += 1
+            found[c, i] = bits
+    if symmetric:
+        counts[centre] = n
+        for k in range(k_total):
+            col = k // f_last
+            if col > last_col or (col == last_col and k < centre):
+                counts[k] = counts[k_total - 1 - k]
+    offset_ptr = np.zeros(k_total + 1, np.int64)
+    for k in range(k_total):
+        offset_ptr[k + 1] = offset_ptr[k] + counts[k]
+    in_idx = np.empty(offset_ptr[k_total], np.int32)
+    out_idx = np.empty(offset_ptr[k_total], np.int32)
+    cursor = offset_ptr[:-1].copy()
+    for c in range(last_col + 1):
+        j0 = f_last // 2 + 1 if symmetric and c == last_col else 0
+        for i in range(n):
+            bits = found[c, i]
+            if bits:
+                pos = base[c, i]
+                for j in range(f_last):
+                    if bits & (1 << j):
+                        if j >= j0:
+                            k = c * f_last + j
+                            t = cursor[k]
+                            in_idx[t] = rows[pos]
+                            out_idx[t] = rows[i]
+                            cursor[k] = t + 1
+                        pos += 1
+    if symmetric:
+        start = offset_ptr[centre]
+        for i in range(n):
+            in_idx[start + i] = i
+            out_idx[start + i] = i
+        for k in range(k_total):
+            col = k // f_last
+            if col > last_col or (col == last_col and k < centre):
+                a = offset_ptr[k]
+                b = offset_ptr[k_total - 1 - k]
+                for t in range(counts[k]):
+                    in_idx[a + t] = out_idx[b + t]
+                    out_idx[a + t] = in_idx[b + t]
+    return in_idx, out_idx, offset_ptr
+
+
+@_njit
 def gather_rows(src, idx, start, stop, out):
     """out[p] = src[idx[start + p]] for p < stop - start."""
     c = src.shape[1]
