@@ -18,6 +18,9 @@ offers no per-function switch. Vector types written out in the IR are kept as th
 on a CPU without AVX-512 LLVM splits them into 256- or 128-bit halves: slower, never wrong.
 The arithmetic is the same either way: each lane is one fused multiply-add in the order
 the kernel writes, so results do not depend on the vector width.
+
+numba's on-disk cache keys the kernels on ``_jit_kernels.py`` alone: after changing this
+file, regenerate that one (``python -m sparsegrid.cpu.jit``) so cached kernels are rebuilt.
 """
 
 from __future__ import annotations
