@@ -471,3 +471,134 @@ def test_compiled_submanifold_walk_single_sites(indices):
         assert fast[3] == slow[3]
         for a, b in zip(fast[:3], slow[:3]):
             assert np.array_equal(a, b)
+
+
+# --- max pooling and batch norm ---------------------------------------------------------
+
+POOL_CASES = {
+    # name: (spatial shape, filter, stride)
+    "1d_k3s2": ((41,), 3, 2),
+    "2d_k2s2": ((12, 10), 2, 2),
+    "2d_k3s1": ((9, 8), 3, 1),
+    "3d_k3s2": ((9, 7, 9), 3, 2),
+    "4d_k2s2": ((6, 4, 6, 4), 2, 2),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", sorted(POOL_CASES))
+def test_compiled_max_pool_gives_numpy_bits(rng, case, dtype):
+    shape, f, s = POOL_CASES[case]
+    indices = random_sites(rng, shape, 3, density=0.4, empty_batches=(1,))
+    # small integers: many ties, which must go to the same (earliest-offset) input
+    features = rng.integers(-3, 4, (len(indices), 5)).astype(dtype)
+    x = sg.SparseTensor(features, indices, shape)
+    rb, _ = x.grid.strided(x.sites, f, s)
+    g = rng.standard_normal((rb.n_out, 5)).astype(dtype)
+
+    def run():
+        out, argmax = cpu.max_pool_forward(features, rb.in_idx, rb.out_idx, rb.offset_ptr,
+                                           rb.n_out)
+        grad = cpu.max_pool_backward(g, argmax, rb.in_idx, rb.out_idx, rb.offset_ptr, rb.n_in)
+        return out, argmax, grad
+
+    fast, slow = _both_paths(run)
+    for a, b in zip(fast, slow):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert a.tobytes() == b.tobytes()
+    # independent check of the forward: the maximum of each output's inputs
+    out, argmax, grad = fast
+    for o in range(rb.n_out):
+        rows = rb.in_idx[rb.out_idx == o]
+        np.testing.assert_array_equal(out[o], features[rows].max(axis=0))
+        np.testing.assert_array_equal(features[argmax[o], np.arange(5)], out[o])
+    # the gradient of overlapping windows sums what each input won
+    expect = np.zeros((rb.n_in, 5))
+    for o in range(rb.n_out):
+        for c in range(5):
+            expect[argmax[o, c], c] += g[o, c]
+    np.testing.assert_allclose(grad, expect.astype(dtype), rtol=1e-6)
+
+
+def test_max_pool_of_minus_inf_inputs_sends_no_gradient():
+    # an output whose inputs are all -inf has no arg-max: its gradient goes nowhere, on
+    # both paths (the NumPy path once crashed in bincount on the -1)
+    features = np.array([[-np.inf, 1.0], [-np.inf, 2.0], [3.0, 0.0]], np.float32)
+    in_idx = np.array([0, 2, 1], np.int32)
+    out_idx = np.array([0, 1, 0], np.int32)
+    ptr = np.array([0, 2, 3], np.int64)
+    g = np.ones((2, 2), np.float32)
+
+    def run():
+        out, argmax = cpu.max_pool_forward(features, in_idx, out_idx, ptr, 2)
+        return out, argmax, cpu.max_pool_backward(g, argmax, in_idx, out_idx, ptr, 3)
+
+    fast, slow = _both_paths(run)
+    for a, b in zip(fast, slow):
+        assert a.tobytes() == b.tobytes()
+    out, argmax, grad = fast
+    assert out[0, 0] == -np.inf and argmax[0, 0] == -1
+    np.testing.assert_array_equal(argmax, [[-1, 1], [2, 2]])
+    np.testing.assert_array_equal(grad, [[0, 0], [0, 1], [1, 1]])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("leakiness,use_out", [(1.0, True), (0.0, True), (0.333, True),
+                                               (0.333, False), (-0.5, True), (0.0, False)])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_compiled_batch_norm_backward_matches_numpy(rng, dtype, leakiness, use_out,
+                                                     training, affine):
+    n, c = 257, 7
+    x = (rng.standard_normal((n, c)) * 3 + 1).astype(dtype)
+    g = rng.standard_normal((n, c)).astype(dtype)
+    weight = rng.uniform(0.5, 2, c).astype(dtype) if affine else None
+    bias = rng.standard_normal(c).astype(dtype) if affine else None
+    if training:
+        mean, var = cpu.batch_norm_statistics(x)
+    else:
+        mean, var = rng.standard_normal(c).astype(dtype), rng.uniform(0.5, 2, c).astype(dtype)
+    out = cpu.batch_norm_forward(x, mean, var, weight, bias, 1e-4, leakiness)
+
+    def run():
+        gx, gw, gb = cpu.batch_norm_backward(g, x, mean, var, weight, bias, 1e-4, leakiness,
+                                             training, out=out if use_out else None)
+        return [v for v in (gx, gw, gb) if v is not None]
+
+    fast, slow = _both_paths(run)
+    assert len(fast) == len(slow) == (3 if affine else 1)
+    tol = 1e-10 if dtype == np.float64 else 2e-4
+    for a, b in zip(fast, slow):
+        assert a.dtype == b.dtype == dtype and a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max())
+    # deterministic: a second call gives the same bits
+    again, _ = _both_paths(run)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(fast, again))
+
+
+@pytest.mark.parametrize("leakiness", [1.0, 0.0, 0.2])
+def test_compiled_batch_norm_gradient_by_finite_differences(rng, leakiness, jit_on):
+    # float64 central differences of sum(batch_norm(x) * G) with the compiled backward
+    x = _tensor(rng, (6, 5), 3, np.float64, density=0.5)
+    weight = rng.uniform(0.5, 2, 3)
+    bias = rng.standard_normal(3)
+    G = rng.standard_normal((x.n_active, 3))
+
+    def loss(f, w, b):
+        y = sg.batch_norm(x.with_features(f), w, b, training=True, leakiness=leakiness)
+        return ad.sum(y.features * G)
+
+    f = Tensor(x.features.copy(), requires_grad=True)
+    w = Tensor(weight.copy(), requires_grad=True)
+    b = Tensor(bias.copy(), requires_grad=True)
+    loss(f, w, b).backward()
+    for param, grad, args in ((x.features, f.grad, 0), (weight, w.grad, 1), (bias, b.grad, 2)):
+        numeric = np.zeros_like(param)
+        for idx in np.ndindex(param.shape):
+            values = [x.features.copy(), weight.copy(), bias.copy()]
+            values[args][idx] += 1e-6
+            up = data_of(loss(*values))
+            values[args][idx] -= 2e-6
+            down = data_of(loss(*values))
+            numeric[idx] = (up - down) / 2e-6
+        np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-7)

@@ -36,6 +36,12 @@ partials are added in unit order. Without a plan, or above ``WGRAD_MAX_PRODUCT``
 fixed chunks of pairs and multiplies them with single-threaded BLAS, chunks added in a
 fixed order. Either way the bits never depend on the thread count.
 
+Smaller compiled kernels: the submanifold rulebook walk (:func:`sparsegrid.cpu.rules`
+``submanifold_rules``; the NumPy builder's arrays), max pooling (one pass over the
+rulebook's pairs, offset by offset: the NumPy kernel's values and arg-maxes, and its
+gradient summed in the same float64 order, so the same bits) and the batch-norm backward
+pass (two fused passes over the rows, sums in float64; used by ``cpu/norm.py``).
+
 Threads: rows are split into fixed units run on sparsegrid's own pool
 (:func:`sparsegrid.cpu.threads.parallel_map`; the kernels release the GIL), so numba's
 threading layer is never used and the thread count is ``sparsegrid.get_num_threads()``.
@@ -441,6 +447,80 @@ def build_csr(in_idx, out_idx, offset_ptr, n_out):
             offsets[q] = k
             fill[o] = q + 1
     return row_ptr, in_rows, offsets
+
+
+@_njit
+def max_pool_pairs(x, in_idx, out_idx, offset_ptr, out, argmax):
+    """For each pair in rulebook order (by offset): where ``x[i, c] > out[o, c]``, take it
+    and record ``i`` in ``argmax[o, c]``. Each offset's outputs are distinct, so this is
+    the NumPy kernel's offset-by-offset result exactly (strict >: ties keep the earliest
+    offset; NaN never wins)."""
+    channels = x.shape[1]
+    for p in range(offset_ptr[0], offset_ptr[len(offset_ptr) - 1]):
+        i = in_idx[p]
+        o = out_idx[p]
+        for c in range(channels):
+            v = x[i, c]
+            if v > out[o, c]:
+                out[o, c] = v
+                argmax[o, c] = i
+
+
+@_njit
+def max_pool_grad(g, argmax, total):
+    """``total[argmax[o, c], c] += g[o, c]`` in (o, c) order (float64 ``total``, as the NumPy
+    kernel's bincount); cells without an arg-max (-1) send nothing."""
+    n_out, channels = g.shape
+    for o in range(n_out):
+        for c in range(channels):
+            a = argmax[o, c]
+            if a >= 0:
+                total[a, c] += g[o, c]
+
+
+@_njit
+def batch_norm_grad(g, x, ref, mode, leak, scale, shift, k, invstd, mean, n_rows, gx):
+    """Batch-norm backward in two passes over the rows: the per-channel sums of the
+    activation-masked gradient ``gg`` and of ``gg * x`` (float64, in row order), then
+    ``gx = k * (gg - sum(gg) / n - xhat * mean(gg * xhat))`` with ``xhat = (x - mean) *
+    invstd`` folded into per-channel coefficients (``n_rows`` = 0 for the
+    running-statistics case, where ``gx = k * gg``). ``mode``: 0 no activation,
+    1 ``gg = g`` where ``ref > 0`` (the forward's output) else ``leak * g``, 2 the same test
+    on ``x * scale + shift``. Returns (sum gg, sum gg * x)."""
+    n, channels = g.shape
+    sum_g = np.zeros(channels, np.float64)
+    sum_gx = np.zeros(channels, np.float64)
+    for r in range(n):
+        for c in range(channels):
+            v = g[r, c]
+            if mode == 1:
+                if not ref[r, c] > 0:
+                    v = v * leak
+            elif mode == 2:
+                if not x[r, c] * scale[c] + shift[c] > 0:
+                    v = v * leak
+            sum_g[c] += v
+            sum_gx[c] += v * x[r, c]
+    coef_g = np.empty(channels, np.float64)
+    coef_x = np.zeros(channels, np.float64)
+    const = np.zeros(channels, np.float64)
+    for c in range(channels):
+        coef_g[c] = k[c]
+        if n_rows > 0:
+            m2 = invstd[c] * (sum_gx[c] - mean[c] * sum_g[c]) / n_rows
+            coef_x[c] = -k[c] * invstd[c] * m2
+            const[c] = k[c] * (mean[c] * invstd[c] * m2 - sum_g[c] / n_rows)
+    for r in range(n):
+        for c in range(channels):
+            v = g[r, c]
+            if mode == 1:
+                if not ref[r, c] > 0:
+                    v = v * leak
+            elif mode == 2:
+                if not x[r, c] * scale[c] + shift[c] > 0:
+                    v = v * leak
+            gx[r, c] = v * coef_g[c] + x[r, c] * coef_x[c] + const[c]
+    return sum_g, sum_gx
 
 
 @_njit

@@ -7,12 +7,16 @@ affine map, values <= 0 are multiplied by ``leakiness`` (1 = no activation, 0 = 
 
 Every kernel is a few whole-array passes: per-channel sums are single-pass ``einsum``
 reductions, and the backward pass folds ``xhat`` into per-channel coefficients
-(``dx = a * g + b * x + c``) instead of materialising it.
+(``dx = a * g + b * x + c``) instead of materialising it. With the compiled kernels
+(numba, :mod:`sparsegrid.cpu.jit`) the backward pass is two fused passes over the rows,
+its sums accumulated in float64 (same results to float rounding; deterministic either way).
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from . import jit
 
 
 def batch_norm_statistics(x):
@@ -69,6 +73,9 @@ def batch_norm_backward(grad_out, x, mean, var, weight, bias, eps, leakiness, tr
     """
     dtype = x.dtype
     invstd = (1.0 / np.sqrt(var + eps)).astype(dtype, copy=False)
+    if len(x) and dtype in jit.SUPPORTED_DTYPES and jit.jit_enabled():
+        return _batch_norm_backward_compiled(grad_out, x, mean, var, weight, bias, eps,
+                                             leakiness, training, out, invstd)
     g = grad_out
     if leakiness != 1:
         if out is None:
@@ -97,3 +104,28 @@ def batch_norm_backward(grad_out, x, mean, var, weight, bias, eps, leakiness, tr
         gx += const.astype(dtype, copy=False)
         return gx, grad_weight, grad_bias
     return np.multiply(g, k.astype(dtype, copy=False)), grad_weight, grad_bias
+
+
+def _batch_norm_backward_compiled(grad_out, x, mean, var, weight, bias, eps, leakiness,
+                                  training, out, invstd):
+    dtype = x.dtype
+    g = np.ascontiguousarray(grad_out, dtype)
+    x = np.ascontiguousarray(x)
+    ref, scale, shift = x, np.zeros(0, dtype), np.zeros(0, dtype)   # unused in mode 0
+    if leakiness == 1:
+        mode = 0
+    elif out is not None and leakiness >= 0:
+        mode, ref = 1, np.ascontiguousarray(out, dtype)
+    else:  # a negative leak flips signs: recompute where the activation was active
+        mode = 2
+        scale, shift = (np.ascontiguousarray(v, dtype).reshape(-1)
+                        for v in _scale_shift(mean, var, weight, bias, eps))
+    k = invstd * weight if weight is not None else invstd
+    gx = np.empty_like(g)
+    sum_g, sum_gx = jit._kernels().batch_norm_grad(
+        g, x, ref, mode, float(leakiness), scale, shift, k.astype(np.float64),
+        invstd.astype(np.float64), mean.astype(np.float64), len(x) if training else 0, gx)
+    sum_gxhat = invstd.astype(np.float64) * (sum_gx - mean.astype(np.float64) * sum_g)
+    grad_weight = sum_gxhat.astype(dtype) if weight is not None else None
+    grad_bias = sum_g.astype(dtype) if bias is not None else None
+    return gx, grad_weight, grad_bias

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import jit
+
 
 def max_pool_forward(features, in_idx, out_idx, offset_ptr, n_out):
     """Channel-wise maximum over each output's active inputs.
@@ -15,11 +17,16 @@ def max_pool_forward(features, in_idx, out_idx, offset_ptr, n_out):
         has at least one input.
     argmax : int32 (n_out, C)
         The input row that supplied each maximum. Ties go to the earliest kernel offset
-        (strict comparison), so the choice is deterministic.
+        (strict comparison), so the choice is deterministic; compiled (numba) or NumPy,
+        the same values.
     """
     channels = features.shape[1]
     out = np.full((n_out, channels), -np.inf, features.dtype)
     argmax = np.full((n_out, channels), -1, np.int32)
+    if len(in_idx) and features.dtype in jit.SUPPORTED_DTYPES and jit.jit_enabled():
+        jit._kernels().max_pool_pairs(np.ascontiguousarray(features), in_idx, out_idx,
+                                      np.asarray(offset_ptr, np.int64), out, argmax)
+        return out, argmax
     for k in range(len(offset_ptr) - 1):
         start, stop = offset_ptr[k], offset_ptr[k + 1]
         if start == stop:
@@ -38,10 +45,19 @@ def max_pool_backward(grad_out, argmax, in_idx, out_idx, offset_ptr, n_in):
 
     Several outputs may pick one input (overlapping windows): their gradients are summed
     by one ``bincount`` over (row, channel) cells, in row order (deterministic; float64
-    accumulation, rounded once to the gradient's dtype).
+    accumulation, rounded once to the gradient's dtype); the compiled kernel (numba) adds in
+    the same order, so both give the same bits. A cell with no arg-max (-1: every input was
+    -inf or NaN) sends no gradient.
     """
     n_out, channels = grad_out.shape
+    if grad_out.dtype in jit.SUPPORTED_DTYPES and jit.jit_enabled():
+        total = np.zeros((n_in, channels), np.float64)
+        jit._kernels().max_pool_grad(np.ascontiguousarray(grad_out), argmax, total)
+        return total.astype(grad_out.dtype, copy=False)
     cells = argmax.astype(np.int64) * channels + np.arange(channels)
-    total = np.bincount(cells.reshape(-1), weights=grad_out.reshape(-1),
-                        minlength=n_in * channels)
+    weights = grad_out.reshape(-1)
+    if n_out and argmax.min() < 0:   # outputs whose inputs were all -inf or NaN
+        keep = argmax.reshape(-1) >= 0
+        cells, weights = cells.reshape(-1)[keep], weights[keep]
+    total = np.bincount(cells.reshape(-1), weights=weights, minlength=n_in * channels)
     return total.reshape(n_in, channels).astype(grad_out.dtype, copy=False)
