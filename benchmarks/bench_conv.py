@@ -20,6 +20,7 @@ Rows (3-D, float32):
                   rulebook and reused by every layer at that resolution)
   subm fwd Cn     SubMConv3d(n, n, 3) forward, rulebook cached
   subm f+b Cn     forward + backward (feature and weight gradients), rulebook cached
+  k2s2/k3s2 rulebook  the strided rulebook and its output sites, from scratch
   k2s2 / k3s2     strided convolution C=32 -> 32, rulebook cached
   inv k2s2/k3s2   the transposed convolution back onto the finer sites, rulebook cached
   peak MiB        peak extra resident memory of rulebook + one forward (C=32), fresh process
@@ -112,6 +113,9 @@ def sparsegrid_rows(indices, shape, repeat, channels_list):
         s = fit_shape(shape, k)
         f = rng.standard_normal((len(indices), c)).astype(np.float32)
         w = (rng.standard_normal((k ** 3, c, c)) / np.sqrt(k ** 3 * c)).astype(np.float32)
+        times[f"k{k}s2 rulebook"] = median_time(
+            lambda: (lambda t: t.grid.strided(t.sites, k, 2))(sg.SparseTensor(ones, indices, s)),
+            repeat)
         x = sg.SparseTensor(f, indices, s)
         coarse = sg.conv(x, w, None, k, 2)
         times[f"k{k}s2 C32"] = median_time(lambda: sg.conv(x, w, None, k, 2), repeat)
@@ -129,6 +133,7 @@ def spconv_rows(indices, shape, repeat, channels_list):
         times[f"subm f+b C{c}"] = sb.time_subm_forward_backward(indices, shape, c, repeat)
     for k in (2, 3):
         s = fit_shape(shape, k)
+        times[f"k{k}s2 rulebook"] = sb.time_strided_rulebook(indices, s, k, 2, repeat)
         times[f"k{k}s2 C32"] = sb.time_strided_forward(indices, s, 32, k, 2, repeat)
         times[f"inv k{k}s2 C32"] = sb.time_inverse_forward(indices, s, 32, k, 2, repeat)
     return times

@@ -292,6 +292,20 @@ def time_rulebook(indices, spatial_shape, repeat=5):
     return _median_time(lambda: _pairs(indices_t, spatial_shape, 3, 1, subm=True), repeat)
 
 
+def time_strided_rulebook(indices, spatial_shape, kernel, stride=2, repeat=5):
+    """Time building a strided (kernel, stride) rulebook and its output sites from scratch,
+    as SparseConv3d(C, C, kernel, stride) does on its first call.
+
+    Returns
+    -------
+    float
+        Median seconds.
+    """
+    indices_t = _indices_tensor(indices)
+    return _median_time(lambda: _pairs(indices_t, spatial_shape, kernel, stride, subm=False),
+                        repeat)
+
+
 def time_subm_forward(indices, spatial_shape, channels, repeat=5):
     """Time SubMConv3d(C, C, 3, bias=False) forward with a cached rulebook.
 

@@ -626,3 +626,16 @@ def test_load_rejects_corrupt_rulebooks(tmp_path):
         np.savez(path, **{**{k: np.asarray(v) for k, v in fields.items()}, **change})
         with pytest.raises(ValueError, match="not a valid rulebook"):
             sg.Rulebook.load(path)
+
+
+@pytest.mark.parametrize("n,high", [(0, 5), (1, 5), (7, 3), (1000, 50), (5000, 2**62)])
+def test_unique_ranks_matches_numpy_unique(n, high):
+    from sparsegrid.cpu.rules import unique_ranks
+    rng = np.random.default_rng(n)
+    keys = rng.integers(-high, high, n, dtype=np.int64)
+    unique_keys, ranks = unique_ranks(keys)
+    expect, inverse = np.unique(keys, return_inverse=True)
+    assert unique_keys.dtype == np.int64 and ranks.dtype == np.int64
+    np.testing.assert_array_equal(unique_keys, expect)
+    np.testing.assert_array_equal(ranks, inverse.reshape(-1))
+    np.testing.assert_array_equal(unique_keys[ranks], keys)
