@@ -479,47 +479,35 @@ def max_pool_grad(g, argmax, total):
 
 
 @_njit
-def batch_norm_grad(g, x, ref, mode, leak, scale, shift, k, invstd, mean, n_rows, gx):
+def batch_norm_grad(g, x, ref, leak, k, invstd, mean, n_rows, gx):
     """Batch-norm backward in two passes over the rows: the per-channel sums of the
-    activation-masked gradient ``gg`` and of ``gg * x`` (float64, in row order), then
+    activation-masked gradient ``gg`` (``g`` where ``ref > 0``, else ``leak * g``; pass
+    ``leak = 1`` for no activation) and of ``gg * x``, in float64 and row order; then
     ``gx = k * (gg - sum(gg) / n - xhat * mean(gg * xhat))`` with ``xhat = (x - mean) *
-    invstd`` folded into per-channel coefficients (``n_rows`` = 0 for the
-    running-statistics case, where ``gx = k * gg``). ``mode``: 0 no activation,
-    1 ``gg = g`` where ``ref > 0`` (the forward's output) else ``leak * g``, 2 the same test
-    on ``x * scale + shift``. Returns (sum gg, sum gg * x)."""
+    invstd`` folded into per-channel coefficients, or ``gx = k * gg`` when ``n_rows`` is 0
+    (running statistics: mean and invstd are constants). Returns (sum gg, sum gg * x)."""
     n, channels = g.shape
     sum_g = np.zeros(channels, np.float64)
     sum_gx = np.zeros(channels, np.float64)
     for r in range(n):
         for c in range(channels):
-            v = g[r, c]
-            if mode == 1:
-                if not ref[r, c] > 0:
-                    v = v * leak
-            elif mode == 2:
-                if not x[r, c] * scale[c] + shift[c] > 0:
-                    v = v * leak
+            v = g[r, c] if ref[r, c] > 0 else g[r, c] * leak
             sum_g[c] += v
             sum_gx[c] += v * x[r, c]
-    coef_g = np.empty(channels, np.float64)
     coef_x = np.zeros(channels, np.float64)
     const = np.zeros(channels, np.float64)
-    for c in range(channels):
-        coef_g[c] = k[c]
-        if n_rows > 0:
+    if n_rows > 0:
+        for c in range(channels):
             m2 = invstd[c] * (sum_gx[c] - mean[c] * sum_g[c]) / n_rows
             coef_x[c] = -k[c] * invstd[c] * m2
             const[c] = k[c] * (mean[c] * invstd[c] * m2 - sum_g[c] / n_rows)
     for r in range(n):
         for c in range(channels):
-            v = g[r, c]
-            if mode == 1:
-                if not ref[r, c] > 0:
-                    v = v * leak
-            elif mode == 2:
-                if not x[r, c] * scale[c] + shift[c] > 0:
-                    v = v * leak
-            gx[r, c] = v * coef_g[c] + x[r, c] * coef_x[c] + const[c]
+            v = g[r, c] if ref[r, c] > 0 else g[r, c] * leak
+            if n_rows > 0:
+                gx[r, c] = v * k[c] + x[r, c] * coef_x[c] + const[c]
+            else:
+                gx[r, c] = v * k[c]
     return sum_g, sum_gx
 
 

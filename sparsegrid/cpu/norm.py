@@ -73,7 +73,8 @@ def batch_norm_backward(grad_out, x, mean, var, weight, bias, eps, leakiness, tr
     """
     dtype = x.dtype
     invstd = (1.0 / np.sqrt(var + eps)).astype(dtype, copy=False)
-    if len(x) and dtype in jit.SUPPORTED_DTYPES and jit.jit_enabled():
+    if (len(x) and dtype in jit.SUPPORTED_DTYPES and grad_out.dtype == dtype
+            and jit.jit_enabled()):
         return _batch_norm_backward_compiled(grad_out, x, mean, var, weight, bias, eps,
                                              leakiness, training, out, invstd)
     g = grad_out
@@ -109,23 +110,26 @@ def batch_norm_backward(grad_out, x, mean, var, weight, bias, eps, leakiness, tr
 def _batch_norm_backward_compiled(grad_out, x, mean, var, weight, bias, eps, leakiness,
                                   training, out, invstd):
     dtype = x.dtype
-    g = np.ascontiguousarray(grad_out, dtype)
+    g = np.ascontiguousarray(grad_out)
     x = np.ascontiguousarray(x)
-    ref, scale, shift = x, np.zeros(0, dtype), np.zeros(0, dtype)   # unused in mode 0
     if leakiness == 1:
-        mode = 0
+        ref, leak = g, 1.0       # every value passes: the mask is not consulted
     elif out is not None and leakiness >= 0:
-        mode, ref = 1, np.ascontiguousarray(out, dtype)
-    else:  # a negative leak flips signs: recompute where the activation was active
-        mode = 2
-        scale, shift = (np.ascontiguousarray(v, dtype).reshape(-1)
-                        for v in _scale_shift(mean, var, weight, bias, eps))
+        ref, leak = np.ascontiguousarray(out), float(leakiness)
+    else:
+        # a negative leak flips signs: recompute the pre-activation exactly as the
+        # forward did (two roundings; a fused multiply-add could flip values near 0)
+        scale, shift = _scale_shift(mean, var, weight, bias, eps)
+        ref = np.multiply(x, scale)
+        ref += shift
+        leak = float(leakiness)
     k = invstd * weight if weight is not None else invstd
+    mean64, invstd64 = mean.astype(np.float64), invstd.astype(np.float64)
     gx = np.empty_like(g)
     sum_g, sum_gx = jit._kernels().batch_norm_grad(
-        g, x, ref, mode, float(leakiness), scale, shift, k.astype(np.float64),
-        invstd.astype(np.float64), mean.astype(np.float64), len(x) if training else 0, gx)
-    sum_gxhat = invstd.astype(np.float64) * (sum_gx - mean.astype(np.float64) * sum_g)
+        g, x, ref, leak, k.astype(np.float64), invstd64, mean64,
+        len(x) if training else 0, gx)
+    sum_gxhat = invstd64 * (sum_gx - mean64 * sum_g)
     grad_weight = sum_gxhat.astype(dtype) if weight is not None else None
     grad_bias = sum_g.astype(dtype) if bias is not None else None
     return gx, grad_weight, grad_bias

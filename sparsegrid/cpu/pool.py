@@ -56,7 +56,7 @@ def max_pool_backward(grad_out, argmax, in_idx, out_idx, offset_ptr, n_in):
         return total.astype(grad_out.dtype, copy=False)
     cells = argmax.astype(np.int64) * channels + np.arange(channels)
     weights = grad_out.reshape(-1)
-    if n_out and argmax.min() < 0:   # outputs whose inputs were all -inf or NaN
+    if argmax.size and argmax.min() < 0:   # outputs whose inputs were all -inf or NaN
         keep = argmax.reshape(-1) >= 0
         cells, weights = cells.reshape(-1)[keep], weights[keep]
     total = np.bincount(cells.reshape(-1), weights=weights, minlength=n_in * channels)

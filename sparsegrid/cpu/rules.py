@@ -125,7 +125,7 @@ def _per_axis_taps(coords, filter_size, stride, out_shape):
     """
     axes = []
     for d, (f, s, n_out) in enumerate(zip(filter_size, stride, out_shape)):
-        x = coords[:, d]
+        f, s, x = int(f), int(s), coords[:, d]
         power = s & (s - 1) == 0      # coordinates are >= 0: a mask and a shift
         first = x & (s - 1) if power else x % s
         choices = []
