@@ -631,8 +631,10 @@ def test_load_rejects_corrupt_rulebooks(tmp_path):
             sg.Rulebook.load(path)
 
 
-@pytest.mark.parametrize("n,high", [(0, 5), (1, 5), (7, 3), (1000, 50), (5000, 2**62)])
+@pytest.mark.parametrize("n,high", [(0, 5), (1, 5), (7, 3), (1000, 50), (5000, 2**62),
+                                    (3000, 2**22), (3000, 2**19)])
 def test_unique_ranks_matches_numpy_unique(n, high):
+    # small ranges take the marked-table path, wide ones the argsort path
     from sparsegrid.cpu.rules import unique_ranks
     rng = np.random.default_rng(n)
     keys = rng.integers(-high, high, n, dtype=np.int64)
