@@ -343,6 +343,27 @@ def test_vector_bits_is_512_or_256():
     assert jit.vector_bits() in (512, 256)
 
 
+@pytest.mark.parametrize("features,cpu_name,bits", [
+    ("+avx2,+fma,+avx512f,+avx512bw", None, 512),
+    ("+avx2,+fma,-avx512f", None, 256),
+    ("+avx2,+fma,+avx512f", "haswell", 512),      # explicit features win over the name
+    (None, "haswell", 256),
+    (None, "generic", 256),
+    (None, "skylake-avx512", 512),
+    (None, "znver4", 512),
+])
+def test_vector_bits_follows_numbas_target(features, cpu_name, bits):
+    # NUMBA_CPU_FEATURES, else NUMBA_CPU_NAME (a portable cache for AVX2 CPUs compiled on
+    # an AVX-512 host must get the 16-register tiles), else the host
+    assert jit._bits_for(features, cpu_name) == bits
+
+
+def test_vector_bits_of_the_host():
+    import llvmlite.binding as llvm
+    host = "+avx512f" in llvm.get_host_cpu_features().flatten().split(",")
+    assert jit._bits_for(None, None) == jit._bits_for(None, "host") == (512 if host else 256)
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("cin, cout", [(13, 123), (17, 59), (1, 8), (6, 3)])
 def test_every_forward_tile_both_vector_widths(rng, dtype, cin, cout):

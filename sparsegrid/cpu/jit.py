@@ -207,21 +207,45 @@ def build_plan(in_idx, out_idx, offset_ptr, n_out):
     return JitPlan(row_ptr, in_rows, offsets, n_offsets)
 
 
+# LLVM CPU names with AVX-512F, for ``NUMBA_CPU_NAME`` (numba then compiles for that CPU's
+# own features unless ``NUMBA_CPU_FEATURES`` is set).
+_AVX512_CPUS = frozenset({
+    "knl", "knm", "skylake-avx512", "skx", "cascadelake", "cooperlake", "cannonlake",
+    "icelake-client", "icelake-server", "rocketlake", "tigerlake", "sapphirerapids",
+    "emeraldrapids", "graniterapids", "graniterapids-d", "diamondrapids", "znver4",
+    "znver5", "x86-64-v4"})
+
+
 def vector_bits():
     """Width in bits (512 or 256) of the vectors the kernels' register tiles are sized
-    for: 512 where the CPU numba compiles for has AVX-512F (``NUMBA_CPU_FEATURES`` when
-    set, else the host's), else 256. Only speed depends on it, never a result bit."""
+    for: 512 where the CPU numba compiles for has AVX-512F, else 256. That CPU is described
+    by ``NUMBA_CPU_FEATURES`` when set, else named by ``NUMBA_CPU_NAME`` (``generic`` or
+    ``haswell`` for a portable cache: 256), else the host. Only speed depends on it, never
+    a result bit."""
     if _state["bits"] is None:
+        _state["bits"] = _bits_for(*_numba_target())
+    return _state["bits"]
+
+
+def _numba_target():
+    """(features, cpu name) numba compiles for: either may be None (not set)."""
+    try:
+        from numba.core import config
+        return config.CPU_FEATURES, config.CPU_NAME
+    except Exception:  # pragma: no cover - numba's config unavailable
+        return None, None
+
+
+def _bits_for(features, cpu_name):
+    if features is None and cpu_name not in (None, "", "host"):
+        return 512 if cpu_name in _AVX512_CPUS else 256
+    if features is None:
         try:
-            from numba.core import config
-            features = config.CPU_FEATURES
-            if features is None:
-                import llvmlite.binding as llvm
-                features = llvm.get_host_cpu_features().flatten()
+            import llvmlite.binding as llvm
+            features = llvm.get_host_cpu_features().flatten()
         except Exception:  # pragma: no cover - feature query unavailable
             features = ""
-        _state["bits"] = 512 if "+avx512f" in features.split(",") else 256
-    return _state["bits"]
+    return 512 if "+avx512f" in features.split(",") else 256
 
 
 def forward_tiles(cout, dtype, bits=None):
