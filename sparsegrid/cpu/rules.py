@@ -300,7 +300,8 @@ def unique_ranks(keys):
 
     Keys within a small range (at most 8x their number, or 2**20) are marked in a table over
     that range: the marks, read in order, are the sorted distinct keys (the room scene's
-    strided rulebooks: one output cell in 2-4 is reached). Otherwise one argsort: NumPy's
+    strided rulebooks: 234k-627k keys over 0.9 million output cells). Otherwise one
+    argsort (the LiDAR scenes' output grids are 100-1000x their keys): NumPy's
     ``np.unique`` hashes int64 keys (8x slower here on 600k keys), and a ``searchsorted``
     of every key costs more than scattering the ranks back."""
     keys = np.asarray(keys, np.int64)
