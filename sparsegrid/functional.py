@@ -98,43 +98,15 @@ def _check_bias(x, bias, cout):
         raise ValueError(f"bias must have shape ({cout},); got {bias.shape}")
 
 
-# Above this many kernel offsets the plan's (n_out, K) row table costs more than it saves
-# (a 3x3x3x3 filter has 81; at D = 10 a size-3 filter has 59049).
-PLAN_MAX_OFFSETS = 64
-
-
-def conv_plan(rulebook, kernels):
-    """The kernels' cached plan of a rulebook (built on first use): the compiled kernels'
-    plan when they are available (numba, ``sparsegrid.cpu.jit``), else a :class:`ConvPlan`,
-    or None for filters with more than ``PLAN_MAX_OFFSETS`` offsets (the per-offset path
-    runs)."""
-    fast = getattr(kernels, "fast_plan_available", None)
-    if fast is not None and fast(rulebook.n_offsets):
-        return rulebook.derived("fast_plan", lambda: kernels.build_fast_plan(
-            rulebook.in_idx, rulebook.out_idx, rulebook.offset_ptr, rulebook.n_out,
-            rulebook.identity_offset))
-    if rulebook.n_offsets > PLAN_MAX_OFFSETS:
-        return None
-    return rulebook.derived("conv_plan", lambda: kernels.build_conv_plan(
-        rulebook.in_idx, rulebook.out_idx, rulebook.offset_ptr, rulebook.n_out,
-        rulebook.identity_offset))
-
-
 def _convolve(x, weight, bias, rulebook):
     features, w, b = data_of(x.features), data_of(weight), data_of(bias)
-    kernels = backend.kernels(features)
-    plan = conv_plan(rulebook, kernels) if w.ndim == 3 else None
-    out = kernels.conv_forward(features, w, rulebook.in_idx, rulebook.out_idx,
-                               rulebook.offset_ptr, rulebook.n_out, b, rulebook.identity_offset,
-                               plan=plan)
+    kernels = x.kernels
+    out = kernels.conv_forward(features, w, rulebook, b)
 
     def vjp(g):
-        back = rulebook.transpose()
         grad_features, grad_weight = kernels.conv_backward(
-            g, features, w, rulebook.in_idx, rulebook.out_idx, rulebook.offset_ptr,
-            rulebook.identity_offset, need_features=_wants(x.features),
-            need_weight=_wants(weight),
-            transposed_plan=conv_plan(back, kernels) if w.ndim == 3 else None)
+            g, features, w, rulebook, need_features=_wants(x.features),
+            need_weight=_wants(weight))
         return grad_features, grad_weight, (g.sum(axis=0) if _wants(bias) else None)
 
     return _differentiable(out, (x.features, weight, bias), vjp)
@@ -262,7 +234,7 @@ def network_in_network(x, weight, bias=None):
     out = features @ w
     if b is not None:
         out += b
-    kernels = backend.kernels(features)
+    kernels = x.kernels
 
     def vjp(g):
         return (g @ w.T if _wants(x.features) else None,
@@ -307,11 +279,10 @@ def max_pool(x, filter_size=2, stride=2, n_features_to_drop=0):
 
 def _max_pool(x, rulebook, sites, n_features_to_drop):
     features, dropped = _kept_features(x, n_features_to_drop)
-    kernels = backend.kernels(features)
-    out, argmax = kernels.max_pool_forward(
-        features, rulebook.in_idx, rulebook.out_idx, rulebook.offset_ptr, rulebook.n_out)
+    kernels = x.kernels
+    out, argmax = kernels.max_pool_forward(features, rulebook)
     return _pool_result(x, out, sites, x.grid, dropped, lambda g: kernels.max_pool_backward(
-        g, argmax, rulebook.in_idx, rulebook.out_idx, rulebook.offset_ptr, rulebook.n_in))
+        g, argmax, rulebook.n_in))
 
 
 def randomized_max_pool(x, filter_size=2, stride=2, n_features_to_drop=0, rng=None):
@@ -327,15 +298,13 @@ def avg_pool(x, filter_size=2, stride=2, n_features_to_drop=0):
     _require_tensor(x)
     rulebook, sites = x.grid.strided(x.sites, filter_size, stride)
     features, dropped = _kept_features(x, n_features_to_drop)
-    kernels = backend.kernels(features)
-    out = kernels.rule_sum(
-        features, rulebook.in_idx, rulebook.out_idx, rulebook.offset_ptr, rulebook.n_out)
+    kernels = x.kernels
+    out = kernels.rule_sum(features, rulebook)
     scale = out.dtype.type(1.0 / math.prod(rulebook.filter_size))
     out *= scale
 
     def grad_kept(g):
-        grad = kernels.rule_sum(g, rulebook.out_idx, rulebook.in_idx, rulebook.offset_ptr,
-                                rulebook.n_in)
+        grad = kernels.rule_sum(g, rulebook.transpose())
         grad *= scale
         return grad
 
@@ -350,11 +319,10 @@ def unpool(x, filter_size=2, stride=2, n_features_to_drop=0):
     _require_tensor(x)
     rulebook, sites = x.grid.transposed(x.sites, filter_size, stride)
     features, dropped = _kept_features(x, n_features_to_drop)
-    kernels = backend.kernels(features)
-    out = kernels.rule_sum(
-        features, rulebook.in_idx, rulebook.out_idx, rulebook.offset_ptr, rulebook.n_out)
+    kernels = x.kernels
+    out = kernels.rule_sum(features, rulebook)
     return _pool_result(x, out, sites, x.grid, dropped, lambda g: kernels.rule_sum(
-        g, rulebook.out_idx, rulebook.in_idx, rulebook.offset_ptr, rulebook.n_in))
+        g, rulebook.transpose()))
 
 
 def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None, training=True,
@@ -375,7 +343,7 @@ def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None, t
             raise ValueError(f"{name} must have shape ({channels},); got "
                              f"{getattr(value, 'shape', type(value).__name__)}")
     features, w, b = data_of(x.features), data_of(weight), data_of(bias)
-    kernels = backend.kernels(features)
+    kernels = x.kernels
     if x.n_active == 0:
         return x.with_features(_differentiable(features.copy(), (x.features,),
                                                lambda g: (g,)))
@@ -418,7 +386,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
             raise ValueError(f"{name} must have shape ({channels},); got "
                              f"{getattr(value, 'shape', type(value).__name__)}")
     features, w, b = data_of(x.features), data_of(weight), data_of(bias)
-    kernels = backend.kernels(features)
+    kernels = x.kernels
     n, g = x.n_active, int(num_groups)
     per = channels // g
     samples = x.indices[:, 0]
@@ -483,7 +451,7 @@ def global_pool(x, mode="max"):
     if mode not in ("max", "mean", "sum"):
         raise ValueError(f"mode must be 'max', 'mean' or 'sum'; got {mode!r}")
     features = data_of(x.features)
-    kernels = backend.kernels(features)
+    kernels = x.kernels
     out, chosen = kernels.segment_reduce(features, x.indices[:, 0], x.batch_size, mode)
     return _differentiable(out, (x.features,), lambda g: (kernels.segment_reduce_backward(
         g, x.indices[:, 0], x.batch_size, mode, chosen, x.n_active),))
@@ -589,7 +557,7 @@ def output_layer(x, input_map):
         raise ValueError(f"x has {x.n_active} sites but input_map maps {input_map.n_sites}; "
                          "pass a tensor on the input layer's sites")
     features = data_of(x.features)
-    kernels = backend.kernels(features)
+    kernels = x.kernels
     if input_map.mode in ("first", "last"):
         out = np.zeros((input_map.n_rows, x.n_channels), x.dtype)
         out[input_map.chosen] = features
@@ -602,7 +570,7 @@ def to_dense(x):
     """Dense (B, C, S1, ..., SD) array of a SparseTensor, zero at inactive sites."""
     _require_tensor(x)
     features = data_of(x.features)
-    kernels = backend.kernels(features)
+    kernels = x.kernels
     out = kernels.scatter_to_dense(features, x.indices, x.batch_size, x.spatial_shape)
     return _differentiable(out, (x.features,),
                            lambda g: (kernels.gather_from_dense(g, x.indices),))
@@ -632,7 +600,7 @@ def from_dense(dense):
 
 
 __all__ = [
-    "avg_pool", "batch_norm", "conv", "conv_plan", "deconv", "from_dense", "full_conv",
+    "avg_pool", "batch_norm", "conv", "deconv", "from_dense", "full_conv",
     "global_pool", "group_norm", "input_layer", "InputMap", "input_mode_name", "max_pool",
     "neighbour_features", "network_in_network", "output_layer", "permutohedral_conv", "randomized_conv",
     "randomized_max_pool", "select", "submanifold_conv", "to_dense", "unpool",

@@ -34,13 +34,20 @@ class Sites:
         Sort permutation of ``indices`` by (batch, x1, ..., xD); None when already sorted.
     producer : tuple or None
         ``(input_sites, filter_size, stride, rulebook)`` of the strided op that made it.
+    kernels : module
+        The backend (``sparsegrid.cpu`` / ``sparsegrid.cuda``) of the indices' library.
     """
 
-    __slots__ = ("indices", "spatial_shape", "batch_size", "order", "producer", "uid")
+    __slots__ = ("indices", "spatial_shape", "batch_size", "order", "producer", "uid",
+                 "kernels")
 
     def __init__(self, indices, spatial_shape, batch_size, order=None, producer=None):
-        indices.flags.writeable = False   # cached rulebooks depend on these coordinates
+        if isinstance(indices, np.ndarray):
+            indices.flags.writeable = False   # cached rulebooks depend on these coordinates
         self.indices = indices
+        # The backend is chosen here, once, from the indices' array library; every
+        # rulebook and kernel on these sites uses it.
+        self.kernels = backend.kernels(indices)
         self.spatial_shape = tuple(spatial_shape)
         self.batch_size = int(batch_size)
         self.order = order
@@ -112,7 +119,7 @@ class Grid:
         dilation = normalize_size(dilation, d, "dilation")
 
         def build():
-            kernels = backend.kernels(sites.indices)
+            kernels = sites.kernels
             in_idx, out_idx, ptr, identity = kernels.submanifold_rules(
                 sites.indices, sites.order, sites.spatial_shape, sites.batch_size,
                 filter_size, dilation)
@@ -132,7 +139,7 @@ class Grid:
         out_shape = strided_output_shape(sites.spatial_shape, filter_size, stride)
 
         def build():
-            kernels = backend.kernels(sites.indices)
+            kernels = sites.kernels
             return _strided_result(sites, filter_size, stride, out_shape, kernels.strided_rules(
                 sites.indices, sites.spatial_shape, sites.batch_size, filter_size, stride,
                 out_shape))
@@ -148,7 +155,7 @@ class Grid:
         offsets = tuple(tuple(int(v) for v in row) for row in offsets)
 
         def build():
-            kernels = backend.kernels(sites.indices)
+            kernels = sites.kernels
             in_idx, out_idx, ptr, identity = kernels.offset_rules(
                 sites.indices, sites.order, sites.spatial_shape, sites.batch_size, offsets)
             return Rulebook(in_idx, out_idx, ptr, len(sites), len(sites), (len(offsets),),
@@ -180,7 +187,7 @@ class Grid:
                 steps[third:2 * third] += 1
                 rng.shuffle(steps)
             starts.append(np.concatenate([[0], np.cumsum(steps)]).astype(np.int64))
-        kernels = backend.kernels(sites.indices)
+        kernels = sites.kernels
         return _strided_result(sites, filter_size, stride, out_shape, kernels.window_rules(
             sites.indices, sites.spatial_shape, sites.batch_size, filter_size, starts,
             out_shape))
@@ -227,7 +234,7 @@ class Grid:
             transposed_output_shape(sites.spatial_shape, filter_size, stride))
 
         def build():
-            kernels = backend.kernels(sites.indices)
+            kernels = sites.kernels
             in_idx, out_idx, ptr, out_indices = kernels.full_rules(
                 sites.indices, sites.spatial_shape, sites.batch_size, filter_size, stride,
                 out_shape)

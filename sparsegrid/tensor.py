@@ -49,6 +49,7 @@ class SparseTensor:
             validate_features(features.data, len(indices))
         else:
             features = validate_features(features, len(indices))
+        backend.kernels(indices, data_of(features))   # one library for both, or TypeError
         self._sites = Sites.from_indices(indices, spatial_shape, batch_size)
         self._grid = Grid()
         self._features = features
@@ -117,6 +118,11 @@ class SparseTensor:
     @property
     def sites(self):
         return self._sites
+
+    @property
+    def kernels(self):
+        """The backend module that runs this tensor's ops (chosen once, by its sites)."""
+        return self._sites.kernels
 
     @property
     def grid(self):

@@ -211,3 +211,19 @@ def batch_norm(x, weight, bias, mean, var, eps, leakiness):
     if bias is not None:
         y = y + bias
     return np.where(y > 0, y, leakiness * y)
+
+
+def rulebook_conv(features, weight, rulebook, bias=None):
+    """Brute-force convolution over a rulebook's pairs (np.add.at per offset; tests only).
+
+    ``weight`` (K, Cin, Cout) or grouped (K, G, Cin/G, Cout/G)."""
+    w = expand_groups(weight) if weight.ndim == 4 else weight
+    out = np.zeros((rulebook.n_out, w.shape[2]), np.result_type(features, w))
+    ptr = rulebook.offset_ptr
+    for k in range(len(ptr) - 1):
+        rows_in = rulebook.in_idx[ptr[k]:ptr[k + 1]]
+        rows_out = rulebook.out_idx[ptr[k]:ptr[k + 1]]
+        np.add.at(out, rows_out, features[rows_in] @ w[k])
+    if bias is not None:
+        out += bias
+    return out

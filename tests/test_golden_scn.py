@@ -214,9 +214,7 @@ def check_weighted(g, x, apply, rulebook):
         assert out.spatial_shape == g.ints("spatial_size_out"), label
         assert_close(out.features, g["out_feats"][p], f"{label}: output features")
         grad_out = np.ascontiguousarray(g["grad_out"][p])
-        grad_in, grad_w = cpu.conv_backward(grad_out, x.features, weight, rulebook.in_idx,
-                                            rulebook.out_idx, rulebook.offset_ptr,
-                                            rulebook.identity_offset)
+        grad_in, grad_w = cpu.conv_backward(grad_out, x.features, weight, rulebook)
         assert_close(grad_in, grad_in_expected, f"{label}: grad w.r.t. input features")
         expected_w = g[f"grad_weight_{form}"]
         if form == "kio" and groups > 1:  # deviation 5: compare on the diagonal blocks
@@ -330,7 +328,7 @@ def case_avgpool(g):
     assert_close(out.features, g["out_feats"][p], f"{g.name}: output (sum / prod(f))")
     grad_out = np.ascontiguousarray(g["grad_out"][p])
     back = rulebook.transpose()
-    grad_in = cpu.rule_sum(grad_out, back.in_idx, back.out_idx, back.offset_ptr, back.n_out)
+    grad_in = cpu.rule_sum(grad_out, back)
     grad_in /= np.float32(math.prod(f))
     q = match_sites(x.indices, g["in_coords"], "input")
     assert_close(grad_in, g["grad_in"][q], f"{g.name}: grad w.r.t. input features")
@@ -349,8 +347,7 @@ def case_unpool(g):
     assert_close(out.features, g["out_feats"][p], f"{g.name}: output (sum over parents)")
     grad_out = np.ascontiguousarray(g["grad_out"][p])
     strided = rulebook.transpose()  # the AveragePooling rulebook: fine -> coarse
-    grad_in = cpu.rule_sum(grad_out, strided.in_idx, strided.out_idx, strided.offset_ptr,
-                           strided.n_out)
+    grad_in = cpu.rule_sum(grad_out, strided)
     q = match_sites(coarse.indices, g["in_coords"], "coarse input")
     assert_close(grad_in, g["grad_in"][q], f"{g.name}: grad w.r.t. input features")
 
@@ -393,10 +390,8 @@ def case_maxpool(g):
 
     # Gradients: the backward kernel, with the arg-max of the forward over the same rulebook.
     grad_out_g = g["grad_out"]
-    _, argmax = cpu.max_pool_forward(x.features, rulebook.in_idx, rulebook.out_idx,
-                                     rulebook.offset_ptr, rulebook.n_out)
+    _, argmax = cpu.max_pool_forward(x.features, rulebook)
     ours_grad = cpu.max_pool_backward(np.ascontiguousarray(grad_out_g[p]), argmax,
-                                      rulebook.in_idx, rulebook.out_idx, rulebook.offset_ptr,
                                       rulebook.n_in)
     grad = np.empty_like(ours_grad)
     grad[q] = ours_grad                                          # golden input row order
@@ -533,9 +528,7 @@ def case_networkinnetwork(g):
     assert_close(out.features, g["out_feats"][q], f"{g.name}: output")
     grad_out = np.ascontiguousarray(g["grad_out"][q])
     rulebook = x.grid.submanifold(x.sites, 1)
-    grad_in, grad_w = cpu.conv_backward(grad_out, x.features, weight[None], rulebook.in_idx,
-                                        rulebook.out_idx, rulebook.offset_ptr,
-                                        rulebook.identity_offset)
+    grad_in, grad_w = cpu.conv_backward(grad_out, x.features, weight[None], rulebook)
     assert_close(grad_in, g["grad_in"][q], f"{g.name}: grad w.r.t. input features")
     assert_close(grad_w[0], g["grad_weight"], f"{g.name}: grad w.r.t. weight")
     assert_close(grad_out.sum(axis=0), g["grad_bias"], f"{g.name}: grad w.r.t. bias")

@@ -90,11 +90,15 @@ CONV_CASES = [("submanifold_odd", 1), ("submanifold_even", 1), ("submanifold_dil
               ("full", 1), ("full", 2)]
 
 
-def conv_forward(features, weight, rulebook, bias=None, identity_offset=None):
-    if identity_offset is None:
-        identity_offset = rulebook.identity_offset
-    return cpu.conv_forward(features, weight, rulebook.in_idx, rulebook.out_idx,
-                            rulebook.offset_ptr, rulebook.n_out, bias, identity_offset)
+def without_identity(rulebook):
+    """The same pairs with no identity offset declared (the kernels gather it like any)."""
+    return sg.Rulebook(rulebook.in_idx, rulebook.out_idx, rulebook.offset_ptr, rulebook.n_in,
+                       rulebook.n_out, rulebook.filter_size, stride=rulebook.stride,
+                       dilation=rulebook.dilation, kind=rulebook.kind, identity_offset=-1)
+
+
+def conv_forward(features, weight, rulebook, bias=None):
+    return cpu.conv_forward(features, weight, rulebook, bias)
 
 
 @pytest.mark.parametrize("kind,groups", CONV_CASES)
@@ -107,9 +111,7 @@ def test_conv_backward(rng, kind, groups):
     weight = random_weight(rng, rulebook.n_offsets, cin, cout, groups)
     features = x.features
     grad_out = rng.standard_normal((rulebook.n_out, cout))
-    grad_features, grad_weight = cpu.conv_backward(
-        grad_out, features, weight, rulebook.in_idx, rulebook.out_idx, rulebook.offset_ptr,
-        rulebook.identity_offset)
+    grad_features, grad_weight = cpu.conv_backward(grad_out, features, weight, rulebook)
     assert_gradient(grad_features,
                     lambda f: np.sum(conv_forward(f, weight, rulebook) * grad_out), features)
     assert_gradient(grad_weight,
@@ -120,8 +122,7 @@ def test_conv_backward_need_flags(rng):
     rulebook, x = rulebook_case(rng, "submanifold_odd")
     weight = random_weight(rng, rulebook.n_offsets, 2, 3)
     grad_out = rng.standard_normal((rulebook.n_out, 3))
-    args = (grad_out, x.features, weight, rulebook.in_idx, rulebook.out_idx,
-            rulebook.offset_ptr, rulebook.identity_offset)
+    args = (grad_out, x.features, weight, rulebook)
     both = cpu.conv_backward(*args)
     only_features = cpu.conv_backward(*args, need_weight=False)
     only_weight = cpu.conv_backward(*args, need_features=False)
@@ -148,86 +149,83 @@ def test_identity_offset_is_only_a_shortcut(rng):
     weight = random_weight(rng, rulebook.n_offsets, 2, 3)
     bias = rng.standard_normal(3)
     np.testing.assert_allclose(conv_forward(x.features, weight, rulebook, bias),
-                               conv_forward(x.features, weight, rulebook, bias, -1),
+                               conv_forward(x.features, weight, without_identity(rulebook),
+                                            bias),
                                rtol=1e-12, atol=1e-12)
     grad_out = rng.standard_normal((rulebook.n_out, 3))
-    common = (grad_out, x.features, weight, rulebook.in_idx, rulebook.out_idx,
-              rulebook.offset_ptr)
-    with_shortcut = cpu.conv_backward(*common, rulebook.identity_offset)
-    without = cpu.conv_backward(*common, -1)
+    common = (grad_out, x.features, weight)
+    with_shortcut = cpu.conv_backward(*common, rulebook)
+    without = cpu.conv_backward(*common, without_identity(rulebook))
     for a, b in zip(with_shortcut, without):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
-# --- convolution plans (grouped fast paths of conv_forward / conv_backward) -----------------
+# --- the CPU plan: output-row blocks of a bounded number of pairs -------------------------
 
-def build_plan(rulebook, block, min_rows):
-    return cpu.build_conv_plan(rulebook.in_idx, rulebook.out_idx, rulebook.offset_ptr,
-                               rulebook.n_out, rulebook.identity_offset, block=block,
-                               min_rows=min_rows)
+@pytest.fixture
+def block_pairs(monkeypatch):
+    """Set the CPU plan's block size (pairs per block of output rows) for fresh rulebooks."""
+    from sparsegrid.cpu import conv as cpu_conv
 
-
-def _planned_forward(rulebook, plan):
-    def forward(features, weight, bias=None):
-        return cpu.conv_forward(features, weight, rulebook.in_idx, rulebook.out_idx,
-                                rulebook.offset_ptr, rulebook.n_out, bias,
-                                rulebook.identity_offset, plan=plan)
-    return forward
+    def set_size(n):
+        monkeypatch.setattr(cpu_conv, "_BLOCK_PAIRS", n)
+    return set_size
 
 
-@pytest.mark.parametrize("block,min_rows", [(9, 1), (2, 2), (4, 3)])
+@pytest.mark.parametrize("pairs", [1, 3, 7, 50])
 @pytest.mark.parametrize("kind", ["submanifold_odd", "submanifold_even", "submanifold_dilated",
                                   "strided", "transposed", "full"])
 @pytest.mark.parametrize("d", (2, 3))
-def test_conv_plan_forward_and_backward(rng, kind, d, block, min_rows):
-    """A plan changes nothing but speed: forward equals the per-offset loop, and backward
-    with the plan of the transposed rulebook matches finite differences."""
+def test_conv_blocks_forward_and_backward(rng, kind, d, pairs, block_pairs):
+    """Any block size gives the per-offset sum (dense reference) and exact gradients."""
     rulebook, x = rulebook_case(rng, kind, d=d)
-    plan = build_plan(rulebook, block, min_rows)
-    transposed_plan = build_plan(rulebook.transpose(), block, min_rows)
-    for p in (plan, transposed_plan):  # the grouped paths run
-        assert p.exact or any(p.groups)
     weight, bias = random_weight(rng, rulebook.n_offsets, 2, 3), rng.standard_normal(3)
-    forward = _planned_forward(rulebook, plan)
-    np.testing.assert_allclose(forward(x.features, weight, bias),
-                               conv_forward(x.features, weight, rulebook, bias),
+    expected = ref.rulebook_conv(x.features, weight, rulebook, bias)
+    block_pairs(pairs)
+    fresh = without_identity(rulebook) if kind == "full" else sg.Rulebook(
+        rulebook.in_idx, rulebook.out_idx, rulebook.offset_ptr, rulebook.n_in, rulebook.n_out,
+        rulebook.filter_size, stride=rulebook.stride, dilation=rulebook.dilation,
+        kind=rulebook.kind, identity_offset=rulebook.identity_offset)
+    plan = cpu.prepare_conv(fresh)
+    if pairs < 50:
+        assert len(plan.blocks) > 1   # several blocks run
+    np.testing.assert_allclose(conv_forward(x.features, weight, fresh, bias), expected,
                                rtol=1e-12, atol=1e-12)
     grad_out = rng.standard_normal((rulebook.n_out, 3))
-    common = (grad_out, x.features, weight, rulebook.in_idx, rulebook.out_idx,
-              rulebook.offset_ptr, rulebook.identity_offset)
-    grad_features, grad_weight = cpu.conv_backward(*common, transposed_plan=transposed_plan)
-    assert_gradient(grad_features, lambda f: np.sum(forward(f, weight) * grad_out), x.features)
-    assert_gradient(grad_weight, lambda w: np.sum(forward(x.features, w) * grad_out), weight)
-    for planned, plain in zip((grad_features, grad_weight), cpu.conv_backward(*common)):
-        np.testing.assert_allclose(planned, plain, rtol=1e-12, atol=1e-12)
-    only_features = cpu.conv_backward(*common, need_weight=False,
-                                      transposed_plan=transposed_plan)
-    only_weight = cpu.conv_backward(*common, need_features=False,
-                                    transposed_plan=transposed_plan)
-    assert only_features[1] is None and only_weight[0] is None
-    np.testing.assert_allclose(only_features[0], grad_features, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(only_weight[1], grad_weight, rtol=1e-12, atol=1e-12)
+    grad_features, grad_weight = cpu.conv_backward(grad_out, x.features, weight, fresh)
+    assert_gradient(grad_features, lambda f: np.sum(conv_forward(f, weight, fresh) * grad_out),
+                    x.features)
+    assert_gradient(grad_weight,
+                    lambda w: np.sum(conv_forward(x.features, w, fresh) * grad_out), weight)
 
 
-def test_conv_plan_rows_without_pairs_and_empty_rulebooks(rng):
+def test_conv_rows_without_pairs_and_empty_rulebooks(rng, block_pairs):
     """Output rows with no pair get exactly the bias; a rulebook with no rows at all works."""
     in_idx = np.array([0, 1, 2, 0, 1, 2], np.int32)
     out_idx = np.array([0, 1, 2, 0, 1, 2], np.int32)
     ptr = np.array([0, 3, 6], np.int64)
     n_out = 6  # rows 3, 4, 5 have no pairs
-    rulebook = sg.Rulebook(in_idx, out_idx, ptr, 3, n_out, (2,), kind="strided")
     weight, bias = rng.standard_normal((2, 2, 3)), rng.standard_normal(3)
     features = rng.standard_normal((3, 2))
-    expected = conv_forward(features, weight, rulebook, bias)
-    np.testing.assert_allclose(expected[3:], np.broadcast_to(bias, (3, 3)), rtol=0, atol=0)
-    for block, min_rows in [(9, 1), (1, 1)]:
-        out = _planned_forward(rulebook, build_plan(rulebook, block, min_rows))(
-            features, weight, bias)
-        np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
+    for pairs in (1, 2, 8192):
+        block_pairs(pairs)
+        rulebook = sg.Rulebook(in_idx, out_idx, ptr, 3, n_out, (2,), kind="strided")
+        out = conv_forward(features, weight, rulebook, bias)
+        np.testing.assert_array_equal(out[3:], np.broadcast_to(bias, (3, 3)))
+        np.testing.assert_allclose(out, ref.rulebook_conv(features, weight, rulebook, bias),
+                                   rtol=1e-12, atol=1e-12)
+        np.testing.assert_array_equal(conv_forward(features, weight, rulebook)[3:], 0)
     empty = sg.Rulebook(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(3, np.int64),
                         0, 0, (2,), kind="strided")
-    out = _planned_forward(empty, build_plan(empty, 9, 1))(np.zeros((0, 2)), weight, bias)
-    assert out.shape == (0, 3)
+    assert conv_forward(np.zeros((0, 2)), weight, empty, bias).shape == (0, 3)
+    no_pairs = sg.Rulebook(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(3, np.int64),
+                           2, 4, (2,), kind="strided")
+    np.testing.assert_array_equal(conv_forward(np.ones((2, 2)), weight, no_pairs, bias),
+                                  np.broadcast_to(bias, (4, 3)))
+    grad_features, grad_weight = cpu.conv_backward(np.ones((4, 3)), np.ones((2, 2)), weight,
+                                                   no_pairs)
+    np.testing.assert_array_equal(grad_features, 0)
+    np.testing.assert_array_equal(grad_weight, 0)
 
 
 # --- adjointness: conv_backward's feature gradient is the transposed convolution ----------
@@ -252,9 +250,7 @@ def test_conv_adjoint(rng, kind, d):
     transposed = rulebook.transpose()
     assert (transposed.n_in, transposed.n_out) == (rulebook.n_out, rulebook.n_in)
     adjoint_y = conv_forward(y, _swap_weight_axes(weight), transposed)
-    grad_features, _ = cpu.conv_backward(y, x.features, weight, rulebook.in_idx,
-                                         rulebook.out_idx, rulebook.offset_ptr,
-                                         rulebook.identity_offset, need_weight=False)
+    grad_features, _ = cpu.conv_backward(y, x.features, weight, rulebook, need_weight=False)
     np.testing.assert_allclose(grad_features, adjoint_y, rtol=1e-12, atol=1e-12)
     lhs = np.vdot(y, conv_forward(x.features, weight, rulebook))
     rhs = np.vdot(adjoint_y, x.features)
@@ -277,8 +273,7 @@ def test_conv_adjoint_synthetic_rulebook(rng, n_in, n_out, n_offsets):
     x = rng.standard_normal((n_in, 3))
     y = rng.standard_normal((n_out, 2))
     adjoint_y = conv_forward(y, _swap_weight_axes(weight), rulebook.transpose())
-    grad_features, grad_weight = cpu.conv_backward(y, x, weight, rulebook.in_idx,
-                                                   rulebook.out_idx, offset_ptr)
+    grad_features, grad_weight = cpu.conv_backward(y, x, weight, rulebook)
     np.testing.assert_allclose(grad_features, adjoint_y, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(np.vdot(y, conv_forward(x, weight, rulebook)),
                                np.vdot(adjoint_y, x), rtol=1e-12)
@@ -288,8 +283,7 @@ def test_conv_adjoint_synthetic_rulebook(rng, n_in, n_out, n_offsets):
 # --- sum pooling, average pooling, unpooling ------------------------------------------------
 
 def rule_sum(features, rulebook):
-    return cpu.rule_sum(features, rulebook.in_idx, rulebook.out_idx, rulebook.offset_ptr,
-                        rulebook.n_out)
+    return cpu.rule_sum(features, rulebook)
 
 
 @pytest.mark.parametrize("kind", ["strided", "strided_f2", "transposed", "submanifold_even",
@@ -324,8 +318,7 @@ def test_avg_pool_and_unpool_gradients(rng, filter_size, stride):
 # --- max pooling ------------------------------------------------------------------------------
 
 def max_pool_forward(features, rulebook):
-    return cpu.max_pool_forward(features, rulebook.in_idx, rulebook.out_idx,
-                                rulebook.offset_ptr, rulebook.n_out)
+    return cpu.max_pool_forward(features, rulebook)
 
 
 @pytest.mark.parametrize("filter_size,stride", [(2, 2), (3, 2), (3, 1), (1, 2)])
@@ -337,8 +330,7 @@ def test_max_pool_backward(rng, d, filter_size, stride):
     rulebook, _ = x.grid.strided(x.sites, filter_size, stride)
     out, argmax = max_pool_forward(features, rulebook)
     grad_out = rng.standard_normal(out.shape)
-    grad = cpu.max_pool_backward(grad_out, argmax, rulebook.in_idx, rulebook.out_idx,
-                                 rulebook.offset_ptr, rulebook.n_in)
+    grad = cpu.max_pool_backward(grad_out, argmax, rulebook.n_in)
     assert_gradient(grad, lambda f: np.sum(max_pool_forward(f, rulebook)[0] * grad_out),
                     features)
 
@@ -355,8 +347,7 @@ def test_max_pool_ties_go_to_the_earliest_kernel_offset():
     np.testing.assert_array_equal(out, [[5.0, 2.0], [-1.0, 3.0]])
     np.testing.assert_array_equal(argmax, [[1, 1], [3, 3]])
     grad_out = np.array([[10.0, 20.0], [30.0, 40.0]])
-    grad = cpu.max_pool_backward(grad_out, argmax, rulebook.in_idx, rulebook.out_idx,
-                                 rulebook.offset_ptr, rulebook.n_in)
+    grad = cpu.max_pool_backward(grad_out, argmax, rulebook.n_in)
     np.testing.assert_array_equal(grad, [[0, 0], [10, 20], [0, 0], [30, 40]])
 
 
@@ -373,8 +364,7 @@ def test_max_pool_ties_2d_earliest_offset_wins():
     out, argmax = max_pool_forward(features, rulebook)
     np.testing.assert_array_equal(out, [[7.0, 4.0]])
     np.testing.assert_array_equal(argmax, [[2, 1]])
-    grad = cpu.max_pool_backward(np.array([[1.5, 2.5]]), argmax, rulebook.in_idx,
-                                 rulebook.out_idx, rulebook.offset_ptr, rulebook.n_in)
+    grad = cpu.max_pool_backward(np.array([[1.5, 2.5]]), argmax, rulebook.n_in)
     np.testing.assert_array_equal(grad, [[0, 0], [0, 2.5], [1.5, 0], [0, 0]])
 
 
@@ -469,8 +459,8 @@ def test_network_in_network_gradients(rng):
     # NetworkInNetwork is a 1-offset convolution over the identity rulebook.
     rows = np.arange(len(x), dtype=np.int32)
     ptr = np.array([0, len(x)], np.int64)
-    grad_features, grad_weight = cpu.conv_backward(grad_out, x.features, weight[None], rows,
-                                                   rows, ptr, identity_offset=0)
+    identity = sg.Rulebook(rows, rows, ptr, len(x), len(x), (1,), identity_offset=0)
+    grad_features, grad_weight = cpu.conv_backward(grad_out, x.features, weight[None], identity)
     assert_gradient(grad_features, lambda f: loss(f, weight, bias), x.features)
     assert_gradient(grad_weight[0], lambda w: loss(x.features, w, bias), weight)
     assert_gradient(grad_out.sum(0), lambda b: loss(x.features, weight, b), bias)

@@ -56,3 +56,74 @@ def query_index(sorted_keys, order, queries):
     found = sorted_keys[pos] == queries
     rows = pos if order is None else order[pos]
     return np.where(found, rows, -1).astype(np.int32)
+
+
+def group_rows(group_ids, n_groups, counts=None):
+    """Stable grouping of rows by a small non-negative integer id: a counting sort.
+
+    Parameters
+    ----------
+    group_ids : int (N,), each in ``[0, n_groups)``
+    n_groups : int
+    counts : int (n_groups,), optional
+        ``np.bincount(group_ids, minlength=n_groups)`` when the caller has it.
+
+    Returns
+    -------
+    order : integer (N,) or None
+        The rows grouped by id, each group in increasing row order (``None`` when the ids
+        are already non-decreasing: the identity). int32 or int64.
+    indptr : int64 (n_groups + 1,)
+        Group ``g`` is ``order[indptr[g]:indptr[g + 1]]``.
+
+    The counting sort is SciPy's COO -> CSR conversion (one compiled pass over the rows,
+    in row order, so it is stable: O(N + n_groups), no comparison sort). SciPy is imported
+    here, on first use, not by ``import sparsegrid``.
+    """
+    ids = np.asarray(group_ids, np.int64).reshape(-1)
+    n = len(ids)
+    if counts is None:
+        counts = np.bincount(ids, minlength=n_groups) if n else np.zeros(n_groups, np.int64)
+    indptr = np.zeros(n_groups + 1, np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    if n < 2 or bool(np.all(ids[1:] >= ids[:-1])):
+        return None, indptr
+    from scipy.sparse import coo_matrix
+    grouped = coo_matrix((np.ones(n, np.int8), (ids, np.arange(n))),
+                         shape=(n_groups, n)).tocsr()
+    return grouped.indices, indptr
+
+
+def unique_inverse(keys):
+    """``(unique_keys, first_rows, inverse)`` of int64 keys, exactly and deterministically.
+
+    Returns
+    -------
+    unique_keys : int64 (M,)
+        The sorted distinct keys.
+    first_rows : int64 (M,)
+        For each distinct key the first (smallest) row holding it.
+    inverse : int64 (N,)
+        For each row its key's position: ``unique_keys[inverse] == keys``.
+
+    The same as ``np.unique(keys, return_index=True, return_inverse=True)``, built on
+    :func:`sparsegrid.cpu.rules.unique_ranks` (a marks table over a small key range, one
+    argsort otherwise) instead of NumPy's slower unique. ``len(unique_keys) == len(keys)``
+    says there are no duplicates; then ``first_rows`` is the inverse permutation of
+    ``inverse`` (one scatter). With duplicates the first rows come from a stable counting
+    sort of ``inverse`` (:func:`group_rows`): a scatter of rows in reverse order ("last
+    write wins") would be shorter, but NumPy does not guarantee the order in which a fancy
+    assignment writes repeated indices.
+    """
+    from .rules import unique_ranks   # here: rules imports this module
+    keys = np.asarray(keys, np.int64).reshape(-1)
+    unique_keys, inverse = unique_ranks(keys)
+    n, m = len(keys), len(unique_keys)
+    if m == n:
+        first_rows = np.empty(m, np.int64)
+        first_rows[inverse] = np.arange(n)
+        return unique_keys, first_rows, inverse
+    order, indptr = group_rows(inverse, m)
+    starts = indptr[:-1]
+    first_rows = (starts if order is None else order[starts]).astype(np.int64)
+    return unique_keys, first_rows, inverse

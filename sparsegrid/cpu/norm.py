@@ -7,16 +7,12 @@ affine map, values <= 0 are multiplied by ``leakiness`` (1 = no activation, 0 = 
 
 Every kernel is a few whole-array passes: per-channel sums are single-pass ``einsum``
 reductions, and the backward pass folds ``xhat`` into per-channel coefficients
-(``dx = a * g + b * x + c``) instead of materialising it. With the compiled kernels
-(numba, :mod:`sparsegrid.cpu.jit`) the backward pass is two fused passes over the rows,
-its sums accumulated in float64 (same results to float rounding; deterministic either way).
+(``dx = a * g + b * x + c``) instead of materialising it.
 """
 
 from __future__ import annotations
 
 import numpy as np
-
-from . import jit
 
 
 def batch_norm_statistics(x):
@@ -73,10 +69,6 @@ def batch_norm_backward(grad_out, x, mean, var, weight, bias, eps, leakiness, tr
     """
     dtype = x.dtype
     invstd = (1.0 / np.sqrt(var + eps)).astype(dtype, copy=False)
-    if (len(x) and dtype in jit.SUPPORTED_DTYPES and grad_out.dtype == dtype
-            and jit.jit_enabled()):
-        return _batch_norm_backward_compiled(grad_out, x, mean, var, weight, bias, eps,
-                                             leakiness, training, out, invstd)
     g = grad_out
     if leakiness != 1:
         if out is None:
@@ -106,30 +98,3 @@ def batch_norm_backward(grad_out, x, mean, var, weight, bias, eps, leakiness, tr
         return gx, grad_weight, grad_bias
     return np.multiply(g, k.astype(dtype, copy=False)), grad_weight, grad_bias
 
-
-def _batch_norm_backward_compiled(grad_out, x, mean, var, weight, bias, eps, leakiness,
-                                  training, out, invstd):
-    dtype = x.dtype
-    g = np.ascontiguousarray(grad_out)
-    x = np.ascontiguousarray(x)
-    if leakiness == 1:
-        ref, leak = g, 1.0       # every value passes: the mask is not consulted
-    elif out is not None and leakiness >= 0:
-        ref, leak = np.ascontiguousarray(out), float(leakiness)
-    else:
-        # a negative leak flips signs: recompute the pre-activation exactly as the
-        # forward did (two roundings; a fused multiply-add could flip values near 0)
-        scale, shift = _scale_shift(mean, var, weight, bias, eps)
-        ref = np.multiply(x, scale)
-        ref += shift
-        leak = float(leakiness)
-    k = invstd * weight if weight is not None else invstd
-    mean64, invstd64 = mean.astype(np.float64), invstd.astype(np.float64)
-    gx = np.empty_like(g)
-    sum_g, sum_gx = jit._kernels().batch_norm_grad(
-        g, x, ref, leak, k.astype(np.float64), invstd64, mean64,
-        len(x) if training else 0, gx)
-    sum_gxhat = invstd64 * (sum_gx - mean64 * sum_g)
-    grad_weight = sum_gxhat.astype(dtype) if weight is not None else None
-    grad_bias = sum_g.astype(dtype) if bias is not None else None
-    return gx, grad_weight, grad_bias

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import jit
 
-
-def max_pool_forward(features, in_idx, out_idx, offset_ptr, n_out):
+def max_pool_forward(features, rulebook):
     """Channel-wise maximum over each output's active inputs.
 
     Returns
@@ -17,16 +15,12 @@ def max_pool_forward(features, in_idx, out_idx, offset_ptr, n_out):
         has at least one input.
     argmax : int32 (n_out, C)
         The input row that supplied each maximum. Ties go to the earliest kernel offset
-        (strict comparison), so the choice is deterministic; compiled (numba) or NumPy,
-        the same values.
+        (strict comparison), so the choice is deterministic.
     """
-    channels = features.shape[1]
+    in_idx, out_idx, offset_ptr = rulebook.in_idx, rulebook.out_idx, rulebook.offset_ptr
+    n_out, channels = rulebook.n_out, features.shape[1]
     out = np.full((n_out, channels), -np.inf, features.dtype)
     argmax = np.full((n_out, channels), -1, np.int32)
-    if len(in_idx) and features.dtype in jit.SUPPORTED_DTYPES and jit.jit_enabled():
-        jit._kernels().max_pool_pairs(np.ascontiguousarray(features), in_idx, out_idx,
-                                      np.asarray(offset_ptr, np.int64), out, argmax)
-        return out, argmax
     for k in range(len(offset_ptr) - 1):
         start, stop = offset_ptr[k], offset_ptr[k + 1]
         if start == stop:
@@ -40,20 +34,15 @@ def max_pool_forward(features, in_idx, out_idx, offset_ptr, n_out):
     return out, argmax
 
 
-def max_pool_backward(grad_out, argmax, in_idx, out_idx, offset_ptr, n_in):
+def max_pool_backward(grad_out, argmax, n_in):
     """Send each output gradient to the input row recorded in ``argmax``, channel by channel.
 
     Several outputs may pick one input (overlapping windows): their gradients are summed
     by one ``bincount`` over (row, channel) cells, in row order (deterministic; float64
-    accumulation, rounded once to the gradient's dtype); the compiled kernel (numba) adds in
-    the same order, so both give the same bits. A cell with no arg-max (-1: every input was
+    accumulation, rounded once to the gradient's dtype). A cell with no arg-max (-1: every input was
     -inf or NaN) sends no gradient.
     """
     n_out, channels = grad_out.shape
-    if grad_out.dtype in jit.SUPPORTED_DTYPES and jit.jit_enabled():
-        total = np.zeros((n_in, channels), np.float64)
-        jit._kernels().max_pool_grad(np.ascontiguousarray(grad_out), argmax, total)
-        return total.astype(grad_out.dtype, copy=False)
     cells = argmax.astype(np.int64) * channels + np.arange(channels)
     weights = grad_out.reshape(-1)
     if argmax.size and argmax.min() < 0:   # outputs whose inputs were all -inf or NaN

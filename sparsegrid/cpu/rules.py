@@ -16,7 +16,6 @@ import math
 import numpy as np
 
 from ..coords import pack_keys, packing_strides, submanifold_offsets, unpack_keys
-from . import jit
 from .index import KEY_SENTINEL
 
 
@@ -40,9 +39,7 @@ def submanifold_rules(indices, order, spatial_shape, batch_size, filter_size, di
     so one search per filter column suffices and the rest is a walk: if key q sits at
     position p, key q + 1 can only sit at p + 1, and if q is absent it can only sit at p.
     For odd filters the offset set is symmetric: the pairs of -delta are those of +delta
-    swapped, and the centre offset is the identity. With the compiled kernels (numba) the
-    same walk runs as one merge per filter column (:func:`jit` ``submanifold_walk``),
-    giving the same arrays.
+    swapped, and the centre offset is the identity.
 
     Parameters
     ----------
@@ -80,12 +77,6 @@ def submanifold_rules(indices, order, spatial_shape, batch_size, filter_size, di
         out_sorted = np.flatnonzero(found)
         pairs_in[k] = rows[pos[out_sorted]]
         pairs_out[k] = rows[out_sorted]
-
-    if walk and n and f_last <= 32 and jit.jit_enabled():
-        first = np.ascontiguousarray(packed[::f_last], dtype=np.int64)
-        in_idx, out_idx, offset_ptr = jit._kernels().submanifold_walk(
-            keys, skeys, np.ascontiguousarray(rows, dtype=np.int64), first, f_last, symmetric)
-        return in_idx, out_idx, offset_ptr, (k_total // 2 if symmetric else -1)
 
     identity_offset = -1
     for c in range(n_cols):

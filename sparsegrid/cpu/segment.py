@@ -2,28 +2,150 @@
 
 Rows with equal ``segment_ids`` form a segment; ``mode`` reduces each segment to one row:
 ``'sum'``, ``'mean'``, ``'max'`` (channel-wise), ``'first'`` / ``'last'`` (in row order).
-Empty segments give zeros. Reductions run in row order within a segment (a stable sort
-groups them), so results are deterministic.
+Empty segments give zeros. Every mode is a few compiled passes over all rows (no Python
+loop over rows or segments, no ``ufunc.at``, no ``reduceat`` over mostly one-row
+segments), and each segment reduces its rows in row order, so results are deterministic:
+
+* when no segment holds two rows (an input layer without duplicates), one scatter, or a
+  copy when the ids are ``0..N-1`` in order;
+* otherwise the rows are grouped by a stable counting sort (:func:`.index.group_rows`);
+* ``'sum'`` / ``'mean'``: one SciPy CSR product (a row of ones per segment over its rows,
+  in row order) accumulating in the values' dtype, the same additions in the same order as
+  ``np.add.reduceat`` (float64 with at most 4 channels: ``np.bincount`` per channel, the
+  same sums). ``'mean'`` divides that sum by the count, in the values' dtype;
+* ``'max'``: pass ``j`` compares the ``j``-th row of every segment that has one with the
+  best so far (strict ``>``, so the earliest row wins ties), for ``j`` below
+  ``_MAX_PASSES``; the rest of a longer segment is one ``reduceat`` over those long tails
+  only. A NaN counts as the maximum (it propagates, as in ``np.maximum``) and the first
+  NaN row is the one recorded;
+* ``'first'`` / ``'last'``: gathers at the group boundaries.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from .index import group_rows
+
 SEGMENT_MODES = ("sum", "mean", "max", "first", "last")
 
+# 'max' compares the j-th row of each segment for j < _MAX_PASSES, one vectorized pass
+# per j; longer segments finish with one reduceat over their remaining rows.
+_MAX_PASSES = 16
 
-def _group(segment_ids, n_segments):
-    """Stable grouping: (order or None, starts, nonempty segment ids, counts per segment)."""
-    ids = np.asarray(segment_ids, np.int64)
-    counts = np.bincount(ids, minlength=n_segments) if len(ids) else np.zeros(n_segments, np.int64)
-    order = None
-    if len(ids) > 1 and not bool(np.all(ids[1:] >= ids[:-1])):
-        order = np.argsort(ids, kind="stable")
+
+def _check_mode(mode):
+    if mode not in SEGMENT_MODES:
+        raise ValueError(f"mode must be one of {SEGMENT_MODES}; got {mode!r}")
+
+
+def _no_chosen(mode, n_segments, channels):
+    if mode == "max":
+        return np.full((n_segments, channels), -1, np.int64)
+    if mode in ("first", "last"):
+        return np.full(n_segments, -1, np.int64)
+    return None
+
+
+def _distinct(values, ids, n_segments, mode):
+    """Every segment has at most one row: out[ids] = values, no reduction."""
+    n, channels = values.shape
+    rows = np.arange(n)
+    if n == n_segments and bool(np.all(ids == rows)):   # the identity
+        out = np.array(values, order="C", copy=True)
+        picked = rows
+    else:
+        out = (np.empty if n == n_segments else np.zeros)((n_segments, channels), values.dtype)
+        out[ids] = values
+        picked = np.full(n_segments, -1, np.int64)
+        picked[ids] = rows
+    if mode in ("first", "last"):
+        return out, picked
+    if mode == "max":
+        return out, np.repeat(picked[:, None], channels, axis=1)
+    return out, None
+
+
+def _sum(values, ids, n_segments, counts):
+    """Per-segment sums in the values' dtype, each segment in row order."""
+    n, channels = values.shape
+    if values.dtype == np.float64 and channels <= 4:
+        # bincount adds in float64, in row order: the same sums as the CSR product.
+        out = np.empty((n_segments, channels), np.float64)
+        for c in range(channels):
+            out[:, c] = np.bincount(ids, weights=values[:, c], minlength=n_segments)
+        return out
+    from scipy.sparse import csr_matrix
+    order, indptr = group_rows(ids, n_segments, counts)
+    columns = np.arange(n) if order is None else order
+    matrix = csr_matrix((np.ones(n, values.dtype), columns, indptr), shape=(n_segments, n))
+    out = matrix @ np.ascontiguousarray(values)
+    return np.asarray(out, values.dtype)
+
+
+def _max(values, order, indptr, counts, n_segments):
+    """Channel-wise maximum and the first row in row order holding it."""
+    n, channels = values.shape
     nonempty = np.flatnonzero(counts)
-    ends = np.cumsum(counts)
-    starts = (ends - counts)[nonempty]
-    return order, starts, nonempty, counts
+    depth = np.minimum(counts[nonempty], _MAX_PASSES)       # rows taken by the passes
+    # Segments by decreasing depth (a radix sort of small ints): pass j is a prefix.
+    segs = nonempty[np.argsort((_MAX_PASSES - depth).astype(np.uint8), kind="stable")]
+    starts = indptr[segs]
+    # n_deeper[j]: how many segments have a j-th row among the passes.
+    n_deeper = len(segs) - np.cumsum(np.bincount(depth, minlength=_MAX_PASSES + 1))
+    has_nan = values.dtype.kind == "f" and bool(np.isnan(values.max()))
+
+    def rows_at(positions):
+        return positions if order is None else order[positions].astype(np.int64)
+
+    def better_than(candidate, current):
+        better = candidate > current
+        if has_nan:
+            better |= np.isnan(candidate) & ~np.isnan(current)
+        return better
+
+    rows = rows_at(starts)
+    best = values[rows]
+    arg = np.empty((len(segs), channels), np.int64)
+    arg[:] = rows[:, None]
+    for j in range(1, _MAX_PASSES):
+        k = int(n_deeper[j])
+        if k == 0:
+            break
+        rows = rows_at(starts[:k] + j)
+        candidate = values[rows]
+        better = better_than(candidate, best[:k])
+        np.copyto(best[:k], candidate, where=better)
+        np.copyto(arg[:k], rows[:, None], where=better)
+
+    # Segments longer than the passes: one reduceat over their remaining rows.
+    n_full = int(n_deeper[_MAX_PASSES - 1])
+    long_ = np.flatnonzero(counts[segs[:n_full]] > _MAX_PASSES)
+    if len(long_):
+        tail = counts[segs[long_]] - _MAX_PASSES
+        offsets = np.zeros(len(long_), np.int64)
+        np.cumsum(tail[:-1], out=offsets[1:])
+        total = int(offsets[-1] + tail[-1])
+        rows = rows_at(np.repeat(starts[long_] + _MAX_PASSES - offsets, tail)
+                       + np.arange(total))
+        candidate = values[rows]
+        top = np.maximum.reduceat(candidate, offsets, axis=0)
+        owner = np.repeat(np.arange(len(long_)), tail)
+        hit = candidate == top[owner]
+        if has_nan:
+            hit |= np.isnan(candidate) & np.isnan(top)[owner]
+        first = np.minimum.reduceat(np.where(hit, np.arange(total)[:, None], total),
+                                    offsets, axis=0)
+        current = best[long_]
+        better = better_than(top, current)
+        best[long_] = np.where(better, top, current)
+        arg[long_] = np.where(better, rows[first], arg[long_])
+
+    out = np.zeros((n_segments, channels), values.dtype)
+    out[segs] = best
+    chosen = np.full((n_segments, channels), -1, np.int64)
+    chosen[segs] = arg
+    return out, chosen
 
 
 def segment_reduce(values, segment_ids, n_segments, mode):
@@ -36,56 +158,61 @@ def segment_reduce(values, segment_ids, n_segments, mode):
         ``'max'``: (n_segments, C), the first row in row order holding each maximum (-1 for
         empty segments); ``'first'`` / ``'last'``: (n_segments,), the row kept (-1 if empty).
     """
-    if mode not in SEGMENT_MODES:
-        raise ValueError(f"mode must be one of {SEGMENT_MODES}; got {mode!r}")
-    order, starts, nonempty, counts = _group(segment_ids, n_segments)
-    out = np.zeros((n_segments, values.shape[1]), values.dtype)
-    chosen = None
-    if len(nonempty) == 0:
-        if mode == "max":
-            chosen = np.full((n_segments, values.shape[1]), -1, np.int64)
-        elif mode in ("first", "last"):
-            chosen = np.full(n_segments, -1, np.int64)
-        return out, chosen
-    rows = np.arange(len(values)) if order is None else order
-    if mode in ("first", "last"):
-        pick = starts if mode == "first" else starts + counts[nonempty] - 1
-        chosen = np.full(n_segments, -1, np.int64)
-        chosen[nonempty] = rows[pick]
-        out[nonempty] = values[chosen[nonempty]]
-        return out, chosen
-    grouped = values if order is None else values[order]
+    _check_mode(mode)
+    ids = np.asarray(segment_ids, np.int64).reshape(-1)
+    n, channels = values.shape
+    counts = np.bincount(ids, minlength=n_segments) if n else np.zeros(n_segments, np.int64)
+    if len(counts) > n_segments:
+        raise ValueError(f"segment_ids must be below n_segments={n_segments}; got "
+                         f"{int(ids.max())}")
+    if n == 0 or (channels == 0 and mode not in ("first", "last")):
+        out = np.zeros((n_segments, channels), values.dtype)
+        return out, _no_chosen(mode, n_segments, channels)
+    if int(counts.max()) <= 1:
+        return _distinct(values, ids, n_segments, mode)
+    if mode in ("sum", "mean"):
+        out = _sum(values, ids, n_segments, counts)
+        if mode == "mean":
+            out /= np.maximum(counts, 1)[:, None].astype(values.dtype)
+        return out, None
+    order, indptr = group_rows(ids, n_segments, counts)
     if mode == "max":
-        best = np.maximum.reduceat(grouped, starts, axis=0)
-        out[nonempty] = best
-        segment_of_row = np.repeat(np.arange(len(nonempty)), counts[nonempty])
-        position = np.where(grouped == best[segment_of_row], np.arange(len(values))[:, None],
-                            len(values))
-        chosen = np.full((n_segments, values.shape[1]), -1, np.int64)
-        chosen[nonempty] = rows[np.minimum.reduceat(position, starts, axis=0)]
-        return out, chosen
-    total = np.add.reduceat(grouped, starts, axis=0)
-    if mode == "mean":
-        total /= counts[nonempty, None].astype(values.dtype)
-    out[nonempty] = total
+        return _max(values, order, indptr, counts, n_segments)
+    nonempty = np.flatnonzero(counts)
+    pick = indptr[nonempty] if mode == "first" else indptr[nonempty + 1] - 1
+    rows = pick if order is None else order[pick]
+    chosen = np.full(n_segments, -1, np.int64)
+    chosen[nonempty] = rows
+    out = np.zeros((n_segments, channels), values.dtype)
+    out[nonempty] = values[rows]
     return out, chosen
 
 
 def segment_reduce_backward(grad_out, segment_ids, n_segments, mode, chosen, n_rows):
-    """Gradient of :func:`segment_reduce` with respect to ``values`` (n_rows, C)."""
-    ids = np.asarray(segment_ids, np.int64)
+    """Gradient of :func:`segment_reduce` with respect to ``values`` (n_rows, C).
+
+    'sum' / 'mean': one gather (of the gradient divided by the count, for 'mean');
+    'first' / 'last' / 'max': one scatter to the recorded rows (distinct per channel, so a
+    plain assignment).
+    """
+    _check_mode(mode)
+    ids = np.asarray(segment_ids, np.int64).reshape(-1)
     if mode == "sum":
         return grad_out[ids]
     if mode == "mean":
-        counts = np.bincount(ids, minlength=n_segments).astype(grad_out.dtype)
-        return grad_out[ids] / counts[ids, None]
-    grad = np.zeros((n_rows, grad_out.shape[1]), grad_out.dtype)
+        counts = np.bincount(ids, minlength=n_segments) if len(ids) else np.zeros(
+            n_segments, np.int64)
+        return (grad_out / np.maximum(counts, 1)[:, None].astype(grad_out.dtype))[ids]
+    channels = grad_out.shape[1]
+    grad = np.zeros((n_rows, channels), grad_out.dtype)
     if mode in ("first", "last"):
         keep = chosen >= 0
         grad[chosen[keep]] = grad_out[keep]
         return grad
-    if mode == "max":
-        seg, channel = np.nonzero(chosen >= 0)
-        grad[chosen[seg, channel], channel] = grad_out[seg, channel]
-        return grad
-    raise ValueError(f"mode must be one of {SEGMENT_MODES}; got {mode!r}")
+    cells = chosen * channels + np.arange(channels)
+    if chosen.size and int(chosen.min()) < 0:
+        keep = chosen >= 0
+        grad.reshape(-1)[cells[keep]] = grad_out[keep]
+    else:
+        grad.reshape(-1)[cells.reshape(-1)] = grad_out.reshape(-1)
+    return grad
