@@ -140,75 +140,105 @@ class ConvPlan:
                 f"blocks={len(self.blocks)}, identity_offset={self.identity_offset})")
 
 
+def _kept_pairs(in_idx, out_idx, ptr, identity_offset):
+    """The pairs of every offset but the identity, and their per-offset pointer."""
+    counts = np.diff(ptr)
+    if identity_offset < 0:
+        return in_idx, out_idx, ptr
+    a, b = ptr[identity_offset], ptr[identity_offset + 1]
+    pin = np.concatenate([in_idx[:a], in_idx[b:]])
+    pout = np.concatenate([out_idx[:a], out_idx[b:]])
+    counts = counts.copy()
+    counts[identity_offset] = 0
+    kept = np.zeros(len(ptr), np.int64)
+    np.cumsum(counts, out=kept[1:])
+    return pin, pout, kept
+
+
+def _rows_sorted_per_offset(pout, ptr):
+    """True when each offset's output rows increase (every builder's submanifold and
+    strided rulebooks, and their transposes, when the sites are in key order)."""
+    if len(pout) < 2:
+        return True
+    falls = pout[1:] < pout[:-1]
+    inner = ptr[1:-1]
+    inner = inner[(inner > 0) & (inner < len(pout))]
+    falls[inner - 1] = False           # a new offset may start lower
+    return not bool(falls.any())
+
+
 def build_conv_plan(in_idx, out_idx, offset_ptr, n_out, identity_offset=-1,
                     block_pairs=None):
     """Group a rulebook's pairs into output-row blocks (see :class:`ConvPlan`)."""
     block_pairs = _BLOCK_PAIRS if block_pairs is None else int(block_pairs)
     n_offsets = len(offset_ptr) - 1
     ptr = np.asarray(offset_ptr, np.int64)
-    counts = np.diff(ptr)
-    keep = np.ones(len(in_idx), bool)
-    if identity_offset >= 0:
-        keep[ptr[identity_offset]:ptr[identity_offset + 1]] = False
-        counts = counts.copy()
-        counts[identity_offset] = 0
-    pin = in_idx[keep] if identity_offset >= 0 else in_idx
-    pout = out_idx[keep] if identity_offset >= 0 else out_idx
-    offset_of = np.repeat(np.arange(n_offsets, dtype=np.int64), counts)
+    pin, pout, kept = _kept_pairs(in_idx, out_idx, ptr, identity_offset)
     n_pairs = len(pin)
     per_row = np.bincount(pout, minlength=n_out) if n_pairs else np.zeros(n_out, np.int64)
     row_ptr = np.zeros(n_out + 1, np.int64)
     np.cumsum(per_row, out=row_ptr[1:])
-    # Block of each output row: rows are cut where the running pair count crosses a
-    # multiple of block_pairs, so blocks are contiguous row ranges of ~block_pairs pairs.
-    block_of_row = row_ptr[:-1] // block_pairs
+    # Blocks: contiguous row ranges, cut where the running pair count crosses a multiple
+    # of block_pairs.
     if n_out:
-        # renumber so that block ids are 0, 1, 2, ... without gaps
-        starts = np.flatnonzero(np.diff(block_of_row, prepend=-1))
-        block_of_row = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, n_out)))
+        level = row_ptr[:-1] // block_pairs
+        starts = np.flatnonzero(np.diff(level, prepend=-1))
     else:
         starts = np.zeros(0, np.int64)
+    bounds = np.append(starts, n_out)
     n_blocks = len(starts)
-    # Buffer order: by block, then offset (pairs are already grouped by offset, so a
-    # stable sort by (block, offset) keeps each group's pairs in rulebook order).
-    group_key = block_of_row[pout] * n_offsets + offset_of if n_pairs else offset_of
-    small = n_blocks * n_offsets <= np.iinfo(np.uint16).max
-    order = np.argsort(group_key.astype(np.uint16 if small else np.int64), kind="stable")
+    # Buffer order: by block, then by offset, each group's pairs in rulebook order.
+    if _rows_sorted_per_offset(pout, kept):
+        # each (offset, block) group is one contiguous run of the rulebook's pairs
+        cuts = np.stack([kept[k] + np.searchsorted(pout[kept[k]:kept[k + 1]], bounds)
+                         for k in range(n_offsets)]) if n_offsets else \
+            np.zeros((0, n_blocks + 1), np.int64)
+        lengths = np.diff(cuts, axis=1).T.reshape(-1)          # block-major
+        first = cuts[:, :-1].T.reshape(-1)
+        group_starts = np.cumsum(lengths) - lengths
+        order = np.arange(n_pairs, dtype=np.int64)
+        order += np.repeat(first - group_starts, lengths)
+        group_counts = lengths
+    else:
+        offset_of = np.repeat(np.arange(n_offsets, dtype=np.int64), np.diff(kept))
+        block_of_row = np.repeat(np.arange(n_blocks), np.diff(bounds))
+        group_key = block_of_row[pout] * n_offsets + offset_of
+        order = np.argsort(group_key, kind="stable")
+        group_counts = np.bincount(group_key, minlength=n_blocks * n_offsets)
     gather_rows = pin[order].astype(np.int32, copy=False)
     scatter_rows = pout[order].astype(np.int32, copy=False)
-    position = np.empty(n_pairs, np.int64)
-    position[order] = np.arange(n_pairs)
     # CSR column of each pair: rows in order, within a row offsets in increasing order.
-    # Each offset gives a row at most once, so one pass per offset fills the slots.
+    # Each offset gives a row at most once, so one pass per offset finds the slots.
     slot = np.empty(n_pairs, np.int64)
     fill = row_ptr[:-1].copy()
-    kept_ptr = np.zeros(n_offsets + 1, np.int64)
-    np.cumsum(counts, out=kept_ptr[1:])
     for k in range(n_offsets):
-        a, b = kept_ptr[k], kept_ptr[k + 1]
+        a, b = kept[k], kept[k + 1]
         if a == b:
             continue
         rows = pout[a:b]
         slot[a:b] = fill[rows]
         fill[rows] += 1
-    columns = np.empty(n_pairs, np.int64)
-    columns[slot] = position
-    group_counts = np.bincount(group_key, minlength=n_blocks * n_offsets) if n_pairs else \
-        np.zeros(n_blocks * n_offsets, np.int64)
+    columns = np.empty(n_pairs, np.int32)
+    pair_start_of_slot = np.repeat(row_ptr[bounds[:-1]], np.diff(row_ptr[bounds]))
+    # buffer position q holds pair order[q]; its CSR slot is slot[order[q]]
+    local = np.arange(n_pairs, dtype=np.int64)
+    local -= pair_start_of_slot
+    columns[slot[order]] = local
     group_ptr = np.zeros(n_blocks * n_offsets + 1, np.int64)
     np.cumsum(group_counts, out=group_ptr[1:])
-    bounds = np.append(starts, n_out).tolist()
     blocks = []
-    nonzero = group_counts.reshape(n_blocks, n_offsets) > 0 if n_blocks else None
+    nonzero = (group_counts.reshape(n_blocks, n_offsets) > 0).tolist() if n_blocks else []
+    group_ptr = group_ptr.tolist()
+    bounds = bounds.tolist()
+    row_starts = row_ptr[bounds].tolist()
     for b in range(n_blocks):
         r0, r1 = bounds[b], bounds[b + 1]
-        p0, p1 = int(row_ptr[r0]), int(row_ptr[r1])
+        p0, p1 = row_starts[b], row_starts[b + 1]
         base = b * n_offsets
-        groups = tuple((int(k), int(group_ptr[base + k]) - p0, int(group_ptr[base + k + 1]) - p0)
-                       for k in np.flatnonzero(nonzero[b]).tolist())
+        groups = tuple((k, group_ptr[base + k] - p0, group_ptr[base + k + 1] - p0)
+                       for k, used in enumerate(nonzero[b]) if used)
         indptr = (row_ptr[r0:r1 + 1] - p0).astype(np.int32)
-        indices = (columns[p0:p1] - p0).astype(np.int32)
-        blocks.append((r0, r1, p0, p1, groups, indptr, indices))
+        blocks.append((r0, r1, p0, p1, groups, indptr, columns[p0:p1]))
     return ConvPlan(gather_rows, scatter_rows, blocks, int(identity_offset), int(n_out),
                     n_offsets)
 
