@@ -54,11 +54,20 @@ import numpy as np
 import pytest
 
 import sparsegrid as sg
-from sparsegrid import cpu
 from sparsegrid.coords import submanifold_offsets
 
 from conftest import GOLDEN
 from reference import expand_groups
+
+
+@pytest.fixture(autouse=True)
+def _kernels(kernel_set):
+    """Run every test of this module on each available kernel set (the contract's
+    backends); the module-level name ``kern`` is that set's kernel module."""
+    global kern
+    kern = kernel_set.module
+    yield
+    kern = None
 
 RTOL = 1e-4
 ATOL_REL = 1e-4
@@ -214,7 +223,7 @@ def check_weighted(g, x, apply, rulebook):
         assert out.spatial_shape == g.ints("spatial_size_out"), label
         assert_close(out.features, g["out_feats"][p], f"{label}: output features")
         grad_out = np.ascontiguousarray(g["grad_out"][p])
-        grad_in, grad_w = cpu.conv_backward(grad_out, x.features, weight, rulebook)
+        grad_in, grad_w = kern.conv_backward(grad_out, x.features, weight, rulebook)
         assert_close(grad_in, grad_in_expected, f"{label}: grad w.r.t. input features")
         expected_w = g[f"grad_weight_{form}"]
         if form == "kio" and groups > 1:  # deviation 5: compare on the diagonal blocks
@@ -328,7 +337,7 @@ def case_avgpool(g):
     assert_close(out.features, g["out_feats"][p], f"{g.name}: output (sum / prod(f))")
     grad_out = np.ascontiguousarray(g["grad_out"][p])
     back = rulebook.transpose()
-    grad_in = cpu.rule_sum(grad_out, back)
+    grad_in = kern.rule_sum(grad_out, back)
     grad_in /= np.float32(math.prod(f))
     q = match_sites(x.indices, g["in_coords"], "input")
     assert_close(grad_in, g["grad_in"][q], f"{g.name}: grad w.r.t. input features")
@@ -347,7 +356,7 @@ def case_unpool(g):
     assert_close(out.features, g["out_feats"][p], f"{g.name}: output (sum over parents)")
     grad_out = np.ascontiguousarray(g["grad_out"][p])
     strided = rulebook.transpose()  # the AveragePooling rulebook: fine -> coarse
-    grad_in = cpu.rule_sum(grad_out, strided)
+    grad_in = kern.rule_sum(grad_out, strided)
     q = match_sites(coarse.indices, g["in_coords"], "coarse input")
     assert_close(grad_in, g["grad_in"][q], f"{g.name}: grad w.r.t. input features")
 
@@ -390,8 +399,8 @@ def case_maxpool(g):
 
     # Gradients: the backward kernel, with the arg-max of the forward over the same rulebook.
     grad_out_g = g["grad_out"]
-    _, argmax = cpu.max_pool_forward(x.features, rulebook)
-    ours_grad = cpu.max_pool_backward(np.ascontiguousarray(grad_out_g[p]), argmax,
+    _, argmax = kern.max_pool_forward(x.features, rulebook)
+    ours_grad = kern.max_pool_backward(np.ascontiguousarray(grad_out_g[p]), argmax,
                                       rulebook.n_in)
     grad = np.empty_like(ours_grad)
     grad[q] = ours_grad                                          # golden input row order
@@ -438,7 +447,7 @@ def case_inputlayer(g):
     assert_close(tensor.features, g["out_feats"][p], f"{g.name}: merged features")
 
     # Backward of the input layer: per input row, same row order as the golden coords.
-    grad_in = cpu.segment_reduce_backward(
+    grad_in = kern.segment_reduce_backward(
         np.ascontiguousarray(g["grad_out"][p]), input_map.segment_ids, input_map.n_sites,
         "sum" if name == "unique" else name, input_map.chosen, input_map.n_rows)
     assert_close(grad_in, g["grad_in"], f"{g.name}: grad w.r.t. input rows")
@@ -450,7 +459,7 @@ def case_inputlayer(g):
     if name in ("first", "last"):   # only the kept row received the site's features
         site_grad = row_grad[input_map.chosen]
     else:                           # every row received them: the transpose sums
-        site_grad, _ = cpu.segment_reduce(row_grad, input_map.segment_ids,
+        site_grad, _ = kern.segment_reduce(row_grad, input_map.segment_ids,
                                           input_map.n_sites, "sum")
     assert_close(site_grad, g["outputlayer_grad_in"][p], f"{g.name}: OutputLayer backward")
 
@@ -492,10 +501,10 @@ def case_batchnorm(g):
                                           err_msg=f"{g.name}: eval must not touch {key}")
     grad_out = np.ascontiguousarray(g["grad_out"][q])
     if training:
-        mean, var = cpu.batch_norm_statistics(x.features)
+        mean, var = kern.batch_norm_statistics(x.features)
     else:
         mean, var = g["running_mean_before"], g["running_var_before"]
-    grad_x, grad_w, grad_b = cpu.batch_norm_backward(grad_out, x.features, mean, var, weight,
+    grad_x, grad_w, grad_b = kern.batch_norm_backward(grad_out, x.features, mean, var, weight,
                                                      bias, eps, leakiness, training)
     if training:
         assert_close(grad_x, g["grad_in"][q], f"{g.name}: grad w.r.t. input features")
@@ -528,7 +537,7 @@ def case_networkinnetwork(g):
     assert_close(out.features, g["out_feats"][q], f"{g.name}: output")
     grad_out = np.ascontiguousarray(g["grad_out"][q])
     rulebook = x.grid.submanifold(x.sites, 1)
-    grad_in, grad_w = cpu.conv_backward(grad_out, x.features, weight[None], rulebook)
+    grad_in, grad_w = kern.conv_backward(grad_out, x.features, weight[None], rulebook)
     assert_close(grad_in, g["grad_in"][q], f"{g.name}: grad w.r.t. input features")
     assert_close(grad_w[0], g["grad_weight"], f"{g.name}: grad w.r.t. weight")
     assert_close(grad_out.sum(axis=0), g["grad_bias"], f"{g.name}: grad w.r.t. bias")
@@ -542,7 +551,7 @@ def case_sparsetodense(g):
     assert dense.shape == golden.shape, (dense.shape, golden.shape)
     assert dense.dtype == golden.dtype
     np.testing.assert_array_equal(dense, golden, err_msg=f"{g.name}: dense layout")
-    grad_in = cpu.gather_from_dense(np.ascontiguousarray(g["grad_out"]), x.indices)
+    grad_in = kern.gather_from_dense(np.ascontiguousarray(g["grad_out"]), x.indices)
     q = match_sites(x.indices, g["in_coords"], "input")
     np.testing.assert_array_equal(grad_in, g["grad_in"][q], err_msg=f"{g.name}: gradient")
 

@@ -15,7 +15,16 @@ import pytest
 
 import reference as ref
 import sparsegrid as sg
-from sparsegrid import cpu
+
+
+@pytest.fixture(autouse=True)
+def _kernels(kernel_set):
+    """Run every test of this module on each available kernel set (the contract's
+    backends); the module-level name ``kern`` is that set's kernel module."""
+    global kern
+    kern = kernel_set.module
+    yield
+    kern = None
 
 EPS = 1e-6
 RTOL, ATOL = 1e-6, 1e-8
@@ -98,7 +107,7 @@ def without_identity(rulebook):
 
 
 def conv_forward(features, weight, rulebook, bias=None):
-    return cpu.conv_forward(features, weight, rulebook, bias)
+    return kern.conv_forward(features, weight, rulebook, bias)
 
 
 @pytest.mark.parametrize("kind,groups", CONV_CASES)
@@ -111,7 +120,7 @@ def test_conv_backward(rng, kind, groups):
     weight = random_weight(rng, rulebook.n_offsets, cin, cout, groups)
     features = x.features
     grad_out = rng.standard_normal((rulebook.n_out, cout))
-    grad_features, grad_weight = cpu.conv_backward(grad_out, features, weight, rulebook)
+    grad_features, grad_weight = kern.conv_backward(grad_out, features, weight, rulebook)
     assert_gradient(grad_features,
                     lambda f: np.sum(conv_forward(f, weight, rulebook) * grad_out), features)
     assert_gradient(grad_weight,
@@ -123,9 +132,9 @@ def test_conv_backward_need_flags(rng):
     weight = random_weight(rng, rulebook.n_offsets, 2, 3)
     grad_out = rng.standard_normal((rulebook.n_out, 3))
     args = (grad_out, x.features, weight, rulebook)
-    both = cpu.conv_backward(*args)
-    only_features = cpu.conv_backward(*args, need_weight=False)
-    only_weight = cpu.conv_backward(*args, need_features=False)
+    both = kern.conv_backward(*args)
+    only_features = kern.conv_backward(*args, need_weight=False)
+    only_weight = kern.conv_backward(*args, need_features=False)
     assert only_features[1] is None and only_weight[0] is None
     np.testing.assert_array_equal(only_features[0], both[0])
     np.testing.assert_array_equal(only_weight[1], both[1])
@@ -154,8 +163,8 @@ def test_identity_offset_is_only_a_shortcut(rng):
                                rtol=1e-12, atol=1e-12)
     grad_out = rng.standard_normal((rulebook.n_out, 3))
     common = (grad_out, x.features, weight)
-    with_shortcut = cpu.conv_backward(*common, rulebook)
-    without = cpu.conv_backward(*common, without_identity(rulebook))
+    with_shortcut = kern.conv_backward(*common, rulebook)
+    without = kern.conv_backward(*common, without_identity(rulebook))
     for a, b in zip(with_shortcut, without):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
@@ -186,13 +195,13 @@ def test_conv_blocks_forward_and_backward(rng, kind, d, pairs, block_pairs):
         rulebook.in_idx, rulebook.out_idx, rulebook.offset_ptr, rulebook.n_in, rulebook.n_out,
         rulebook.filter_size, stride=rulebook.stride, dilation=rulebook.dilation,
         kind=rulebook.kind, identity_offset=rulebook.identity_offset)
-    plan = cpu.prepare_conv(fresh)
+    plan = kern.prepare_conv(fresh)
     if pairs < 50:
         assert len(plan.blocks) > 1   # several blocks run
     np.testing.assert_allclose(conv_forward(x.features, weight, fresh, bias), expected,
                                rtol=1e-12, atol=1e-12)
     grad_out = rng.standard_normal((rulebook.n_out, 3))
-    grad_features, grad_weight = cpu.conv_backward(grad_out, x.features, weight, fresh)
+    grad_features, grad_weight = kern.conv_backward(grad_out, x.features, weight, fresh)
     assert_gradient(grad_features, lambda f: np.sum(conv_forward(f, weight, fresh) * grad_out),
                     x.features)
     assert_gradient(grad_weight,
@@ -222,7 +231,7 @@ def test_conv_rows_without_pairs_and_empty_rulebooks(rng, block_pairs):
                            2, 4, (2,), kind="strided")
     np.testing.assert_array_equal(conv_forward(np.ones((2, 2)), weight, no_pairs, bias),
                                   np.broadcast_to(bias, (4, 3)))
-    grad_features, grad_weight = cpu.conv_backward(np.ones((4, 3)), np.ones((2, 2)), weight,
+    grad_features, grad_weight = kern.conv_backward(np.ones((4, 3)), np.ones((2, 2)), weight,
                                                    no_pairs)
     np.testing.assert_array_equal(grad_features, 0)
     np.testing.assert_array_equal(grad_weight, 0)
@@ -250,7 +259,7 @@ def test_conv_adjoint(rng, kind, d):
     transposed = rulebook.transpose()
     assert (transposed.n_in, transposed.n_out) == (rulebook.n_out, rulebook.n_in)
     adjoint_y = conv_forward(y, _swap_weight_axes(weight), transposed)
-    grad_features, _ = cpu.conv_backward(y, x.features, weight, rulebook, need_weight=False)
+    grad_features, _ = kern.conv_backward(y, x.features, weight, rulebook, need_weight=False)
     np.testing.assert_allclose(grad_features, adjoint_y, rtol=1e-12, atol=1e-12)
     lhs = np.vdot(y, conv_forward(x.features, weight, rulebook))
     rhs = np.vdot(adjoint_y, x.features)
@@ -273,7 +282,7 @@ def test_conv_adjoint_synthetic_rulebook(rng, n_in, n_out, n_offsets):
     x = rng.standard_normal((n_in, 3))
     y = rng.standard_normal((n_out, 2))
     adjoint_y = conv_forward(y, _swap_weight_axes(weight), rulebook.transpose())
-    grad_features, grad_weight = cpu.conv_backward(y, x, weight, rulebook)
+    grad_features, grad_weight = kern.conv_backward(y, x, weight, rulebook)
     np.testing.assert_allclose(grad_features, adjoint_y, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(np.vdot(y, conv_forward(x, weight, rulebook)),
                                np.vdot(adjoint_y, x), rtol=1e-12)
@@ -283,7 +292,7 @@ def test_conv_adjoint_synthetic_rulebook(rng, n_in, n_out, n_offsets):
 # --- sum pooling, average pooling, unpooling ------------------------------------------------
 
 def rule_sum(features, rulebook):
-    return cpu.rule_sum(features, rulebook)
+    return kern.rule_sum(features, rulebook)
 
 
 @pytest.mark.parametrize("kind", ["strided", "strided_f2", "transposed", "submanifold_even",
@@ -318,7 +327,7 @@ def test_avg_pool_and_unpool_gradients(rng, filter_size, stride):
 # --- max pooling ------------------------------------------------------------------------------
 
 def max_pool_forward(features, rulebook):
-    return cpu.max_pool_forward(features, rulebook)
+    return kern.max_pool_forward(features, rulebook)
 
 
 @pytest.mark.parametrize("filter_size,stride", [(2, 2), (3, 2), (3, 1), (1, 2)])
@@ -330,7 +339,7 @@ def test_max_pool_backward(rng, d, filter_size, stride):
     rulebook, _ = x.grid.strided(x.sites, filter_size, stride)
     out, argmax = max_pool_forward(features, rulebook)
     grad_out = rng.standard_normal(out.shape)
-    grad = cpu.max_pool_backward(grad_out, argmax, rulebook.n_in)
+    grad = kern.max_pool_backward(grad_out, argmax, rulebook.n_in)
     assert_gradient(grad, lambda f: np.sum(max_pool_forward(f, rulebook)[0] * grad_out),
                     features)
 
@@ -347,7 +356,7 @@ def test_max_pool_ties_go_to_the_earliest_kernel_offset():
     np.testing.assert_array_equal(out, [[5.0, 2.0], [-1.0, 3.0]])
     np.testing.assert_array_equal(argmax, [[1, 1], [3, 3]])
     grad_out = np.array([[10.0, 20.0], [30.0, 40.0]])
-    grad = cpu.max_pool_backward(grad_out, argmax, rulebook.n_in)
+    grad = kern.max_pool_backward(grad_out, argmax, rulebook.n_in)
     np.testing.assert_array_equal(grad, [[0, 0], [10, 20], [0, 0], [30, 40]])
 
 
@@ -364,7 +373,7 @@ def test_max_pool_ties_2d_earliest_offset_wins():
     out, argmax = max_pool_forward(features, rulebook)
     np.testing.assert_array_equal(out, [[7.0, 4.0]])
     np.testing.assert_array_equal(argmax, [[2, 1]])
-    grad = cpu.max_pool_backward(np.array([[1.5, 2.5]]), argmax, rulebook.n_in)
+    grad = kern.max_pool_backward(np.array([[1.5, 2.5]]), argmax, rulebook.n_in)
     np.testing.assert_array_equal(grad, [[0, 0], [0, 2.5], [1.5, 0], [0, 0]])
 
 
@@ -379,12 +388,12 @@ def test_segment_reduce_backward(rng, mode, sorted_ids):
     if sorted_ids:
         segment_ids = np.sort(segment_ids)
     values = distinct_values(rng, (n_rows, 3))
-    out, chosen = cpu.segment_reduce(values, segment_ids, n_segments, mode)
+    out, chosen = kern.segment_reduce(values, segment_ids, n_segments, mode)
     grad_out = rng.standard_normal(out.shape)
-    grad = cpu.segment_reduce_backward(grad_out, segment_ids, n_segments, mode, chosen, n_rows)
+    grad = kern.segment_reduce_backward(grad_out, segment_ids, n_segments, mode, chosen, n_rows)
     assert_gradient(
         grad,
-        lambda v: np.sum(cpu.segment_reduce(v, segment_ids, n_segments, mode)[0] * grad_out),
+        lambda v: np.sum(kern.segment_reduce(v, segment_ids, n_segments, mode)[0] * grad_out),
         values)
 
 
@@ -400,21 +409,21 @@ def test_batch_norm_backward(rng, training, leakiness, affine):
     running_mean, running_var = rng.standard_normal(channels), rng.uniform(0.5, 2, channels)
 
     def statistics(x):
-        return cpu.batch_norm_statistics(x) if training else (running_mean, running_var)
+        return kern.batch_norm_statistics(x) if training else (running_mean, running_var)
 
     def forward(x, w, b):
         mean, var = statistics(x)
-        return cpu.batch_norm_forward(x, mean, var, w, b, eps, leakiness)
+        return kern.batch_norm_forward(x, mean, var, w, b, eps, leakiness)
 
     while True:  # keep every pre-activation well away from the kink at 0
         x = rng.standard_normal((n, channels)) * [0.5, 2.0, 1.0] + [1.0, -1.0, 0.0]
-        pre = cpu.batch_norm_forward(x, *statistics(x), weight, bias, eps, 1.0)
+        pre = kern.batch_norm_forward(x, *statistics(x), weight, bias, eps, 1.0)
         if np.abs(pre).min() > 1e-3:
             break
     assert (pre < 0).any() and (pre > 0).any()
     grad_out = rng.standard_normal((n, channels))
     mean, var = statistics(x)
-    grad_x, grad_weight, grad_bias = cpu.batch_norm_backward(
+    grad_x, grad_weight, grad_bias = kern.batch_norm_backward(
         grad_out, x, mean, var, weight, bias, eps, leakiness, training)
     assert_gradient(grad_x, lambda v: np.sum(forward(v, weight, bias) * grad_out), x)
     if weight is None:
@@ -436,16 +445,16 @@ def test_scatter_gather_adjoint(rng, d):
     batch_size = x.batch_size
     features = x.features
     dense = rng.standard_normal((batch_size, 2, *shape))
-    scattered = cpu.scatter_to_dense(features, x.indices, batch_size, shape)
-    gathered = cpu.gather_from_dense(dense, x.indices)
+    scattered = kern.scatter_to_dense(features, x.indices, batch_size, shape)
+    gathered = kern.gather_from_dense(dense, x.indices)
     np.testing.assert_allclose(np.vdot(scattered, dense), np.vdot(features, gathered),
                                rtol=1e-12)
     assert_gradient(gathered,
-                    lambda f: np.sum(cpu.scatter_to_dense(f, x.indices, batch_size, shape)
+                    lambda f: np.sum(kern.scatter_to_dense(f, x.indices, batch_size, shape)
                                      * dense), features)
     grad_rows = rng.standard_normal(features.shape)
-    assert_gradient(cpu.scatter_to_dense(grad_rows, x.indices, batch_size, shape),
-                    lambda v: np.sum(cpu.gather_from_dense(v, x.indices) * grad_rows), dense)
+    assert_gradient(kern.scatter_to_dense(grad_rows, x.indices, batch_size, shape),
+                    lambda v: np.sum(kern.gather_from_dense(v, x.indices) * grad_rows), dense)
 
 
 def test_network_in_network_gradients(rng):
@@ -460,7 +469,7 @@ def test_network_in_network_gradients(rng):
     rows = np.arange(len(x), dtype=np.int32)
     ptr = np.array([0, len(x)], np.int64)
     identity = sg.Rulebook(rows, rows, ptr, len(x), len(x), (1,), identity_offset=0)
-    grad_features, grad_weight = cpu.conv_backward(grad_out, x.features, weight[None], identity)
+    grad_features, grad_weight = kern.conv_backward(grad_out, x.features, weight[None], identity)
     assert_gradient(grad_features, lambda f: loss(f, weight, bias), x.features)
     assert_gradient(grad_weight[0], lambda w: loss(x.features, w, bias), weight)
     assert_gradient(grad_out.sum(0), lambda b: loss(x.features, weight, b), bias)

@@ -10,11 +10,21 @@ import numpy as np
 import pytest
 
 import sparsegrid as sg
-from sparsegrid import coords, cpu
+from sparsegrid import coords
 from sparsegrid.grid import Grid, Sites
 from sparsegrid.rulebook import Rulebook
 
 from reference import random_sites
+
+
+@pytest.fixture(autouse=True)
+def _kernels(kernel_set):
+    """Run every test of this module on each available kernel set (the contract's
+    backends); the module-level name ``kern`` is that set's kernel module."""
+    global kern
+    kern = kernel_set.module
+    yield
+    kern = None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -562,12 +572,12 @@ def test_full_conv_starts_new_grid(rng):
 @pytest.mark.parametrize("n", [0, 1, 2, 50, 1000])
 def test_index_query_unsorted_keys(rng, n):
     keys = rng.choice(10 * n + 10, size=n, replace=False).astype(np.int64)
-    order = cpu.build_index(keys)
+    order = kern.build_index(keys)
     sorted_keys = keys if order is None else keys[order]
     assert np.all(np.diff(sorted_keys) > 0)
     queries = rng.integers(-5, 10 * n + 15, size=(3, 40)).astype(np.int64)
     queries[0, :min(n, 40)] = keys[:min(n, 40)]
-    rows = cpu.query_index(sorted_keys, order, queries)
+    rows = kern.query_index(sorted_keys, order, queries)
     assert rows.dtype == np.int32 and rows.shape == queries.shape
     where = {k: r for r, k in enumerate(keys.tolist())}
     expected = np.vectorize(lambda q: where.get(q, -1), otypes=[np.int32])(queries)
@@ -576,27 +586,27 @@ def test_index_query_unsorted_keys(rng, n):
 
 def test_index_sorted_keys_need_no_permutation():
     keys = np.array([1, 4, 9, 10], np.int64)
-    assert cpu.build_index(keys) is None
-    np.testing.assert_array_equal(cpu.query_index(keys, None, np.array([10, 2, 1, 11])),
+    assert kern.build_index(keys) is None
+    np.testing.assert_array_equal(kern.query_index(keys, None, np.array([10, 2, 1, 11])),
                                   [3, -1, 0, -1])
 
 
 def test_index_extreme_keys():
     big = np.iinfo(np.int64).max - 1
     keys = np.array([big, 0, 5], np.int64)
-    order = cpu.build_index(keys)
+    order = kern.build_index(keys)
     np.testing.assert_array_equal(
-        cpu.query_index(keys[order], order, np.array([big, np.iinfo(np.int64).max, 0, 5, -1])),
+        kern.query_index(keys[order], order, np.array([big, np.iinfo(np.int64).max, 0, 5, -1])),
         [0, -1, 1, 2, -1])
 
 
 def test_first_duplicate():
     keys = np.array([3, 3, 5], np.int64)
-    assert cpu.first_duplicate(keys, None) == (0, 1)
-    assert cpu.first_duplicate(np.array([1, 2, 3], np.int64), None) is None
+    assert kern.first_duplicate(keys, None) == (0, 1)
+    assert kern.first_duplicate(np.array([1, 2, 3], np.int64), None) is None
     unsorted = np.array([7, 2, 9, 2], np.int64)
-    order = cpu.build_index(unsorted)
-    assert cpu.first_duplicate(unsorted[order], order) == (1, 3)
+    order = kern.build_index(unsorted)
+    assert kern.first_duplicate(unsorted[order], order) == (1, 3)
 
 
 def test_sites_from_indices_unsorted_has_order(rng):

@@ -35,6 +35,7 @@ from .threads import parallel_map
 _BLOCK_PAIRS = 8192
 # Rows per partial product of a weight gradient: fixed, for the same reason.
 _REDUCTION_CHUNK = 32768
+_WEIGHT_CHUNK = 16384
 
 
 def _csr_matvecs():
@@ -105,8 +106,6 @@ class ConvPlan:
     ----------
     gather_rows : int32 (P',)
         Input rows of the non-identity pairs, block after block, by offset within a block.
-    scatter_rows : int32 (P',)
-        The output row of each of those pairs (same order), for weight gradients.
     blocks : list of (row_start, row_stop, pair_start, pair_stop, groups, indptr, indices)
         ``groups`` lists ``(k, start, stop)`` runs of offset k, relative to pair_start;
         ``indptr`` / ``indices`` (int32) the block's CSR summation matrix.
@@ -114,12 +113,10 @@ class ConvPlan:
     n_out, n_offsets : int
     """
 
-    __slots__ = ("gather_rows", "scatter_rows", "blocks", "identity_offset", "n_out",
-                 "n_offsets", "_ones")
+    __slots__ = ("gather_rows", "blocks", "identity_offset", "n_out", "n_offsets", "_ones")
 
-    def __init__(self, gather_rows, scatter_rows, blocks, identity_offset, n_out, n_offsets):
+    def __init__(self, gather_rows, blocks, identity_offset, n_out, n_offsets):
         self.gather_rows = gather_rows
-        self.scatter_rows = scatter_rows
         self.blocks = blocks
         self.identity_offset = identity_offset
         self.n_out = n_out
@@ -206,7 +203,6 @@ def build_conv_plan(in_idx, out_idx, offset_ptr, n_out, identity_offset=-1,
         order = np.argsort(group_key, kind="stable")
         group_counts = np.bincount(group_key, minlength=n_blocks * n_offsets)
     gather_rows = pin[order].astype(np.int32, copy=False)
-    scatter_rows = pout[order].astype(np.int32, copy=False)
     # CSR column of each pair: rows in order, within a row offsets in increasing order.
     # Each offset gives a row at most once, so one pass per offset finds the slots.
     slot = np.empty(n_pairs, np.int64)
@@ -239,8 +235,7 @@ def build_conv_plan(in_idx, out_idx, offset_ptr, n_out, identity_offset=-1,
                        for k, used in enumerate(nonzero[b]) if used)
         indptr = (row_ptr[r0:r1 + 1] - p0).astype(np.int32)
         blocks.append((r0, r1, p0, p1, groups, indptr, columns[p0:p1]))
-    return ConvPlan(gather_rows, scatter_rows, blocks, int(identity_offset), int(n_out),
-                    n_offsets)
+    return ConvPlan(gather_rows, blocks, int(identity_offset), int(n_out), n_offsets)
 
 
 def prepare_conv(rulebook):
@@ -356,28 +351,30 @@ def conv_backward(grad_out, features, weight, rulebook, need_features=True, need
 
 
 def _weight_gradient(features, grad_out, weight, rulebook):
-    plan = prepare_conv(rulebook)
-    identity = plan.identity_offset
+    """``grad[k] = features[in_k].T @ grad_out[out_k]``: per offset, over fixed chunks of
+    ``_WEIGHT_CHUNK`` pairs (gathered into per-thread buffers), summed in chunk order."""
+    identity = rulebook.identity_offset
     grouped = weight.ndim == 4
-    units = []       # (k, start, stop) over the plan's pair order, or (k, None, None)
-    for block in plan.blocks:
-        for k, a, b in block[4]:
-            units.append((k, block[2] + a, block[2] + b))
-    if identity >= 0:
-        for s in range(0, max(len(features), 1), _REDUCTION_CHUNK):
-            units.append((identity, s, min(s + _REDUCTION_CHUNK, len(features)), True))
+    ptr = rulebook.offset_ptr.tolist()
+    in_idx, out_idx = rulebook.in_idx, rulebook.out_idx
+    units = [(k, s, min(s + _WEIGHT_CHUNK, ptr[k + 1]))
+             for k in range(len(ptr) - 1) for s in range(ptr[k], ptr[k + 1], _WEIGHT_CHUNK)]
+    dtype = features.dtype
 
     def partial(unit):
-        k, a, b = unit[:3]
-        if len(unit) == 4:
-            x, g = features[a:b], grad_out[a:b]
+        k, a, b = unit
+        if k == identity:
+            # pairs (r, r) for every row in order: contiguous rows, no gather
+            r0, r1 = a - ptr[k], b - ptr[k]
+            x, g = features[r0:r1], grad_out[r0:r1]
         else:
-            x = features.take(plan.gather_rows[a:b], axis=0, mode="clip")
-            g = grad_out.take(plan.scatter_rows[a:b], axis=0, mode="clip")
+            x = _buffer("weight_x", b - a, features.shape[1], dtype)
+            g = _buffer("weight_g", b - a, grad_out.shape[1], dtype)
+            np.take(features, in_idx[a:b], axis=0, out=x, mode="clip")
+            np.take(grad_out, out_idx[a:b], axis=0, out=g, mode="clip")
         return _rows_product(x, g, weight if grouped else None)
 
-    sizes = [u[2] - u[1] for u in units]
-    parts = parallel_map(partial, units, sizes)
+    parts = parallel_map(partial, units, [u[2] - u[1] for u in units])
     grad = np.zeros_like(weight)
     for unit, part in zip(units, parts):
         grad[unit[0]] += part
