@@ -11,6 +11,8 @@ import numbers
 
 import numpy as np
 
+from . import backend
+
 MAX_DIMENSIONS = 10
 _INT64_LIMIT = 2**63 - 1
 _INT32_LIMIT = 2**31 - 1
@@ -91,7 +93,8 @@ def validate_indices(indices, spatial_shape, batch_size=None):
         Wrong shape, a negative or out-of-range coordinate or batch index (the message names
         the first offending row).
     """
-    arr = np.asarray(indices)
+    arr = indices if backend.is_cupy_array(indices) else np.asarray(indices)
+    xp = backend.array_namespace(arr)
     ndim = len(spatial_shape)
     if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(f"indices must be an integer array (int32 preferred); got dtype {arr.dtype}")
@@ -106,12 +109,12 @@ def validate_indices(indices, spatial_shape, batch_size=None):
             raise ValueError(f"batch_size must be in [0, 2**31 - 1] (batch indices are int32); "
                              f"got {batch_size}")
     if len(arr) == 0:
-        return np.zeros((0, ndim + 1), np.int32), (batch_size or 0)
-    upper = np.array([_INT32_LIMIT if batch_size is None else batch_size, *spatial_shape],
-                     dtype=np.int64)
+        return xp.zeros((0, ndim + 1), np.int32), (batch_size or 0)
+    upper = xp.asarray([_INT32_LIMIT if batch_size is None else batch_size, *spatial_shape],
+                       dtype=np.int64)
     bad = (arr < 0) | (arr >= upper)
-    if bad.any():
-        row, col = np.argwhere(bad)[0]
+    if bool(bad.any()):
+        row, col = (int(v) for v in xp.argwhere(bad)[0])
         what = "batch index" if col == 0 else f"coordinate on spatial axis {col - 1}"
         if col == 0:
             limit = "2**31 - 1" if batch_size is None else f"batch_size {batch_size}"
@@ -121,8 +124,9 @@ def validate_indices(indices, spatial_shape, batch_size=None):
                          f"outside [0, {limit})")
     if batch_size is None:
         batch_size = int(arr[:, 0].max()) + 1
-    # A private, read-only copy: cached rulebooks must not go stale behind our back.
-    owned = np.array(arr, dtype=np.int32, order="C", copy=True)
+    # A private copy (read-only once a Sites holds it): cached rulebooks must not go stale
+    # behind our back.
+    owned = xp.array(arr, dtype=np.int32, order="C", copy=True)
     return owned, batch_size
 
 
@@ -130,6 +134,7 @@ def validate_features(features, n_rows, name="features"):
     """Check a feature matrix: floating dtype, shape (n_rows, C), all values finite."""
     if not hasattr(features, "dtype"):
         features = np.asarray(features)
+    xp = backend.array_namespace(features)
     if features.dtype not in (np.float32, np.float64):
         raise TypeError(f"{name} must be a float32 or float64 array; got dtype "
                         f"{features.dtype}; convert with .astype(np.float32)")
@@ -138,9 +143,9 @@ def validate_features(features, n_rows, name="features"):
     if features.shape[0] != n_rows:
         raise ValueError(f"{name} has {features.shape[0]} rows but indices has {n_rows}; "
                          "they must match row for row")
-    finite = np.isfinite(features).all(axis=1) if features.size else None
-    if finite is not None and not finite.all():
-        row = int(np.flatnonzero(~finite)[0])
+    finite = xp.isfinite(features).all(axis=1) if features.size else None
+    if finite is not None and not bool(finite.all()):
+        row = int(xp.flatnonzero(~finite)[0])
         raise ValueError(f"{name} row {row} is not finite (NaN or inf): {features[row].tolist()}")
     return features
 
@@ -182,17 +187,23 @@ def pack_keys(indices, spatial_shape, batch_size, pad=None):
         f"spatial_shape {tuple(spatial_shape)} widened by the filter's reach to"
     strides = packing_strides(extents, batch_size, what)
     shift = int(np.dot(pad, strides[1:]))
-    keys = indices.astype(np.int64) @ strides
-    return (keys + shift) if shift else keys, strides
+    # one column at a time, in the indices' own array library (host or device)
+    keys = indices[:, 0].astype(np.int64) * int(strides[0])
+    for d in range(1, indices.shape[1]):
+        keys += indices[:, d].astype(np.int64) * int(strides[d])
+    if shift:
+        keys += shift
+    return keys, strides
 
 
 def unpack_keys(keys, spatial_shape):
     """Inverse of :func:`pack_keys` with no padding: int64 keys -> int32 (N, 1 + D) indices."""
-    extents = np.asarray(spatial_shape, np.int64)
-    out = np.empty((len(keys), len(extents) + 1), np.int32)
-    rest = np.asarray(keys, np.int64)
+    xp = backend.array_namespace(keys)
+    extents = [int(e) for e in spatial_shape]
+    out = xp.empty((len(keys), len(extents) + 1), np.int32)
+    rest = xp.asarray(keys, np.int64)
     for d in range(len(extents) - 1, -1, -1):
-        rest, out[:, d + 1] = np.divmod(rest, extents[d])
+        rest, out[:, d + 1] = xp.divmod(rest, extents[d])
     out[:, 0] = rest
     return out
 

@@ -18,6 +18,7 @@ import numpy as np
 from . import backend
 from .coords import (normalize_spatial_shape, pack_keys, validate_features,
                      validate_indices)
+from .autodiff import ops
 from .autodiff.core import Tensor, data_of, is_grad_enabled, record
 from .grid import Grid, Sites
 from .tensor import SparseTensor
@@ -28,15 +29,18 @@ _MODE_NAMES = ("unique", "first", "last", "sum", "mean", "max")
 
 
 def _differentiable(out, inputs, vjp):
-    """``out`` as a plain array when no input needs a gradient (plain arrays, Tensors
-    without ``requires_grad``, or anything under ``no_grad()``: inference pays nothing),
-    else a Tensor recording ``vjp(g) -> one gradient per input``.
+    """Wrap an op's output by the one rule every op follows: an autodiff Tensor when any
+    input is a Tensor (recording ``vjp(g) -> one gradient per input`` only when gradients
+    are enabled and some input requires one), the plain array when every input is a
+    plain array. A Tensor that records nothing costs one small object.
 
     ``inputs`` may hold None (an absent bias), which never receives a gradient.
     """
     present = [i for i, value in enumerate(inputs) if value is not None]
-    if not is_grad_enabled() or not any(_wants(inputs[i]) for i in present):
+    if not any(isinstance(inputs[i], Tensor) for i in present):
         return out
+    if not is_grad_enabled() or not any(_wants(inputs[i]) for i in present):
+        return Tensor(out)
 
     def vjp_present(g):
         grads = vjp(g)
@@ -179,18 +183,18 @@ def neighbour_features(x, filter_size=3, dilation=1):
     features = data_of(x.features)
     n, c, k_total = x.n_active, x.n_channels, rulebook.n_offsets
     xp = backend.array_namespace(features)
-    out = xp.zeros((n, k_total, c), features.dtype)
-    for k in range(k_total):
-        rows_in, rows_out = rulebook.pairs(k)
-        out[rows_out, k] = features[rows_in]
+    # one gather through the neighbour map; row n of the padded features is the zero row
+    table = rulebook.derived("neighbor_map", rulebook.neighbor_map)
+    padded = xp.concatenate([features, xp.zeros((1, c), features.dtype)])
+    out = padded[xp.where(table >= 0, table, n)]
 
     def vjp(g):
-        g = g.reshape(n, k_total, c)
-        grad = xp.zeros((n, c), g.dtype)
-        for k in range(k_total):
-            rows_in, rows_out = rulebook.pairs(k)
-            grad[rows_in] += g[rows_out, k]   # inputs are unique within an offset
-        return (grad,)
+        # input i at offset k feeds the output that the transposed map names at (i, k)
+        back = rulebook.transpose()
+        reader = back.derived("neighbor_map", back.neighbor_map)
+        flat = xp.concatenate([g.reshape(n * k_total, c), xp.zeros((1, c), g.dtype)])
+        cells = xp.where(reader >= 0, reader * k_total + xp.arange(k_total), n * k_total)
+        return (flat[cells].sum(axis=1),)
 
     return x.with_features(_differentiable(out.reshape(n, k_total * c), (x.features,), vjp))
 
@@ -390,15 +394,16 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
     n, g = x.n_active, int(num_groups)
     per = channels // g
     samples = x.indices[:, 0]
-    size = kernels.segment_reduce(np.ones((n, 1), features.dtype), samples, x.batch_size,
+    xp = backend.array_namespace(features)
+    size = kernels.segment_reduce(xp.ones((n, 1), features.dtype), samples, x.batch_size,
                                   "sum")[0][:, 0] * per
-    count = np.maximum(size, 1)[:, None]                                  # (B, 1)
+    count = xp.maximum(size, 1)[:, None]                                  # (B, 1)
     grouped = features.reshape(n, g, per)
     mean = kernels.segment_reduce(grouped.sum(axis=2), samples, x.batch_size, "sum")[0] / count
     centred = grouped - mean[samples][:, :, None]
     var = kernels.segment_reduce((centred * centred).sum(axis=2), samples, x.batch_size,
                                  "sum")[0] / count
-    inv = (1.0 / np.sqrt(var + eps)).astype(features.dtype)               # (B, G)
+    inv = (1.0 / xp.sqrt(var + eps)).astype(features.dtype)               # (B, G)
     normed = (centred * inv[samples][:, :, None]).reshape(n, channels)
     out = normed * w if w is not None else normed.copy()
     if b is not None:
@@ -425,21 +430,16 @@ def select(x, keep):
     Rows keep their relative order; features are gathered (differentiably).
     """
     _require_tensor(x)
-    keep = np.asarray(backend.to_numpy(data_of(keep)))
+    keep = data_of(keep)
+    xp = backend.array_namespace(x.indices)
+    keep = keep if backend.is_cupy_array(keep) else np.asarray(keep)
     if keep.dtype != bool or keep.shape != (x.n_active,):
         raise ValueError(f"keep must be a boolean array of shape ({x.n_active},); got "
                          f"{keep.dtype} {keep.shape}")
-    rows = np.flatnonzero(keep)
-    features = data_of(x.features)
-    indices = np.ascontiguousarray(x.indices[rows])
+    rows = xp.flatnonzero(xp.asarray(keep))
+    indices = xp.ascontiguousarray(x.indices[rows])
     sites = Sites.from_indices(indices, x.spatial_shape, x.batch_size)
-
-    def vjp(g):
-        full = backend.array_namespace(g).zeros((x.n_active, x.n_channels), g.dtype)
-        full[rows] = g   # rows are distinct: plain assignment
-        return (full,)
-
-    return SparseTensor._on(_differentiable(features[rows], (x.features,), vjp), sites, Grid())
+    return SparseTensor._on(ops.take_rows(x.features, rows), sites, Grid())
 
 
 def global_pool(x, mode="max"):
@@ -559,9 +559,7 @@ def output_layer(x, input_map):
     features = data_of(x.features)
     kernels = x.kernels
     if input_map.mode in ("first", "last"):
-        out = np.zeros((input_map.n_rows, x.n_channels), x.dtype)
-        out[input_map.chosen] = features
-        return _differentiable(out, (x.features,), lambda g: (g[input_map.chosen],))
+        return ops.put_rows(x.features, input_map.chosen, input_map.n_rows)
     return _differentiable(features[input_map.segment_ids], (x.features,), lambda g: (
         kernels.segment_reduce(g, input_map.segment_ids, input_map.n_sites, "sum")[0],))
 

@@ -227,3 +227,33 @@ def rulebook_conv(features, weight, rulebook, bias=None):
     if bias is not None:
         out += bias
     return out
+
+
+def submanifold_conv_vjp(dense, weight, grad_out, filter_size, dilation):
+    """Vector-Jacobian product of :func:`submanifold_conv` on the full grid.
+
+    ``dense`` (B, Cin, *S) input, ``weight`` (K, Cin, Cout) ungrouped, ``grad_out``
+    (B, Cout, *S) the cotangent. Returns ``(grad_input (B, Cin, *S), grad_weight
+    (K, Cin, Cout))`` of ``sum(grad_out * submanifold_conv(dense, weight))``: the input
+    gradient scatters back along the negated offsets, grad_in[i] += G[i - off_k] @ W[k].T,
+    and grad_W[k] = sum over the grid of in[o + off_k] (outer) G[o]. On a sparse tensor's
+    zero-filled grid with ``grad_out`` zero off its sites, these restricted to the active
+    sites are the sparse op's gradients (inactive inputs are zero and unused).
+    """
+    spatial = dense.shape[2:]
+    offsets = [tuple((d - f // 2) * dl for d, f, dl in zip(delta, filter_size, dilation))
+               for delta in _offsets(filter_size)]
+    pad = [max(abs(o[a]) for o in offsets) for a in range(len(spatial))]
+    width = [(0, 0), (0, 0)] + [(p, p) for p in pad]
+    padded_in, padded_g = np.pad(dense, width), np.pad(grad_out, width)
+    grad_in = np.zeros_like(dense)
+    grad_w = np.zeros_like(weight)
+    for k, off in enumerate(offsets):
+        shifted_in = padded_in[(slice(None), slice(None),
+                                *[slice(p + o, p + o + s) for p, o, s in zip(pad, off, spatial)])]
+        shifted_g = padded_g[(slice(None), slice(None),
+                              *[slice(p - o, p - o + s) for p, o, s in zip(pad, off, spatial)])]
+        grad_w[k] = np.einsum("bcn,bdn->cd", shifted_in.reshape(*shifted_in.shape[:2], -1),
+                              grad_out.reshape(*grad_out.shape[:2], -1))
+        grad_in += _apply(weight[k].T, shifted_g)
+    return grad_in, grad_w

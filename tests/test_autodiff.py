@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from sparsegrid import autodiff as ad
-from sparsegrid.autodiff import Tensor
+from sparsegrid.autodiff import Tensor, ops
 
 
 def shapes_case(rng, *shapes):
@@ -184,6 +184,37 @@ def test_check_gradients_catches_a_wrong_vjp():
         ad.check_gradients(wrong, [np.array([1.0, 2.0])])
 
 
+def test_check_gradients_refuses_a_vacuous_point(rng):
+    """Zero backward and zero finite differences prove nothing: refused unless allowed."""
+    negative = -rng.uniform(0.5, 2.0, (3, 4))            # every ReLU off: nothing flows
+    with pytest.raises(AssertionError, match=r"input 0 .*vacuous.*allow_zero=\(0,\)"):
+        ad.check_gradients(ad.relu, [negative])
+    other = rng.standard_normal((3, 4))
+    with pytest.raises(AssertionError, match="input 1 .*vacuous"):   # an unused input
+        ad.check_gradients(lambda a, b: a * 2.0, [other, other])
+    # Gradients below atol count as zero; a tighter atol makes the same check meaningful.
+    with pytest.raises(AssertionError, match="vacuous"):
+        ad.check_gradients(lambda a: a * 1e-9, [other])
+    ad.check_gradients(lambda a: a * 1e-9, [other], atol=1e-15)
+    # Opting out, for all inputs or by position; the values are still compared.
+    ad.check_gradients(ad.relu, [negative], allow_zero=True)
+    ad.check_gradients(lambda a, b: ad.relu(a) * b, [negative, other], allow_zero=(0, 1))
+    ad.check_gradients(lambda a, b: ad.relu(a) + b, [negative, other], allow_zero=(0,))
+    ad.check_gradients(lambda a, b: ad.relu(a) + b, [negative, other], allow_zero=0)
+    with pytest.raises(AssertionError, match="input 0 .*vacuous"):
+        ad.check_gradients(lambda a, b: ad.relu(a) + b, [negative, other], allow_zero=(1,))
+
+    def zero_vjp(a):
+        return ad.record(a.data ** 2, (a,), lambda g: (g * 0.0,))
+
+    with pytest.raises(AssertionError, match="gradient of input 0 at"):
+        ad.check_gradients(zero_vjp, [np.array([1.0, 2.0])], allow_zero=True)
+    with pytest.raises(ValueError, match="allow_zero names input 1"):
+        ad.check_gradients(ad.relu, [negative], allow_zero=(1,))
+    with pytest.raises(TypeError, match="allow_zero"):
+        ad.check_gradients(ad.relu, [negative], allow_zero=("0",))
+
+
 def test_residual_pattern_sums_both_paths():
     """x used directly and through another op (every residual block): both paths count."""
     x = Tensor(np.array([1.0, 2.0]), requires_grad=True)
@@ -201,3 +232,11 @@ def test_leaf_gradients_are_independent_arrays():
     assert a.grad is not b.grad
     a.grad *= 0
     np.testing.assert_array_equal(b.grad, [1.0, 1.0])
+
+
+def test_losses_refuse_broadcasting_shapes(rng):
+    scores, targets = rng.standard_normal((5, 1)), rng.random(5)
+    with pytest.raises(ValueError, match="same shape"):
+        ops.mse_loss(scores, targets)
+    with pytest.raises(ValueError, match="same shape"):
+        ops.binary_cross_entropy_with_logits(scores, targets)

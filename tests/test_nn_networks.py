@@ -16,7 +16,7 @@ import reference as ref
 import sparsegrid.nn as scn
 from sparsegrid import functional as F
 from sparsegrid.autodiff import Tensor, ops
-from test_nn import check_module_gradients, close, dense, sparse, values, w64
+from nn_helpers import check_module_gradients, close, dense, sparse, values, w64
 
 
 def describe(module):

@@ -1,4 +1,6 @@
-"""Every sparse op is differentiable through autodiff Tensors: float64 finite differences."""
+"""Every sparse op is differentiable through autodiff Tensors: float64 finite differences,
+and the dense reference's vector-Jacobian product (reference.py) for a convolution on a
+tensor whose features were replaced."""
 
 import numpy as np
 import pytest
@@ -7,6 +9,7 @@ import sparsegrid as sg
 from sparsegrid import autodiff as ad
 from sparsegrid.autodiff import Tensor
 
+import reference as ref
 from reference import random_sites
 
 
@@ -127,16 +130,34 @@ def test_network_of_ops_trains_a_step(rng):
     ad.check_gradients(net, [x.features, w1, w2])
 
 
-def test_plain_arrays_record_nothing(rng):
+def test_plain_arrays_in_plain_arrays_out_tensors_in_tensors_out(rng):
+    """The one rule: an op returns a Tensor when an input is a Tensor (recording only when
+    a gradient is wanted), a plain array when every input is a plain array."""
     x = base_tensor(rng)
     y = sg.submanifold_conv(x, weight(rng, 27, 3, 2))
     assert isinstance(y.features, np.ndarray)
     with ad.no_grad():
         t = sg.submanifold_conv(on(x, Tensor(x.features, requires_grad=True)),
                                 weight(rng, 27, 3, 2))
-    assert isinstance(t.features, np.ndarray), "no_grad: a plain array, no graph"
+    assert isinstance(t.features, Tensor) and not t.features.requires_grad
+    assert t.features._inputs == (), "no_grad: no graph"
     frozen = sg.submanifold_conv(on(x, Tensor(x.features)), Tensor(weight(rng, 27, 3, 2)))
-    assert isinstance(frozen.features, np.ndarray), "no input requires a gradient"
+    assert isinstance(frozen.features, Tensor) and not frozen.features.requires_grad
+    assert frozen.features._inputs == (), "no input requires a gradient: no graph"
+    live = sg.submanifold_conv(on(x, Tensor(x.features, requires_grad=True)),
+                               weight(rng, 27, 3, 2))
+    assert live.features.requires_grad and live.features._inputs != ()
+
+
+def dense_submanifold_vjp(x, features, w, grad_out, filter_size=3):
+    """The dense reference's gradients of sum(grad_out * submanifold_conv(x, w)) at x's
+    sites: (features (N, Cin), weight) on the zero-filled grid, no rulebook, no kernel."""
+    d = x.dimension
+    grad_in, grad_w = ref.submanifold_conv_vjp(
+        ref.to_dense(features, x.indices, x.batch_size, x.spatial_shape), w,
+        ref.to_dense(grad_out, x.indices, x.batch_size, x.spatial_shape),
+        (filter_size,) * d, (1,) * d)
+    return ref.at_sites(grad_in, x.indices), grad_w
 
 
 def test_features_can_be_replaced_keeping_the_grid(rng):
@@ -147,25 +168,25 @@ def test_features_can_be_replaced_keeping_the_grid(rng):
     w = Tensor(weight(rng, 27, 3, 2), requires_grad=True)
     y = sg.submanifold_conv(x, w)
     assert x.grid.submanifold(x.sites, 3) is rulebook
-    ad.sum(y.features).backward()
-    # The same gradients as the backward kernel on that (cached) rulebook, plan-free path.
-    ones = np.ones((x.n_active, 2))
-    grad_f, grad_w = sg.cpu.conv_backward(ones, f.data, w.data, rulebook.in_idx,
-                                          rulebook.out_idx, rulebook.offset_ptr,
-                                          rulebook.identity_offset)
-    np.testing.assert_allclose(f.grad, grad_f, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(w.grad, grad_w, rtol=1e-12, atol=1e-12)
+    g = rng.standard_normal((x.n_active, 2))
+    y.features.backward(g)
+    # The replaced features and the weight get the dense reference's gradients (through
+    # the cached rulebook).
+    grad_f, grad_w = dense_submanifold_vjp(x, f.data, w.data, g)
+    assert np.abs(grad_f).max() > 0.1 and np.abs(grad_w).max() > 0.1
+    np.testing.assert_allclose(f.grad, grad_f, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(w.grad, grad_w, rtol=1e-10, atol=1e-12)
 
 
 def test_only_weight_requires_grad(rng):
     x = base_tensor(rng)
     w = Tensor(weight(rng, 27, 3, 2), requires_grad=True)
-    ad.sum(sg.submanifold_conv(x, w).features).backward()
-    rulebook = x.grid.submanifold(x.sites, 3)
-    _, expected = sg.cpu.conv_backward(np.ones((x.n_active, 2)), x.features, w.data,
-                                       rulebook.in_idx, rulebook.out_idx, rulebook.offset_ptr,
-                                       rulebook.identity_offset, need_features=False)
-    np.testing.assert_allclose(w.grad, expected, rtol=1e-12, atol=1e-12)
+    g = rng.standard_normal((x.n_active, 2))
+    sg.submanifold_conv(x, w).features.backward(g)
+    assert isinstance(x.features, np.ndarray), "plain input features: nothing recorded"
+    _, expected = dense_submanifold_vjp(x, x.features, w.data, g)
+    assert np.abs(expected).max() > 0.1
+    np.testing.assert_allclose(w.grad, expected, rtol=1e-10, atol=1e-12)
 
 
 def test_strided_conv_with_uncovered_rows(rng):

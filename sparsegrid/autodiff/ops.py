@@ -139,6 +139,38 @@ def getitem(a, index):
     return record(x[index], (a,), vjp)
 
 
+def take_rows(values, rows):
+    """``values[rows]`` for DISTINCT ``rows`` (a row gather); its gradient is a plain
+    assignment into zeros (``getitem`` must allow repeats and so scatter-adds).
+
+    The one primitive behind every gather of distinct rows (Sparsify/select, BL layers,
+    output layers). A plain array in gives a plain array out; a Tensor gives a Tensor
+    (recording only when a gradient is wanted).
+    """
+    if not isinstance(values, Tensor):
+        return values[rows]
+    data = values.data
+
+    def vjp(g):
+        grad = _xp(g).zeros_like(data)
+        grad[rows] = g
+        return (grad,)
+
+    return record(data[rows], (values,), vjp)
+
+
+def put_rows(values, rows, n_rows):
+    """Zeros ``(n_rows, C)`` with ``out[rows] = values`` for DISTINCT ``rows``: the adjoint
+    of :func:`take_rows` (its gradient is ``g[rows]``). Same array-or-Tensor rule."""
+    data = data_of(values)
+    xp = _xp(data)
+    out = xp.zeros((n_rows,) + tuple(data.shape[1:]), data.dtype)
+    out[rows] = data
+    if not isinstance(values, Tensor):
+        return out
+    return record(out, (values,), lambda g: (g[rows],))
+
+
 # -- activations ------------------------------------------------------------------------------
 def relu(a):
     x = data_of(a)
