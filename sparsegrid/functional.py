@@ -519,16 +519,15 @@ def input_layer(indices, features, spatial_shape, batch_size=None, mode="sum"):
     spatial_shape = normalize_spatial_shape(spatial_shape)
     indices, batch_size = validate_indices(indices, spatial_shape, batch_size)
     values = validate_features(data_of(features), len(indices))
-    kernels = backend.kernels(values)
+    kernels = backend.kernels(indices, values)
     keys, _ = pack_keys(indices, spatial_shape, batch_size)
-    unique_keys, first_rows, segment_ids = np.unique(keys, return_index=True,
-                                                     return_inverse=True)
-    segment_ids = segment_ids.reshape(-1)
+    unique_keys, first_rows, segment_ids = kernels.unique_inverse(keys)
     n_sites = len(unique_keys)
     if mode == "unique" and n_sites != len(indices):
-        seen = np.zeros(len(indices), bool)
+        xp = backend.array_namespace(keys)
+        seen = xp.zeros(len(indices), bool)
         seen[first_rows] = True
-        second = int(np.flatnonzero(~seen)[0])
+        second = int(xp.flatnonzero(~seen)[0])
         first = int(first_rows[segment_ids[second]])
         raise ValueError(f"indices rows {first} and {second} are the same site "
                          f"{indices[second].tolist()}, but mode 0 ('unique') assumes no "
@@ -537,7 +536,7 @@ def input_layer(indices, features, spatial_shape, batch_size=None, mode="sum"):
     out, chosen = kernels.segment_reduce(values, segment_ids, n_sites, reduce_mode)
     out = _differentiable(out, (features,), lambda g: (kernels.segment_reduce_backward(
         g, segment_ids, n_sites, reduce_mode, chosen, len(values)),))
-    site_indices = np.ascontiguousarray(indices[first_rows])
+    site_indices = indices.take(first_rows, axis=0)
     sites = Sites(site_indices, spatial_shape, batch_size)
     tensor = SparseTensor._on(out, sites, Grid())
     return tensor, InputMap(segment_ids, chosen, mode, len(indices), n_sites)

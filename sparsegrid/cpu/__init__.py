@@ -8,7 +8,7 @@ backend's own and not part of the contract.
 
 from .conv import conv_backward, conv_forward, prepare_conv, rows_product, rule_sum
 from .dense import dense_active_sites, gather_from_dense, scatter_to_dense
-from .index import build_index, first_duplicate, query_index
+from .index import build_index, first_duplicate, query_index, unique_inverse
 from .norm import batch_norm_backward, batch_norm_forward, batch_norm_statistics
 from .pool import max_pool_backward, max_pool_forward
 from .rules import (full_rules, offset_rules, strided_rules, submanifold_rules,
