@@ -71,8 +71,8 @@ class Rulebook:
         return len(self.in_idx)
 
     def counts(self):
-        """Number of pairs of each offset, int64 (K,)."""
-        return np.diff(backend.to_numpy(self.offset_ptr))
+        """Number of pairs of each offset, int64 (K,), in the rulebook's array library."""
+        return backend.array_namespace(self.offset_ptr).diff(self.offset_ptr)
 
     def pairs(self, k):
         """``(in_rows, out_rows)`` of kernel offset ``k``."""
@@ -95,7 +95,9 @@ class Rulebook:
         """Output-stationary view: int32 (n_out, K), the input row of each offset or -1."""
         xp = backend.array_namespace(self.in_idx)
         table = xp.full((self.n_out, self.n_offsets), -1, dtype=xp.int32)
-        offset_of_pair = xp.repeat(xp.arange(self.n_offsets), xp.asarray(self.counts()))
+        # the offset of each pair, without a host read of the pointers
+        offset_of_pair = xp.searchsorted(self.offset_ptr, xp.arange(self.n_pairs),
+                                         side="right") - 1
         table[self.out_idx, offset_of_pair] = self.in_idx
         return table
 

@@ -138,7 +138,8 @@ class SparseTensor:
         """SCN's coordinate form: int64 (N, D + 1), spatial coordinates then the batch
         index LAST, row-aligned with :attr:`features`."""
         indices = self.indices
-        return np.concatenate([indices[:, 1:], indices[:, :1]], axis=1).astype(np.int64)
+        xp = backend.array_namespace(indices)
+        return xp.concatenate([indices[:, 1:], indices[:, :1]], axis=1).astype(np.int64)
 
     def detach(self):
         """The same sites and grid with features cut from the autodiff graph."""
