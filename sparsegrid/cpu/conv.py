@@ -185,6 +185,8 @@ def build_conv_plan(in_idx, out_idx, offset_ptr, n_out, identity_offset=-1,
     bounds = np.append(starts, n_out)
     n_blocks = len(starts)
     # Buffer order: by block, then by offset, each group's pairs in rulebook order.
+    # Pair positions fit int32 below 2**31 pairs: half the memory of int64 temporaries.
+    index_type = np.int32 if n_pairs < 2**31 - 1 else np.int64
     if _rows_sorted_per_offset(pout, kept):
         # each (offset, block) group is one contiguous run of the rulebook's pairs
         cuts = np.stack([kept[k] + np.searchsorted(pout[kept[k]:kept[k + 1]], bounds)
@@ -193,20 +195,22 @@ def build_conv_plan(in_idx, out_idx, offset_ptr, n_out, identity_offset=-1,
         lengths = np.diff(cuts, axis=1).T.reshape(-1)          # block-major
         first = cuts[:, :-1].T.reshape(-1)
         group_starts = np.cumsum(lengths) - lengths
-        order = np.arange(n_pairs, dtype=np.int64)
-        order += np.repeat(first - group_starts, lengths)
+        order = np.arange(n_pairs, dtype=index_type)
+        order += np.repeat((first - group_starts).astype(index_type), lengths)
         group_counts = lengths
     else:
         offset_of = np.repeat(np.arange(n_offsets, dtype=np.int64), np.diff(kept))
         block_of_row = np.repeat(np.arange(n_blocks), np.diff(bounds))
         group_key = block_of_row[pout] * n_offsets + offset_of
-        order = np.argsort(group_key, kind="stable")
+        del offset_of
+        order = np.argsort(group_key, kind="stable").astype(index_type, copy=False)
         group_counts = np.bincount(group_key, minlength=n_blocks * n_offsets)
-    gather_rows = pin[order].astype(np.int32, copy=False)
+        del group_key
+    gather_rows = pin.take(order).astype(np.int32, copy=False)
     # CSR column of each pair: rows in order, within a row offsets in increasing order.
     # Each offset gives a row at most once, so one pass per offset finds the slots.
-    slot = np.empty(n_pairs, np.int64)
-    fill = row_ptr[:-1].copy()
+    slot = np.empty(n_pairs, index_type)
+    fill = row_ptr[:-1].astype(index_type)
     for k in range(n_offsets):
         a, b = kept[k], kept[k + 1]
         if a == b:
@@ -214,12 +218,15 @@ def build_conv_plan(in_idx, out_idx, offset_ptr, n_out, identity_offset=-1,
         rows = pout[a:b]
         slot[a:b] = fill[rows]
         fill[rows] += 1
+    del fill
+    slot = slot.take(order)          # buffer position q holds pair order[q]: its CSR slot
+    del order
+    block_pair_starts = row_ptr[bounds]
+    local = np.arange(n_pairs, dtype=index_type)   # buffer position within its block
+    local -= np.repeat(block_pair_starts[:-1].astype(index_type), np.diff(block_pair_starts))
     columns = np.empty(n_pairs, np.int32)
-    pair_start_of_slot = np.repeat(row_ptr[bounds[:-1]], np.diff(row_ptr[bounds]))
-    # buffer position q holds pair order[q]; its CSR slot is slot[order[q]]
-    local = np.arange(n_pairs, dtype=np.int64)
-    local -= pair_start_of_slot
-    columns[slot[order]] = local
+    columns[slot] = local
+    del slot, local
     group_ptr = np.zeros(n_blocks * n_offsets + 1, np.int64)
     np.cumsum(group_counts, out=group_ptr[1:])
     blocks = []

@@ -64,7 +64,8 @@ def submanifold_rules(indices, order, spatial_shape, batch_size, filter_size, di
     keys, strides = pack_keys(sorted_indices, spatial_shape, batch_size, pad)
     packed = offsets @ strides[1:]
     skeys = np.append(keys, KEY_SENTINEL)
-    rows = np.arange(n, dtype=np.int64) if order is None else order
+    # int32 rows: the pair lists are built in their final dtype (half the memory)
+    rows = np.arange(n, dtype=np.int32) if order is None else order.astype(np.int32)
 
     symmetric = all(f % 2 == 1 for f in filter_size)
     f_last = filter_size[-1]
@@ -86,7 +87,7 @@ def submanifold_rules(indices, order, spatial_shape, batch_size, filter_size, di
         column = range(c * f_last, (c + 1) * f_last)
         if symmetric and mirror == c:
             identity_offset = k_total // 2
-            pairs_in[identity_offset] = pairs_out[identity_offset] = np.arange(n)
+            pairs_in[identity_offset] = pairs_out[identity_offset] = np.arange(n, dtype=np.int32)
             column = range(identity_offset + 1, (c + 1) * f_last)
             pos = np.arange(1, n + 1)  # key + 1, if present, follows key itself
         elif walk:
@@ -244,14 +245,15 @@ def offset_rules(indices, order, spatial_shape, batch_size, offsets):
     keys, strides = pack_keys(sorted_indices, spatial_shape, batch_size, pad)
     packed = offsets @ strides[1:]
     skeys = np.append(keys, KEY_SENTINEL)
-    rows = np.arange(n, dtype=np.int64) if order is None else order
+    # int32 rows: the pair lists are built in their final dtype (half the memory)
+    rows = np.arange(n, dtype=np.int32) if order is None else order.astype(np.int32)
     zero = np.flatnonzero(~offsets.any(axis=1))
     identity_offset = int(zero[0]) if len(zero) else -1
     pairs_in, pairs_out = [], []
     for k in range(len(offsets)):
         if k == identity_offset:
-            pairs_in.append(np.arange(n))
-            pairs_out.append(np.arange(n))
+            pairs_in.append(np.arange(n, dtype=np.int32))
+            pairs_out.append(np.arange(n, dtype=np.int32))
             continue
         query = keys + packed[k]
         pos = np.searchsorted(skeys, query)
@@ -271,7 +273,7 @@ def full_rules(indices, spatial_shape, batch_size, filter_size, stride, out_shap
     coords = indices[:, 1:].astype(np.int64)
     strides = packing_strides(out_shape, batch_size)
     base = indices[:, 0].astype(np.int64) * strides[0] + (coords * np.asarray(stride)) @ strides[1:]
-    rows = np.arange(n)
+    rows = np.arange(n, dtype=np.int32)
     pairs_in, out_keys = [], []
     for taps in itertools.product(*[range(f) for f in filter_size]):
         pairs_in.append(rows)
