@@ -474,3 +474,18 @@ def test_network_in_network_gradients(rng):
     assert_gradient(grad_weight[0], lambda w: loss(x.features, w, bias), weight)
     assert_gradient(grad_out.sum(0), lambda b: loss(x.features, weight, b), bias)
     np.testing.assert_allclose(grad_features, grad_out @ weight.T, rtol=1e-12, atol=1e-12)
+
+
+def test_conv_without_scipys_private_csr_routine(rng, monkeypatch):
+    """When SciPy's compiled csr_matvecs cannot be found, the public csr_matrix product
+    gives the same result."""
+    from sparsegrid.cpu import conv as cpu_conv
+    rulebook, x = rulebook_case(rng, "submanifold_odd")
+    weight, bias = random_weight(rng, rulebook.n_offsets, 2, 3), rng.standard_normal(3)
+    fast = conv_forward(x.features, weight, rulebook, bias)
+    monkeypatch.setitem(cpu_conv._state, "matvecs", None)
+    monkeypatch.setitem(cpu_conv._state, "looked", True)
+    slow = conv_forward(x.features, weight, rulebook, bias)
+    np.testing.assert_allclose(slow, fast, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(slow, ref.rulebook_conv(x.features, weight, rulebook, bias),
+                               rtol=1e-12, atol=1e-12)
