@@ -97,7 +97,6 @@ class Grid:
 
     def __init__(self):
         self._rulebooks = {}
-        self.input_map = None   # set by nn.InputLayer: what nn.OutputLayer inverts
 
     def __repr__(self):
         return f"Grid({len(self._rulebooks)} cached rulebooks)"

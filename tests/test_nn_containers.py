@@ -20,7 +20,10 @@ def test_concat_join_add_tables(rng):
     x = sparse(rng, SHAPES[2], channels=3)
     a, b = scn.NetworkInNetwork(3, 2), scn.NetworkInNetwork(3, 2)
     outputs = scn.ConcatTable(a, b, scn.Identity())(x)
-    assert isinstance(outputs, list) and len(outputs) == 3 and outputs[2] is x
+    assert isinstance(outputs, list) and len(outputs) == 3
+    # Identity: the same sites, grid and values; plain features come back as a Tensor
+    assert outputs[2].sites is x.sites and outputs[2].grid is x.grid
+    assert isinstance(outputs[2].features, Tensor) and outputs[2].features.data is x.features
     fa, fb = np.asarray(x.features, np.float64) @ w64(a.weight), \
         np.asarray(x.features, np.float64) @ w64(b.weight)
     joined = scn.JoinTable()(outputs)
@@ -91,7 +94,9 @@ def test_functional_tables_and_verbose_identity(rng, capsys):
     close(scn.concatenate_feature_planes([x, y]).features,
           np.concatenate([values(x), values(y)], axis=1))
     close(scn.add_feature_planes([x, y]).features, 3 * values(x))
-    assert scn.VerboseIdentity()(x) is x
+    same = scn.VerboseIdentity()(x)
+    assert same.sites is x.sites and same.features.data is x.features
+    assert scn.VerboseIdentity()(same) is same      # Tensor features: the input itself
     assert "SparseTensor(" in capsys.readouterr().out
 
 

@@ -16,7 +16,7 @@ import reference as ref
 import sparsegrid as sg
 import sparsegrid.nn as scn
 from nn_helpers import (SHAPES, bl_batch, by_coordinate, close, dense, golden, scn_rows,
-                        sparse, w64)
+                        sparse, values, w64)
 
 
 # --------------------------------------------------------------------------------------
@@ -32,32 +32,32 @@ def test_input_layer_modes_with_scn_coordinates(rng, mode, name):
     sites, merged, row_site, kept = ref.input_layer(batch_first, feats.astype(np.float64),
                                                     name)
     np.testing.assert_array_equal(x.indices, sites)
-    np.testing.assert_allclose(x.features, merged, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(values(x), merged, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(x.get_spatial_locations(),
                                   np.concatenate([sites[:, 1:], sites[:, :1]], axis=1))
     assert x.spatial_shape == (6, 5) and x.batch_size == batch_first[:, 0].max() + 1
     # OutputLayer: every row gets its site's features; with 'first'/'last' only the kept row.
     rows = scn.OutputLayer(2)(x)
-    expected = np.asarray(x.features)[row_site]
+    expected = values(x)[row_site]
     if name in ("first", "last"):
         chosen = np.zeros(len(coords), bool)
         chosen[kept] = True
         expected = np.where(chosen[:, None], expected, 0)
-    np.testing.assert_array_equal(rows, expected)
+    np.testing.assert_array_equal(values(rows), expected)
     if name == "unique":
-        np.testing.assert_array_equal(rows, feats)    # the round trip restores row order
+        np.testing.assert_array_equal(values(rows), feats)    # the round trip restores row order
 
 
 @pytest.mark.parametrize("mode", range(5))
 def test_input_and_output_layer_reproduce_scn(mode):
     g = golden(f"2d_inputlayer_mode{mode}")
     x = scn.InputLayer(2, g["spatial_size"], mode=mode)([g["coords"], g["feats"]])
-    ours = by_coordinate(x.get_spatial_locations(), x.features)
+    ours = by_coordinate(x.get_spatial_locations(), values(x))
     theirs = by_coordinate(g["out_coords"], g["out_feats"])
     assert ours.keys() == theirs.keys()
     for site, value in theirs.items():
         np.testing.assert_allclose(ours[site], value, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(scn.OutputLayer(2)(x), g["outputlayer_out"], rtol=1e-5,
+    np.testing.assert_allclose(values(scn.OutputLayer(2)(x)), g["outputlayer_out"], rtol=1e-5,
                                atol=1e-6)
 
 
@@ -66,7 +66,7 @@ def test_input_layer_without_batch_column_and_batch_size(rng):
     feats = np.arange(8, dtype=np.float32).reshape(4, 2)
     x = scn.InputLayer(2, 5)([coords, feats])
     np.testing.assert_array_equal(x.indices, [[0, 0, 0], [0, 2, 4], [0, 3, 1]])
-    np.testing.assert_array_equal(x.features, [[2, 3], [6, 7], [0 + 4, 1 + 5]])   # mode 3
+    np.testing.assert_array_equal(values(x), [[2, 3], [6, 7], [0 + 4, 1 + 5]])   # mode 3
     assert x.batch_size == 1
     np.testing.assert_array_equal(x.get_spatial_locations()[:, 2], 0)
     # batch_size is a lower bound (SCN): empty trailing samples are allowed.
@@ -83,7 +83,7 @@ def test_input_layer_1d_and_3d():
     coords = np.array([[4, 1], [2, 0], [4, 1]])
     x = scn.InputLayer(1, 6, mode=4)([coords, np.array([[1.0], [2.0], [5.0]], np.float32)])
     np.testing.assert_array_equal(x.indices, [[0, 2], [1, 4]])
-    np.testing.assert_array_equal(x.features, [[2.0], [3.0]])
+    np.testing.assert_array_equal(values(x), [[2.0], [3.0]])
     coords3 = np.array([[1, 2, 3, 0], [0, 0, 0, 1]])
     y = scn.InputLayer(3, (2, 3, 4))([coords3, np.ones((2, 1), np.float32)])
     np.testing.assert_array_equal(y.indices, [[0, 1, 2, 3], [1, 0, 0, 0]])
@@ -141,6 +141,63 @@ def test_output_layer_rejects_other_sites_with_the_same_count():
         scn.OutputLayer(2)(pooled)
 
 
+def test_input_map_is_nn_state_not_grid_state(rng):
+    # The input map lives in sparsegrid.nn (a weak table keyed by the grid), not on Grid.
+    coords, feats, _ = scn_rows(rng, (8, 8), 2, 20)
+    x = scn.InputLayer(2, 8)([coords, feats])
+    assert not hasattr(x.grid, "input_map") and not hasattr(sg.Grid(), "input_map")
+    assert not hasattr(x.grid, "input_sites") and not hasattr(x.grid, "bl_layout")
+    assert scn.OutputLayer(2)(x).shape == (20, 2)
+
+
+def _expected_rows(x, coords):
+    """Mode 'sum' / 'mean' / 'max': every input row gets its site's features."""
+    site = by_coordinate(x.get_spatial_locations(), values(x))
+    return np.array([site[tuple(c)] for c in coords.tolist()])
+
+
+def test_output_layer_finds_its_own_input_layer_when_two_alternate(rng):
+    first, second = scn.InputLayer(2, 8, mode="sum"), scn.InputLayer(2, 8, mode="mean")
+    conv = scn.SubmanifoldConvolution(2, 2, 3, 3, True)
+    out = scn.OutputLayer(2)
+    batches = [scn_rows(rng, (8, 8), 2, n)[:2] for n in (20, 13, 7)]
+    made = []
+    for i, (coords, feats) in enumerate(batches):           # first, second, first
+        layer = first if i % 2 == 0 else second
+        made.append((layer([coords, feats]), coords))
+    for x, coords in reversed(made):                         # used in another order
+        y = conv(x)
+        rows = out(y)
+        assert rows.shape == (len(coords), 3)
+        np.testing.assert_array_equal(values(rows), _expected_rows(y, coords))
+    # a BLInputLayer in between: OutputLayer applies to its tensor, BLOutputLayer only to it
+    bl_coords, bl_feats = bl_batch(rng, shape=(8, 8))
+    b = scn.BLInputLayer(2, 8, mode=3)([bl_coords, bl_feats])
+    assert scn.BLOutputLayer(2)(b).shape == bl_feats.shape
+    assert scn.OutputLayer(2)(b).shape == (int((bl_coords[:, :, 0] >= 0).sum()), 2)
+    with pytest.raises(ValueError, match="BLOutputLayer needs a tensor on the sites made by "
+                                         "a BLInputLayer"):
+        scn.BLOutputLayer(2)(made[0][0])
+    np.testing.assert_array_equal(values(out(made[0][0])),
+                                  _expected_rows(made[0][0], batches[0][0]))
+
+
+def test_input_records_live_as_long_as_their_grid(rng):
+    import gc
+    from sparsegrid.nn import layers
+    gc.collect()
+    before = len(layers._input_records)
+    coords, feats, _ = scn_rows(rng, (8, 8), 2, 20)
+    x = scn.InputLayer(2, 8)([coords, feats])
+    y = scn.SubmanifoldConvolution(2, 2, 2, 3, False)(x)
+    assert len(layers._input_records) == before + 1
+    del x
+    assert scn.OutputLayer(2)(y).shape == (20, 2)           # y shares (and keeps) the grid
+    del y
+    gc.collect()
+    assert len(layers._input_records) == before
+
+
 def bl_reference_rows(coords):
     valid = np.flatnonzero(coords[:, :, 0].reshape(-1) >= 0)
     batch = valid // coords.shape[1]
@@ -161,19 +218,19 @@ def test_bl_input_and_output_layers(rng, mode, name):
     sites, merged, row_site, kept = ref.input_layer(rows, flat[valid], name)
     assert len(sites) < len(rows)                                # duplicates were merged
     np.testing.assert_array_equal(x.indices, sites)
-    np.testing.assert_allclose(x.features, merged, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(values(x), merged, rtol=1e-6, atol=1e-6)
     assert x.batch_size == 3
     out = scn.BLOutputLayer(2)(x)
     assert out.shape == feats.shape
     expected = np.zeros(flat.shape)
-    per_row = np.asarray(x.features, np.float64)[row_site]
+    per_row = values(x)[row_site]
     if name in ("first", "last"):
         chosen = np.zeros(len(valid), bool)
         chosen[kept] = True
         per_row = np.where(chosen[:, None], per_row, 0)
     expected[valid] = per_row
-    np.testing.assert_allclose(out, expected.reshape(feats.shape), rtol=1e-6)
-    np.testing.assert_array_equal(out[1], 0)
+    np.testing.assert_allclose(values(out), expected.reshape(feats.shape), rtol=1e-6)
+    np.testing.assert_array_equal(values(out)[1], 0)
 
 
 def test_bl_layers_errors(rng):
@@ -198,11 +255,11 @@ def test_sparse_to_dense_and_back(rng, d):
     x = sparse(rng, SHAPES[d], channels=3, batch=3, empty=(1,))
     out = scn.SparseToDense(d, 3)(x)
     assert out.shape == (3, 3, *SHAPES[d])
-    np.testing.assert_array_equal(out, dense(x).astype(np.float32))
+    np.testing.assert_array_equal(values(out), dense(x).astype(np.float32))
     back = scn.DenseToSparse(d)(out)
     order = np.lexsort(x.indices.T[::-1])
     np.testing.assert_array_equal(back.indices, x.indices[order])
-    np.testing.assert_array_equal(back.features, x.features[order])
+    np.testing.assert_array_equal(values(back), x.features[order])
     assert back.spatial_shape == SHAPES[d] and back.batch_size == 3
     with pytest.raises(ValueError, match="expects 4 input channels"):
         scn.SparseToDense(d, 4)(x)
@@ -214,11 +271,11 @@ def test_add_coords(rng):
     x = sparse(rng, (5, 9), channels=2)
     y = scn.AddCoords()(x)
     assert y.sites is x.sites and y.n_channels == 4
-    np.testing.assert_array_equal(y.features[:, :2], x.features)
+    np.testing.assert_array_equal(values(y)[:, :2], x.features)
     expected = np.stack([x.indices[:, 1] / 2 - 1, x.indices[:, 2] / 4 - 1], axis=1)
-    close(y.features[:, 2:], expected, 1e-7)
+    close(values(y)[:, 2:], expected, 1e-7)
     corners = sg.SparseTensor(np.ones((2, 1), np.float32), [[0, 0, 0], [0, 4, 8]], (5, 9))
-    np.testing.assert_array_equal(scn.AddCoords()(corners).features[:, 1:],
+    np.testing.assert_array_equal(values(scn.AddCoords()(corners))[:, 1:],
                                   [[-1, -1], [1, 1]])
 
 
@@ -236,7 +293,7 @@ def test_sparsify(rng, activation):
     y = layer(x)
     close(y.mask, mask[:, 0], 1e-6)   # (N,), as SCN
     np.testing.assert_array_equal(y.indices, x.indices[keep])   # relative order kept
-    np.testing.assert_array_equal(y.features, x.features[keep])
+    np.testing.assert_array_equal(values(y), x.features[keep])
     assert y.grid is not x.grid and y.spatial_shape == x.spatial_shape
     # The new site set is usable: a submanifold convolution only sees kept neighbours.
     conv = scn.SubmanifoldConvolution(2, 3, 2, 3, False)
@@ -260,7 +317,7 @@ def test_sparsify_fcs(rng):
     y = scn.SparsifyFCS(3)(x)
     keep = x.features[:, 0] > 0
     np.testing.assert_array_equal(y.indices, x.indices[keep])
-    np.testing.assert_array_equal(y.features, x.features[keep])
+    np.testing.assert_array_equal(values(y), x.features[keep])
     assert y.grid is not x.grid
 
 

@@ -15,7 +15,7 @@ import pytest
 import reference as ref
 import sparsegrid as sg
 import sparsegrid.nn as scn
-from nn_helpers import SHAPES, close, sparse, w64
+from nn_helpers import SHAPES, close, sparse, values, w64
 from sparsegrid.autodiff import Tensor
 
 
@@ -157,7 +157,9 @@ def test_activations(rng, layer, formula):
     x = sparse(rng, SHAPES[3], channels=3)
     x = x.with_features((x.features * 3).astype(np.float32))
     y = layer(x)
-    assert y.sites is x.sites and isinstance(y.features, np.ndarray)
+    # one kind of output: Tensor features (recording nothing: no input needs a gradient)
+    assert y.sites is x.sites and isinstance(y.features, Tensor)
+    assert not y.features.requires_grad and y.features._inputs == ()
     close(y.features, formula(np.asarray(x.features, np.float64)), 1e-6)
 
 
@@ -167,19 +169,21 @@ def test_dropout_is_inverted_in_training_and_identity_in_eval(rng):
     x = sparse(rng, (30, 30), channels=8, density=0.5)
     for p in (0.25, 0.6):
         y = scn.Dropout(p)(x)
-        f, out = x.features, y.features
+        f, out = x.features, values(y)
         kept = out != 0
         np.testing.assert_allclose(out[kept], f[kept] / (1 - p), rtol=1e-6)
         assert abs((~kept).mean() - p) < 0.03
     layer = scn.Dropout(0.5)
-    assert not np.array_equal(layer(x).features, layer(x).features)   # a new mask per call
+    assert not np.array_equal(values(layer(x)), values(layer(x)))   # a new mask per call
     scn.manual_seed(5)
-    first = layer(x).features
+    first = values(layer(x))
     scn.manual_seed(5)
-    np.testing.assert_array_equal(layer(x).features, first)
+    np.testing.assert_array_equal(values(layer(x)), first)
     layer.eval()
-    assert layer(x) is x
-    assert scn.Dropout(0)(x) is x
+    # identity: the same sites and values (plain features come back as a Tensor)
+    assert layer(x).sites is x.sites and layer(x).features.data is x.features
+    t = layer(x)
+    assert layer(t) is t and scn.Dropout(0)(t) is t
     with pytest.raises(ValueError, match=r"p must be in \[0, 1\)"):
         scn.Dropout(1.0)
 
@@ -188,10 +192,10 @@ def test_batchwise_dropout_shares_one_mask_per_channel(rng):
     x = sparse(rng, (8, 8), channels=400, density=0.5)
     p = 0.3
     y = scn.BatchwiseDropout(p)(x)
-    f, out = np.asarray(x.features, np.float64), np.asarray(y.features, np.float64)
+    f, out = np.asarray(x.features, np.float64), values(y)
     dropped = np.all(out == 0, axis=0)
     np.testing.assert_allclose(out[:, ~dropped], f[:, ~dropped] / (1 - p), rtol=1e-6)
     assert abs(dropped.mean() - p) < 0.08
     assert 0 < dropped.sum() < 400
     layer = scn.BatchwiseDropout(p).eval()
-    assert layer(x) is x
+    assert layer(x).features.data is x.features

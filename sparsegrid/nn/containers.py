@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..autodiff import ops
-from ..autodiff.core import Tensor, data_of, record
+from ..autodiff.core import Tensor, record
 from ..tensor import SparseTensor
+from .layers import _tensor_features
 from .module import Module
 
 
@@ -98,6 +99,8 @@ class ConcatTable(_Numbered):
 
 
 def _same_sites(module, tensors):
+    """The first of ``tensors`` (checked to share its sites and row order) and the
+    tensors' (Tensor) features."""
     if not isinstance(tensors, (list, tuple)) or not tensors:
         raise TypeError(f"{type(module).__name__} expects a non-empty list of SparseTensors")
     first = tensors[0]
@@ -113,45 +116,37 @@ def _same_sites(module, tensors):
                              f"same row order; input {i} ({t.n_active} sites, "
                              f"{t.spatial_shape}) differs from input 0 ({first.n_active} "
                              f"sites, {first.spatial_shape})")
-    return first
+    return first, [_tensor_features(t).features for t in tensors]
 
 
 class JoinTable(Module):
     """Concatenate the channels of tensors on the same sites (checked, unlike SCN)."""
 
     def forward(self, tensors):
-        first = _same_sites(self, tensors)
-        features = [t.features for t in tensors]
-        if any(isinstance(f, Tensor) for f in features):
-            return first.with_features(ops.concatenate(features, axis=1))
-        return first.with_features(np.concatenate(features, axis=1))
+        first, features = _same_sites(self, tensors)
+        return first.with_features(ops.concatenate(features, axis=1))
 
 
 class AddTable(Module):
     """Sum tensors on the same sites with the same channel count (checked, unlike SCN)."""
 
     def forward(self, tensors):
-        first = _same_sites(self, tensors)
+        first, features = _same_sites(self, tensors)
         channels = {t.n_channels for t in tensors}
         if len(channels) != 1:
             raise ValueError(f"AddTable needs equal channel counts; got {sorted(channels)}")
-        features = [t.features for t in tensors]
-        if any(isinstance(f, Tensor) for f in features):
-            total = features[0]
-            for f in features[1:]:
-                total = ops.add(total, f)
-            return first.with_features(total)
-        total = features[0].copy()
+        total = features[0]
         for f in features[1:]:
-            total += f
+            total = ops.add(total, f)
         return first.with_features(total)
 
 
 class Identity(Module):
-    """Returns its input."""
+    """Returns its input (a SparseTensor with plain features gets Tensor features, as
+    every layer's output)."""
 
     def forward(self, x):
-        return x
+        return _tensor_features(x) if isinstance(x, SparseTensor) else x
 
 
 __all__ = ["AddTable", "ConcatTable", "Identity", "JoinTable", "Sequential"]
@@ -162,7 +157,7 @@ class VerboseIdentity(Identity):
 
     def forward(self, x):
         print(x)
-        return x
+        return super().forward(x)
 
 
 def concatenate_feature_planes(tensors):
@@ -191,9 +186,12 @@ class CheckpointedSequential(Sequential):
     def forward(self, x):
         from ..autodiff.core import is_grad_enabled, no_grad
         from .module import default_rng
-        features = x.features if isinstance(x, SparseTensor) else None
+        features = None
+        if isinstance(x, SparseTensor):
+            x = _tensor_features(x)
+            features = x.features
         params = [p for p in self.parameters() if p.requires_grad]
-        inputs = ([features] if isinstance(features, Tensor) else []) + params
+        inputs = ([features] if features is not None else []) + params
         if not is_grad_enabled() or not any(t.requires_grad for t in inputs):
             return super().forward(x)
         rng_state = default_rng().bit_generator.state
@@ -207,17 +205,16 @@ class CheckpointedSequential(Sequential):
             after = default_rng().bit_generator.state
             default_rng().bit_generator.state = rng_state        # the same dropout masks
             leaf = Tensor(features.data, requires_grad=features.requires_grad) \
-                if isinstance(features, Tensor) else None
+                if features is not None else None
             again = super(CheckpointedSequential, self).forward(
                 x.with_features(leaf) if leaf is not None else x.detach())
             default_rng().bit_generator.state = after
-            if isinstance(again.features, Tensor) and again.features.requires_grad:
+            if again.features.requires_grad:
                 again.features.backward(g)   # parameter gradients accumulate in place
-            grads = [leaf.grad if leaf is not None else None] if inputs and \
-                inputs[0] is features else []
+            grads = [leaf.grad] if leaf is not None else []
             return grads + [None] * len(params)
 
-        return out.with_features(record(data_of(out.features), inputs, vjp))
+        return out.with_features(record(out.features.data, inputs, vjp))
 
 
 __all__ += ["CheckpointedSequential"]

@@ -3,6 +3,13 @@
 Each layer maps a :class:`~sparsegrid.SparseTensor` to a SparseTensor through
 :mod:`sparsegrid.functional`; parameters are :class:`Parameter` objects, so a forward pass
 on them records the autodiff graph (and inference under ``no_grad()`` records nothing).
+
+One kind of return value: every layer returns SparseTensors whose ``.features`` is an
+autodiff :class:`~sparsegrid.autodiff.Tensor`, and dense outputs as a Tensor, with or
+without ``no_grad()``. Layers wrap plain input features in a Tensor at entry
+(:func:`_tensor_features`); the functional ops then return Tensors by their rule.
+What an input layer knows about the grid it made (its input map) is kept here, in a
+weak table keyed by the Grid, not on the Grid itself.
 Deliberate differences from SCN are listed in docs/differences_from_scn.md.
 """
 
@@ -10,13 +17,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 
 import numpy as np
 
 from .. import functional as F
 from .. import backend
 from ..autodiff import ops
-from ..autodiff.core import Tensor, data_of, record
+from ..autodiff.core import Tensor, record
 from ..coords import normalize_size, permutohedral_offsets
 from ..tensor import SparseTensor
 from .module import Module, Parameter, default_rng
@@ -43,25 +51,45 @@ def _as_size_array(out_size, dimension):
     return np.broadcast_to(out, (dimension,)).copy() if out.ndim == 0 else out
 
 
+def _tensor_features(x):
+    """``x`` with autodiff-Tensor features: a SparseTensor made by the user may hold a
+    plain array, which is wrapped (no ``requires_grad``, one small object) on the same
+    sites and grid. Every layer applies this at entry, so every op after it returns
+    Tensors and a layer's output is of one kind however its input was made."""
+    features = x.features
+    if isinstance(features, Tensor):
+        return x
+    return SparseTensor._on(Tensor(features), x.sites, x.grid)
+
+
 def _check_input(module, x):
+    """``x`` checked to be a SparseTensor, with Tensor features (see _tensor_features)."""
     if not isinstance(x, SparseTensor):
         raise TypeError(f"{type(module).__name__} expects a SparseTensor; got "
                         f"{type(x).__name__}")
+    return _tensor_features(x)
 
 
 def _check_planes(module, x, n_planes):
-    _check_input(module, x)
+    x = _check_input(module, x)
     if x.n_channels != n_planes:
         raise ValueError(f"{type(module).__name__} expects {n_planes} input channels; the "
                          f"input has {x.n_channels}")
+    return x
+
+
+def _dense_input(value):
+    """A dense input (NumPy/CuPy array, torch tensor or Tensor) as a Tensor."""
+    if isinstance(value, Tensor):
+        return value
+    if hasattr(value, "detach"):                        # a torch tensor
+        value = value.detach().cpu().numpy()
+    return Tensor(value if backend.is_cupy_array(value) else np.asarray(value))
 
 
 def _map_features(x, fn):
-    """Apply a dense autodiff op to the features; plain arrays stay plain arrays."""
-    out = fn(x.features)
-    if not isinstance(x.features, Tensor):
-        out = data_of(out)
-    return x.with_features(out)
+    """Apply a dense autodiff op to the (Tensor) features."""
+    return x.with_features(fn(x.features))
 
 
 def _normal(shape, std):
@@ -90,27 +118,27 @@ def _scn_coordinates(coords, dimension):
     return np.concatenate([coords[:, dimension:], coords[:, :dimension]], axis=1)
 
 
-def _as_features(feats):
-    if isinstance(feats, Tensor):
-        return feats
-    if hasattr(feats, "detach"):
-        feats = feats.detach().cpu().numpy()
-    return feats if backend.is_cupy_array(feats) else np.asarray(feats)
+class _InputRecord:
+    """What an input layer recorded about the grid it made: the map OutputLayer inverts,
+    the sites it made (OutputLayer needs a tensor on them) and BLInputLayer's layout."""
+
+    __slots__ = ("input_map", "sites", "bl_layout")
+
+    def __init__(self, input_map, sites, bl_layout):
+        self.input_map = input_map
+        self.sites = sites
+        self.bl_layout = bl_layout
 
 
-def _take_rows(values, rows):
-    """``values[rows]`` for distinct ``rows``; its gradient is a plain assignment (autodiff's
-    general ``getitem`` must allow repeats and uses ``np.add.at``)."""
-    if not isinstance(values, Tensor):
-        return values[rows]
-    data = values.data
+# Grid -> _InputRecord of the input layer that made the grid. Weak keys: an entry lives as
+# long as its grid (every tensor derived from the input shares it), and nn state stays out
+# of the core Grid. The record never refers back to the grid.
+_input_records = weakref.WeakKeyDictionary()
 
-    def vjp(g):
-        grad = np.zeros_like(data)
-        grad[rows] = g
-        return (grad,)
 
-    return record(data[rows], (values,), vjp)
+def _input_record(x):
+    """The _InputRecord of ``x``'s grid, or None when no input layer made it."""
+    return _input_records.get(x.grid)
 
 
 class InputLayerInput(list):
@@ -146,10 +174,9 @@ class InputLayer(Module):
 
     @staticmethod
     def _remember(tensor, input_map, bl_layout=None):
-        """Record on the tensor's grid what the output layer inverts, and on which sites."""
-        tensor.grid.input_map = input_map
-        tensor.grid.input_sites = tensor.sites
-        tensor.grid.bl_layout = bl_layout
+        """Record, for the tensor's (new) grid, what the output layer inverts and on which
+        sites (in nn's weak table, not on the Grid)."""
+        _input_records[tensor.grid] = _InputRecord(input_map, tensor.sites, bl_layout)
         return tensor
 
     def forward(self, input):
@@ -160,7 +187,7 @@ class InputLayer(Module):
         batch_size = None if len(input) == 2 else int(input[2])
         if batch_size is not None and len(indices):
             batch_size = max(batch_size, int(indices[:, 0].max()) + 1)  # SCN: a lower bound
-        return self._remember(*F.input_layer(indices, _as_features(input[1]),
+        return self._remember(*F.input_layer(indices, _dense_input(input[1]),
                                              self.spatial_size, batch_size, self.mode))
 
 
@@ -175,19 +202,19 @@ class OutputLayer(Module):
         return str(self.dimension)
 
     def forward(self, x):
-        _check_input(self, x)
-        input_map = getattr(x.grid, "input_map", None)
-        if input_map is None:
+        x = _check_input(self, x)
+        found = _input_record(x)
+        if found is None:
             raise ValueError("OutputLayer needs a tensor on the sites made by an InputLayer "
                              "(of this batch); this one's grid has no input map")
-        _check_input_sites(self, x)
-        return F.output_layer(x, input_map)
+        _check_input_sites(self, x, found)
+        return F.output_layer(x, found.input_map)
 
 
-def _check_input_sites(module, x, input_layer="InputLayer"):
+def _check_input_sites(module, x, found, input_layer="InputLayer"):
     # The grid is shared by every tensor derived from the input, so a strided op's output
     # has the input map too; its rows may even be as many as the input's sites.
-    if x.sites is not getattr(x.grid, "input_sites", None):
+    if x.sites is not found.sites:
         raise ValueError(f"{type(module).__name__} needs a tensor on the sites made by its "
                          f"{input_layer}; this one has {x.n_active} sites of spatial shape "
                          f"{x.spatial_shape} from a later strided op (go back up with "
@@ -216,7 +243,7 @@ class BLInputLayer(InputLayer):
             raise TypeError("BLInputLayer expects [coords (B, L, D), features (B, L, C)]")
         coords = input[0].detach().cpu().numpy() if hasattr(input[0], "detach") else \
             np.asarray(input[0])
-        feats = _as_features(input[1])
+        feats = _dense_input(input[1])
         if coords.ndim != 3 or coords.shape[2] != self.dimension:
             raise ValueError(f"coords must have shape (B, L, {self.dimension}); got "
                              f"{coords.shape}")
@@ -227,9 +254,7 @@ class BLInputLayer(InputLayer):
         valid = np.flatnonzero(coords[:, :, 0].reshape(-1) >= 0)
         batch = (valid // max(length, 1)).astype(coords.dtype)[:, None]
         indices = np.concatenate([batch, coords.reshape(-1, self.dimension)[valid]], axis=1)
-        flat = ops.reshape(feats, (b * length, feats.shape[2])) if isinstance(feats, Tensor) \
-            else feats.reshape(b * length, feats.shape[2])
-        rows = _take_rows(flat, valid)
+        rows = ops.take_rows(ops.reshape(feats, (b * length, feats.shape[2])), valid)
         tensor, input_map = F.input_layer(indices, rows, self.spatial_size, b, self.mode)
         return self._remember(tensor, input_map, (valid, b, length))
 
@@ -238,20 +263,14 @@ class BLOutputLayer(OutputLayer):
     """Inverse of :class:`BLInputLayer`: features (B, L, C), zero on empty rows."""
 
     def forward(self, x):
-        _check_input(self, x)
-        layout = getattr(x.grid, "bl_layout", None)
-        if layout is None or getattr(x.grid, "input_map", None) is None:
+        x = _check_input(self, x)
+        found = _input_record(x)
+        if found is None or found.bl_layout is None:
             raise ValueError("BLOutputLayer needs a tensor on the sites made by a BLInputLayer")
-        _check_input_sites(self, x, "BLInputLayer")
-        valid, b, length = layout
-        rows = F.output_layer(x, x.grid.input_map)
-        values = data_of(rows)
-        out = np.zeros((b * length, values.shape[1]), values.dtype)
-        out[valid] = values
-        out = out.reshape(b, length, values.shape[1])
-        if not isinstance(rows, Tensor):
-            return out
-        return record(out, (rows,), lambda g: (g.reshape(b * length, -1)[valid],))
+        _check_input_sites(self, x, found, "BLInputLayer")
+        valid, b, length = found.bl_layout
+        rows = F.output_layer(x, found.input_map)
+        return ops.reshape(ops.put_rows(rows, valid, b * length), (b, length, rows.shape[1]))
 
 
 # -- convolutions ---------------------------------------------------------------------------
@@ -296,10 +315,11 @@ class _Convolution(Module):
         return ", ".join(parts)
 
     def _check(self, x):
-        _check_planes(self, x, self.nIn)
+        x = _check_planes(self, x, self.nIn)
         if x.dimension != self.dimension:
             raise ValueError(f"{type(self).__name__} is {self.dimension}-D; the input has "
                              f"{x.dimension} spatial dimensions")
+        return x
 
 
 def _short(size):
@@ -313,7 +333,7 @@ class SubmanifoldConvolution(_Convolution):
         super().__init__(dimension, nIn, nOut, filter_size, 1, bias, groups)
 
     def forward(self, x):
-        self._check(x)
+        x = self._check(x)
         return F.submanifold_conv(x, self.weight, self.bias, self.filter_size)
 
 
@@ -327,7 +347,7 @@ class Convolution(_Convolution):
         super().__init__(dimension, nIn, nOut, filter_size, filter_stride, bias, groups)
 
     def forward(self, x):
-        self._check(x)
+        x = self._check(x)
         return F.conv(x, self.weight, self.bias, self.filter_size, self.filter_stride)
 
     def input_spatial_size(self, out_size):
@@ -342,7 +362,7 @@ class RandomizedStrideConvolution(Convolution):
     def forward(self, x):
         if not self.training:
             return super().forward(x)
-        self._check(x)
+        x = self._check(x)
         return F.randomized_conv(x, self.weight, self.bias, self.filter_size,
                                  self.filter_stride, default_rng())
 
@@ -369,7 +389,7 @@ class Deconvolution(_Transposed):
         super().__init__(dimension, nIn, nOut, filter_size, filter_stride, bias, groups)
 
     def forward(self, x):
-        self._check(x)
+        x = self._check(x)
         return F.deconv(x, self.weight, self.bias, self.filter_size, self.filter_stride)
 
 
@@ -380,7 +400,7 @@ class FullConvolution(_Transposed):
         super().__init__(dimension, nIn, nOut, filter_size, filter_stride, bias, groups)
 
     def forward(self, x):
-        self._check(x)
+        x = self._check(x)
         return F.full_conv(x, self.weight, self.bias, self.filter_size, self.filter_stride)
 
 
@@ -402,7 +422,7 @@ class PermutohedralSubmanifoldConvolution(_Convolution):
         self.weight.data = self.weight.data / np.float32(math.sqrt(self.groups))
 
     def forward(self, x):
-        self._check(x)
+        x = self._check(x)
         return F.permutohedral_conv(x, self.weight, self.bias)
 
 
@@ -420,7 +440,7 @@ class NetworkInNetwork(Module):
         return f"{self.nIn}->{self.nOut}, bias={self.bias is not None}"
 
     def forward(self, x):
-        _check_planes(self, x, self.nIn)
+        x = _check_planes(self, x, self.nIn)
         return F.network_in_network(x, self.weight, self.bias)
 
 
@@ -441,7 +461,7 @@ class ShapeContext(Module):
         return f"{self.dimension}, {self.nIn}, filter_size={_short(self.filter_size)}"
 
     def forward(self, x):
-        _check_planes(self, x, self.nIn)
+        x = _check_planes(self, x, self.nIn)
         return F.neighbour_features(x, self.filter_size)
 
 
@@ -467,7 +487,7 @@ class MaxPooling(_Pooling):
     """Max pooling: the true maximum of each window's active inputs (SCN clamps at 0)."""
 
     def forward(self, x):
-        _check_input(self, x)
+        x = _check_input(self, x)
         return F.max_pool(x, self.pool_size, self.pool_stride, self.nFeaturesToDrop)
 
 
@@ -475,7 +495,7 @@ class RandomizedStrideMaxPooling(_Pooling):
     """Max pooling with randomly spaced windows in training mode; MaxPooling in eval."""
 
     def forward(self, x):
-        _check_input(self, x)
+        x = _check_input(self, x)
         if not self.training:
             return F.max_pool(x, self.pool_size, self.pool_stride, self.nFeaturesToDrop)
         return F.randomized_max_pool(x, self.pool_size, self.pool_stride,
@@ -486,7 +506,7 @@ class AveragePooling(_Pooling):
     """Average pooling as SCN: the window's sum divided by the window volume."""
 
     def forward(self, x):
-        _check_input(self, x)
+        x = _check_input(self, x)
         return F.avg_pool(x, self.pool_size, self.pool_stride, self.nFeaturesToDrop)
 
 
@@ -494,7 +514,7 @@ class UnPooling(_Pooling):
     """Each finer site receives the sum of its coarse parents (reuses the pooling rulebook)."""
 
     def forward(self, x):
-        _check_input(self, x)
+        x = _check_input(self, x)
         return F.unpool(x, self.pool_size, self.pool_stride, self.nFeaturesToDrop)
 
     def input_spatial_size(self, out_size):
@@ -527,7 +547,7 @@ class BatchNormalization(Module):
         return s + (f", leakiness={self.leakiness}" if self.leakiness != 1 else "")
 
     def forward(self, x):
-        _check_planes(self, x, self.nPlanes)
+        x = _check_planes(self, x, self.nPlanes)
         return F.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
                             self.training, self.momentum, self.eps, self.leakiness)
 
@@ -566,7 +586,7 @@ class MeanOnlyBNLeakyReLU(Module):
         return f"{self.nPlanes}, momentum={self.momentum}, leakiness={self.leakiness}"
 
     def forward(self, x):
-        _check_planes(self, x, self.nPlanes)
+        x = _check_planes(self, x, self.nPlanes)
         if x.n_active == 0:
             return x
 
@@ -574,7 +594,7 @@ class MeanOnlyBNLeakyReLU(Module):
             if self.training:
                 mean = ops.mean(f, axis=0, keepdims=True)
                 self.running_mean *= self.momentum
-                self.running_mean += (1 - self.momentum) * data_of(mean)[0]
+                self.running_mean += (1 - self.momentum) * mean.data[0]
             else:
                 mean = self.running_mean.astype(x.dtype)
             out = ops.sub(f, mean)
@@ -604,7 +624,7 @@ class SparseGroupNorm(Module):
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
 
     def forward(self, x):
-        _check_planes(self, x, self.num_channels)
+        x = _check_planes(self, x, self.num_channels)
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
@@ -613,7 +633,7 @@ class _Activation(Module):
     _fn = None
 
     def forward(self, x):
-        _check_input(self, x)
+        x = _check_input(self, x)
         return _map_features(x, type(self)._fn)
 
 
@@ -646,7 +666,7 @@ class LeakyReLU(Module):
         return f"leak={self.leak:.4g}"
 
     def forward(self, x):
-        _check_input(self, x)
+        x = _check_input(self, x)
         return _map_features(x, lambda f: ops.leaky_relu(f, self.leak))
 
 
@@ -667,7 +687,7 @@ class Dropout(Module):
         return f"p={self.p}"
 
     def forward(self, x):
-        _check_input(self, x)
+        x = _check_input(self, x)
         if not self.training or self.p == 0:
             return x
         return _map_features(x, lambda f: ops.dropout(f, self.p, True, default_rng()))
@@ -677,7 +697,7 @@ class BatchwiseDropout(Dropout):
     """Dropout with one mask per channel, shared by every site of the batch (inverted)."""
 
     def forward(self, x):
-        _check_input(self, x)
+        x = _check_input(self, x)
         if not self.training or self.p == 0:
             return x
         keep = default_rng().random(x.n_channels) >= self.p
@@ -698,7 +718,7 @@ class SparseToDense(Module):
         return f"{self.dimension}, {self.nPlanes}"
 
     def forward(self, x):
-        _check_planes(self, x, self.nPlanes)
+        x = _check_planes(self, x, self.nPlanes)
         return F.to_dense(x)
 
 
@@ -713,10 +733,10 @@ class DenseToSparse(Module):
         return str(self.dimension)
 
     def forward(self, dense):
-        ndim = np.ndim(data_of(dense))
-        if ndim != self.dimension + 2:
+        dense = _dense_input(dense)
+        if dense.ndim != self.dimension + 2:
             raise ValueError(f"DenseToSparse({self.dimension}) expects a (B, C, "
-                             f"{self.dimension} spatial axes) array; got {ndim} axes")
+                             f"{self.dimension} spatial axes) array; got {dense.ndim} axes")
         return F.from_dense(dense)
 
     def input_spatial_size(self, out_size):
@@ -725,8 +745,7 @@ class DenseToSparse(Module):
 
 def _step_straight_through(f):
     """(f > 0) forward, identity gradient (SCN's fakeGradHardSigmoid)."""
-    values = data_of(f)
-    return record((values > 0).astype(values.dtype), (f,), lambda g: (g,))
+    return record((f.data > 0).astype(f.dtype), (f,), lambda g: (g,))
 
 
 class Sparsify(Module):
@@ -757,15 +776,14 @@ class Sparsify(Module):
         return f"{self.dimension}, activation={self.activation!r}"
 
     def forward(self, x):
-        _check_input(self, x)
+        x = _check_input(self, x)
         mask = self.net(x).features
         if self.activation == "sigmoid":
-            mask = ops.sigmoid(mask) if isinstance(mask, Tensor) else data_of(ops.sigmoid(mask))
+            mask = ops.sigmoid(mask)
         elif self.activation == "fakeGradHardSigmoid":
-            mask = _step_straight_through(mask) if isinstance(mask, Tensor) else \
-                (mask > 0).astype(mask.dtype)
-        mask = ops.reshape(mask, (-1,)) if isinstance(mask, Tensor) else mask.reshape(-1)
-        out = F.select(x, data_of(mask) > self.threshold)
+            mask = _step_straight_through(mask)
+        mask = ops.reshape(mask, (-1,))
+        out = F.select(x, mask.data > self.threshold)
         out.mask = mask
         return out
 
@@ -778,21 +796,19 @@ class SparsifyFCS(Module):
         self.dimension = _positive_int(dimension, "dimension")
 
     def forward(self, x):
-        _check_input(self, x)
-        return F.select(x, data_of(x.features)[:, 0] > 0)
+        x = _check_input(self, x)
+        return F.select(x, x.features.data[:, 0] > 0)
 
 
 class AddCoords(Module):
     """Append each site's coordinates scaled to [-1, 1]: ``x / ((size - 1) / 2) - 1``."""
 
     def forward(self, x):
-        _check_input(self, x)
+        x = _check_input(self, x)
         size = np.asarray(x.spatial_shape, np.float64)
         half = np.where(size > 1, (size - 1) / 2, 1.0)
         coords = (x.indices[:, 1:] / half - (size > 1)).astype(x.dtype)
-        if isinstance(x.features, Tensor):
-            return x.with_features(ops.concatenate([x.features, coords], axis=1))
-        return x.with_features(np.concatenate([x.features, coords], axis=1))
+        return x.with_features(ops.concatenate([x.features, coords], axis=1))
 
 
 # -- dense heads -------------------------------------------------------------------------------
@@ -820,11 +836,10 @@ class Linear(Module):
 
     def forward(self, x):
         if isinstance(x, SparseTensor):
-            _check_planes(self, x, self.in_features)
-            return _map_features(x, self._apply)
-        shape = np.shape(data_of(x))
-        if len(shape) != 2 or shape[1] != self.in_features:
-            raise ValueError(f"Linear expects (N, {self.in_features}); got {shape}")
+            return _map_features(_check_planes(self, x, self.in_features), self._apply)
+        x = _dense_input(x)
+        if x.ndim != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"Linear expects (N, {self.in_features}); got {x.shape}")
         return self._apply(x)
 
     def _apply(self, x):
@@ -836,15 +851,15 @@ class Flatten(Module):
     """Reshape (B, ...) to (B, -1): between SparseToDense and a Linear head."""
 
     def forward(self, x):
-        shape = np.shape(data_of(x))
-        return ops.reshape(x, (shape[0], -1))
+        x = _dense_input(x)
+        return ops.reshape(x, (x.shape[0], -1))
 
 
 class _GlobalPooling(Module):
     _mode = None
 
     def forward(self, x):
-        _check_input(self, x)
+        x = _check_input(self, x)
         return F.global_pool(x, self._mode)
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..autodiff import ops
-from ..autodiff.core import Tensor, data_of, record
 from ..coords import pack_keys
 from ..tensor import SparseTensor
+from .layers import _tensor_features
 
 
 def append_tensors(tensors):
@@ -29,22 +29,8 @@ def append_tensors(tensors):
     indices = np.concatenate([t.indices + np.array([offsets[i]] + [0] * t.dimension,
                                                     np.int32)
                               for i, t in enumerate(tensors)]).astype(np.int32)
-    features = [t.features for t in tensors]
-    if any(isinstance(f, Tensor) for f in features):
-        joined = ops.concatenate(features, axis=0)
-    else:
-        joined = np.concatenate(features, axis=0)
+    joined = ops.concatenate([_tensor_features(t).features for t in tensors], axis=0)
     return SparseTensor(joined, indices, first.spatial_shape, int(offsets[-1]))
-
-
-def _on_rows(features, rows, n):
-    """``features`` scattered to ``rows`` of an (n, C) zero array (differentiably)."""
-    values = data_of(features)
-    out = np.zeros((n, values.shape[1]), values.dtype)
-    out[rows] = values
-    if not isinstance(features, Tensor):
-        return out
-    return record(out, (features,), lambda g: (g[rows],))
 
 
 def compare_sparse(x, y):
@@ -61,8 +47,8 @@ def compare_sparse(x, y):
     ky, _ = pack_keys(y.indices, y.spatial_shape, batch)
     union = np.union1d(kx, ky)
     n = len(union)
-    diff = ops.sub(_on_rows(x.features, np.searchsorted(union, kx), n),
-                   _on_rows(y.features, np.searchsorted(union, ky), n))
+    diff = ops.sub(ops.put_rows(x.features, np.searchsorted(union, kx), n),   # a Tensor
+                   ops.put_rows(y.features, np.searchsorted(union, ky), n))
     return ops.mul(ops.sum(ops.mul(diff, diff)), 1.0 / max(n, 1))
 
 
