@@ -489,3 +489,31 @@ def test_conv_without_scipys_private_csr_routine(rng, monkeypatch):
     np.testing.assert_allclose(slow, fast, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(slow, ref.rulebook_conv(x.features, weight, rulebook, bias),
                                rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("pairs", [1, 4, 8192])
+def test_conv_blocks_of_unsorted_rulebooks(rng, pairs, block_pairs):
+    """Pairs whose output rows do not increase within an offset (user-made rulebooks, or
+    sites not in key order) take the sorting path of the plan: same sums, any block size."""
+    from sparsegrid.cpu import conv as cpu_conv
+    n_in, n_out, n_offsets = 30, 25, 7
+    in_parts, out_parts = [], []
+    for _ in range(n_offsets):
+        m = int(rng.integers(5, n_out))
+        in_parts.append(rng.choice(n_in, m, replace=False))
+        out_parts.append(rng.choice(n_out, m, replace=False))    # not increasing
+    ptr = np.concatenate([[0], np.cumsum([len(p) for p in in_parts])]).astype(np.int64)
+    out_idx = np.concatenate(out_parts).astype(np.int32)
+    assert not cpu_conv._rows_sorted_per_offset(out_idx, ptr)
+    block_pairs(pairs)
+    rulebook = sg.Rulebook(np.concatenate(in_parts).astype(np.int32), out_idx, ptr, n_in,
+                           n_out, (n_offsets,), kind="strided")
+    weight, bias = rng.standard_normal((n_offsets, 3, 2)), rng.standard_normal(2)
+    x = rng.standard_normal((n_in, 3))
+    np.testing.assert_allclose(conv_forward(x, weight, rulebook, bias),
+                               ref.rulebook_conv(x, weight, rulebook, bias),
+                               rtol=1e-12, atol=1e-12)
+    grad_out = rng.standard_normal((n_out, 2))
+    grad_x, grad_w = kern.conv_backward(grad_out, x, weight, rulebook)
+    assert_gradient(grad_x, lambda f: np.sum(conv_forward(f, weight, rulebook) * grad_out), x)
+    assert_gradient(grad_w, lambda w: np.sum(conv_forward(x, w, rulebook) * grad_out), weight)

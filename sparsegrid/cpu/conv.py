@@ -137,61 +137,56 @@ class ConvPlan:
                 f"blocks={len(self.blocks)}, identity_offset={self.identity_offset})")
 
 
-def _kept_pairs(in_idx, out_idx, ptr, identity_offset):
-    """The pairs of every offset but the identity, and their per-offset pointer."""
-    counts = np.diff(ptr)
-    if identity_offset < 0:
-        return in_idx, out_idx, ptr
-    a, b = ptr[identity_offset], ptr[identity_offset + 1]
-    pin = np.concatenate([in_idx[:a], in_idx[b:]])
-    pout = np.concatenate([out_idx[:a], out_idx[b:]])
-    counts = counts.copy()
-    counts[identity_offset] = 0
-    kept = np.zeros(len(ptr), np.int64)
-    np.cumsum(counts, out=kept[1:])
-    return pin, pout, kept
-
-
-def _rows_sorted_per_offset(pout, ptr):
+def _rows_sorted_per_offset(out_idx, ptr):
     """True when each offset's output rows increase (every builder's submanifold and
     strided rulebooks, and their transposes, when the sites are in key order)."""
-    if len(pout) < 2:
+    if len(out_idx) < 2:
         return True
-    falls = pout[1:] < pout[:-1]
+    falls = out_idx[1:] < out_idx[:-1]
     inner = ptr[1:-1]
-    inner = inner[(inner > 0) & (inner < len(pout))]
+    inner = inner[(inner > 0) & (inner < len(out_idx))]
     falls[inner - 1] = False           # a new offset may start lower
     return not bool(falls.any())
 
 
 def build_conv_plan(in_idx, out_idx, offset_ptr, n_out, identity_offset=-1,
                     block_pairs=None):
-    """Group a rulebook's pairs into output-row blocks (see :class:`ConvPlan`)."""
+    """Group a rulebook's pairs into output-row blocks (see :class:`ConvPlan`).
+
+    Works in the rulebook's own pair numbering (the identity offset's pairs are skipped,
+    not copied out), with int32 temporaries below 2**31 pairs: the plan's peak memory is
+    about 16 bytes per pair beyond its own 8.
+    """
     block_pairs = _BLOCK_PAIRS if block_pairs is None else int(block_pairs)
     n_offsets = len(offset_ptr) - 1
     ptr = np.asarray(offset_ptr, np.int64)
-    pin, pout, kept = _kept_pairs(in_idx, out_idx, ptr, identity_offset)
-    n_pairs = len(pin)
-    per_row = np.bincount(pout, minlength=n_out) if n_pairs else np.zeros(n_out, np.int64)
+    counts = np.diff(ptr)
+    offsets = [k for k in range(n_offsets) if k != identity_offset and counts[k]]
+    n_pairs = int(sum(int(counts[k]) for k in offsets))
+    index_type = np.int32 if len(in_idx) < 2**31 - 1 else np.int64
+    per_row = np.zeros(n_out, np.int64)
+    for k in offsets:
+        per_row += np.bincount(out_idx[ptr[k]:ptr[k + 1]], minlength=n_out)
     row_ptr = np.zeros(n_out + 1, np.int64)
     np.cumsum(per_row, out=row_ptr[1:])
+    del per_row
     # Blocks: contiguous row ranges, cut where the running pair count crosses a multiple
     # of block_pairs.
     if n_out:
         level = row_ptr[:-1] // block_pairs
         starts = np.flatnonzero(np.diff(level, prepend=-1))
+        del level
     else:
         starts = np.zeros(0, np.int64)
     bounds = np.append(starts, n_out)
     n_blocks = len(starts)
-    # Buffer order: by block, then by offset, each group's pairs in rulebook order.
-    # Pair positions fit int32 below 2**31 pairs: half the memory of int64 temporaries.
-    index_type = np.int32 if n_pairs < 2**31 - 1 else np.int64
-    if _rows_sorted_per_offset(pout, kept):
+    # order[q]: the rulebook pair at buffer position q (by block, then offset, each
+    # group's pairs in rulebook order).
+    if _rows_sorted_per_offset(out_idx, ptr):
         # each (offset, block) group is one contiguous run of the rulebook's pairs
-        cuts = np.stack([kept[k] + np.searchsorted(pout[kept[k]:kept[k + 1]], bounds)
-                         for k in range(n_offsets)]) if n_offsets else \
-            np.zeros((0, n_blocks + 1), np.int64)
+        cuts = np.zeros((n_offsets, n_blocks + 1), np.int64)
+        for k in offsets:
+            cuts[k] = ptr[k] + np.searchsorted(out_idx[ptr[k]:ptr[k + 1]], bounds)
         lengths = np.diff(cuts, axis=1).T.reshape(-1)          # block-major
         first = cuts[:, :-1].T.reshape(-1)
         group_starts = np.cumsum(lengths) - lengths
@@ -199,36 +194,30 @@ def build_conv_plan(in_idx, out_idx, offset_ptr, n_out, identity_offset=-1,
         order += np.repeat((first - group_starts).astype(index_type), lengths)
         group_counts = lengths
     else:
-        offset_of = np.repeat(np.arange(n_offsets, dtype=np.int64), np.diff(kept))
-        block_of_row = np.repeat(np.arange(n_blocks), np.diff(bounds))
-        group_key = block_of_row[pout] * n_offsets + offset_of
-        del offset_of
-        order = np.argsort(group_key, kind="stable").astype(index_type, copy=False)
+        block_of_row = np.repeat(np.arange(n_blocks, dtype=np.int64), np.diff(bounds))
+        pair_ids = np.concatenate([np.arange(ptr[k], ptr[k + 1], dtype=index_type)
+                                   for k in offsets]) if offsets else \
+            np.zeros(0, index_type)
+        group_key = block_of_row[out_idx[pair_ids]] * n_offsets + np.repeat(
+            np.asarray(offsets, np.int64), counts[offsets] if offsets else 0)
+        sort = np.argsort(group_key, kind="stable")
+        order = pair_ids[sort]
         group_counts = np.bincount(group_key, minlength=n_blocks * n_offsets)
-        del group_key
-    gather_rows = pin.take(order).astype(np.int32, copy=False)
-    # CSR column of each pair: rows in order, within a row offsets in increasing order.
-    # Each offset gives a row at most once, so one pass per offset finds the slots.
-    slot = np.empty(n_pairs, index_type)
+        del block_of_row, pair_ids, group_key, sort
+    gather_rows = in_idx.take(order).astype(np.int32, copy=False)
+    # CSR slot of each rulebook pair: rows in order, within a row offsets in increasing
+    # order. Each offset gives a row at most once, so one pass per offset finds them.
+    slot = np.empty(len(in_idx), index_type)
     fill = row_ptr[:-1].astype(index_type)
-    for k in range(n_offsets):
-        a, b = kept[k], kept[k + 1]
-        if a == b:
-            continue
-        rows = pout[a:b]
-        slot[a:b] = fill[rows]
+    for k in offsets:
+        rows = out_idx[ptr[k]:ptr[k + 1]]
+        slot[ptr[k]:ptr[k + 1]] = fill[rows]
         fill[rows] += 1
     del fill
-    slot = slot.take(order)          # buffer position q holds pair order[q]: its CSR slot
-    del order
-    block_pair_starts = row_ptr[bounds]
-    local = np.arange(n_pairs, dtype=index_type)   # buffer position within its block
-    local -= np.repeat(block_pair_starts[:-1].astype(index_type), np.diff(block_pair_starts))
-    columns = np.empty(n_pairs, np.int32)
-    columns[slot] = local
-    del slot, local
     group_ptr = np.zeros(n_blocks * n_offsets + 1, np.int64)
     np.cumsum(group_counts, out=group_ptr[1:])
+    columns = np.empty(n_pairs, np.int32)      # block-local buffer position of each slot
+    count = np.arange(min(block_pairs * 2, n_pairs) + 1, dtype=np.int32)
     blocks = []
     nonzero = (group_counts.reshape(n_blocks, n_offsets) > 0).tolist() if n_blocks else []
     group_ptr = group_ptr.tolist()
@@ -237,6 +226,9 @@ def build_conv_plan(in_idx, out_idx, offset_ptr, n_out, identity_offset=-1,
     for b in range(n_blocks):
         r0, r1 = bounds[b], bounds[b + 1]
         p0, p1 = row_starts[b], row_starts[b + 1]
+        if len(count) < p1 - p0 + 1:
+            count = np.arange(p1 - p0 + 1, dtype=np.int32)
+        columns[slot.take(order[p0:p1])] = count[:p1 - p0]
         base = b * n_offsets
         groups = tuple((k, group_ptr[base + k] - p0, group_ptr[base + k + 1] - p0)
                        for k, used in enumerate(nonzero[b]) if used)
