@@ -476,8 +476,8 @@ def test_network_in_network_gradients(rng):
     np.testing.assert_allclose(grad_features, grad_out @ weight.T, rtol=1e-12, atol=1e-12)
 
 
-def test_conv_without_scipys_private_csr_routine(rng, monkeypatch):
-    """When SciPy's compiled csr_matvecs cannot be found, the public csr_matrix product
+def test_conv_without_scipys_private_sparse_routine(rng, monkeypatch):
+    """When SciPy's compiled csc_matvecs cannot be found, the public csc_matrix product
     gives the same result."""
     from sparsegrid.cpu import conv as cpu_conv
     rulebook, x = rulebook_case(rng, "submanifold_odd")

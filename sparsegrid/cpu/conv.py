@@ -7,9 +7,10 @@ cached on the rulebook; nothing above ``sparsegrid.cpu`` sees it):
 * the output rows are cut into blocks of about ``_BLOCK_PAIRS`` pairs. For one block, the
   input rows of its pairs are gathered into one buffer, grouped by offset, and each
   offset's group is multiplied by ``W[k]`` (a BLAS GEMM) into a product buffer;
-* a CSR matrix whose row ``o`` selects the products of output ``o``'s pairs (in offset
-  order) then sums them into the block's output rows (SciPy's compiled ``csr_matvecs``:
-  one pass, each row written once, no read-modify-write per offset, no ``np.add.at``);
+* the products are added into the block's output rows in buffer order (offset after
+  offset) by SciPy's compiled CSC product ``csc_matvecs`` with one 1 per column: one
+  pass over the products, the block's rows staying in cache, no read-modify-write array
+  per offset, no ``np.add.at``;
 * the identity offset of a submanifold rulebook (pairs ``(r, r)``) is one contiguous GEMM
   per block, written before the sums, and the bias is added there.
 
@@ -38,11 +39,11 @@ _REDUCTION_CHUNK = 32768
 _WEIGHT_CHUNK = 16384
 
 
-def _csr_matvecs():
-    """SciPy's compiled ``y += A @ x`` for CSR ``A`` and a dense row-major ``x``."""
+def _csc_matvecs():
+    """SciPy's compiled ``y += A @ x`` for a CSC matrix ``A`` and a dense row-major ``x``."""
     try:
         from scipy.sparse import _sparsetools
-        return _sparsetools.csr_matvecs
+        return _sparsetools.csc_matvecs
     except (ImportError, AttributeError):  # pragma: no cover - other SciPy layouts
         return None
 
@@ -51,19 +52,21 @@ _state = {"matvecs": None, "looked": False}
 _buffers = threading.local()
 
 
-def _sum_rows(indptr, indices, ones, products, out):
-    """``out += A @ products`` with ``A`` the 0/1 CSR matrix (indptr, indices)."""
+def _scatter_add(rows, pointers, ones, products, out):
+    """``out[rows[j]] += products[j]`` for every j, in order of j (distinct rows within
+    one offset's run, so this is exact): a CSC matrix with one 1 per column, times the
+    products, through SciPy's compiled loop."""
     if not _state["looked"]:
-        _state["matvecs"], _state["looked"] = _csr_matvecs(), True
+        _state["matvecs"], _state["looked"] = _csc_matvecs(), True
     matvecs = _state["matvecs"]
     n_rows, width = out.shape
+    n = len(rows)
     if matvecs is not None and out.flags.c_contiguous and products.flags.c_contiguous:
-        matvecs(n_rows, len(products), width, indptr, indices, ones[:len(indices)],
-                products.reshape(-1), out.reshape(-1))
+        matvecs(n_rows, n, width, pointers[:n + 1], rows, ones[:n], products.reshape(-1),
+                out.reshape(-1))
         return
-    from scipy.sparse import csr_matrix  # pragma: no cover - fallback
-    out += csr_matrix((ones[:len(indices)], indices, indptr),
-                      shape=(n_rows, len(products))) @ products
+    from scipy.sparse import csc_matrix  # pragma: no cover - fallback
+    out += csc_matrix((ones[:n], rows, pointers[:n + 1]), shape=(n_rows, n)) @ products
 
 
 def _buffer(name, rows, width, dtype):
@@ -106,30 +109,35 @@ class ConvPlan:
     ----------
     gather_rows : int32 (P',)
         Input rows of the non-identity pairs, block after block, by offset within a block.
-    blocks : list of (row_start, row_stop, pair_start, pair_stop, groups, indptr, indices)
-        ``groups`` lists ``(k, start, stop)`` runs of offset k, relative to pair_start;
-        ``indptr`` / ``indices`` (int32) the block's CSR summation matrix.
+    scatter_rows : int32 (P',)
+        The output row of each of those pairs, relative to its block's first row.
+    blocks : list of (row_start, row_stop, pair_start, pair_stop, groups)
+        ``groups`` lists ``(k, start, stop)`` runs of offset k, relative to pair_start.
     identity_offset : int
     n_out, n_offsets : int
     """
 
-    __slots__ = ("gather_rows", "blocks", "identity_offset", "n_out", "n_offsets", "_ones")
+    __slots__ = ("gather_rows", "scatter_rows", "blocks", "identity_offset", "n_out",
+                 "n_offsets", "_constants")
 
-    def __init__(self, gather_rows, blocks, identity_offset, n_out, n_offsets):
+    def __init__(self, gather_rows, scatter_rows, blocks, identity_offset, n_out, n_offsets):
         self.gather_rows = gather_rows
+        self.scatter_rows = scatter_rows
         self.blocks = blocks
         self.identity_offset = identity_offset
         self.n_out = n_out
         self.n_offsets = n_offsets
-        self._ones = {}
+        self._constants = {}
 
-    def ones(self, dtype):
-        """The CSR matrices' values (all 1) in ``dtype``, shared by every block."""
+    def constants(self, dtype):
+        """``(ones, pointers)`` shared by every block's one-entry-per-column CSC matrix:
+        the values (1 in ``dtype``) and the column pointers ``0, 1, 2, ...`` (int32)."""
         key = np.dtype(dtype).str
-        found = self._ones.get(key)
+        found = self._constants.get(key)
         if found is None:
-            longest = max((len(b[6]) for b in self.blocks), default=0)
-            found = self._ones[key] = np.ones(max(longest, 1), dtype)
+            longest = max((b[3] - b[2] for b in self.blocks), default=0)
+            found = self._constants[key] = (np.ones(max(longest, 1), dtype),
+                                            np.arange(longest + 1, dtype=np.int32))
         return found
 
     def __repr__(self):
@@ -164,9 +172,13 @@ def build_conv_plan(in_idx, out_idx, offset_ptr, n_out, identity_offset=-1,
     offsets = [k for k in range(n_offsets) if k != identity_offset and counts[k]]
     n_pairs = int(sum(int(counts[k]) for k in offsets))
     index_type = np.int32 if len(in_idx) < 2**31 - 1 else np.int64
-    per_row = np.zeros(n_out, np.int64)
-    for k in offsets:
-        per_row += np.bincount(out_idx[ptr[k]:ptr[k + 1]], minlength=n_out)
+    if identity_offset >= 0:
+        # the identity offset has exactly one pair per row: count everything, subtract it
+        per_row = np.bincount(out_idx, minlength=n_out)
+        per_row -= 1
+    else:
+        per_row = np.bincount(out_idx, minlength=n_out) if len(out_idx) else \
+            np.zeros(n_out, np.int64)
     row_ptr = np.zeros(n_out + 1, np.int64)
     np.cumsum(per_row, out=row_ptr[1:])
     del per_row
@@ -205,19 +217,10 @@ def build_conv_plan(in_idx, out_idx, offset_ptr, n_out, identity_offset=-1,
         group_counts = np.bincount(group_key, minlength=n_blocks * n_offsets)
         del block_of_row, pair_ids, group_key, sort
     gather_rows = in_idx.take(order).astype(np.int32, copy=False)
-    # CSR slot of each rulebook pair: rows in order, within a row offsets in increasing
-    # order. Each offset gives a row at most once, so one pass per offset finds them.
-    slot = np.empty(len(in_idx), index_type)
-    fill = row_ptr[:-1].astype(index_type)
-    for k in offsets:
-        rows = out_idx[ptr[k]:ptr[k + 1]]
-        slot[ptr[k]:ptr[k + 1]] = fill[rows]
-        fill[rows] += 1
-    del fill
+    scatter_rows = out_idx.take(order).astype(np.int32, copy=False)
+    del order
     group_ptr = np.zeros(n_blocks * n_offsets + 1, np.int64)
     np.cumsum(group_counts, out=group_ptr[1:])
-    columns = np.empty(n_pairs, np.int32)      # block-local buffer position of each slot
-    count = np.arange(min(block_pairs * 2, n_pairs) + 1, dtype=np.int32)
     blocks = []
     nonzero = (group_counts.reshape(n_blocks, n_offsets) > 0).tolist() if n_blocks else []
     group_ptr = group_ptr.tolist()
@@ -226,15 +229,14 @@ def build_conv_plan(in_idx, out_idx, offset_ptr, n_out, identity_offset=-1,
     for b in range(n_blocks):
         r0, r1 = bounds[b], bounds[b + 1]
         p0, p1 = row_starts[b], row_starts[b + 1]
-        if len(count) < p1 - p0 + 1:
-            count = np.arange(p1 - p0 + 1, dtype=np.int32)
-        columns[slot.take(order[p0:p1])] = count[:p1 - p0]
+        if r0:
+            scatter_rows[p0:p1] -= r0           # rows relative to the block
         base = b * n_offsets
         groups = tuple((k, group_ptr[base + k] - p0, group_ptr[base + k + 1] - p0)
                        for k, used in enumerate(nonzero[b]) if used)
-        indptr = (row_ptr[r0:r1 + 1] - p0).astype(np.int32)
-        blocks.append((r0, r1, p0, p1, groups, indptr, columns[p0:p1]))
-    return ConvPlan(gather_rows, blocks, int(identity_offset), int(n_out), n_offsets)
+        blocks.append((r0, r1, p0, p1, groups))
+    return ConvPlan(gather_rows, scatter_rows, blocks, int(identity_offset), int(n_out),
+                    n_offsets)
 
 
 def prepare_conv(rulebook):
@@ -258,7 +260,7 @@ def _run_blocks(plan, source, weight, out, identity_source=None, identity_weight
     """
     width = out.shape[1]
     dtype = out.dtype
-    ones = plan.ones(dtype)
+    ones, pointers = plan.constants(dtype)
     blocks = plan.blocks
 
     def start_rows(r0, r1):
@@ -276,7 +278,7 @@ def _run_blocks(plan, source, weight, out, identity_source=None, identity_weight
             target[...] = 0
 
     def run(block):
-        r0, r1, p0, p1, groups, indptr, indices = block
+        r0, r1, p0, p1, groups = block
         start_rows(r0, r1)
         if p1 == p0:
             return
@@ -291,7 +293,7 @@ def _run_blocks(plan, source, weight, out, identity_source=None, identity_weight
             products = _buffer("products", n, width, dtype)
             for k, a, b in groups:
                 _matmul(gathered[a:b], weight[k], out=products[a:b])
-        _sum_rows(indptr, indices, ones, products, out[r0:r1])
+        _scatter_add(plan.scatter_rows[p0:p1], pointers, ones, products, out[r0:r1])
 
     # rows outside every block: none (blocks cover [0, n_out)); an empty plan still has to
     # write its rows
