@@ -124,8 +124,8 @@ def validate_indices(indices, spatial_shape, batch_size=None):
                          f"outside [0, {limit})")
     if batch_size is None:
         batch_size = int(arr[:, 0].max()) + 1
-    # A private copy (read-only once a Sites holds it): cached rulebooks must not go stale
-    # behind our back.
+    # A private copy (a Sites makes NumPy copies read-only): cached rulebooks must not go
+    # stale behind our back.
     owned = xp.array(arr, dtype=np.int32, order="C", copy=True)
     return owned, batch_size
 

@@ -68,6 +68,7 @@ class SparseTensor:
         if features.ndim != 2 or len(features) != len(self._sites):
             raise ValueError(f"features must have shape ({len(self._sites)}, C) to replace this "
                              f"tensor's features; got {features.shape}")
+        backend.kernels(self.indices, data_of(features))   # the sites' library, or TypeError
         return SparseTensor._on(features, self._sites, self._grid)
 
     @property
@@ -83,6 +84,7 @@ class SparseTensor:
         if value.ndim != 2 or len(value) != len(self._sites):
             raise ValueError(f"features must have shape ({len(self._sites)}, C); got "
                              f"{value.shape}")
+        backend.kernels(self.indices, data_of(value))   # the sites' library, or TypeError
         self._features = value
 
     @property

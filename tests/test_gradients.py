@@ -517,3 +517,109 @@ def test_conv_blocks_of_unsorted_rulebooks(rng, pairs, block_pairs):
     grad_x, grad_w = kern.conv_backward(grad_out, x, weight, rulebook)
     assert_gradient(grad_x, lambda f: np.sum(conv_forward(f, weight, rulebook) * grad_out), x)
     assert_gradient(grad_w, lambda w: np.sum(conv_forward(x, w, rulebook) * grad_out), weight)
+
+
+def _sorted_tensor(rng, shape, channels=2, dtype=np.float64):
+    """A tensor whose rows are in key order, as every site set sparsegrid makes (input
+    layers, strided outputs): its rulebooks take the plan's sort-free path."""
+    indices = ref.random_sites(rng, shape, 2, density=0.4)
+    indices = indices[np.lexsort(indices.T[::-1])]
+    return sg.SparseTensor(rng.standard_normal((len(indices), channels)).astype(dtype),
+                           indices, shape)
+
+
+@pytest.mark.parametrize("pairs", [1, 5, 64, 8192])
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("filter_size", [3, 2])
+def test_conv_blocks_on_key_ordered_sites(rng, pairs, groups, filter_size, block_pairs):
+    """The path every real scene takes: sites in key order (each offset's output rows
+    increase, so the plan needs no sort), the identity offset, several blocks."""
+    from sparsegrid.cpu import conv as cpu_conv
+    block_pairs(pairs)
+    x = _sorted_tensor(rng, (6, 5, 4), channels=4)
+    assert x.sites.order is None
+    rulebook = x.grid.submanifold(x.sites, filter_size)
+    assert cpu_conv._rows_sorted_per_offset(rulebook.out_idx, rulebook.offset_ptr)
+    assert (rulebook.identity_offset >= 0) == (filter_size == 3)
+    plan = kern.prepare_conv(rulebook)
+    if pairs < 64:
+        assert len(plan.blocks) > 1
+    weight = random_weight(rng, rulebook.n_offsets, 4, 6, groups)
+    bias = rng.standard_normal(6)
+    np.testing.assert_allclose(conv_forward(x.features, weight, rulebook, bias),
+                               ref.rulebook_conv(x.features, weight, rulebook, bias),
+                               rtol=1e-12, atol=1e-12)
+    grad_out = rng.standard_normal((rulebook.n_out, 6))
+    grad_x, grad_w = kern.conv_backward(grad_out, x.features, weight, rulebook)
+    assert_gradient(grad_x, lambda f: np.sum(conv_forward(f, weight, rulebook) * grad_out),
+                    x.features)
+    # the weight gradient against the exact per-offset sums (finite differences over this
+    # many pairs carry ~1e-8 of noise)
+    full = np.stack([x.features[rulebook.pairs(k)[0]].T @ grad_out[rulebook.pairs(k)[1]]
+                     for k in range(rulebook.n_offsets)])
+    if groups > 1:
+        ci, co = 4 // groups, 6 // groups
+        full = np.stack([full[:, g * ci:(g + 1) * ci, g * co:(g + 1) * co]
+                         for g in range(groups)], axis=1)
+    np.testing.assert_allclose(grad_w, full, rtol=1e-11, atol=1e-11)
+    sums = kern.rule_sum(x.features, rulebook)
+    np.testing.assert_allclose(sums, ref.rulebook_conv(
+        x.features, np.broadcast_to(np.eye(4), (rulebook.n_offsets, 4, 4)), rulebook),
+        rtol=1e-12, atol=1e-12)
+
+
+def test_conv_float32_and_any_memory_layout(rng):
+    """float32 results within float32 rounding of float64; Fortran-ordered or strided
+    features and transposed-view weights give the same bits as contiguous copies."""
+    x = _sorted_tensor(rng, (6, 6, 5), channels=8)
+    rulebook = x.grid.submanifold(x.sites, 3)
+    weight = random_weight(rng, 27, 8, 8)
+    f32, w32 = x.features.astype(np.float32), weight.astype(np.float32)
+    out32 = conv_forward(f32, w32, rulebook)
+    assert out32.dtype == np.float32
+    exact = conv_forward(x.features, weight, rulebook)
+    np.testing.assert_allclose(out32, exact, rtol=1e-4, atol=1e-4 * np.abs(exact).max())
+    fortran = np.asfortranarray(f32)
+    strided = np.repeat(f32, 2, axis=1)[:, ::2]
+    view = np.swapaxes(np.ascontiguousarray(np.swapaxes(w32, 1, 2)), 1, 2)
+    for features, w in ((fortran, w32), (strided, w32), (f32, view)):
+        np.testing.assert_array_equal(conv_forward(features, w, rulebook), out32)
+    grad_out = rng.standard_normal(out32.shape).astype(np.float32)
+    expected = kern.conv_backward(grad_out, f32, w32, rulebook)
+    for got in (kern.conv_backward(np.asfortranarray(grad_out), fortran, view, rulebook),):
+        for a, b in zip(got, expected):
+            np.testing.assert_array_equal(a, b)
+
+
+def _rulebook(in_idx, out_idx, ptr, n_in, n_out, identity=-1):
+    return sg.Rulebook(np.asarray(in_idx, np.int32), np.asarray(out_idx, np.int32),
+                       np.asarray(ptr, np.int64), n_in, n_out, (len(ptr) - 1,),
+                       kind="strided" if identity < 0 else "submanifold",
+                       identity_offset=identity)
+
+
+@pytest.mark.parametrize("rulebook,message", [
+    (lambda: _rulebook([0, 9], [0, 1], [0, 2], 4, 2), r"in_idx must hold rows in \[0, 4\)"),
+    (lambda: _rulebook([0, -1], [0, 1], [0, 2], 4, 2), r"in_idx must hold rows in \[0, 4\)"),
+    (lambda: _rulebook([0, 1], [0, 5], [0, 2], 4, 2), r"out_idx must hold rows in \[0, 2\)"),
+    (lambda: _rulebook([0, 1], [0, 1], [0, 1], 4, 2), "offset_ptr must rise"),
+    (lambda: _rulebook([1, 0, 2], [1, 0, 2], [0, 3], 3, 3, identity=0),
+     "must pair every row with itself"),
+    (lambda: _rulebook([0, 1], [0, 1], [0, 2], 3, 2, identity=0), "needs n_in == n_out"),
+])
+def test_conv_refuses_broken_rulebooks(rulebook, message):
+    """A rulebook from outside (Rulebook(...) or Rulebook.load) that breaks the kernels'
+    invariants raises before any work, instead of clipping rows or racing blocks."""
+    rb = rulebook()
+    with pytest.raises(ValueError, match=message):
+        conv_forward(np.ones((rb.n_in, 2)), np.ones((rb.n_offsets, 2, 1)), rb)
+
+
+def test_conv_refuses_features_of_the_wrong_length():
+    rb = _rulebook([0, 1], [0, 1], [0, 2], 4, 2)
+    with pytest.raises(ValueError, match=r"features must have shape \(4, C\)"):
+        conv_forward(np.ones((3, 2)), np.ones((1, 2, 1)), rb)
+    with pytest.raises(ValueError, match=r"grad_out must have shape \(2, C\)"):
+        kern.conv_backward(np.ones((3, 1)), np.ones((4, 2)), np.ones((1, 2, 1)), rb)
+    with pytest.raises(ValueError, match=r"features must have shape \(4, C\)"):
+        kern.rule_sum(np.ones((5, 2)), rb)

@@ -374,3 +374,11 @@ def test_group_rows_without_the_compiled_routine(rng, monkeypatch):
         out, chosen = segment_reduce(values, ids, 60, mode)
         ref_out, ref_chosen = reference(values, ids, 60, mode)
         assert_same(out, ref_out)
+
+
+def test_segment_ids_must_match_the_rows():
+    values = np.arange(6.0).reshape(3, 2)
+    with pytest.raises(ValueError, match=r"one id per row of values \(3\); got 2"):
+        segment_reduce(values, np.array([0, 1]), 3, "sum")
+    with pytest.raises(ValueError, match="must be >= 0; got -1"):
+        segment_reduce(values, np.array([0, -1, 1]), 3, "sum")

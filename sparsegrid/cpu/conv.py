@@ -245,9 +245,43 @@ def prepare_conv(rulebook):
     Opaque to callers: the convolution kernels call it themselves; calling it ahead of
     time only moves the cost (benchmarks time it separately).
     """
-    return rulebook.derived("cpu_conv_plan", lambda: build_conv_plan(
-        rulebook.in_idx, rulebook.out_idx, rulebook.offset_ptr, rulebook.n_out,
-        rulebook.identity_offset))
+    def build():
+        _check_rulebook(rulebook)
+        return build_conv_plan(rulebook.in_idx, rulebook.out_idx, rulebook.offset_ptr,
+                               rulebook.n_out, rulebook.identity_offset)
+
+    return rulebook.derived("cpu_conv_plan", build)
+
+
+def _check_rulebook(rulebook):
+    """The invariants the plan relies on, checked once per rulebook (a few passes over the
+    pairs): rows in range, pointers a partition of the pairs, and an identity offset that
+    really is ``(r, r)`` for every row in order. Raises ValueError naming what is wrong."""
+    in_idx, out_idx, ptr = rulebook.in_idx, rulebook.out_idx, rulebook.offset_ptr
+    n_pairs, n_offsets = len(in_idx), len(ptr) - 1
+    if len(out_idx) != n_pairs:
+        raise ValueError(f"rulebook in_idx and out_idx differ in length ({n_pairs} and "
+                         f"{len(out_idx)})")
+    if n_offsets < 0 or ptr[0] != 0 or ptr[-1] != n_pairs or np.any(np.diff(ptr) < 0):
+        raise ValueError(f"rulebook offset_ptr must rise from 0 to the {n_pairs} pairs; got "
+                         f"{np.asarray(ptr).tolist()[:8]}...")
+    for name, rows, n in (("in_idx", in_idx, rulebook.n_in), ("out_idx", out_idx,
+                                                              rulebook.n_out)):
+        if n_pairs and (int(rows.min()) < 0 or int(rows.max()) >= n):
+            raise ValueError(f"rulebook {name} must hold rows in [0, {n}); got values in "
+                             f"[{int(rows.min())}, {int(rows.max())}]")
+    k = rulebook.identity_offset
+    if k >= 0:
+        if k >= n_offsets or rulebook.n_in != rulebook.n_out:
+            raise ValueError(f"rulebook identity_offset {k} needs n_in == n_out and an offset "
+                             f"below {n_offsets}; got n_in={rulebook.n_in}, "
+                             f"n_out={rulebook.n_out}")
+        rows = np.arange(rulebook.n_out)
+        a, b = int(ptr[k]), int(ptr[k + 1])
+        if not (np.array_equal(in_idx[a:b], rows) and np.array_equal(out_idx[a:b], rows)):
+            raise ValueError(f"rulebook identity_offset {k} must pair every row with itself "
+                             "in row order; its pairs differ (build the rulebook with "
+                             "identity_offset=-1)")
 
 
 def _run_blocks(plan, source, weight, out, identity_source=None, identity_weight=None,
@@ -303,6 +337,12 @@ def _run_blocks(plan, source, weight, out, identity_source=None, identity_weight
     return out
 
 
+def _check_rows(array, n, name):
+    if array.ndim != 2 or array.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n}, C) for this rulebook; got "
+                         f"{array.shape}")
+
+
 def conv_forward(features, weight, rulebook, bias=None):
     """Sparse convolution over a rulebook.
 
@@ -318,6 +358,7 @@ def conv_forward(features, weight, rulebook, bias=None):
     -------
     (n_out, Cout) array of ``features.dtype``
     """
+    _check_rows(features, rulebook.n_in, "features")
     plan = prepare_conv(rulebook)
     features = np.ascontiguousarray(features)
     out = np.empty((rulebook.n_out, _output_channels(weight)), features.dtype)
@@ -341,6 +382,8 @@ def conv_backward(grad_out, features, weight, rulebook, need_features=True, need
     grad_features : (N_in, Cin) or None
     grad_weight : weight-shaped or None
     """
+    _check_rows(grad_out, rulebook.n_out, "grad_out")
+    _check_rows(features, rulebook.n_in, "features")
     grad_out = np.ascontiguousarray(grad_out)
     grad_features = grad_weight = None
     if need_features:
@@ -409,6 +452,7 @@ def rule_sum(features, rulebook):
 
     Sum pooling, unpooling and their gradients are this on the rulebook or its transpose.
     """
+    _check_rows(features, rulebook.n_in, "features")
     plan = prepare_conv(rulebook)
     features = np.ascontiguousarray(features)
     out = np.empty((rulebook.n_out, features.shape[1]), features.dtype)

@@ -186,6 +186,11 @@ def segment_reduce(values, segment_ids, n_segments, mode):
     _check_mode(mode)
     ids = np.asarray(segment_ids, np.int64).reshape(-1)
     n, channels = values.shape
+    if len(ids) != n:
+        raise ValueError(f"segment_ids must have one id per row of values ({n}); got "
+                         f"{len(ids)}")
+    if n and int(ids.min()) < 0:
+        raise ValueError(f"segment_ids must be >= 0; got {int(ids.min())}")
     counts = np.bincount(ids, minlength=n_segments) if n else np.zeros(n_segments, np.int64)
     if len(counts) > n_segments:
         raise ValueError(f"segment_ids must be below n_segments={n_segments}; got "

@@ -2,9 +2,9 @@
 
 NumPy releases the GIL inside fancy indexing, arithmetic and BLAS calls, so Python threads
 run the kernels' gathers, GEMMs and scatters concurrently. Work is only ever split into
-units whose arithmetic does not depend on the thread count (a whole group's GEMM, a whole
-offset's GEMM): units either write disjoint output rows, or return partial results that the
-caller adds in a fixed order. Results are therefore bit-identical for every thread count.
+units whose arithmetic does not depend on the thread count (a convolution plan's block of
+output rows, a fixed chunk of a weight gradient's pairs): units either write disjoint
+output rows, or return partial results that the caller adds in a fixed order. Results are therefore bit-identical for every thread count.
 
 The thread count is ``SPARSEGRID_NUM_THREADS`` if set, else the number of CPUs this
 process may use; :func:`set_num_threads` changes it at run time. Changing it while other

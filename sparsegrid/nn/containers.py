@@ -111,7 +111,7 @@ def _same_sites(module, tensors):
         if t.sites is first.sites:
             continue
         if t.spatial_shape != first.spatial_shape or t.n_active != first.n_active or \
-                not np.array_equal(t.indices, first.indices):
+                not bool((t.indices == first.indices).all()):
             raise ValueError(f"{type(module).__name__} needs tensors on the same sites in the "
                              f"same row order; input {i} ({t.n_active} sites, "
                              f"{t.spatial_shape}) differs from input 0 ({first.n_active} "

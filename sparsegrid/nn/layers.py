@@ -105,7 +105,8 @@ def _positive_int(value, name):
 # -- input and output -----------------------------------------------------------------------
 def _scn_coordinates(coords, dimension):
     """SCN coordinates (N, D + 1) with the batch LAST, or (N, D) -> batch-first indices."""
-    coords = coords.detach().cpu().numpy() if hasattr(coords, "detach") else np.asarray(coords)
+    coords = _coordinate_array(coords)
+    xp = backend.array_namespace(coords)
     if coords.ndim != 2 or coords.shape[1] not in (dimension, dimension + 1):
         raise ValueError(f"coords must have shape (N, {dimension}) or (N, {dimension + 1}) "
                          f"(SCN form: spatial coordinates, then the batch index); got "
@@ -113,9 +114,16 @@ def _scn_coordinates(coords, dimension):
     if coords.dtype.kind not in "iu":
         raise TypeError(f"coords must be an integer array; got dtype {coords.dtype}")
     if coords.shape[1] == dimension:
-        batch = np.zeros((len(coords), 1), coords.dtype)
-        return np.concatenate([batch, coords], axis=1)
-    return np.concatenate([coords[:, dimension:], coords[:, :dimension]], axis=1)
+        batch = xp.zeros((len(coords), 1), coords.dtype)
+        return xp.concatenate([batch, coords], axis=1)
+    return xp.concatenate([coords[:, dimension:], coords[:, :dimension]], axis=1)
+
+
+def _coordinate_array(coords):
+    """Coordinates as an array of their own library (NumPy or CuPy; torch via NumPy)."""
+    if hasattr(coords, "detach"):
+        return coords.detach().cpu().numpy()
+    return coords if backend.is_cupy_array(coords) else np.asarray(coords)
 
 
 class _InputRecord:
@@ -241,8 +249,8 @@ class BLInputLayer(InputLayer):
     def forward(self, input):
         if not isinstance(input, (list, tuple)) or len(input) != 2:
             raise TypeError("BLInputLayer expects [coords (B, L, D), features (B, L, C)]")
-        coords = input[0].detach().cpu().numpy() if hasattr(input[0], "detach") else \
-            np.asarray(input[0])
+        coords = _coordinate_array(input[0])
+        xp = backend.array_namespace(coords)
         feats = _dense_input(input[1])
         if coords.ndim != 3 or coords.shape[2] != self.dimension:
             raise ValueError(f"coords must have shape (B, L, {self.dimension}); got "
@@ -251,9 +259,9 @@ class BLInputLayer(InputLayer):
             raise ValueError(f"features must have shape {coords.shape[:2] + ('C',)}; got "
                              f"{feats.shape}")
         b, length = coords.shape[:2]
-        valid = np.flatnonzero(coords[:, :, 0].reshape(-1) >= 0)
+        valid = xp.flatnonzero(coords[:, :, 0].reshape(-1) >= 0)
         batch = (valid // max(length, 1)).astype(coords.dtype)[:, None]
-        indices = np.concatenate([batch, coords.reshape(-1, self.dimension)[valid]], axis=1)
+        indices = xp.concatenate([batch, coords.reshape(-1, self.dimension)[valid]], axis=1)
         rows = ops.take_rows(ops.reshape(feats, (b * length, feats.shape[2])), valid)
         tensor, input_map = F.input_layer(indices, rows, self.spatial_size, b, self.mode)
         return self._remember(tensor, input_map, (valid, b, length))
@@ -701,7 +709,8 @@ class BatchwiseDropout(Dropout):
         if not self.training or self.p == 0:
             return x
         keep = default_rng().random(x.n_channels) >= self.p
-        scale = (keep / (1 - self.p)).astype(x.dtype)
+        xp = backend.array_namespace(x.indices)
+        scale = xp.asarray((keep / (1 - self.p)).astype(x.dtype))
         return _map_features(x, lambda f: ops.mul(f, scale))
 
 
@@ -806,8 +815,9 @@ class AddCoords(Module):
     def forward(self, x):
         x = _check_input(self, x)
         size = np.asarray(x.spatial_shape, np.float64)
-        half = np.where(size > 1, (size - 1) / 2, 1.0)
-        coords = (x.indices[:, 1:] / half - (size > 1)).astype(x.dtype)
+        xp = backend.array_namespace(x.indices)
+        half = xp.asarray(np.where(size > 1, (size - 1) / 2, 1.0))
+        coords = (x.indices[:, 1:] / half - xp.asarray(size > 1)).astype(x.dtype)
         return x.with_features(ops.concatenate([x.features, coords], axis=1))
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import backend
+
 from ..autodiff import ops
 from ..coords import pack_keys
 from ..tensor import SparseTensor
@@ -26,8 +28,9 @@ def append_tensors(tensors):
                              f"{t.spatial_shape} and {t.n_channels} channels; tensor 0 has "
                              f"{first.spatial_shape} and {first.n_channels}")
     offsets = np.cumsum([0] + [t.batch_size for t in tensors])
-    indices = np.concatenate([t.indices + np.array([offsets[i]] + [0] * t.dimension,
-                                                    np.int32)
+    xp = backend.array_namespace(*(t.indices for t in tensors))
+    indices = xp.concatenate([t.indices + xp.asarray([offsets[i]] + [0] * t.dimension,
+                                                     dtype=np.int32)
                               for i, t in enumerate(tensors)]).astype(np.int32)
     joined = ops.concatenate([_tensor_features(t).features for t in tensors], axis=0)
     return SparseTensor(joined, indices, first.spatial_shape, int(offsets[-1]))
@@ -45,10 +48,11 @@ def compare_sparse(x, y):
     batch = max(x.batch_size, y.batch_size)
     kx, _ = pack_keys(x.indices, x.spatial_shape, batch)
     ky, _ = pack_keys(y.indices, y.spatial_shape, batch)
-    union = np.union1d(kx, ky)
+    xp = backend.array_namespace(kx, ky)
+    union = xp.unique(xp.concatenate([kx, ky]))
     n = len(union)
-    diff = ops.sub(ops.put_rows(x.features, np.searchsorted(union, kx), n),   # a Tensor
-                   ops.put_rows(y.features, np.searchsorted(union, ky), n))
+    diff = ops.sub(ops.put_rows(x.features, xp.searchsorted(union, kx), n),   # a Tensor
+                   ops.put_rows(y.features, xp.searchsorted(union, ky), n))
     return ops.mul(ops.sum(ops.mul(diff, diff)), 1.0 / max(n, 1))
 
 
