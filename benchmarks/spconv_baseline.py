@@ -61,6 +61,7 @@ __all__ = [
     "time_strided_forward",
     "time_subm_forward",
     "time_subm_forward_backward",
+    "time_subm_rulebook_forward",
     "weight_to_spconv",
 ]
 
@@ -135,7 +136,12 @@ def _random_features(n, channels, seed=0):
 
 def _sparse_tensor(indices, spatial_shape, features):
     _, spconv = _import_spconv()
-    return spconv.SparseConvTensor(features, _indices_tensor(indices), list(spatial_shape), batch_size=1)
+    return spconv.SparseConvTensor(features, _indices_tensor(indices), list(spatial_shape),
+                                   batch_size=_batch_size(indices))
+
+
+def _batch_size(indices):
+    return int(np.asarray(indices)[:, 0].max()) + 1 if len(indices) else 1
 
 
 def _subm_layer(channels_in, channels_out):
@@ -325,6 +331,33 @@ def time_subm_forward(indices, spatial_shape, channels, repeat=5):
     def run():
         with torch.no_grad():
             layer(x)
+
+    return _median_time(run, repeat)
+
+
+def time_subm_rulebook_forward(indices, spatial_shape, channels, repeat=5):
+    """Time SubMConv3d(C, C, 3, bias=False) forward on a fresh SparseConvTensor.
+
+    Every timed call wraps the same indices and features in a new
+    SparseConvTensor (no cached pairs), so the layer builds its rulebook
+    and then convolves: what the first submanifold layer of a network
+    costs per input.  Runs under ``torch.no_grad()``.
+
+    Returns
+    -------
+    float
+        Median seconds.
+    """
+    torch, _ = _import_spconv()
+    layer = _subm_layer(channels, channels)
+    features = _random_features(len(indices), channels)
+    indices_t = _indices_tensor(indices)
+    batch_size = _batch_size(indices)
+    _, spconv = _import_spconv()
+
+    def run():
+        with torch.no_grad():
+            layer(spconv.SparseConvTensor(features, indices_t, list(spatial_shape), batch_size))
 
     return _median_time(run, repeat)
 

@@ -33,7 +33,7 @@ from .threads import parallel_map
 
 # Pairs per block of output rows. Fixed (not tuned per call), so the rounding of every
 # output never depends on the thread count or the channel count.
-_BLOCK_PAIRS = 8192
+_BLOCK_PAIRS = 16384
 # Rows per partial product of a weight gradient: fixed, for the same reason.
 _REDUCTION_CHUNK = 32768
 _WEIGHT_CHUNK = 16384
