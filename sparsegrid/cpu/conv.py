@@ -33,7 +33,7 @@ from .threads import parallel_map
 
 # Pairs per block of output rows. Fixed (not tuned per call), so the rounding of every
 # output never depends on the thread count or the channel count.
-_BLOCK_PAIRS = 16384
+_BLOCK_PAIRS = 8192
 # Rows per partial product of a weight gradient: fixed, for the same reason.
 _REDUCTION_CHUNK = 32768
 _WEIGHT_CHUNK = 16384
@@ -69,15 +69,18 @@ def _scatter_add(rows, pointers, ones, products, out):
     out += csc_matrix((ones[:n], rows, pointers[:n + 1]), shape=(n_rows, n)) @ products
 
 
-def _buffer(name, rows, width, dtype):
-    """A per-thread scratch array (rows, width), grown on demand and reused."""
+def _buffer(name, rows, width, dtype, reserve=0):
+    """A per-thread scratch array (rows, width), reused; when it must grow it is made
+    large enough for ``reserve`` rows at once (the longest block of the plan), so one
+    convolution never leaves a trail of outgrown buffers behind."""
     key = (name, np.dtype(dtype).str)
     store = getattr(_buffers, "arrays", None)
     if store is None:
         store = _buffers.arrays = {}
     found = store.get(key)
     if found is None or found.size < rows * width:
-        found = store[key] = np.empty(max(rows * width, 1), dtype)
+        store.pop(key, None)
+        found = store[key] = np.empty(max(rows, reserve, 1) * width, dtype)
     return found[:rows * width].reshape(rows, width)
 
 
@@ -295,6 +298,7 @@ def _run_blocks(plan, source, weight, out, identity_source=None, identity_weight
     width = out.shape[1]
     dtype = out.dtype
     ones, pointers = plan.constants(dtype)
+    longest = len(ones)
     blocks = plan.blocks
 
     def start_rows(r0, r1):
@@ -319,12 +323,12 @@ def _run_blocks(plan, source, weight, out, identity_source=None, identity_weight
         n = p1 - p0
         rows = plan.gather_rows[p0:p1]
         if weight is None:
-            products = _buffer("products", n, width, dtype)
+            products = _buffer("products", n, width, dtype, longest)
             np.take(source, rows, axis=0, out=products, mode="clip")
         else:
-            gathered = _buffer("gathered", n, source.shape[1], dtype)
+            gathered = _buffer("gathered", n, source.shape[1], dtype, longest)
             np.take(source, rows, axis=0, out=gathered, mode="clip")
-            products = _buffer("products", n, width, dtype)
+            products = _buffer("products", n, width, dtype, longest)
             for k, a, b in groups:
                 _matmul(gathered[a:b], weight[k], out=products[a:b])
         _scatter_add(plan.scatter_rows[p0:p1], pointers, ones, products, out[r0:r1])
@@ -412,8 +416,8 @@ def _weight_gradient(features, grad_out, weight, rulebook):
             r0, r1 = a - ptr[k], b - ptr[k]
             x, g = features[r0:r1], grad_out[r0:r1]
         else:
-            x = _buffer("weight_x", b - a, features.shape[1], dtype)
-            g = _buffer("weight_g", b - a, grad_out.shape[1], dtype)
+            x = _buffer("weight_x", b - a, features.shape[1], dtype, _WEIGHT_CHUNK)
+            g = _buffer("weight_g", b - a, grad_out.shape[1], dtype, _WEIGHT_CHUNK)
             np.take(features, in_idx[a:b], axis=0, out=x, mode="clip")
             np.take(grad_out, out_idx[a:b], axis=0, out=g, mode="clip")
         return _rows_product(x, g, weight if grouped else None)
