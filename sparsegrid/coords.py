@@ -143,7 +143,15 @@ def validate_features(features, n_rows, name="features"):
     if features.shape[0] != n_rows:
         raise ValueError(f"{name} has {features.shape[0]} rows but indices has {n_rows}; "
                          "they must match row for row")
-    finite = xp.isfinite(features).all(axis=1) if features.size else None
+    # One summing pass decides the common case: NaN and inf propagate into the sum, so a
+    # finite sum means every value is finite (a sum that overflows, or any non-finite
+    # value, falls through to the element-wise check that names the row).
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = features.sum() if features.size else 0.0
+    if features.size and not bool(xp.isfinite(total)):
+        finite = xp.isfinite(features).all(axis=1)
+    else:
+        finite = None
     if finite is not None and not bool(finite.all()):
         row = int(xp.flatnonzero(~finite)[0])
         raise ValueError(f"{name} row {row} is not finite (NaN or inf): {features[row].tolist()}")

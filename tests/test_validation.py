@@ -533,3 +533,21 @@ def test_functional_input_mode_name():
     assert F.input_mode_name("max") == "max"
     with pytest.raises(ValueError, match="mode must be"):
         F.input_mode_name(np.int64(7))
+
+
+def test_finite_features_whose_sum_overflows_are_accepted():
+    """The one-pass finiteness check falls back to the element-wise one when a sum of
+    finite values overflows: huge finite features are valid, with no warning."""
+    import warnings
+    big = np.full((3, 2), 3e38, np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = sg.SparseTensor(big, np.array([[0, 0], [0, 1], [0, 2]]), (3,))
+    assert x.n_active == 3
+    bad = big.copy()
+    bad[2, 1] = np.nan
+    with pytest.raises(ValueError, match="features row 2 is not finite"):
+        sg.SparseTensor(bad, np.array([[0, 0], [0, 1], [0, 2]]), (3,))
+    opposite = np.array([[np.inf], [-np.inf]], np.float32)     # sums to NaN
+    with pytest.raises(ValueError, match="features row 0 is not finite"):
+        sg.SparseTensor(opposite, np.array([[0, 0], [0, 1]]), (2,))
