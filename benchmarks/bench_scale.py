@@ -50,11 +50,8 @@ STAGES = ("tensor", "rulebook", "prepare_conv", "forward")
 
 
 def _rss_kib(field):
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    from spconv_baseline import _rss_kib as read    # importable without torch or spconv
+    return read(field)
 
 
 def child(path, shape, repeat):
@@ -118,11 +115,8 @@ def child(path, shape, repeat):
 
 
 def _thread_env(n):
-    env = dict(os.environ)
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                "SPARSEGRID_NUM_THREADS"):
-        env[var] = str(n)
-    return env
+    from bench_conv import _thread_env as env
+    return env(n)
 
 
 def _spread(values):

@@ -47,3 +47,12 @@ def kernel_set(request):
     """Every available kernel set in turn (``cpu``; ``cuda`` where a GPU is present):
     contract tests take this fixture and run on each."""
     return KernelSet(request.param)
+
+
+@pytest.fixture
+def bind_kernels(kernel_set, request):
+    """Bind the test module's global ``kern`` to the kernel set under test, for modules of
+    contract tests (``pytestmark = pytest.mark.usefixtures("bind_kernels")``)."""
+    request.module.kern = kernel_set.module
+    yield kernel_set
+    request.module.kern = None

@@ -60,14 +60,9 @@ from conftest import GOLDEN
 from reference import expand_groups
 
 
-@pytest.fixture(autouse=True)
-def _kernels(kernel_set):
-    """Run every test of this module on each available kernel set (the contract's
-    backends); the module-level name ``kern`` is that set's kernel module."""
-    global kern
-    kern = kernel_set.module
-    yield
-    kern = None
+# every test here runs on each available kernel set; ``kern`` is that set's module
+pytestmark = pytest.mark.usefixtures("bind_kernels")
+kern = None
 
 RTOL = 1e-4
 ATOL_REL = 1e-4

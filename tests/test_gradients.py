@@ -17,14 +17,9 @@ import reference as ref
 import sparsegrid as sg
 
 
-@pytest.fixture(autouse=True)
-def _kernels(kernel_set):
-    """Run every test of this module on each available kernel set (the contract's
-    backends); the module-level name ``kern`` is that set's kernel module."""
-    global kern
-    kern = kernel_set.module
-    yield
-    kern = None
+# every test here runs on each available kernel set; ``kern`` is that set's module
+pytestmark = pytest.mark.usefixtures("bind_kernels")
+kern = None
 
 EPS = 1e-6
 RTOL, ATOL = 1e-6, 1e-8
