@@ -16,55 +16,49 @@ import sys
 
 import numpy as np
 
-#: The kernel contract: every backend module defines each of these names.
-#: Signatures (arrays belong to the backend's library; ``rulebook`` is a
-#: :class:`sparsegrid.Rulebook` whose arrays do too):
-#:
-#: coordinate index
-#:   build_index(keys) -> order | None
-#:   first_duplicate(sorted_keys, order) -> (row, row) | None
-#:   query_index(sorted_keys, order, queries) -> int32 rows, -1 where absent
-#:   unique_inverse(keys) -> (unique_keys, first_rows, inverse)
-#: rulebook construction
-#:   submanifold_rules(indices, order, spatial_shape, batch_size, filter_size, dilation)
-#:       -> (in_idx, out_idx, offset_ptr, identity_offset)
-#:   offset_rules(indices, order, spatial_shape, batch_size, offsets) -> same
-#:   strided_rules(indices, spatial_shape, batch_size, filter_size, stride, out_shape)
-#:       -> (in_idx, out_idx, offset_ptr, out_indices)
-#:   window_rules(indices, spatial_shape, batch_size, filter_size, starts, out_shape) -> same
-#:   full_rules(indices, spatial_shape, batch_size, filter_size, stride, out_shape) -> same
-#: convolution (the backend's precomputed plan is private: prepare_conv caches it on the
-#: rulebook; the kernels call it themselves)
-#:   prepare_conv(rulebook) -> opaque
-#:   conv_forward(features, weight, rulebook, bias=None) -> (n_out, Cout)
-#:   conv_backward(grad_out, features, weight, rulebook, need_features=True,
-#:                 need_weight=True) -> (grad_features | None, grad_weight | None)
-#:   rows_product(x, g) -> x.T @ g, summed deterministically
-#: pooling
-#:   rule_sum(features, rulebook) -> (n_out, C)
-#:   max_pool_forward(features, rulebook) -> (out, argmax)
-#:   max_pool_backward(grad_out, argmax, n_in) -> (n_in, C)
-#: normalisation
-#:   batch_norm_statistics(x) -> (mean, var)
-#:   batch_norm_forward(x, mean, var, weight, bias, eps, leakiness) -> y
-#:   batch_norm_backward(grad_out, x, mean, var, weight, bias, eps, leakiness, training,
-#:                       out=None) -> (grad_x, grad_weight, grad_bias)
-#: segment reductions (input layers, voxelization, global pooling)
-#:   segment_reduce(values, segment_ids, n_segments, mode) -> (out, chosen)
-#:   segment_reduce_backward(grad_out, segment_ids, n_segments, mode, chosen, n_rows)
-#: dense conversion
-#:   scatter_to_dense(features, indices, batch_size, spatial_shape) -> (B, C, *S)
-#:   gather_from_dense(dense, indices) -> (N, C)
-#:   dense_active_sites(dense) -> int32 (N, 1 + D)
-KERNEL_CONTRACT = (
-    "build_index", "first_duplicate", "query_index", "unique_inverse",
-    "submanifold_rules", "offset_rules", "strided_rules", "window_rules", "full_rules",
-    "prepare_conv", "conv_forward", "conv_backward", "rows_product",
-    "rule_sum", "max_pool_forward", "max_pool_backward",
-    "batch_norm_statistics", "batch_norm_forward", "batch_norm_backward",
-    "segment_reduce", "segment_reduce_backward",
-    "scatter_to_dense", "gather_from_dense", "dense_active_sites",
-)
+#: The kernel contract: every backend module (``sparsegrid.cpu``, ``sparsegrid.cuda``)
+#: defines each of these functions with exactly this signature. Arrays belong to the
+#: backend's library; ``rulebook`` is a :class:`sparsegrid.Rulebook` whose arrays do too.
+#: Whatever a backend precomputes for speed is private to it: ``prepare_conv`` caches it on
+#: the rulebook, and the kernels call it themselves.
+KERNEL_SIGNATURES = {
+    # coordinate index
+    "build_index": "(keys)",                                   # -> order | None
+    "first_duplicate": "(sorted_keys, order)",                 # -> (row, row) | None
+    "query_index": "(sorted_keys, order, queries)",            # -> int32 rows, -1 absent
+    "unique_inverse": "(keys)",                  # -> (unique_keys, first_rows, inverse)
+    # rulebook construction: (in_idx, out_idx, offset_ptr, identity_offset | out_indices)
+    "submanifold_rules": "(indices, order, spatial_shape, batch_size, filter_size, dilation)",
+    "offset_rules": "(indices, order, spatial_shape, batch_size, offsets)",
+    "strided_rules": "(indices, spatial_shape, batch_size, filter_size, stride, out_shape)",
+    "window_rules": "(indices, spatial_shape, batch_size, filter_size, starts, out_shape)",
+    "full_rules": "(indices, spatial_shape, batch_size, filter_size, stride, out_shape)",
+    # convolution
+    "prepare_conv": "(rulebook)",                                        # -> opaque plan
+    "conv_forward": "(features, weight, rulebook, bias=None)",           # -> (n_out, Cout)
+    "conv_backward": "(grad_out, features, weight, rulebook, need_features=True, "
+                     "need_weight=True)",             # -> (grad_features, grad_weight)
+    "rows_product": "(x, g)",                        # -> x.T @ g, summed deterministically
+    # pooling
+    "rule_sum": "(features, rulebook)",                                  # -> (n_out, C)
+    "max_pool_forward": "(features, rulebook)",                          # -> (out, argmax)
+    "max_pool_backward": "(grad_out, argmax, n_in)",                     # -> (n_in, C)
+    # normalisation
+    "batch_norm_statistics": "(x)",                                      # -> (mean, var)
+    "batch_norm_forward": "(x, mean, var, weight, bias, eps, leakiness)",
+    "batch_norm_backward": "(grad_out, x, mean, var, weight, bias, eps, leakiness, "
+                           "training, out=None)",       # -> (grad_x, grad_w, grad_b)
+    # segment reductions (input layers, voxelization, global pooling)
+    "segment_reduce": "(values, segment_ids, n_segments, mode)",         # -> (out, chosen)
+    "segment_reduce_backward": "(grad_out, segment_ids, n_segments, mode, chosen, n_rows)",
+    # dense conversion
+    "scatter_to_dense": "(features, indices, batch_size, spatial_shape)",  # -> (B, C, *S)
+    "gather_from_dense": "(dense, indices)",                             # -> (N, C)
+    "dense_active_sites": "(dense)",                                     # -> (N, 1 + D)
+}
+
+#: The names of the kernel contract, in one place.
+KERNEL_CONTRACT = tuple(KERNEL_SIGNATURES)
 
 
 def is_cupy_array(array):
