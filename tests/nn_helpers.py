@@ -169,3 +169,17 @@ def step(model, optimizer, inputs, labels):
     loss.backward()
     optimizer.step()
     return loss.item()
+
+
+def deep_equal(a, b):
+    """Exact equality of nested dicts / lists / arrays (dtype included)."""
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)
+                and a.dtype == b.dtype and np.array_equal(a, b))
+    if isinstance(a, dict):
+        return (isinstance(b, dict) and list(a) == list(b)
+                and all(deep_equal(a[k], b[k]) for k in a))
+    if isinstance(a, (list, tuple)):
+        return (type(a) is type(b) and len(a) == len(b)
+                and all(deep_equal(x, y) for x, y in zip(a, b)))
+    return type(a) is type(b) and a == b
