@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from ..autodiff import ops
 from ..autodiff.core import Tensor, record
 from ..tensor import SparseTensor

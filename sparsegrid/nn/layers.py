@@ -16,7 +16,6 @@ Deliberate differences from SCN are listed in docs/differences_from_scn.md.
 from __future__ import annotations
 
 import math
-import numbers
 import weakref
 
 import numpy as np
