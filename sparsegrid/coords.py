@@ -7,7 +7,9 @@ Kernel offsets run row-major over the filter box with the last spatial axis fast
 
 from __future__ import annotations
 
+import math
 import numbers
+import os
 
 import numpy as np
 
@@ -16,6 +18,104 @@ from . import backend
 MAX_DIMENSIONS = 10
 _INT64_LIMIT = 2**63 - 1
 _INT32_LIMIT = 2**31 - 1
+_GIB = 2**30
+
+
+def _physical_memory():
+    """Total physical memory in bytes (os.sysconf, cheap), or None where it is unknown."""
+    try:
+        pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - non-POSIX
+        return None
+    if pages <= 0 or page_size <= 0:  # pragma: no cover
+        return None
+    return int(pages) * int(page_size)
+
+
+def _default_allocation_limit():
+    physical = _physical_memory()
+    return 16 * _GIB if physical is None else min(16 * _GIB, physical)
+
+
+#: The largest single allocation (in bytes) that an op may make before it refuses with a
+#: MemoryError naming the op, the shape and the bytes (see :func:`check_allocation`).
+#: Ops estimate their big arrays up front -- a dense output of ``batch_size *
+#: prod(spatial_shape)`` cells, per-sample statistics of ``batch_size`` rows, a rulebook of
+#: up to ``K * N`` pairs -- and refuse *before* allocating or building anything, instead
+#: of swapping, being killed by the OOM killer, or raising NumPy's anonymous error.
+#:
+#: The default is 16 GiB, or the machine's physical memory when that is smaller (read once
+#: at import with ``os.sysconf``). It is a module attribute on purpose: assign
+#: ``sparsegrid.coords.MAX_ALLOCATION_BYTES = 64 * 2**30`` to allow more on a big machine,
+#: or ``None`` to switch the checks off. The same limit applies to CuPy (device) arrays.
+#: Rulebook estimates are worst cases (every neighbour active), so a very large input can
+#: be refused although its actual rulebook would fit: raise the limit then.
+MAX_ALLOCATION_BYTES = _default_allocation_limit()
+
+
+def _format_bytes(n):
+    """``'274877906944 bytes (256.0 GiB)'``: the exact count, and a readable one."""
+    if n >= _GIB:
+        return f"{n} bytes ({n / _GIB:.1f} GiB)"
+    if n >= 2**20:
+        return f"{n} bytes ({n / 2**20:.1f} MiB)"
+    return f"{n} bytes"
+
+
+def check_allocation(op, shape, itemsize, what="an array", hint=None):
+    """Refuse an allocation of ``prod(shape) * itemsize`` bytes above the limit.
+
+    Computed with Python ints (no overflow), before anything is allocated.
+
+    Parameters
+    ----------
+    op : str
+        The op about to allocate (named in the message).
+    shape : tuple of ints
+        The shape it would allocate.
+    itemsize : int
+        Bytes per element (for several arrays of one shape, their summed item sizes).
+    what : str
+        What the array is (for the message).
+    hint : str, optional
+        What the caller can do instead, appended to the message.
+
+    Returns
+    -------
+    int
+        The estimated number of bytes.
+
+    Raises
+    ------
+    MemoryError
+        When the bytes exceed :data:`MAX_ALLOCATION_BYTES` (unless that is None).
+    """
+    shape = tuple(int(s) for s in shape)
+    n_bytes = math.prod(shape) * int(itemsize)
+    limit = MAX_ALLOCATION_BYTES
+    if limit is not None and n_bytes > limit:
+        message = (f"{op} would allocate {what} of shape {shape} at {int(itemsize)} bytes per "
+                   f"element: {_format_bytes(n_bytes)}, more than "
+                   f"sparsegrid.coords.MAX_ALLOCATION_BYTES = {_format_bytes(int(limit))}; "
+                   "raise that limit if the machine has the memory")
+        if hint:
+            message += f", or {hint}"
+        raise MemoryError(message)
+    return n_bytes
+
+
+def check_rulebook_size(op, n_offsets, n_sites, bytes_per_pair=8, extra=""):
+    """Refuse a rulebook of up to ``K * N`` (input, output) pairs above the limit.
+
+    Every one of the N input sites meets at most one output per kernel offset, so a
+    rulebook holds at most ``K * N`` pairs of two int32 rows (8 bytes; more where the op
+    also creates output sites). Called before the rulebook is built.
+    """
+    return check_allocation(
+        op, (n_offsets, n_sites), bytes_per_pair,
+        what=f"a rulebook of up to K * N = {int(n_offsets)} * {int(n_sites)} pairs "
+             f"(K = {int(n_offsets)} kernel offsets, N = {int(n_sites)} sites{extra})",
+        hint="use a smaller filter_size (K = prod(filter_size)) or fewer sites")
 
 
 def normalize_size(value, ndim, name, minimum=1):
@@ -30,8 +130,15 @@ def normalize_size(value, ndim, name, minimum=1):
     ValueError
         When the sequence has the wrong length or a value is below ``minimum``.
     """
+    if getattr(value, "ndim", None) == 0 and getattr(value, "dtype", None) is not None and \
+            value.dtype.kind in "iu":
+        value = value.item()           # a 0-d integer array is one int
     if isinstance(value, (numbers.Integral, np.integer)) and not isinstance(value, bool):
         sizes = (int(value),) * ndim
+    elif value is None or isinstance(value, (str, bytes)) or (
+            getattr(value, "ndim", 1) != 1 and not isinstance(value, (list, tuple))):
+        raise TypeError(f"{name} must be an int or a sequence of {ndim} ints; got "
+                        f"{_describe(value)}")
     else:
         try:
             items = list(np.asarray(value).reshape(-1)) if not isinstance(value, (list, tuple)) \
@@ -52,13 +159,42 @@ def normalize_size(value, ndim, name, minimum=1):
     return sizes
 
 
+def _describe(value):
+    """A short description of a bad argument for an error message."""
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"{type(value).__name__} of shape {tuple(value.shape)} and dtype {value.dtype}"
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{type(value).__name__} {text}"
+
+
 def normalize_spatial_shape(spatial_shape, ndim=None):
-    """Validate a spatial shape: a sequence of 1..10 positive ints (or one int with ``ndim``)."""
+    """Validate a spatial shape: a sequence of 1..10 positive ints (or one int with ``ndim``).
+
+    A list, tuple or 1-D integer array; anything else (None, a float, a string, a nested
+    list, a 0-d or 2-D array) raises TypeError naming ``spatial_shape`` and what was given.
+    """
     if ndim is None:
         if isinstance(spatial_shape, (numbers.Integral, np.integer)):
             raise TypeError("spatial_shape must be a sequence of ints (one per spatial axis); "
                             f"got the single int {spatial_shape!r}")
-        ndim = len(spatial_shape)
+        expected = "spatial_shape must be a sequence of ints (one per spatial axis)"
+        if spatial_shape is None or isinstance(spatial_shape, (str, bytes, numbers.Number)):
+            raise TypeError(f"{expected}; got {_describe(spatial_shape)}")
+        if hasattr(spatial_shape, "ndim") and spatial_shape.ndim != 1:
+            raise TypeError(f"{expected}, e.g. a 1-D integer array; got "
+                            f"{_describe(spatial_shape)}")
+        try:
+            ndim = len(spatial_shape)
+        except TypeError:
+            raise TypeError(f"{expected}; got {_describe(spatial_shape)}") from None
+        if isinstance(spatial_shape, (list, tuple)):
+            for axis, entry in enumerate(spatial_shape):
+                if isinstance(entry, bool) or not isinstance(entry, (numbers.Integral,
+                                                                     np.integer)):
+                    raise TypeError(f"{expected}; got {_describe(spatial_shape)}, whose entry "
+                                    f"{axis} is {_describe(entry)}")
     if not 1 <= ndim <= MAX_DIMENSIONS:
         raise ValueError(f"spatial_shape must have 1..{MAX_DIMENSIONS} axes; got {ndim}")
     shape = normalize_size(spatial_shape, ndim, "spatial_shape")

@@ -12,12 +12,13 @@ W[k]`` (cross-correlation, no flip).
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 
 from . import backend
-from .coords import (normalize_spatial_shape, pack_keys, validate_features,
-                     validate_indices)
+from .coords import (check_allocation, normalize_size, normalize_spatial_shape, pack_keys,
+                     validate_features, validate_indices)
 from .autodiff import ops
 from .autodiff.core import Tensor, data_of, is_grad_enabled, record
 from .grid import Grid, Sites
@@ -26,6 +27,7 @@ from .tensor import SparseTensor
 # SCN's InputLayer mode numbers (measured behaviour: 1 keeps the first row, 2 the last).
 INPUT_MODES = {0: "unique", 1: "first", 2: "last", 3: "sum", 4: "mean"}
 _MODE_NAMES = ("unique", "first", "last", "sum", "mean", "max")
+_GLOBAL_POOL_MODES = ("max", "mean", "sum")
 
 
 def _differentiable(out, inputs, vjp):
@@ -56,6 +58,68 @@ def _wants(value):
 def _require_tensor(x, name="x"):
     if not isinstance(x, SparseTensor):
         raise TypeError(f"{name} must be a SparseTensor; got {type(x).__name__}")
+
+
+def _real(name, value, *, positive=False, lower=None, upper=None):
+    """A finite real scalar argument as a Python float; TypeError / ValueError naming it."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.integer,
+                                                                     np.floating)):
+        raise TypeError(f"{name} must be a real number; got {type(value).__name__} {value!r}")
+    number = float(value)
+    if positive:
+        if not (math.isfinite(number) and number > 0):
+            raise ValueError(f"{name} must be a finite positive number; got {number}")
+    elif lower is not None or upper is not None:
+        if not (math.isfinite(number) and (lower is None or number >= lower)
+                and (upper is None or number <= upper)):
+            raise ValueError(f"{name} must be in [{lower}, {upper}]; got {number}")
+    elif not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number; got {number}")
+    return number
+
+
+def _check_flag(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool; got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def _check_rng(rng):
+    if rng is None:
+        return np.random.default_rng()
+    if not isinstance(rng, (np.random.Generator, np.random.RandomState)):
+        raise TypeError(f"rng must be a numpy.random.Generator (np.random.default_rng(seed)) "
+                        f"or None; got {type(rng).__name__} {rng!r}")
+    return rng
+
+
+def _is_array(value):
+    return isinstance(value, np.ndarray) or backend.is_cupy_array(value)
+
+
+def _check_channel_vector(x, name, value, op, writeable=False):
+    """A per-channel parameter: None, or an array / autodiff Tensor of shape (C,) and the
+    features' dtype (same library as the tensor); ``writeable`` for buffers updated in
+    place. TypeError / ValueError naming ``name``."""
+    if value is None:
+        return
+    channels = x.n_channels
+    data = data_of(value)
+    if not _is_array(data):
+        raise TypeError(f"{name} must be a NumPy/CuPy array or an autodiff Tensor of shape "
+                        f"({channels},) and the features' dtype {x.dtype}; got "
+                        f"{type(value).__name__}")
+    if data.shape != (channels,):
+        raise ValueError(f"{name} must have shape ({channels},); got {data.shape}")
+    if data.dtype != x.dtype:
+        raise TypeError(f"{name} must be an array of the features' dtype {x.dtype}; got "
+                        f"{data.dtype}" + (
+                            f" (cast it with .astype({str(x.dtype)!r}))"
+                            if data.dtype in (np.float32, np.float64) else ""))
+    backend.array_namespace(x.indices, data)      # one library, or TypeError
+    if writeable and isinstance(data, np.ndarray) and not data.flags.writeable:
+        raise ValueError(f"{name} must be a writeable array: {op} updates it in place in "
+                         "training; got a read-only array (pass a copy, np.array(...))")
 
 
 def _check_weight(x, weight, bias, n_offsets, name="weight"):
@@ -130,8 +194,10 @@ def submanifold_conv(x, weight, bias=None, filter_size=3, dilation=1):
     filter_size, dilation : int or D ints
     """
     _require_tensor(x)
-    rulebook = x.grid.submanifold(x.sites, filter_size, dilation)
-    _check_weight(x, weight, bias, rulebook.n_offsets)
+    filter_size = normalize_size(filter_size, x.dimension, "filter_size")
+    dilation = normalize_size(dilation, x.dimension, "dilation")
+    _check_weight(x, weight, bias, math.prod(filter_size))     # before building anything
+    rulebook = x.grid.submanifold(x.sites, filter_size, dilation, op="submanifold_conv")
     return x.with_features(_convolve(x, weight, bias, rulebook))
 
 
@@ -143,8 +209,10 @@ def conv(x, weight, bias=None, filter_size=2, stride=2):
     does not fit the filter and stride (the message names sizes that would).
     """
     _require_tensor(x)
-    rulebook, sites = x.grid.strided(x.sites, filter_size, stride)
-    _check_weight(x, weight, bias, rulebook.n_offsets)
+    filter_size = normalize_size(filter_size, x.dimension, "filter_size")
+    stride = normalize_size(stride, x.dimension, "stride")
+    _check_weight(x, weight, bias, math.prod(filter_size))
+    rulebook, sites = x.grid.strided(x.sites, filter_size, stride, op="conv")
     return SparseTensor._on(_convolve(x, weight, bias, rulebook), sites, x.grid)
 
 
@@ -155,9 +223,12 @@ def randomized_conv(x, weight, bias=None, filter_size=2, stride=2, rng=None):
     Output size, filter and weights as :func:`conv`; only the window starts move.
     """
     _require_tensor(x)
-    rng = np.random.default_rng() if rng is None else rng
-    rulebook, sites = x.grid.randomized_strided(x.sites, filter_size, stride, rng)
-    _check_weight(x, weight, bias, rulebook.n_offsets)
+    filter_size = normalize_size(filter_size, x.dimension, "filter_size")
+    stride = normalize_size(stride, x.dimension, "stride")
+    _check_weight(x, weight, bias, math.prod(filter_size))
+    rng = _check_rng(rng)
+    rulebook, sites = x.grid.randomized_strided(x.sites, filter_size, stride, rng,
+                                                op="randomized_conv")
     return SparseTensor._on(_convolve(x, weight, bias, rulebook), sites, x.grid)
 
 
@@ -170,8 +241,10 @@ def permutohedral_conv(x, weight, bias=None):
     """
     from .coords import permutohedral_offsets
     _require_tensor(x)
-    rulebook = x.grid.lattice(x.sites, permutohedral_offsets(x.dimension), "permutohedral")
-    _check_weight(x, weight, bias, rulebook.n_offsets)
+    d = x.dimension
+    _check_weight(x, weight, bias, d * d + d + 1)
+    rulebook = x.grid.lattice(x.sites, permutohedral_offsets(d), "permutohedral",
+                              op="permutohedral_conv")
     return x.with_features(_convolve(x, weight, bias, rulebook))
 
 
@@ -179,9 +252,14 @@ def neighbour_features(x, filter_size=3, dilation=1):
     """Each site's neighbours' features side by side: (N, K * C), block k holding the
     neighbour at submanifold offset k (zeros where it is inactive). ShapeContext."""
     _require_tensor(x)
-    rulebook = x.grid.submanifold(x.sites, filter_size, dilation)
+    filter_size = normalize_size(filter_size, x.dimension, "filter_size")
+    dilation = normalize_size(dilation, x.dimension, "dilation")
+    k_total = math.prod(filter_size)
+    check_allocation("neighbour_features", (x.n_active, k_total * x.n_channels),
+                     x.dtype.itemsize, what="the (N, K * C) output")
+    rulebook = x.grid.submanifold(x.sites, filter_size, dilation, op="neighbour_features")
     features = data_of(x.features)
-    n, c, k_total = x.n_active, x.n_channels, rulebook.n_offsets
+    n, c = x.n_active, x.n_channels
     xp = backend.array_namespace(features)
     # one gather through the neighbour map; row n of the padded features is the zero row
     table = rulebook.derived("neighbor_map", rulebook.neighbor_map)
@@ -207,8 +285,10 @@ def deconv(x, weight, bias=None, filter_size=2, stride=2):
     ValueError if no strided op with this filter and stride produced ``x``'s sites.
     """
     _require_tensor(x)
+    filter_size = normalize_size(filter_size, x.dimension, "filter_size")
+    stride = normalize_size(stride, x.dimension, "stride")
+    _check_weight(x, weight, bias, math.prod(filter_size))
     rulebook, sites = x.grid.transposed(x.sites, filter_size, stride)
-    _check_weight(x, weight, bias, rulebook.n_offsets)
     return SparseTensor._on(_convolve(x, weight, bias, rulebook), sites, x.grid)
 
 
@@ -219,8 +299,13 @@ def full_conv(x, weight, bias=None, filter_size=2, stride=2):
     on a new Grid.
     """
     _require_tensor(x)
-    rulebook, sites, grid = x.grid.full(x.sites, filter_size, stride)
-    _check_weight(x, weight, bias, rulebook.n_offsets)
+    filter_size = normalize_size(filter_size, x.dimension, "filter_size")
+    stride = normalize_size(stride, x.dimension, "stride")
+    k = math.prod(filter_size)
+    cout = _check_weight(x, weight, bias, k)
+    check_allocation("full_conv", (k * x.n_active, cout), x.dtype.itemsize,
+                     what=f"output features for up to K * N = {k} * {x.n_active} new sites")
+    rulebook, sites, grid = x.grid.full(x.sites, filter_size, stride, op="full_conv")
     return SparseTensor._on(_convolve(x, weight, bias, rulebook), sites, grid)
 
 
@@ -248,15 +333,20 @@ def network_in_network(x, weight, bias=None):
     return x.with_features(_differentiable(out, (x.features, weight, bias), vjp))
 
 
-def _kept_features(x, n_features_to_drop):
+def _check_drop(x, n_features_to_drop):
+    """Validate ``n_features_to_drop`` (before any rulebook is built); return it as an int."""
     if not isinstance(n_features_to_drop, (int, np.integer)) or isinstance(n_features_to_drop,
-                                                                         bool):
+                                                                         (bool, np.bool_)):
         raise TypeError(f"n_features_to_drop must be an int; got {n_features_to_drop!r}")
     n = int(n_features_to_drop)
     if not 0 <= n < max(x.n_channels, 1):
         raise ValueError(f"n_features_to_drop must be in [0, {x.n_channels}); got {n}")
+    return n
+
+
+def _kept_features(x, dropped):
     features = data_of(x.features)
-    return (features[:, n:] if n else features), n
+    return (features[:, dropped:] if dropped else features), dropped
 
 
 def _pool_result(x, out, sites, grid, dropped, grad_kept):
@@ -278,11 +368,12 @@ def max_pool(x, filter_size=2, stride=2, n_features_to_drop=0):
     Sizes and sites as :func:`conv`; the first ``n_features_to_drop`` channels are dropped.
     """
     _require_tensor(x)
-    return _max_pool(x, *x.grid.strided(x.sites, filter_size, stride), n_features_to_drop)
+    dropped = _check_drop(x, n_features_to_drop)
+    return _max_pool(x, *x.grid.strided(x.sites, filter_size, stride, op="max_pool"), dropped)
 
 
-def _max_pool(x, rulebook, sites, n_features_to_drop):
-    features, dropped = _kept_features(x, n_features_to_drop)
+def _max_pool(x, rulebook, sites, dropped):
+    features, dropped = _kept_features(x, dropped)
     kernels = x.kernels
     out, argmax = kernels.max_pool_forward(features, rulebook)
     return _pool_result(x, out, sites, x.grid, dropped, lambda g: kernels.max_pool_backward(
@@ -292,16 +383,18 @@ def _max_pool(x, rulebook, sites, n_features_to_drop):
 def randomized_max_pool(x, filter_size=2, stride=2, n_features_to_drop=0, rng=None):
     """Max pooling with randomly spaced windows (SCN RandomizedStrideMaxPooling, training)."""
     _require_tensor(x)
-    rng = np.random.default_rng() if rng is None else rng
-    return _max_pool(x, *x.grid.randomized_strided(x.sites, filter_size, stride, rng),
-                     n_features_to_drop)
+    dropped = _check_drop(x, n_features_to_drop)
+    rng = _check_rng(rng)
+    return _max_pool(x, *x.grid.randomized_strided(x.sites, filter_size, stride, rng,
+                                                   op="randomized_max_pool"), dropped)
 
 
 def avg_pool(x, filter_size=2, stride=2, n_features_to_drop=0):
     """Average pooling as SCN: the sum of active inputs divided by the window volume."""
     _require_tensor(x)
-    rulebook, sites = x.grid.strided(x.sites, filter_size, stride)
-    features, dropped = _kept_features(x, n_features_to_drop)
+    dropped = _check_drop(x, n_features_to_drop)
+    rulebook, sites = x.grid.strided(x.sites, filter_size, stride, op="avg_pool")
+    features, dropped = _kept_features(x, dropped)
     kernels = x.kernels
     out = kernels.rule_sum(features, rulebook)
     scale = out.dtype.type(1.0 / math.prod(rulebook.filter_size))
@@ -321,8 +414,9 @@ def unpool(x, filter_size=2, stride=2, n_features_to_drop=0):
     The output sites are the finer tensor's, found as for :func:`deconv`.
     """
     _require_tensor(x)
+    dropped = _check_drop(x, n_features_to_drop)
     rulebook, sites = x.grid.transposed(x.sites, filter_size, stride)
-    features, dropped = _kept_features(x, n_features_to_drop)
+    features, dropped = _kept_features(x, dropped)
     kernels = x.kernels
     out = kernels.rule_sum(features, rulebook)
     return _pool_result(x, out, sites, x.grid, dropped, lambda g: kernels.rule_sum(
@@ -338,14 +432,25 @@ def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None, t
     ``running = momentum * running + (1 - momentum) * batch`` (unbiased variance); in
     evaluation uses the running statistics. ``leakiness`` 0 gives BatchNormReLU. An empty
     input passes through.
+
+    Arguments are checked before any work: ``training`` a bool, ``momentum`` in [0, 1],
+    ``eps`` finite and positive, ``leakiness`` finite; ``weight``, ``bias``,
+    ``running_mean`` and ``running_var`` None or arrays (or autodiff Tensors) of shape
+    (C,) and exactly the features' dtype (no silent casts), the running statistics
+    writeable in training (they are updated in place).
     """
     _require_tensor(x)
-    channels = x.n_channels
-    for name, value in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                        ("running_var", running_var)):
-        if value is not None and getattr(value, "shape", None) != (channels,):
-            raise ValueError(f"{name} must have shape ({channels},); got "
-                             f"{getattr(value, 'shape', type(value).__name__)}")
+    training = _check_flag("training", training)
+    momentum = _real("momentum", momentum, lower=0, upper=1)
+    eps = _real("eps", eps, positive=True)
+    leakiness = _real("leakiness", leakiness)
+    for name, value in (("weight", weight), ("bias", bias)):
+        _check_channel_vector(x, name, value, "batch_norm")
+    for name, value in (("running_mean", running_mean), ("running_var", running_var)):
+        _check_channel_vector(x, name, value, "batch_norm", writeable=training)
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError("batch_norm in evaluation mode needs running_mean and running_var")
+    running_mean, running_var = data_of(running_mean), data_of(running_var)
     features, w, b = data_of(x.features), data_of(weight), data_of(bias)
     kernels = x.kernels
     if x.n_active == 0:
@@ -362,8 +467,6 @@ def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None, t
             running_var *= momentum
             running_var += (1 - momentum) * unbiased
     else:
-        if running_mean is None or running_var is None:
-            raise ValueError("batch_norm in evaluation mode needs running_mean and running_var")
         mean, var = running_mean.astype(x.dtype), running_var.astype(x.dtype)
     out = kernels.batch_norm_forward(features, mean, var, w, b, eps, leakiness)
 
@@ -378,17 +481,28 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
     """Group normalisation per sample: statistics over the sample's active sites and the
     channels of each of ``num_groups`` channel groups (GroupNorm on the active sites only).
 
-    ``weight``/``bias`` are per channel (C,) or None. Empty samples contribute nothing.
+    ``weight``/``bias`` are per channel (C,) or None, of the features' dtype. Empty samples
+    contribute nothing. ``num_groups`` is an int dividing C, ``eps`` finite and positive.
+    The per-sample statistics take (batch_size, num_groups) arrays: checked against
+    :data:`sparsegrid.coords.MAX_ALLOCATION_BYTES` first (MemoryError).
     """
     _require_tensor(x)
     channels = x.n_channels
-    if not isinstance(num_groups, (int, np.integer)) or num_groups < 1 or channels % num_groups:
+    if not isinstance(num_groups, (int, np.integer)) or isinstance(num_groups,
+                                                                  (bool, np.bool_)):
+        raise TypeError(f"num_groups must be an int; got {type(num_groups).__name__} "
+                        f"{num_groups!r}")
+    if num_groups < 1 or channels % num_groups:
         raise ValueError(f"num_groups must be a positive divisor of the {channels} channels; "
                          f"got {num_groups!r}")
+    eps = _real("eps", eps, positive=True)
     for name, value in (("weight", weight), ("bias", bias)):
-        if value is not None and getattr(value, "shape", None) != (channels,):
-            raise ValueError(f"{name} must have shape ({channels},); got "
-                             f"{getattr(value, 'shape', type(value).__name__)}")
+        _check_channel_vector(x, name, value, "group_norm")
+    # (B,) int64 counts and size, and per (sample, group): mean, var, inverse std, and the
+    # two backward sums
+    check_allocation("group_norm", (x.batch_size, int(num_groups)), 5 * x.dtype.itemsize + 16,
+                     what="per-sample statistics (batch_size, num_groups)",
+                     hint="pass the actual number of samples as batch_size")
     features, w, b = data_of(x.features), data_of(weight), data_of(bias)
     kernels = x.kernels
     n, g = x.n_active, int(num_groups)
@@ -446,10 +560,21 @@ def global_pool(x, mode="max"):
     """Per-sample reduction over all active sites: dense (batch_size, C).
 
     ``mode`` is ``'max'`` (true maximum), ``'mean'`` or ``'sum'``; empty samples give 0.
+    The (batch_size, C) output is checked against
+    :data:`sparsegrid.coords.MAX_ALLOCATION_BYTES` first (MemoryError).
     """
     _require_tensor(x)
-    if mode not in ("max", "mean", "sum"):
+    if not isinstance(mode, str):
+        raise TypeError(f"mode must be a str, one of 'max', 'mean' or 'sum'; got "
+                        f"{type(mode).__name__} {mode!r}")
+    if mode not in _GLOBAL_POOL_MODES:
         raise ValueError(f"mode must be 'max', 'mean' or 'sum'; got {mode!r}")
+    # the output, plus the int64 arg-max rows of mode 'max', plus (B,) int64 counts
+    check_allocation("global_pool", (x.batch_size, x.n_channels),
+                     x.dtype.itemsize + (8 if mode == "max" else 0),
+                     what="the (batch_size, C) output",
+                     hint="pass the actual number of samples as batch_size")
+    check_allocation("global_pool", (x.batch_size,), 8, what="per-sample counts")
     features = data_of(x.features)
     kernels = x.kernels
     out, chosen = kernels.segment_reduce(features, x.indices[:, 0], x.batch_size, mode)
@@ -468,16 +593,22 @@ class InputMap:
         The kept row per site (modes 'first'/'last'), the arg-max rows (mode 'max').
     mode : str
     n_rows, n_sites : int
+    sites : Sites or None
+        The site set the input layer created: :func:`output_layer` accepts only a tensor
+        on exactly these sites (for example after submanifold convolutions), never
+        another batch's tensor that happens to have as many sites. None (a map made by
+        hand) checks the site count only.
     """
 
-    __slots__ = ("segment_ids", "chosen", "mode", "n_rows", "n_sites")
+    __slots__ = ("segment_ids", "chosen", "mode", "n_rows", "n_sites", "sites")
 
-    def __init__(self, segment_ids, chosen, mode, n_rows, n_sites):
+    def __init__(self, segment_ids, chosen, mode, n_rows, n_sites, sites=None):
         self.segment_ids = segment_ids
         self.chosen = chosen
         self.mode = mode
         self.n_rows = n_rows
         self.n_sites = n_sites
+        self.sites = sites
 
     def __repr__(self):
         return f"InputMap(mode={self.mode!r}, n_rows={self.n_rows}, n_sites={self.n_sites})"
@@ -485,11 +616,11 @@ class InputMap:
 
 def input_mode_name(mode):
     """SCN mode number (0-4) or a name -> one of 'unique', 'first', 'last', 'sum', 'mean', 'max'."""
-    if isinstance(mode, (int, np.integer)) and not isinstance(mode, bool):
+    if isinstance(mode, (int, np.integer)) and not isinstance(mode, (bool, np.bool_)):
         if int(mode) not in INPUT_MODES:
             raise ValueError(f"mode must be 0..4 (SCN) or one of {_MODE_NAMES}; got {mode}")
         return INPUT_MODES[int(mode)]
-    if mode not in _MODE_NAMES:
+    if not isinstance(mode, str) or mode not in _MODE_NAMES:
         raise ValueError(f"mode must be 0..4 (SCN) or one of {_MODE_NAMES}; got {mode!r}")
     return mode
 
@@ -539,7 +670,7 @@ def input_layer(indices, features, spatial_shape, batch_size=None, mode="sum"):
     site_indices = indices.take(first_rows, axis=0)
     sites = Sites(site_indices, spatial_shape, batch_size)
     tensor = SparseTensor._on(out, sites, Grid())
-    return tensor, InputMap(segment_ids, chosen, mode, len(indices), n_sites)
+    return tensor, InputMap(segment_ids, chosen, mode, len(indices), n_sites, sites)
 
 
 def output_layer(x, input_map):
@@ -547,6 +678,10 @@ def output_layer(x, input_map):
 
     Every row receives its site's features; in modes 'first'/'last' only the kept row
     does and the others get 0 (as SCN's OutputLayer).
+
+    ``x`` must be on the very sites ``input_layer`` made with this ``input_map`` (a tensor
+    derived by submanifold ops keeps them); a tensor of another batch is refused even
+    when its site count matches (its rows would be silently wrong).
     """
     _require_tensor(x)
     if not isinstance(input_map, InputMap):
@@ -555,6 +690,11 @@ def output_layer(x, input_map):
     if x.n_active != input_map.n_sites:
         raise ValueError(f"x has {x.n_active} sites but input_map maps {input_map.n_sites}; "
                          "pass a tensor on the input layer's sites")
+    if input_map.sites is not None and x.sites is not input_map.sites:
+        raise ValueError(f"x is not on the sites input_layer made with this input_map: both "
+                         f"have {x.n_active} sites, but x's are another site set (another "
+                         "batch, or a tensor rebuilt from indices); pass the input layer's "
+                         "output or a tensor derived from it by submanifold ops")
     features = data_of(x.features)
     kernels = x.kernels
     if input_map.mode in ("first", "last"):
@@ -564,8 +704,15 @@ def output_layer(x, input_map):
 
 
 def to_dense(x):
-    """Dense (B, C, S1, ..., SD) array of a SparseTensor, zero at inactive sites."""
+    """Dense (B, C, S1, ..., SD) array of a SparseTensor, zero at inactive sites.
+
+    MemoryError naming the shape and the bytes, before allocating, when
+    ``B * C * prod(S) * itemsize`` exceeds :data:`sparsegrid.coords.MAX_ALLOCATION_BYTES`.
+    """
     _require_tensor(x)
+    check_allocation("to_dense", (x.batch_size, x.n_channels, *x.spatial_shape),
+                     x.dtype.itemsize, what="a dense (B, C, *spatial_shape) array",
+                     hint="use .features and .indices, or crop the input")
     features = data_of(x.features)
     kernels = x.kernels
     out = kernels.scatter_to_dense(features, x.indices, x.batch_size, x.spatial_shape)
@@ -585,6 +732,9 @@ def from_dense(dense):
                          f"{values.shape}")
     if values.dtype.kind != "f":
         raise TypeError(f"dense must be floating point; got dtype {values.dtype}")
+    # the kernel's non-zero mask is one byte per element: as large as the input itself for
+    # an ordinary array, but not for a broadcast view (np.broadcast_to) of a huge shape
+    check_allocation("from_dense", values.shape, 1, what="the non-zero mask of dense")
     kernels = backend.kernels(values)
     indices = kernels.dense_active_sites(values)
     spatial_shape = normalize_spatial_shape(values.shape[2:])

@@ -11,12 +11,13 @@ size alone, so two different paths to one size overwrite each other; here they c
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 
 from . import backend
-from .coords import (normalize_size, normalize_spatial_shape, pack_keys, strided_output_shape,
-                     transposed_output_shape)
+from .coords import (check_rulebook_size, normalize_size, normalize_spatial_shape, pack_keys,
+                     strided_output_shape, transposed_output_shape)
 from .rulebook import Rulebook
 
 _uids = itertools.count()
@@ -111,13 +112,18 @@ class Grid:
             found = self._rulebooks[key] = build()
         return found
 
-    def submanifold(self, sites, filter_size, dilation=1):
-        """Rulebook of a submanifold convolution on ``sites`` (output sites = input sites)."""
+    def submanifold(self, sites, filter_size, dilation=1, *, op="Grid.submanifold"):
+        """Rulebook of a submanifold convolution on ``sites`` (output sites = input sites).
+
+        Before building, the worst case of ``K * N`` pairs is checked against
+        :data:`sparsegrid.coords.MAX_ALLOCATION_BYTES` (MemoryError naming ``op``).
+        """
         d = sites.dimension
         filter_size = normalize_size(filter_size, d, "filter_size")
         dilation = normalize_size(dilation, d, "dilation")
 
         def build():
+            check_rulebook_size(op, math.prod(filter_size), len(sites))
             kernels = sites.kernels
             in_idx, out_idx, ptr, identity = kernels.submanifold_rules(
                 sites.indices, sites.order, sites.spatial_shape, sites.batch_size,
@@ -127,10 +133,12 @@ class Grid:
 
         return self._cached((sites.uid, "submanifold", filter_size, dilation), build)
 
-    def strided(self, sites, filter_size, stride):
+    def strided(self, sites, filter_size, stride, *, op="Grid.strided"):
         """``(rulebook, output_sites)`` of a strided convolution / pooling on ``sites``.
 
-        Raises ValueError when the spatial size does not fit ``(in - f) % s == 0``.
+        Raises ValueError when the spatial size does not fit ``(in - f) % s == 0``, and
+        MemoryError (naming ``op``) when the worst case of pairs (each input site lies in
+        at most ``prod(min(ceil(f / s), out))`` windows) exceeds the allocation limit.
         """
         d = sites.dimension
         filter_size = normalize_size(filter_size, d, "filter_size")
@@ -138,6 +146,12 @@ class Grid:
         out_shape = strided_output_shape(sites.spatial_shape, filter_size, stride)
 
         def build():
+            # a site lies in at most ceil(f / s) windows per axis, and in no more windows
+            # than the axis has outputs (a window as large as the grid: one)
+            reach = math.prod(min(-(-f // st), o) for f, st, o in zip(filter_size, stride,
+                                                                       out_shape))
+            check_rulebook_size(op, reach, len(sites),
+                                extra=f"; each site in at most {reach} windows")
             kernels = sites.kernels
             return _strided_result(sites, filter_size, stride, out_shape, kernels.strided_rules(
                 sites.indices, sites.spatial_shape, sites.batch_size, filter_size, stride,
@@ -145,7 +159,7 @@ class Grid:
 
         return self._cached((sites.uid, "strided", filter_size, stride), build)
 
-    def lattice(self, sites, offsets, name):
+    def lattice(self, sites, offsets, name, *, op="Grid.lattice"):
         """Rulebook of a submanifold convolution over an explicit offset list (K, D).
 
         ``input = output + offsets[k]``; ``name`` identifies the offset set in the cache
@@ -154,6 +168,7 @@ class Grid:
         offsets = tuple(tuple(int(v) for v in row) for row in offsets)
 
         def build():
+            check_rulebook_size(op, len(offsets), len(sites))
             kernels = sites.kernels
             in_idx, out_idx, ptr, identity = kernels.offset_rules(
                 sites.indices, sites.order, sites.spatial_shape, sites.batch_size, offsets)
@@ -162,7 +177,8 @@ class Grid:
 
         return self._cached((sites.uid, "lattice", name, offsets), build)
 
-    def randomized_strided(self, sites, filter_size, stride, rng):
+    def randomized_strided(self, sites, filter_size, stride, rng, *,
+                           op="Grid.randomized_strided"):
         """``(rulebook, output_sites)`` of a strided op with randomly spaced windows.
 
         Per axis, the ``out - 1`` steps between window starts are a shuffle of about one
@@ -177,6 +193,10 @@ class Grid:
         filter_size = normalize_size(filter_size, d, "filter_size")
         stride = normalize_size(stride, d, "stride")
         out_shape = strided_output_shape(sites.spatial_shape, filter_size, stride)
+        # randomly spaced windows may start s - 1 apart: at most min(f, out) per axis
+        reach = math.prod(min(f, o) for f, o in zip(filter_size, out_shape))
+        check_rulebook_size(op, reach, len(sites),
+                            extra=f"; each site in at most {reach} windows")
         starts = []
         for f, s, n_out in zip(filter_size, stride, out_shape):
             steps = np.full(n_out - 1, s, np.int64)
@@ -220,11 +240,13 @@ class Grid:
         return self._cached((sites.uid, "transposed", filter_size, stride),
                             lambda: (rulebook.transpose(), fine_sites))
 
-    def full(self, sites, filter_size, stride):
+    def full(self, sites, filter_size, stride, *, op="Grid.full"):
         """``(rulebook, output_sites, new_grid)`` of a full (generative) transposed conv.
 
         Every input site activates all ``prod(filter_size)`` children; the output lives in
         a new Grid (its sites are not derived by a strided op from anything in this one).
+        MemoryError (naming ``op``) when the ``K * N`` pairs, their int64 keys and up to
+        ``K * N`` new sites' int32 indices exceed the allocation limit.
         """
         d = sites.dimension
         filter_size = normalize_size(filter_size, d, "filter_size")
@@ -233,6 +255,10 @@ class Grid:
             transposed_output_shape(sites.spatial_shape, filter_size, stride))
 
         def build():
+            check_rulebook_size(op, math.prod(filter_size), len(sites),
+                                bytes_per_pair=8 + 8 + 4 * (d + 1),
+                                extra=", each pair also a new site's int64 key and int32 "
+                                      "indices")
             kernels = sites.kernels
             in_idx, out_idx, ptr, out_indices = kernels.full_rules(
                 sites.indices, sites.spatial_shape, sites.batch_size, filter_size, stride,

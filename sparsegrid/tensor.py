@@ -28,7 +28,8 @@ class SparseTensor:
     Raises
     ------
     TypeError
-        Non-integer indices, non-floating features.
+        Non-integer indices, non-floating features, a ``spatial_shape`` that is not a
+        sequence of ints (None, a float, a string, a nested list, a 0-d or 2-D array).
     ValueError
         Wrong shapes, row-count mismatch, coordinates out of range or negative, duplicate
         sites, NaN/inf features, a spatial shape too large to pack into int64 keys. The
@@ -38,6 +39,15 @@ class SparseTensor:
     -----
     Tensors made by sparse ops share their input's :class:`Grid`, which caches rulebooks.
     ``np.asarray(tensor)`` raises: use :meth:`to_dense` (possibly huge) or ``.features``.
+
+    Zero-copy by design: a tensor keeps the caller's features array (NumPy or CuPy) as
+    given, without copying, so mutating that array afterwards changes the tensor (copy it
+    first if that is not wanted). The indices are copied (cached rulebooks depend on them).
+
+    NaN/inf features are rejected here, at construction from user data only;
+    :meth:`with_features` and the :attr:`features` setter check type, dtype and shape but
+    do not rescan the values: a rescan per layer would cost a full pass and, on the GPU, a
+    host synchronisation for every op.
     """
 
     __array_priority__ = 1000
@@ -63,12 +73,34 @@ class SparseTensor:
         tensor._grid = grid
         return tensor
 
+    def _check_new_features(self, features, context=""):
+        """Type, dtype and shape of replacement features (no value scan: see the class
+        notes); TypeError / ValueError naming ``features``."""
+        n = len(self._sites)
+        data = data_of(features)
+        if not (isinstance(data, np.ndarray) or backend.is_cupy_array(data)):
+            raise TypeError(f"features must be a NumPy/CuPy array or an autodiff Tensor of "
+                            f"shape ({n}, C) and dtype float32 or float64{context}; got "
+                            f"{type(features).__name__}"
+                            + (f" around {type(data).__name__}" if data is not features
+                               else ""))
+        if data.dtype not in (np.float32, np.float64):
+            raise TypeError(f"features must be a float32 or float64 array{context}; got dtype "
+                            f"{data.dtype}")
+        if data.ndim != 2 or data.shape[0] != n:
+            raise ValueError(f"features must have shape ({n}, C){context}; got {data.shape}")
+        backend.kernels(self.indices, data)   # the sites' library, or TypeError
+
     def with_features(self, features):
-        """A tensor with new features on the same sites and grid (rows must match)."""
-        if features.ndim != 2 or len(features) != len(self._sites):
-            raise ValueError(f"features must have shape ({len(self._sites)}, C) to replace this "
-                             f"tensor's features; got {features.shape}")
-        backend.kernels(self.indices, data_of(features))   # the sites' library, or TypeError
+        """A tensor with new features on the same sites and grid.
+
+        ``features``: a float32/float64 NumPy or CuPy array of shape (N, C) with N this
+        tensor's site count, or an autodiff Tensor around one; anything else raises
+        TypeError (type, dtype) or ValueError (shape) naming ``features``. The array is
+        kept without copying, and its values are not rescanned for NaN/inf (that would
+        cost a host synchronisation per layer on the GPU; see the class notes).
+        """
+        self._check_new_features(features, " to replace this tensor's features")
         return SparseTensor._on(features, self._sites, self._grid)
 
     @property
@@ -78,13 +110,9 @@ class SparseTensor:
 
     @features.setter
     def features(self, value):
-        if getattr(value, "dtype", None) not in (np.float32, np.float64):
-            raise TypeError(f"features must be a float32 or float64 array; got "
-                            f"{getattr(value, 'dtype', type(value).__name__)}")
-        if value.ndim != 2 or len(value) != len(self._sites):
-            raise ValueError(f"features must have shape ({len(self._sites)}, C); got "
-                             f"{value.shape}")
-        backend.kernels(self.indices, data_of(value))   # the sites' library, or TypeError
+        """Replace the features in place: checked as :meth:`with_features` (type, dtype,
+        shape; kept without copying, not rescanned for NaN/inf)."""
+        self._check_new_features(value)
         self._features = value
 
     @property

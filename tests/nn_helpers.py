@@ -183,3 +183,33 @@ def deep_equal(a, b):
         return (type(a) is type(b) and len(a) == len(b)
                 and all(deep_equal(x, y) for x, y in zip(a, b)))
     return type(a) is type(b) and a == b
+
+
+def bits_equal(a, b):
+    """Bit-for-bit equality of nested dicts / lists / arrays (dtype, shape and bytes: NaN
+    payloads and the sign of zero included); other values by type and ``==`` (NaN equal
+    to NaN)."""
+    if isinstance(a, np.generic) or isinstance(b, np.generic):
+        return type(a) is type(b) and bits_equal(np.asarray(a), np.asarray(b))
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)
+                and a.dtype == b.dtype and a.shape == b.shape
+                and np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes())
+    if isinstance(a, dict):
+        return (isinstance(b, dict) and list(a) == list(b)
+                and all(bits_equal(a[k], b[k]) for k in a))
+    if isinstance(a, (list, tuple)):
+        return (type(a) is type(b) and len(a) == len(b)
+                and all(bits_equal(x, y) for x, y in zip(a, b)))
+    if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
+        return True
+    return type(a) is type(b) and a == b
+
+
+def training_snapshot(model=None, optimizer=None, scheduler=None):
+    """Deep copies of the state dicts of a model, an optimizer and a schedule (None for
+    an object not given), for checking that a failed load changed nothing."""
+    import copy
+
+    return tuple(None if obj is None else copy.deepcopy(obj.state_dict())
+                 for obj in (model, optimizer, scheduler))

@@ -238,3 +238,379 @@ def test_safetensors_missing_gives_install_hint(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match="pip install safetensors"):
         save_state_dict(tmp_path / "w.safetensors", {"a": np.zeros(1)})
     assert os.listdir(tmp_path) == []
+
+
+# -- loading is all or nothing -------------------------------------------------------------------
+from nn_helpers import bits_equal, training_snapshot  # noqa: E402
+
+
+class TwoLayers(Module):
+    """Two sub-modules, so that a failure in the second comes after the first's keys."""
+
+    def __init__(self, seed, width=4):
+        super().__init__()
+        self.add_module("0", Net(seed))
+        self.add_module("1", Net(seed + 100))
+        if width != 4:
+            self[1].bias = Parameter(np.zeros((1, width), np.float32))
+
+    def __getitem__(self, i):
+        return self._modules[str(i)]
+
+
+def _assert_unchanged(before, model=None, optimizer=None, scheduler=None):
+    after = training_snapshot(model, optimizer, scheduler)
+    for part, a, b in zip(("model", "optimizer", "scheduler"), before, after):
+        assert bits_equal(a, b), f"the failed load changed the {part}"
+
+
+def _trained(seed=1, opt_cls=optim.Adam, **opt_kwargs):
+    model = Net(seed)
+    opt = opt_cls(model.parameters(), **({"lr": 0.01} | opt_kwargs))
+    sched = optim.StepLR(opt, step_size=2, gamma=0.5)
+    _train(model, opt, sched, rng_seed=seed + 10, steps=3)
+    return model, opt, sched
+
+
+def test_reproducer_shape_mismatch_in_layer_1_leaves_layer_0_alone():
+    """Used to raise after layer 0 had been overwritten."""
+    source = TwoLayers(1, width=5).state_dict()       # layer 1's bias is (1, 5)
+    target = TwoLayers(2)
+    before = training_snapshot(target)
+    target[0].weight.grad = np.ones((3, 4))
+    with pytest.raises(ValueError, match=r"'1\.bias'.*\(1, 5\).*\(1, 4\)"):
+        target.load_state_dict(source)
+    _assert_unchanged(before, target)
+    assert target[0].weight.grad is not None    # not even the gradients were dropped
+
+
+@pytest.mark.parametrize("bad,error,match", [
+    (np.array(["a", "b", "c", "d"]), TypeError, r"'1\.running_mean'.*dtype <U1"),
+    (np.zeros(4, complex), TypeError, r"'1\.running_mean'.*complex128.*float32"),
+    (np.array([object()] * 4), TypeError, r"'1\.running_mean'.*object"),
+    (None, TypeError, r"'1\.running_mean'"),
+    ([[1.0], [1.0, 2.0]], TypeError, r"'1\.running_mean'.*must be an array"),
+], ids=["strings", "complex", "objects", "None", "ragged"])
+def test_uncastable_dtype_in_layer_1_changes_nothing(bad, error, match):
+    source = TwoLayers(1).state_dict()
+    source["1.running_mean"] = bad
+    target = TwoLayers(2)
+    before = training_snapshot(target)
+    with pytest.raises(error, match=match):
+        target.load_state_dict(source)
+    _assert_unchanged(before, target)
+
+
+def test_float_into_an_integer_buffer_is_refused():
+    source = TwoLayers(1).state_dict()
+    source["1.counts"] = source["1.counts"].astype(np.float64)
+    target = TwoLayers(2)
+    before = training_snapshot(target)
+    with pytest.raises(TypeError, match=r"'1\.counts'.*float64.*int64"):
+        target.load_state_dict(source)
+    _assert_unchanged(before, target)
+    # castable dtypes still load (float64 into float32, ints into floats)
+    source = TwoLayers(1).state_dict()
+    source["0.running_mean"] = np.arange(4)
+    target.load_state_dict(source)
+    assert target[0].running_mean.dtype == np.float32
+
+
+def test_state_that_is_not_a_mapping_is_refused():
+    with pytest.raises(TypeError, match="mapping.*list"):
+        Net(1).load_state_dict([("weight", np.zeros((3, 4)))])
+
+
+def test_reproducer_adam_checkpoint_into_sgd_changes_nothing(tmp_path):
+    """Used to raise KeyError: 'momentum' after the model had been overwritten."""
+    path = tmp_path / "adam.npz"
+    save_checkpoint(path, *_trained(1))
+    model, opt, sched = _trained(2, optim.SGD, lr=0.1, momentum=0.9)
+    before = training_snapshot(model, opt, sched)
+    with pytest.raises(ValueError, match="checkpoint .* holds Adam state; the optimizer is SGD"):
+        load_checkpoint(path, model, opt, sched)
+    _assert_unchanged(before, model, opt, sched)
+
+
+def test_optimizer_kind_mismatch_without_metadata():
+    """Plain state dicts (torch-style, no kind recorded): told apart by their names."""
+    _, adam, _ = _trained(1)
+    model, sgd, _ = _trained(2, optim.SGD, lr=0.1, momentum=0.9)
+    before = training_snapshot(optimizer=sgd)
+    with pytest.raises(ValueError, match="holds Adam/AdamW state; the optimizer is SGD"):
+        sgd.load_state_dict(adam.state_dict())
+    _assert_unchanged(before, optimizer=sgd)
+    before = training_snapshot(optimizer=adam)
+    with pytest.raises(ValueError, match="holds SGD state; the optimizer is Adam"):
+        adam.load_state_dict(sgd.state_dict())
+    _assert_unchanged(before, optimizer=adam)
+
+
+def test_adamw_checkpoint_into_adam_is_refused(tmp_path):
+    path = tmp_path / "adamw.npz"
+    save_checkpoint(path, *_trained(1, optim.AdamW))
+    model, opt, sched = _trained(2)
+    before = training_snapshot(model, opt, sched)
+    with pytest.raises(ValueError, match="holds AdamW state; the optimizer is Adam"):
+        load_checkpoint(path, model, opt, sched)
+    _assert_unchanged(before, model, opt, sched)
+
+
+def test_schedule_kind_mismatch_changes_nothing(tmp_path):
+    path = tmp_path / "step.npz"
+    save_checkpoint(path, *_trained(1))
+    model, opt, _ = _trained(2)
+    sched = optim.ExponentialLR(opt, gamma=0.9)
+    before = training_snapshot(model, opt, sched)
+    with pytest.raises(ValueError, match="holds StepLR state; the scheduler is ExponentialLR"):
+        load_checkpoint(path, model, opt, sched)
+    _assert_unchanged(before, model, opt, sched)
+    # without the recorded kind, the keys tell
+    with pytest.raises(ValueError, match="does not fit this ExponentialLR.*step_size"):
+        sched.load_state_dict(_trained(1)[2].state_dict())
+    _assert_unchanged(before, model, opt, sched)
+
+
+def test_parameter_group_mismatch_changes_nothing(tmp_path):
+    path = tmp_path / "ckpt.npz"
+    save_checkpoint(path, *_trained(1))
+    model = Net(2)
+    opt = optim.Adam([{"params": [model.weight]}, {"params": [model.bias]}], lr=0.01)
+    sched = optim.StepLR(opt, step_size=2, gamma=0.5)
+    before = training_snapshot(model, opt, sched)
+    with pytest.raises(ValueError, match="1 parameter groups; this optimizer has 2"):
+        load_checkpoint(path, model, opt, sched)
+    _assert_unchanged(before, model, opt, sched)
+
+
+def test_bad_schedule_state_changes_nothing(tmp_path):
+    model, opt, sched = _trained(1)
+    state = sched.state_dict()
+    state["gamma"] = float("nan")
+    path = tmp_path / "ckpt.npz"
+    save_checkpoint(path, model, opt, scheduler=state)
+    target = _trained(2)
+    before = training_snapshot(*target)
+    with pytest.raises(ValueError, match="gamma"):
+        load_checkpoint(path, *target)
+    _assert_unchanged(before, *target)
+
+
+def test_optimizer_state_shape_mismatch_changes_nothing(tmp_path):
+    model, opt, sched = _trained(1)
+    state = opt.state_dict()
+    state["state"][0]["exp_avg"] = np.zeros((2, 2))
+    path = tmp_path / "ckpt.npz"
+    save_checkpoint(path, model, state, sched)
+    target = _trained(2)
+    before = training_snapshot(*target)
+    with pytest.raises(ValueError, match="'exp_avg' of parameter 0 has shape"):
+        load_checkpoint(path, *target)
+    _assert_unchanged(before, *target)
+
+
+def _rename_entry(data, old, new):
+    """Rename the file's entry ``old`` (not the metadata's reference to it), as a flipped
+    bit in the zip's entry names (local header and directory) or in safetensors' header
+    does."""
+    assert len(old) == len(new)
+    for tail in (b".npy", b'":{"dtype"'):       # .npz member name / safetensors header key
+        if data.count(old + tail):
+            return data.replace(old + tail, new + tail)
+    raise AssertionError(f"no entry {old!r}")
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_reproducer_renamed_entry_changes_nothing(tmp_path, suffix):
+    """A flipped bit in an entry's name: the metadata refers to an array the file does
+    not hold. Used to raise KeyError after the model had been overwritten."""
+    if suffix == ".safetensors":
+        pytest.importorskip("safetensors")
+    path = tmp_path / f"ckpt{suffix}"
+    save_checkpoint(path, *_trained(1))
+    data = path.read_bytes()
+    # 'optimizer/state/0/exp_avg' -> 'optimizer/state/0/exp_avf' (one bit: g = f ^ 1)
+    damaged = tmp_path / f"damaged{suffix}"
+    damaged.write_bytes(_rename_entry(data, b"state/0/exp_avg_sq", b"state/0/exp_avf_sq"))
+    target = _trained(2)
+    before = training_snapshot(*target)
+    with pytest.raises(CheckpointError, match="exp_avg_sq.*does not hold"):
+        load_checkpoint(damaged, *target)
+    _assert_unchanged(before, *target)
+
+
+def test_renamed_extra_entry_changes_nothing(tmp_path):
+    path = tmp_path / "ckpt.npz"
+    save_checkpoint(path, *_trained(1), table=np.arange(3))
+    damaged = tmp_path / "damaged.npz"
+    damaged.write_bytes(_rename_entry(path.read_bytes(), b"extra/table", b"extra/tablf"))
+    target = _trained(2)
+    before = training_snapshot(*target)
+    with pytest.raises(CheckpointError, match="extra/table"):
+        load_checkpoint(damaged, *target)
+    _assert_unchanged(before, *target)
+
+
+def test_successful_load_after_failed_ones(tmp_path):
+    path = tmp_path / "ckpt.npz"
+    a = _trained(1)
+    save_checkpoint(path, *a)
+    b = _trained(2)
+    with pytest.raises(ValueError):
+        load_checkpoint(path, b[0], optim.SGD(b[0].parameters(), lr=0.1), b[2])
+    load_checkpoint(path, *b)
+    _assert_same_training_state(a, b)
+
+
+# -- interrupted saves: stale temporaries -------------------------------------------------------
+_CHILD = r"""
+import os, signal, sys, time
+import numpy as np
+sys.path.insert(0, {root!r})
+from sparsegrid.nn import checkpoint
+
+def slow_savez(f, **arrays):
+    f.write(b"PK\x03\x04" + b"\0" * (4 << 20))   # a big partial write...
+    f.flush()
+    print("writing", flush=True)
+    time.sleep(60)                                # ...then hang until killed
+
+np.savez = slow_savez
+checkpoint.save_checkpoint({path!r}, epoch=2, weights=np.ones(1000))
+"""
+
+
+def _start_hanging_save(path):
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    child = subprocess.Popen([sys.executable, "-c", _CHILD.format(root=root, path=str(path))],
+                             stdout=subprocess.PIPE, text=True)
+    line = child.stdout.readline()
+    assert line.strip() == "writing", f"the child did not start writing: {line!r}"
+    return child
+
+
+def _temporaries(folder):
+    return sorted(name for name in os.listdir(folder) if name.endswith(".tmp"))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("signame", ["SIGKILL", "SIGTERM"])
+def test_killed_save_leaves_a_temporary_the_next_save_removes(tmp_path, signame):
+    import signal
+
+    path = tmp_path / "ckpt.npz"
+    save_checkpoint(path, epoch=1)
+    before = path.read_bytes()
+    # files the cleanup must never touch
+    keep = [".ckpt.npz.abcdefgh.tmp.keep", ".other.npz.abcdefgh.tmp", "ckpt.npz.abcdefgh.tmp",
+            ".ckpt.npz.abcdefg.tmp", ".ckpt.npz.abc.efgh.tmp", ".ckpt.npz.ABCDEFGH.tmp",
+            ".ckpt.npz.future00.tmp"]
+    for name in keep:
+        (tmp_path / name).write_bytes(b"not yours")
+    future = os.stat(path).st_mtime + 3600
+    os.utime(tmp_path / ".ckpt.npz.future00.tmp", (future, future))
+
+    child = _start_hanging_save(path)
+    try:
+        stale = [n for n in _temporaries(tmp_path) if n not in keep]
+        assert len(stale) == 1 and os.path.getsize(tmp_path / stale[0]) >= 4 << 20
+        # a save still running keeps its temporary (it holds a lock on it)
+        save_checkpoint(tmp_path / "ckpt.npz", epoch=3)
+        assert (tmp_path / stale[0]).exists()
+        assert load_checkpoint(path) == {"epoch": 3}
+        save_checkpoint(path, epoch=1)   # back to the first contents
+        assert path.read_bytes() == before
+    finally:
+        child.send_signal(getattr(signal, signame))
+        child.wait(timeout=30)
+    assert child.returncode == -getattr(signal, signame)
+    assert (tmp_path / stale[0]).exists()            # the killed save could not clean up
+    # the loader never sees the partial file; the old checkpoint is intact
+    assert load_checkpoint(path) == {"epoch": 1}
+    assert path.read_bytes() == before
+    save_checkpoint(path, epoch=4)                   # the next save of the same path
+    assert not (tmp_path / stale[0]).exists()
+    assert sorted(os.listdir(tmp_path)) == sorted(keep + ["ckpt.npz"])
+    assert load_checkpoint(path) == {"epoch": 4}
+
+
+def test_stale_temporaries_of_a_weights_file_too(tmp_path):
+    pytest.importorskip("safetensors")
+    path = tmp_path / "w.safetensors"
+    stale = tmp_path / ".w.safetensors.k2j4_9zq.tmp"
+    stale.write_bytes(b"\0" * 1000)
+    os.utime(stale, (1, 1))                          # long ago
+    save_state_dict(path, {"a": np.zeros(2)})
+    assert sorted(os.listdir(tmp_path)) == ["w.safetensors"]
+    assert np.array_equal(load_state_dict(path)["a"], np.zeros(2))
+
+
+def test_stale_temporary_symlink_is_not_followed(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    link = tmp_path / ".ckpt.npz.abcdefgh.tmp"
+    os.symlink(victim, link)
+    save_checkpoint(tmp_path / "ckpt.npz", epoch=1)
+    assert victim.read_bytes() == b"precious" and os.path.islink(link)
+
+
+# -- files of neither format -------------------------------------------------------------------
+_NOT_CHECKPOINTS = {
+    "empty": (b"", "empty file"),
+    "text": (b"this is not a checkpoint at all\n", "text 'this is not a checkpoint"),
+    "json": (b'{"format": "sparsegrid.checkpoint"}', "text '{\"format\""),
+    "brace_at_8": (b"12345678{not json at all", "text '12345678{"),
+    "random": (bytes(np.random.default_rng(0).integers(0, 256, 64, dtype=np.uint8)), "0x"),
+    "huge_header": (b"\xff" * 8 + b"{" + b"\0" * 20, "0xffffffff"),
+    "zip_like": (b"PK\x01\x02 not a real zip", "zip file of another kind"),
+}
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors", ".ckpt", ""])
+@pytest.mark.parametrize("kind", list(_NOT_CHECKPOINTS))
+@pytest.mark.parametrize("safetensors_installed", [True, False], ids=["st", "no-st"])
+def test_neither_npz_nor_safetensors(tmp_path, monkeypatch, suffix, kind, safetensors_installed):
+    if not safetensors_installed:
+        monkeypatch.setitem(sys.modules, "safetensors", None)
+        monkeypatch.setitem(sys.modules, "safetensors.numpy", None)
+    content, found = _NOT_CHECKPOINTS[kind]
+    path = tmp_path / f"file{suffix}"
+    path.write_bytes(content)
+    for load in (load_checkpoint, load_state_dict):
+        with pytest.raises(CheckpointError, match="neither an .npz nor a .safetensors") as info:
+            load(path)
+        assert found in str(info.value), str(info.value)
+
+
+def test_truncated_safetensors_is_named(tmp_path):
+    pytest.importorskip("safetensors")
+    path = tmp_path / "w.safetensors"
+    save_state_dict(path, {"a": np.zeros(100)})
+    data = path.read_bytes()
+    for cut in (20, len(data) - 10):
+        short = tmp_path / f"short{cut}.safetensors"
+        short.write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match="safetensors"):
+            load_state_dict(short)
+
+
+def test_zip_that_is_not_an_npz(tmp_path):
+    import zipfile
+
+    path = tmp_path / "notes.npz"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("readme.txt", "hello")
+    with pytest.raises(CheckpointError, match="readme.txt.*not a .npy"):
+        load_state_dict(path)
+
+
+def test_real_safetensors_without_the_package_still_gives_the_hint(tmp_path, monkeypatch):
+    pytest.importorskip("safetensors")
+    path = tmp_path / "w.safetensors"
+    save_state_dict(path, {"a": np.zeros(2)})
+    monkeypatch.setitem(sys.modules, "safetensors", None)
+    monkeypatch.setitem(sys.modules, "safetensors.numpy", None)
+    with pytest.raises(ImportError, match="pip install safetensors"):
+        load_state_dict(path)

@@ -480,3 +480,268 @@ def test_minimises_a_quadratic(rng, make, steps):
         loss.backward()
         opt.step()
     assert loss_fn().item() < first / 100
+
+
+# -- hardening: every bad hyper-parameter is refused, naming it and the value ---------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from nn_helpers import bits_equal, training_snapshot  # noqa: E402
+
+_NOT_NUMBERS = st.one_of(st.text(max_size=5), st.none(), st.booleans(),
+                         st.lists(st.floats(0, 1), max_size=2), st.just(np.bool_(True)),
+                         st.just(1 + 2j))
+_NON_FINITE = st.sampled_from([float("nan"), float("inf"), -float("inf"), np.float32("nan"),
+                               np.float64("inf")])
+_NEGATIVE = st.one_of(st.floats(max_value=-1e-300, allow_nan=False, allow_infinity=False),
+                      st.integers(max_value=-1))
+_BAD_NONNEGATIVE = st.one_of(_NOT_NUMBERS, _NON_FINITE, _NEGATIVE)
+_BAD_FINITE = st.one_of(_NOT_NUMBERS, _NON_FINITE)
+_BAD_BOOL = st.one_of(st.text(max_size=5), st.none(), st.floats(), st.integers().filter(
+    lambda n: n not in (0, 1)), st.lists(st.booleans(), max_size=2))
+_BAD_UNIT = st.one_of(_BAD_NONNEGATIVE, st.floats(min_value=1.0, allow_nan=False,
+                                                 allow_infinity=False))
+
+
+def _bad_int(low):
+    return st.one_of(st.text(max_size=3), st.none(), st.booleans(), _NON_FINITE,
+                     st.floats(allow_nan=False, allow_infinity=False),   # 2.0 is no int
+                     st.integers(max_value=low - 1), st.just(np.bool_(False)))
+
+
+def _params():
+    return [Parameter(np.zeros(2)), Parameter(np.zeros((2, 3), np.float32))]
+
+
+# constructor, its valid keyword arguments, {argument: strategy of bad values}
+OPTIMIZER_ARGS = [
+    (optim.SGD, dict(lr=0.1, momentum=0.9), dict(
+        lr=_BAD_NONNEGATIVE, momentum=_BAD_NONNEGATIVE, dampening=_BAD_NONNEGATIVE,
+        weight_decay=_BAD_NONNEGATIVE, nesterov=_BAD_BOOL)),
+    (optim.Adam, dict(lr=0.1), dict(
+        lr=_BAD_NONNEGATIVE, eps=_BAD_NONNEGATIVE, weight_decay=_BAD_NONNEGATIVE,
+        amsgrad=_BAD_BOOL)),
+    (optim.AdamW, dict(lr=0.1), dict(
+        lr=_BAD_NONNEGATIVE, eps=_BAD_NONNEGATIVE, weight_decay=_BAD_NONNEGATIVE,
+        amsgrad=_BAD_BOOL)),
+]
+
+
+def _check_message(exc, name, value):
+    text = str(exc)
+    assert name in text, text
+    if not isinstance(value, (list, tuple)):
+        assert repr(value) in text or repr(float(value)) in text, text
+
+
+def _flat_cases(table):
+    return [(cls, valid, name, strategy) for cls, valid, bad in table
+            for name, strategy in bad.items()]
+
+
+@pytest.mark.parametrize("cls,valid,name,strategy", _flat_cases(OPTIMIZER_ARGS),
+                         ids=[f"{c.__name__}-{n}" for c, _, n, _ in _flat_cases(OPTIMIZER_ARGS)])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_optimizer_refuses_bad_scalars(cls, valid, name, strategy, data):
+    value = data.draw(strategy, label=name)
+    with pytest.raises((TypeError, ValueError)) as info:
+        cls(_params(), **{**valid, name: value})
+    _check_message(info.value, name, value)
+    # the same value in a parameter group is refused too, and the optimizer stays as it was
+    opt = cls(_params(), **valid)
+    before = training_snapshot(optimizer=opt)
+    with pytest.raises((TypeError, ValueError)):
+        opt.add_param_group({"params": [Parameter(np.zeros(1))], name: value})
+    assert len(opt.param_groups) == 1 and bits_equal(before[1], opt.state_dict())
+
+
+@pytest.mark.parametrize("cls", [optim.Adam, optim.AdamW])
+@settings(max_examples=80, deadline=None)
+@given(data=st.data())
+def test_adam_refuses_bad_betas(cls, data):
+    which = data.draw(st.sampled_from([0, 1]))
+    bad = data.draw(_BAD_UNIT)
+    betas = [0.9, 0.999]
+    betas[which] = bad
+    with pytest.raises((TypeError, ValueError), match=rf"betas\[{which}\]") as info:
+        cls(_params(), betas=tuple(betas))
+    _check_message(info.value, f"betas[{which}]", bad)
+    with pytest.raises((TypeError, ValueError), match="betas"):
+        cls(_params(), betas=data.draw(st.one_of(st.none(), st.floats(), st.text(max_size=3),
+                                                 st.lists(st.floats(0, 0.5), min_size=3))))
+
+
+def test_boundaries_and_bool_likes_are_accepted():
+    p = _params()
+    optim.SGD(p, lr=0, momentum=0, dampening=0, weight_decay=0)
+    optim.SGD(p, lr=np.float32(0.1), momentum=np.float64(0.9), nesterov=np.bool_(True))
+    optim.Adam(p, lr=0, betas=(0, 0), eps=0, weight_decay=0, amsgrad=1)
+    opt = optim.AdamW(p, betas=[np.float32(0.5), 0.999], amsgrad=np.bool_(False))
+    assert opt.param_groups[0]["amsgrad"] is False
+    assert optim.SGD(p, lr=0.1, momentum=0.5, nesterov=1).param_groups[0]["nesterov"] is True
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(lr=0.1, nesterov=True), "momentum > 0"),
+    (dict(lr=0.1, momentum=0.0, nesterov=True), "momentum > 0"),
+    (dict(lr=0.1, momentum=0.9, dampening=0.5, nesterov=True), "dampening == 0"),
+    (dict(lr=0.1, momentum=0.9, nesterov="False"), r"nesterov.*expected a bool.*'False'"),
+    (dict(lr=float("inf")), r"Invalid lr: inf \(must be a finite real number >= 0"),
+    (dict(lr="0.1"), r"Invalid lr: expected a finite real number >= 0\.0; got '0.1' \(str\)"),
+    (dict(lr=0.1, dampening=-0.5), "dampening"),
+], ids=["no-momentum", "zero-momentum", "dampening", "string-bool", "inf", "string", "damp"])
+def test_sgd_messages(kwargs, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        optim.SGD(_params(), **kwargs)
+
+
+# schedule constructors: (name, factory(optimizer, **kwargs), valid kwargs, bad strategies)
+SCHEDULE_ARGS = [
+    (optim.StepLR, dict(step_size=2, gamma=0.5),
+     dict(step_size=_bad_int(1), gamma=_BAD_NONNEGATIVE, last_epoch=_bad_int(-1))),
+    (optim.MultiStepLR, dict(milestones=[2, 4], gamma=0.5),
+     dict(gamma=_BAD_NONNEGATIVE, last_epoch=_bad_int(-1))),
+    (optim.ExponentialLR, dict(gamma=0.9),
+     dict(gamma=_BAD_NONNEGATIVE, last_epoch=_bad_int(-1))),
+    (optim.CosineAnnealingLR, dict(T_max=5, eta_min=0.0),
+     dict(T_max=_bad_int(1), eta_min=_BAD_NONNEGATIVE, last_epoch=_bad_int(-1))),
+    (optim.ExponentialDecayLR, dict(decay=0.04),
+     dict(decay=_BAD_FINITE, last_epoch=_bad_int(-1))),
+    (optim.LambdaLR, dict(lr_lambda=lambda e: 1.0),
+     dict(last_epoch=_bad_int(-1))),
+]
+
+
+def _sgd_for_schedules():
+    return optim.SGD([{"params": [Parameter(np.zeros(2))]},
+                      {"params": [Parameter(np.zeros(2))], "lr": 0.01}], lr=0.1)
+
+
+@pytest.mark.parametrize("cls,valid,name,strategy", _flat_cases(SCHEDULE_ARGS),
+                         ids=[f"{c.__name__}-{n}" for c, _, n, _ in _flat_cases(SCHEDULE_ARGS)])
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_schedule_refuses_bad_scalars(cls, valid, name, strategy, data):
+    value = data.draw(strategy, label=name)
+    opt = _sgd_for_schedules()
+    before = training_snapshot(optimizer=opt)
+    with pytest.raises((TypeError, ValueError)) as info:
+        cls(opt, **{**valid, name: value})
+    _check_message(info.value, name, value)
+    assert bits_equal(before[1], opt.state_dict())   # no initial_lr, no lr change
+
+
+@settings(max_examples=80, deadline=None)
+@given(milestones=st.one_of(
+    st.none(), st.integers(), st.floats(), st.text(min_size=1, max_size=4),
+    st.lists(st.one_of(st.integers(0, 9), st.floats(), st.none(), st.booleans(),
+                       st.integers(max_value=-1), st.text(max_size=2)), min_size=1).filter(
+        lambda ms: not all(isinstance(m, int) and not isinstance(m, bool) and m >= 0
+                           for m in ms))))
+def test_multistep_refuses_bad_milestones(milestones):
+    opt = _sgd_for_schedules()
+    before = training_snapshot(optimizer=opt)
+    with pytest.raises((TypeError, ValueError), match="milestones"):
+        optim.MultiStepLR(opt, milestones=milestones)
+    assert bits_equal(before[1], opt.state_dict())
+
+
+def test_schedule_needs_a_sparsegrid_optimizer():
+    for cls, valid, _ in SCHEDULE_ARGS:
+        with pytest.raises(TypeError, match="optimizer.*list"):
+            cls([], **valid)
+
+
+def test_valid_schedule_arguments_still_work():
+    opt = _sgd_for_schedules()
+    optim.StepLR(opt, step_size=np.int64(3), gamma=0)
+    optim.MultiStepLR(opt, milestones=(0, np.int32(3), 3), gamma=2.0)
+    optim.MultiStepLR(opt, milestones=np.array([1, 2]))
+    optim.CosineAnnealingLR(opt, T_max=1, eta_min=np.float32(0.001))
+    optim.ExponentialDecayLR(opt, decay=-0.1)   # a growing rate is allowed, as gamma > 1
+
+
+# -- hardening: optimizer and schedule loads are all or nothing ----------------------------------
+def _trained_adam(rng, **kwargs):
+    params = [Parameter(rng.standard_normal(3)), Parameter(rng.standard_normal((2, 2)))]
+    opt = optim.Adam(params, lr=0.01, **kwargs)
+    for _ in range(2):
+        for p in params:
+            p.grad = rng.standard_normal(p.shape)
+        opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("damage,error,match", [
+    (lambda s: s["param_groups"][0].update(lr="fast"), TypeError, "lr"),
+    (lambda s: s["param_groups"][0].update(eps=float("nan")), ValueError, "eps"),
+    (lambda s: s["param_groups"][0].update(betas=(0.9, 1.5)), ValueError, "betas"),
+    (lambda s: s["param_groups"][0].update(amsgrad="no"), TypeError, "amsgrad"),
+    (lambda s: s["param_groups"][0].pop("betas"), ValueError, "lacks"),
+    (lambda s: s["param_groups"][0].update(params=[0, 0]), ValueError, "more than once"),
+    (lambda s: s["param_groups"][0].update(params=["x", 1]), TypeError, "ints"),
+    (lambda s: s["state"][1].update(exp_avg=np.zeros(3)), ValueError, "shape"),
+    (lambda s: s["state"][1].update(exp_avg=np.full((2, 2), "a")), TypeError, "dtype"),
+    (lambda s: s["state"][1].update(step="two"), TypeError, "step"),
+    (lambda s: s["state"][1].update(step=-1), ValueError, "step"),
+    (lambda s: s["state"][1].update(step=2.5), ValueError, "step"),
+    (lambda s: s["state"].update({7: {}}), ValueError, "parameter 7"),
+    (lambda s: s.update(state=[1, 2]), TypeError, "state"),
+    (lambda s: s["state"][1].update(momentum_buffer=np.zeros((2, 2))), ValueError,
+     "holds SGD state; the optimizer is Adam"),
+], ids=["lr-str", "eps-nan", "betas", "amsgrad", "no-betas", "dup-index", "str-index",
+        "shape", "dtype", "step-str", "step-neg", "step-frac", "unknown-index", "state-list",
+        "sgd-buffer"])
+def test_optimizer_load_is_all_or_nothing(rng, damage, error, match):
+    saved = _trained_adam(rng, amsgrad=True).state_dict()
+    damage(saved)
+    opt = _trained_adam(rng)
+    before = training_snapshot(optimizer=opt)
+    with pytest.raises(error, match=match):
+        opt.load_state_dict(saved)
+    assert bits_equal(before[1], opt.state_dict())
+
+
+def test_optimizer_load_accepts_torch_style_state(rng):
+    saved = _trained_adam(rng).state_dict()
+    saved["param_groups"][0].update(maximize=False, foreach=None, initial_lr=0.01)
+    saved["state"] = {str(k): dict(v, step=np.array(float(v["step"]), np.float32))
+                      for k, v in saved["state"].items()}
+    opt = _trained_adam(rng)
+    opt.load_state_dict(saved)
+    assert opt.state_of(opt.param_groups[0]["params"][0])["step"] == 2
+
+
+@pytest.mark.parametrize("damage,match", [
+    (lambda s: s.update(last_epoch="3"), "last_epoch"),
+    (lambda s: s.update(last_epoch=-5), "last_epoch"),
+    (lambda s: s.update(gamma=-1.0), "gamma"),
+    (lambda s: s.update(step_size=0), "step_size"),
+    (lambda s: s.update(base_lrs=[0.1]), "base_lrs"),
+    (lambda s: s.update(_last_lr=[0.1, float("nan")]), r"_last_lr\[1\]"),
+    (lambda s: s.pop("gamma"), "missing.*gamma"),
+    (lambda s: s.update(T_max=5), "unexpected.*T_max"),
+])
+def test_schedule_load_is_all_or_nothing(damage, match):
+    opt = _sgd_for_schedules()
+    sched = optim.StepLR(opt, step_size=2, gamma=0.5)
+    for _ in range(3):
+        sched.step()
+    saved = sched.state_dict()
+    damage(saved)
+    target = optim.StepLR(_sgd_for_schedules(), step_size=5, gamma=0.1)
+    before = training_snapshot(scheduler=target)
+    with pytest.raises((TypeError, ValueError), match=match):
+        target.load_state_dict(saved)
+    assert bits_equal(before[2], target.state_dict())
+
+
+def test_schedule_load_ignores_torch_bookkeeping():
+    opt = _sgd_for_schedules()
+    sched = optim.MultiStepLR(opt, milestones=[2, 5, 5])
+    saved = dict(sched.state_dict(), _step_count=1, verbose=False,
+                 _get_lr_called_within_step=False, milestones={2: 1, 5: 2})
+    target = optim.MultiStepLR(_sgd_for_schedules(), milestones=[1])
+    target.load_state_dict(saved)
+    assert target.milestones == [2, 5, 5] and not hasattr(target, "_step_count")

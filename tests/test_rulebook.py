@@ -649,3 +649,329 @@ def test_unique_ranks_matches_numpy_unique(n, high):
     np.testing.assert_array_equal(unique_keys, expect)
     np.testing.assert_array_equal(ranks, inverse.reshape(-1))
     np.testing.assert_array_equal(unique_keys[ranks], keys)
+
+
+# --------------------------------------------------------------------------- strided rules
+# The strided / window rule builders before they were vectorized (one pass per combination
+# of per-axis taps, prod(ceil(f / s)) passes), kept verbatim as the reference: the builders
+# must return the same arrays, bit for bit and in the same order.
+def _loop_per_axis_taps(coords, filter_size, stride, out_shape):
+    axes = []
+    for d, (f, s, n_out) in enumerate(zip(filter_size, stride, out_shape)):
+        f, s, x = int(f), int(s), coords[:, d]
+        power = s & (s - 1) == 0
+        first = x & (s - 1) if power else x % s
+        choices = []
+        for j in range(-(-f // s)):
+            tap = first + j * s
+            o = (x - tap) >> (s.bit_length() - 1) if power else (x - tap) // s
+            valid = (o >= 0) & (o < n_out)
+            if j * s + s > f:
+                valid &= tap < f
+            choices.append((valid, tap, o))
+        axes.append(choices)
+    return axes
+
+
+def _loop_window_taps(coords, filter_size, starts):
+    axes = []
+    for d, (f, st) in enumerate(zip(filter_size, starts)):
+        st = np.asarray(st, np.int64)
+        n_out = len(st)
+        cells = (st[:, None] + np.arange(f)).reshape(-1)
+        outs = np.repeat(np.arange(n_out, dtype=np.int64), f)
+        taps = np.tile(np.arange(f, dtype=np.int64), n_out)
+        order = np.argsort(cells, kind="stable")
+        cells, outs, taps = cells[order], outs[order], taps[order]
+        size = int(max(coords[:, d].max(initial=0), cells.max(initial=0))) + 1
+        first = np.searchsorted(cells, cells)
+        slot = np.arange(len(cells)) - first
+        width = int(slot.max(initial=-1)) + 1
+        valid = np.zeros((size, width), bool)
+        tap_table = np.zeros((size, width), np.int64)
+        out_table = np.zeros((size, width), np.int64)
+        valid[cells, slot] = True
+        tap_table[cells, slot] = taps
+        out_table[cells, slot] = outs
+        c = coords[:, d]
+        axes.append([(valid[c, j], tap_table[c, j], out_table[c, j]) for j in range(width)])
+    return axes
+
+
+def _loop_rules_from_taps(indices, axes, batch_size, filter_size, out_shape):
+    import math
+
+    from sparsegrid.coords import packing_strides, unpack_keys
+    from sparsegrid.cpu.rules import unique_ranks
+
+    out_strides = packing_strides(out_shape, batch_size)
+    tap_strides = packing_strides(filter_size, 1)[1:]
+    batch_key = indices[:, 0].astype(np.int64) * out_strides[0]
+    rows_list, offset_list, key_list = [], [], []
+    for choice in itertools.product(*[range(len(a)) for a in axes]):
+        mask = axes[0][choice[0]][0]
+        for d in range(1, len(choice)):
+            mask = mask & axes[d][choice[d]][0]
+        rows = np.flatnonzero(mask)
+        every = len(rows) == len(mask)
+        offset = np.zeros(len(rows), np.int64)
+        key = batch_key.copy() if every else batch_key[rows]
+        for d, j in enumerate(choice):
+            _, tap, o = axes[d][j]
+            offset += (tap if every else tap[rows]) * tap_strides[d]
+            key += (o if every else o[rows]) * out_strides[d + 1]
+        rows_list.append(rows)
+        offset_list.append(offset)
+        key_list.append(key)
+    empty = np.zeros(0, np.int64)
+    rows = np.concatenate(rows_list) if rows_list else empty
+    offsets = np.concatenate(offset_list) if offset_list else empty
+    keys = np.concatenate(key_list) if key_list else empty
+    n_offsets = math.prod(filter_size)
+    sort_keys = offsets.astype(np.uint16) if n_offsets <= 2**16 else offsets
+    order = np.argsort(sort_keys, kind="stable")
+    counts = np.bincount(offsets, minlength=n_offsets)
+    bounds = np.cumsum(counts)[:-1]
+    pairs_in = np.split(rows[order], bounds)
+    out_keys = np.split(keys[order], bounds)
+    # _finish_new_sites / _assemble
+    counts = [len(p) for p in pairs_in]
+    all_keys = np.concatenate(out_keys) if out_keys else np.zeros(0, np.int64)
+    unique_keys, out_rows = unique_ranks(all_keys)
+    pairs_out = np.split(out_rows, np.cumsum(counts)[:-1]) if counts else []
+    counts = np.array([len(p) for p in pairs_in], np.int64)
+    offset_ptr = np.zeros(len(counts) + 1, np.int64)
+    np.cumsum(counts, out=offset_ptr[1:])
+    if len(pairs_in) == 0 or offset_ptr[-1] == 0:
+        in_idx = np.zeros(0, np.int32)
+        out_idx = in_idx.copy()
+    else:
+        in_idx = np.concatenate(pairs_in).astype(np.int32, copy=False)
+        out_idx = np.concatenate(pairs_out).astype(np.int32, copy=False)
+    return in_idx, out_idx, offset_ptr, unpack_keys(unique_keys, out_shape)
+
+
+def loop_strided_rules(indices, spatial_shape, batch_size, filter_size, stride, out_shape):
+    coords = indices[:, 1:].astype(np.int64)
+    axes = _loop_per_axis_taps(coords, filter_size, stride, out_shape)
+    return _loop_rules_from_taps(indices, axes, batch_size, filter_size, out_shape)
+
+
+def loop_window_rules(indices, spatial_shape, batch_size, filter_size, starts, out_shape):
+    coords = indices[:, 1:].astype(np.int64)
+    axes = _loop_window_taps(coords, filter_size, starts)
+    return _loop_rules_from_taps(indices, axes, batch_size, filter_size, out_shape)
+
+
+def _assert_same_arrays(expected, got, what):
+    assert len(expected) == len(got) == 4
+    for name, a, b in zip(("in_idx", "out_idx", "offset_ptr", "out_indices"), expected, got):
+        assert a.dtype == b.dtype and a.shape == b.shape, (what, name, a.dtype, b.dtype,
+                                                           a.shape, b.shape)
+        assert np.array_equal(a, b), (what, name)
+
+
+def _cpu_only(kernel_set):
+    if kernel_set.name != "cpu":
+        pytest.skip("checks the NumPy rule builders themselves")
+
+
+def _random_geometry(rng, max_dim=4, max_f=7, max_s=5, max_steps=4):
+    d = int(rng.integers(1, max_dim + 1))
+    f = tuple(int(v) for v in rng.integers(1, max_f + 1, d))
+    s = tuple(int(v) for v in rng.integers(1, max_s + 1, d))
+    shape = tuple(fi + si * int(rng.integers(0, max_steps + 1)) for fi, si in zip(f, s))
+    out_shape = tuple((n - fi) // si + 1 for n, fi, si in zip(shape, f, s))
+    return shape, f, s, out_shape
+
+
+def _random_indices(rng, shape, batch_size):
+    density = float(rng.choice([0.02, 0.1, 0.3, 1.0]))
+    idx = random_sites(rng, shape, batch_size, density)
+    if rng.random() < 0.2:                     # some batches, or everything, missing
+        idx = idx[:int(rng.integers(0, len(idx) + 1))]
+    return idx
+
+
+def _random_starts(rng, shape, filter_size, stride):
+    """Strictly increasing window starts per axis, the last window inside the grid."""
+    starts = []
+    for n, f, s in zip(shape, filter_size, stride):
+        room = n - f + 1
+        k = int(rng.integers(1, room + 1))
+        starts.append(np.sort(rng.choice(room, size=k, replace=False)).astype(np.int64))
+    return starts
+
+
+def test_strided_rules_match_the_loop_reference(kernel_set):
+    _cpu_only(kernel_set)
+    from sparsegrid.cpu import rules
+    rng = np.random.default_rng(7)
+    for case in range(400):
+        shape, f, s, out_shape = _random_geometry(rng)
+        batch_size = int(rng.integers(1, 4))
+        idx = _random_indices(rng, shape, batch_size)
+        args = (idx, shape, batch_size, f, s, out_shape)
+        _assert_same_arrays(loop_strided_rules(*args), rules.strided_rules(*args),
+                            (case, shape, f, s))
+
+
+def test_window_rules_match_the_loop_reference(kernel_set):
+    _cpu_only(kernel_set)
+    from sparsegrid.cpu import rules
+    rng = np.random.default_rng(8)
+    for case in range(400):
+        shape, f, s, _ = _random_geometry(rng)
+        batch_size = int(rng.integers(1, 4))
+        idx = _random_indices(rng, shape, batch_size)
+        starts = _random_starts(rng, shape, f, s)
+        out_shape = tuple(len(st) for st in starts)
+        args = (idx, shape, batch_size, f, starts, out_shape)
+        _assert_same_arrays(loop_window_rules(*args), rules.window_rules(*args),
+                            (case, shape, f, starts))
+
+
+def test_randomized_strided_rulebook_matches_the_loop_reference(rng, kernel_set):
+    # the Grid's randomized windows (steps s - 1, s, s + 1), as RandomizedStride* use them
+    _cpu_only(kernel_set)
+    from sparsegrid.cpu import rules
+    for shape, f, s in [((31, 29), (3, 3), (2, 2)), ((17, 13, 15), (3, 3, 3), (2, 2, 2)),
+                        ((23,), (5,), (3,)), ((22, 19), (4, 4), (3, 3))]:
+        x = _tensor(rng, shape, batch_size=2, density=0.2)
+        seed = int(rng.integers(2**31))
+        rb, sites = x.grid.randomized_strided(x.sites, f, s, np.random.default_rng(seed))
+        starts_rng = np.random.default_rng(seed)
+        out_shape = sites.spatial_shape
+        starts = []
+        for fi, si, n_out in zip(f, s, out_shape):    # as Grid.randomized_strided draws
+            steps = np.full(n_out - 1, si, np.int64)
+            if 1 < si < fi:
+                third = (n_out - 1) // 3
+                steps[:third] -= 1
+                steps[third:2 * third] += 1
+                starts_rng.shuffle(steps)
+            starts.append(np.concatenate([[0], np.cumsum(steps)]).astype(np.int64))
+        args = (x.indices, shape, 2, f, starts, out_shape)
+        expected = loop_window_rules(*args)
+        _assert_same_arrays(expected, rules.window_rules(*args), shape)
+        _assert_same_arrays(expected, (rb.in_idx, rb.out_idx, rb.offset_ptr, sites.indices),
+                            ("grid", shape))
+
+
+@pytest.mark.parametrize("f,s", [((1,), (1,)), ((3, 2), (2, 2)), ((3, 3, 3), (1, 1, 1)),
+                                 ((5, 4, 2, 3), (2, 3, 1, 1)), ((64, 64, 64), (1, 1, 1))],
+                         ids=["1d", "2d", "3d", "4d", "3d-f64"])
+def test_strided_and_window_rules_of_no_sites(kernel_set, f, s):
+    _cpu_only(kernel_set)
+    from sparsegrid.cpu import rules
+    shape = tuple(fi + 2 * si for fi, si in zip(f, s))
+    out_shape = tuple((n - fi) // si + 1 for n, fi, si in zip(shape, f, s))
+    idx = np.zeros((0, len(f) + 1), np.int32)
+    k_total = int(np.prod(f))
+    got = rules.strided_rules(idx, shape, 2, f, s, out_shape)
+    small = k_total <= 4096     # the loop reference takes seconds over 64^3 windows
+    if small:
+        _assert_same_arrays(loop_strided_rules(idx, shape, 2, f, s, out_shape), got,
+                            "strided")
+    in_idx, out_idx, ptr, out_indices = got
+    assert in_idx.dtype == out_idx.dtype == np.int32 and len(in_idx) == len(out_idx) == 0
+    assert ptr.dtype == np.int64 and ptr.shape == (k_total + 1,) and not ptr.any()
+    assert out_indices.dtype == np.int32 and out_indices.shape == (0, len(f) + 1)
+    starts = [np.arange(0, n - fi + 1, si, dtype=np.int64) for n, fi, si in zip(shape, f, s)]
+    got = rules.window_rules(idx, shape, 2, f, starts, out_shape)
+    if small:
+        _assert_same_arrays(loop_window_rules(idx, shape, 2, f, starts, out_shape), got,
+                            "window")
+    assert not got[2].any() and got[2].shape == (k_total + 1,) and len(got[0]) == 0
+
+
+@pytest.mark.parametrize("shape", [(9,), (6, 7), (5, 3, 4), (3, 4, 2, 3)],
+                         ids=lambda s: f"{len(s)}d")
+def test_whole_grid_window(rng, shape):
+    # A window as large as the grid (legal: one output per batch) sees every site once.
+    x = _tensor(rng, shape, batch_size=3, density=0.3, channels=2)
+    rb, out_sites = x.grid.strided(x.sites, shape, 1)
+    k_total = int(np.prod(shape))
+    assert out_sites.spatial_shape == (1,) * len(shape)
+    check_structure(rb, k_total)
+    batches = np.unique(x.indices[:, 0])
+    np.testing.assert_array_equal(out_sites.indices[:, 0], batches)
+    assert not out_sites.indices[:, 1:].any()
+    sites, triples = brute_strided(x.indices, shape, (1,) * len(shape), (1,) * len(shape))
+    assert [tuple(r) for r in out_sites.indices.tolist()] == sites
+    assert _triples(rb) == triples
+    if kern is sg.cpu:
+        _assert_same_arrays(
+            loop_strided_rules(x.indices, shape, 3, shape, (1,) * len(shape),
+                               (1,) * len(shape)),
+            (rb.in_idx, rb.out_idx, rb.offset_ptr, out_sites.indices), shape)
+    # max pooling over the whole grid: the per-batch maximum of the features
+    y = sg.max_pool(x, filter_size=shape, stride=1)
+    feats = np.asarray(x.features)
+    expected = np.stack([feats[x.indices[:, 0] == b].max(axis=0) for b in batches])
+    np.testing.assert_array_equal(np.asarray(y.features), expected)
+
+
+def _expected_window_counts(coords, filter_size, out_shape):
+    """Per site, the number of windows (o <= x <= o + f - 1, 0 <= o < out) holding it."""
+    count = np.ones(len(coords), np.int64)
+    for d, (f, n_out) in enumerate(zip(filter_size, out_shape)):
+        x = coords[:, d].astype(np.int64)
+        low, high = np.maximum(x - f + 1, 0), np.minimum(x, n_out - 1)
+        count *= np.maximum(high - low + 1, 0)
+    return count
+
+
+@pytest.mark.parametrize("grid,f", [((64, 64, 64), (64, 64, 64)),
+                                    ((64, 64, 64), (60, 57, 64)),
+                                    ((40, 40, 40), (33, 30, 35))])
+def test_huge_filter_with_stride_1(rng, grid, f):
+    # prod(f) kernel offsets and windows, few sites: the rules cost what their pairs cost
+    # (the old loop over window combinations took seconds for a 64^3 window).
+    idx = random_sites(rng, grid, 2, density=25 / np.prod(grid))
+    x = sg.SparseTensor(rng.standard_normal((len(idx), 3)), idx, grid, batch_size=2)
+    rb, out_sites = x.grid.strided(x.sites, f, 1)
+    k_total = int(np.prod(f))
+    out_shape = tuple(n - fi + 1 for n, fi in zip(grid, f))
+    assert out_sites.spatial_shape == out_shape
+    assert rb.n_offsets == k_total and rb.offset_ptr.shape == (k_total + 1,)
+    in_idx, out_idx = np.asarray(rb.in_idx), np.asarray(rb.out_idx)
+    ptr = np.asarray(rb.offset_ptr)
+    counts = np.diff(ptr)
+    assert (counts >= 0).all() and ptr[-1] == len(in_idx) == len(out_idx)
+    # geometry of every pair: input = output + delta, delta the pair's offset
+    k_of_pair = np.repeat(np.arange(k_total), counts)
+    delta = np.stack(np.unravel_index(k_of_pair, f), axis=1)
+    fine, coarse = x.indices.astype(np.int64), out_sites.indices.astype(np.int64)
+    np.testing.assert_array_equal(fine[in_idx, 0], coarse[out_idx, 0])
+    np.testing.assert_array_equal(fine[in_idx, 1:], coarse[out_idx, 1:] + delta)
+    # completeness: each site is in as many pairs as windows hold it, each pair once
+    np.testing.assert_array_equal(np.bincount(in_idx, minlength=len(idx)),
+                                  _expected_window_counts(x.indices[:, 1:], f, out_shape))
+    assert len(np.unique(k_of_pair * len(idx) + in_idx)) == len(in_idx)
+    assert len(np.unique(k_of_pair * len(out_sites) + out_idx)) == len(in_idx)
+    assert set(out_idx.tolist()) == set(range(len(out_sites)))
+    assert _lex_sorted(out_sites.indices)
+    if kern is sg.cpu:
+        # within one offset the pairs are in input-row order
+        for k in np.flatnonzero(counts > 1)[:50]:
+            assert np.all(np.diff(in_idx[ptr[k]:ptr[k + 1]]) > 0)
+    if f == grid:  # one output per batch: max pooling is the per-batch maximum
+        y = sg.max_pool(x, filter_size=f, stride=1)
+        feats = np.asarray(x.features)
+        expected = np.stack([feats[idx[:, 0] == b].max(axis=0) for b in np.unique(idx[:, 0])])
+        np.testing.assert_array_equal(np.asarray(y.features), expected)
+
+
+def test_large_conv_filter_with_stride_1_matches_the_loop_reference(rng, kernel_set):
+    _cpu_only(kernel_set)
+    from sparsegrid.cpu import rules
+    grid, f = (24, 24, 24), (12, 12, 12)
+    out_shape = tuple(n - fi + 1 for n, fi in zip(grid, f))
+    idx = random_sites(rng, grid, 2, density=0.01)
+    args = (idx, grid, 2, f, (1, 1, 1), out_shape)
+    _assert_same_arrays(loop_strided_rules(*args), rules.strided_rules(*args), "f12")
+    x = sg.SparseTensor(rng.standard_normal((len(idx), 2)), idx, grid, batch_size=2)
+    w = rng.standard_normal((int(np.prod(f)), 2, 3))
+    y = sg.conv(x, w, None, f, 1)
+    assert y.features.shape == (len(y.indices), 3) and np.isfinite(y.features).all()

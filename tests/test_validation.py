@@ -551,3 +551,396 @@ def test_finite_features_whose_sum_overflows_are_accepted():
     opposite = np.array([[np.inf], [-np.inf]], np.float32)     # sums to NaN
     with pytest.raises(ValueError, match="features row 0 is not finite"):
         sg.SparseTensor(opposite, np.array([[0, 0], [0, 1]]), (2,))
+
+
+# =========================================================================== hardening
+# Scalar arguments, per-channel parameters, input maps, replacement features and spatial
+# shapes: each bad argument raises naming the argument, the expectation and what was given,
+# before any work.
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from sparsegrid.autodiff.core import Tensor  # noqa: E402
+
+_FAST = settings(max_examples=40, deadline=None,
+                 suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+# --------------------------------------------------------------------------- batch_norm
+@pytest.mark.parametrize("kw,exc,match", [
+    ({"eps": 0}, ValueError, r"eps must be a finite positive number; got 0\.0"),
+    ({"eps": -1e-5}, ValueError, r"eps must be a finite positive number; got -1e-05"),
+    ({"eps": np.nan}, ValueError, r"eps must be a finite positive number; got nan"),
+    ({"eps": np.inf}, ValueError, r"eps must be a finite positive number; got inf"),
+    ({"eps": "1e-4"}, TypeError, r"eps must be a real number; got str '1e-4'"),
+    ({"eps": None}, TypeError, r"eps must be a real number; got NoneType"),
+    ({"eps": True}, TypeError, r"eps must be a real number; got bool"),
+    ({"momentum": 1.5}, ValueError, r"momentum must be in \[0, 1\]; got 1\.5"),
+    ({"momentum": -0.1}, ValueError, r"momentum must be in \[0, 1\]; got -0\.1"),
+    ({"momentum": np.nan}, ValueError, r"momentum must be in \[0, 1\]; got nan"),
+    ({"momentum": [0.9]}, TypeError, r"momentum must be a real number; got list"),
+    ({"leakiness": np.inf}, ValueError, r"leakiness must be a finite number; got inf"),
+    ({"leakiness": np.nan}, ValueError, r"leakiness must be a finite number; got nan"),
+    ({"leakiness": 1j}, TypeError, r"leakiness must be a real number; got complex"),
+    ({"training": "yes"}, TypeError, r"training must be a bool; got str 'yes'"),
+    ({"training": None}, TypeError, r"training must be a bool; got NoneType"),
+])
+def test_batch_norm_bad_scalars(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        sg.batch_norm(_tensor(n_channels=2), **kw)
+
+
+def test_batch_norm_accepts_numpy_scalars_and_bounds():
+    x = _tensor(n_channels=2)
+    sg.batch_norm(x, momentum=np.float32(0.0), eps=np.float64(1e-3), leakiness=np.int64(0))
+    sg.batch_norm(x, momentum=1, eps=1, leakiness=-2.5, training=np.bool_(True))
+
+
+@pytest.mark.parametrize("name", ["weight", "bias", "running_mean", "running_var"])
+@pytest.mark.parametrize("dtype,hint", [
+    (np.float64, r" \(cast it with \.astype\('float32'\)\)"),   # silently accepted before
+    (np.int64, ""),                                            # NumPy's UFuncTypeError before
+    (np.complex64, ""),                                        # warned, dropped imag before
+    (object, ""),                                              # accepted before
+    (np.float16, ""),
+])
+def test_batch_norm_parameter_dtype(name, dtype, hint):
+    x = _tensor(n_channels=2)
+    with pytest.raises(TypeError, match=rf"^{name} must be an array of the features' dtype "
+                                        rf"float32; got {np.dtype(dtype)}{hint}$"):
+        sg.batch_norm(x, **{name: np.ones(2, dtype)})
+
+
+@pytest.mark.parametrize("name", ["weight", "bias", "running_mean", "running_var"])
+def test_batch_norm_parameter_not_an_array(name):
+    with pytest.raises(TypeError, match=rf"{name} must be a NumPy/CuPy array or an autodiff "
+                                        r"Tensor of shape \(2,\).*got list"):
+        sg.batch_norm(_tensor(n_channels=2), **{name: [1.0, 1.0]})
+
+
+def test_batch_norm_float64_parameters_on_float64_features():
+    x = _tensor(n_channels=2, dtype=np.float64)
+    rm, rv = np.zeros(2), np.ones(2)
+    sg.batch_norm(x, np.ones(2), np.zeros(2), rm, rv)
+    assert rm.any()
+    with pytest.raises(TypeError, match="running_mean must be an array of the features' "
+                                        "dtype float64; got float32"):
+        sg.batch_norm(x, running_mean=np.zeros(2, np.float32))
+
+
+@pytest.mark.parametrize("name", ["running_mean", "running_var"])
+def test_batch_norm_running_stats_must_be_writeable_in_training(name):
+    x = _tensor(n_channels=2)
+    stat = np.ones(2, np.float32)
+    stat.flags.writeable = False
+    with pytest.raises(ValueError, match=rf"{name} must be a writeable array: batch_norm "
+                                         r"updates it in place"):
+        sg.batch_norm(x, **{name: stat})
+    # evaluation only reads them
+    other = np.ones(2, np.float32)
+    stats = {"running_mean": other, "running_var": other, name: stat}
+    sg.batch_norm(x, training=False, **stats)
+
+
+def test_batch_norm_rejects_before_updating_running_stats():
+    x = _tensor(n_channels=2)
+    rm, rv = np.zeros(2, np.float32), np.ones(2, np.float32)
+    with pytest.raises(TypeError, match="bias"):
+        sg.batch_norm(x, np.ones(2, np.float32), np.zeros(2, np.float64), rm, rv)
+    np.testing.assert_array_equal(rm, 0)
+    np.testing.assert_array_equal(rv, 1)
+
+
+def test_batch_norm_accepts_autodiff_tensors():
+    x = _tensor(n_channels=2)
+    rm, rv = Tensor(np.zeros(2, np.float32)), Tensor(np.ones(2, np.float32))
+    w = Tensor(np.ones(2, np.float32), requires_grad=True)
+    out = sg.batch_norm(x, w, Tensor(np.zeros(2, np.float32)), rm, rv)
+    assert isinstance(out.features, Tensor)
+    assert rm.data.any()                      # updated in place, through the Tensor
+    with pytest.raises(TypeError, match="weight must be an array of the features' dtype"):
+        sg.batch_norm(x, Tensor(np.ones(2, np.float64)))
+
+
+_bad_number = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True).filter(lambda v: not np.isfinite(v)),
+    st.text(max_size=3), st.none(), st.booleans(), st.complex_numbers(),
+    st.lists(st.floats(0, 1), min_size=1, max_size=2))
+
+
+@_FAST
+@given(name=st.sampled_from(["eps", "momentum", "leakiness"]), value=_bad_number)
+def test_batch_norm_bad_scalars_property(name, value):
+    with pytest.raises((TypeError, ValueError), match=rf"^{name} must be "):
+        sg.batch_norm(_tensor(n_channels=2), **{name: value})
+
+
+@_FAST
+@given(eps=st.floats(max_value=0.0, allow_nan=False))
+def test_batch_norm_non_positive_eps_property(eps):
+    with pytest.raises(ValueError, match=r"^eps must be a finite positive number; got "):
+        sg.batch_norm(_tensor(n_channels=2), eps=eps)
+
+
+@_FAST
+@given(momentum=st.floats(allow_nan=False).filter(lambda v: not 0 <= v <= 1))
+def test_batch_norm_momentum_out_of_range_property(momentum):
+    with pytest.raises(ValueError, match=r"^momentum must be in \[0, 1\]; got "):
+        sg.batch_norm(_tensor(n_channels=2), momentum=momentum)
+
+
+_dtypes = st.sampled_from([np.float16, np.float64, np.int8, np.int32, np.int64, np.uint8,
+                           bool, np.complex64, np.complex128, object])
+_shapes = st.lists(st.integers(0, 3), max_size=3).map(tuple).filter(lambda s: s != (2,))
+
+
+@_FAST
+@given(name=st.sampled_from(["weight", "bias", "running_mean", "running_var"]),
+       dtype=_dtypes, shape=st.one_of(st.just((2,)), _shapes))
+def test_batch_norm_bad_parameter_property(name, dtype, shape):
+    value = np.zeros(shape, dtype)
+    if shape != (2,):
+        with pytest.raises(ValueError, match=rf"^{name} must have shape \(2,\); got "
+                                             rf"{re.escape(str(shape))}"):
+            sg.batch_norm(_tensor(n_channels=2), **{name: value})
+    else:
+        with pytest.raises(TypeError, match=rf"^{name} must be an array of the features' "
+                                            rf"dtype float32; got {np.dtype(dtype)}"):
+            sg.batch_norm(_tensor(n_channels=2), **{name: value})
+
+
+# --------------------------------------------------------------------------- group_norm
+@pytest.mark.parametrize("kw,exc,match", [
+    ({"num_groups": 2.0}, TypeError, r"num_groups must be an int; got float 2\.0"),
+    ({"num_groups": True}, TypeError, r"num_groups must be an int; got bool"),
+    ({"num_groups": "2"}, TypeError, r"num_groups must be an int; got str '2'"),
+    ({"num_groups": 0}, ValueError, r"num_groups must be a positive divisor of the 4 "
+                                    r"channels; got 0"),
+    ({"num_groups": 3}, ValueError, r"positive divisor of the 4 channels; got 3"),
+    ({"num_groups": 2, "eps": 0.0}, ValueError, r"eps must be a finite positive number"),
+    ({"num_groups": 2, "eps": np.nan}, ValueError, r"eps must be a finite positive number"),
+    ({"num_groups": 2, "eps": "x"}, TypeError, r"eps must be a real number; got str"),
+    ({"num_groups": 2, "weight": np.ones(4, np.float64)}, TypeError,
+     r"weight must be an array of the features' dtype float32; got float64"),
+    ({"num_groups": 2, "bias": np.ones(4, np.int64)}, TypeError,
+     r"bias must be an array of the features' dtype float32; got int64"),
+    ({"num_groups": 2, "bias": np.ones(3, np.float32)}, ValueError,
+     r"bias must have shape \(4,\); got \(3,\)"),
+    ({"num_groups": 2, "weight": [1.0] * 4}, TypeError,
+     r"weight must be a NumPy/CuPy array or an autodiff Tensor"),
+])
+def test_group_norm_bad_arguments(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        F.group_norm(_tensor(n_channels=4), **kw)
+
+
+@_FAST
+@given(num_groups=st.one_of(st.floats(), st.text(max_size=2), st.none(), st.booleans()),
+       eps=st.one_of(st.just(1e-5), _bad_number))
+def test_group_norm_bad_scalars_property(num_groups, eps):
+    with pytest.raises(TypeError, match=r"^num_groups must be an int; got "):
+        F.group_norm(_tensor(n_channels=4), num_groups, eps=eps)
+
+
+@_FAST
+@given(eps=_bad_number)
+def test_group_norm_bad_eps_property(eps):
+    with pytest.raises((TypeError, ValueError), match=r"^eps must be "):
+        F.group_norm(_tensor(n_channels=4), 2, eps=eps)
+
+
+# --------------------------------------------------------------------------- global_pool
+@pytest.mark.parametrize("mode", [3, None, 1.0, ["max"], np.array(["max", "sum"]), b"max"])
+def test_global_pool_non_string_mode(mode):
+    with pytest.raises(TypeError, match=r"mode must be a str, one of 'max', 'mean' or 'sum'; "
+                                        rf"got {type(mode).__name__}"):
+        sg.global_pool(_tensor(), mode=mode)
+
+
+@_FAST
+@given(mode=st.one_of(st.text(max_size=5).filter(lambda m: m not in ("max", "mean", "sum")),
+                      st.integers(), st.floats(), st.none(), st.lists(st.text(), max_size=2)))
+def test_global_pool_bad_mode_property(mode):
+    exc = ValueError if isinstance(mode, str) else TypeError
+    with pytest.raises(exc, match=r"^mode must be "):
+        sg.global_pool(_tensor(), mode=mode)
+
+
+# --------------------------------------------------------------------------- other scalars
+@pytest.mark.parametrize("rng", [0, "seed", np.random])
+def test_randomized_ops_check_rng(rng):
+    x = sg.SparseTensor(_feats(2), np.array([[0, 0, 0], [0, 4, 4]], np.int32), (5, 5))
+    with pytest.raises(TypeError, match=r"rng must be a numpy\.random\.Generator"):
+        sg.functional.randomized_max_pool(x, 3, 2, rng=rng)
+    with pytest.raises(TypeError, match=r"rng must be a numpy\.random\.Generator"):
+        sg.functional.randomized_conv(x, np.ones((9, 1, 1), np.float32), None, 3, 2, rng=rng)
+
+
+@pytest.mark.parametrize("mode", [np.array(["sum", "max"]), ["sum"], np.bool_(True)])
+def test_input_layer_mode_of_other_types(mode):
+    with pytest.raises(ValueError, match="mode must be 0..4"):
+        sg.input_layer(np.array([[0, 1, 1]], np.int32), _feats(1), (4, 4), mode=mode)
+
+
+# --------------------------------------------------------------------------- output_layer
+def test_output_layer_rejects_other_batch_with_same_site_count():
+    # two batches, 2 sites each: the map of the first must not un-merge the second
+    idx_a = np.array([[0, 1, 1], [0, 1, 1], [0, 2, 2]], np.int32)
+    idx_b = np.array([[0, 3, 3], [0, 0, 0], [0, 0, 0]], np.int32)
+    a, map_a = sg.input_layer(idx_a, _feats(3), (4, 4))
+    b, _ = sg.input_layer(idx_b, _feats(3), (4, 4))
+    assert a.n_active == b.n_active == map_a.n_sites == 2
+    with pytest.raises(ValueError, match=r"x is not on the sites input_layer made with this "
+                                         r"input_map: both have 2 sites"):
+        sg.output_layer(b, map_a)
+    # a tensor rebuilt from the same indices is another site set too
+    rebuilt = sg.SparseTensor(np.asarray(a.features), a.indices, a.spatial_shape)
+    with pytest.raises(ValueError, match="x is not on the sites"):
+        sg.output_layer(rebuilt, map_a)
+
+
+def test_output_layer_accepts_tensor_on_the_input_sites():
+    idx = np.array([[0, 1, 1], [0, 1, 1], [0, 2, 2]], np.int32)
+    x, input_map = sg.input_layer(idx, _feats(3), (4, 4), mode="sum")
+    assert input_map.sites is x.sites
+    y = sg.submanifold_conv(x, np.ones((9, 1, 2), np.float32), filter_size=3)
+    y = sg.batch_norm(y)
+    rows = sg.output_layer(y, input_map)
+    assert rows.shape == (3, 2)
+    np.testing.assert_array_equal(rows[0], rows[1])
+    # InputMap keeps its attributes
+    assert (input_map.mode, input_map.n_rows, input_map.n_sites) == ("sum", 3, 2)
+    assert input_map.segment_ids.tolist() == [0, 0, 1]
+
+
+# --------------------------------------------------------------------------- with_features
+@pytest.mark.parametrize("how", ["with_features", "setter"])
+@pytest.mark.parametrize("value,exc,match", [
+    ([[1.0, 2.0]] * 5, TypeError, r"features must be a NumPy/CuPy array or an autodiff "
+                                  r"Tensor of shape \(5, C\).*got list"),
+    ((1.0,), TypeError, r"features must be a NumPy/CuPy array.*got tuple"),
+    (None, TypeError, r"features must be a NumPy/CuPy array.*got NoneType"),
+    (3.0, TypeError, r"features must be a NumPy/CuPy array.*got float"),
+    (np.ones((5, 2), np.int64), TypeError, r"features must be a float32 or float64 array.*"
+                                           r"got dtype int64"),
+    (np.ones((5, 2), np.float16), TypeError, r"got dtype float16"),
+    (np.ones((5, 2), np.complex64), TypeError, r"got dtype complex64"),
+    (np.ones((5, 2), object), TypeError, r"got dtype object"),
+    (np.ones((5, 2, 1), np.float32), ValueError, r"features must have shape \(5, C\).*"
+                                                 r"got \(5, 2, 1\)"),
+    (np.ones((4, 2), np.float32), ValueError, r"features must have shape \(5, C\)"),
+    (np.float32(1.0), TypeError, r"features must be a NumPy/CuPy array.*got float32"),
+    (Tensor(np.ones((5, 2), np.int32)), TypeError, r"got dtype int32"),
+])
+def test_replacement_features_checked(how, value, exc, match):
+    x = _tensor(n_channels=2)
+    with pytest.raises(exc, match=match):
+        if how == "with_features":
+            x.with_features(value)
+        else:
+            x.features = value
+    assert x.features.dtype == np.float32 and x.features.shape == (5, 2)   # unchanged
+
+
+def test_replacement_features_zero_copy_and_tensor():
+    x = _tensor(n_channels=2)
+    new = np.zeros((5, 3), np.float64)
+    y = x.with_features(new)
+    assert y.features is new and y.sites is x.sites and y.grid is x.grid
+    new[0, 0] = 7.0                                   # documented: no copy
+    assert y.features[0, 0] == 7.0
+    t = Tensor(np.ones((5, 1), np.float32), requires_grad=True)
+    x.features = t
+    assert x.features is t
+
+
+@_FAST
+@given(value=st.one_of(
+    st.none(), st.floats(), st.text(max_size=3), st.lists(st.floats(), max_size=3),
+    st.tuples(_dtypes, st.lists(st.integers(0, 6), min_size=0, max_size=3).map(tuple))))
+def test_with_features_property(value):
+    x = _tensor(n_channels=2)
+    if isinstance(value, tuple):
+        dtype, shape = value
+        value = np.zeros(shape, dtype)
+        ok_dtype = value.dtype in (np.float32, np.float64)
+        ok_shape = value.ndim == 2 and value.shape[0] == 5
+        if ok_dtype and ok_shape:
+            assert x.with_features(value).features is value
+            return
+        exc, match = (TypeError, r"^features must be a float32 or float64 array") \
+            if not ok_dtype else (ValueError, r"^features must have shape \(5, C\)")
+    else:
+        exc, match = TypeError, r"^features must be a NumPy/CuPy array"
+    with pytest.raises(exc, match=match):
+        x.with_features(value)
+
+
+# --------------------------------------------------------------------------- spatial_shape
+@pytest.mark.parametrize("shape,match", [
+    (None, r"spatial_shape must be a sequence of ints \(one per spatial axis\); got "
+           r"NoneType None"),
+    (4.0, r"got float 4\.0"),
+    ("44", r"got str '44'"),
+    (b"44", r"got bytes"),
+    ([[4, 4]], r"got list \[\[4, 4\]\], whose entry 0 is list"),
+    ((4, 4.5), r"whose entry 1 is float 4\.5"),
+    ((4, None), r"whose entry 1 is NoneType"),
+    (np.array(4), r"e\.g\. a 1-D integer array; got ndarray of shape \(\) and dtype int64"),
+    (np.array([[4, 4]]), r"got ndarray of shape \(1, 2\)"),
+    (np.array([4.0, 4.0]), r"spatial_shape"),
+    (object(), r"got object"),
+])
+def test_spatial_shape_type_errors(build, shape, match):
+    with pytest.raises(TypeError, match=match):
+        build(_feats(1), np.array([[0, 1, 1]], np.int32), shape)
+
+
+def test_spatial_shape_integer_array_accepted():
+    x = sg.SparseTensor(_feats(1), np.array([[0, 1, 1]], np.int32), np.array([4, 5]))
+    assert x.spatial_shape == (4, 5) and all(type(s) is int for s in x.spatial_shape)
+
+
+@pytest.mark.parametrize("size", [None, "3", 3.0, np.array([[3, 3]]), (3, None)])
+def test_filter_size_type_errors(size):
+    with pytest.raises(TypeError, match="filter_size must be an int or a sequence of 2 ints"):
+        sg.max_pool(_tensor(), filter_size=size)
+
+
+# --------------------------------------------------------------------------- weight first
+@pytest.mark.parametrize("op", ["submanifold_conv", "conv", "full_conv", "deconv",
+                                "randomized_conv"])
+def test_weight_checked_before_rulebook(op, monkeypatch):
+    """A (27, 1, 1) weight with a 301^3 filter: refused at once (it used to build a
+    27-million-offset rulebook for minutes before an empty MemoryError)."""
+    from sparsegrid import cpu
+    x = sg.SparseTensor(_feats(2), np.array([[0, 1, 1, 1], [0, 300, 300, 300]], np.int32),
+                        (301, 301, 301))
+    y = sg.conv(x, np.ones((1, 1, 1), np.float32), filter_size=1, stride=1)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a rulebook was built before the weight was checked")
+
+    for name in ("submanifold_rules", "strided_rules", "window_rules", "full_rules"):
+        monkeypatch.setattr(cpu, name, boom)
+    target = y if op == "deconv" else x
+    kwargs = {"filter_size": 301} if op == "submanifold_conv" else \
+        {"filter_size": 301, "stride": 1}
+    with pytest.raises(ValueError, match=r"weight has 27 kernel offsets but the filter has "
+                                         r"27270901"):
+        getattr(sg.functional, op)(target, np.ones((27, 1, 1), np.float32), **kwargs)
+
+
+def test_permutohedral_weight_checked_before_rulebook(monkeypatch):
+    from sparsegrid import cpu
+    monkeypatch.setattr(cpu, "offset_rules", lambda *a: (_ for _ in ()).throw(AssertionError))
+    with pytest.raises(ValueError, match=r"weight has 9 kernel offsets but the filter has 7"):
+        F.permutohedral_conv(_tensor(), np.ones((9, 2, 1), np.float32))
+
+
+@pytest.mark.parametrize("op", ["max_pool", "avg_pool"])
+def test_n_features_to_drop_checked_before_rulebook(op, monkeypatch):
+    from sparsegrid import cpu
+    monkeypatch.setattr(cpu, "strided_rules", lambda *a: (_ for _ in ()).throw(AssertionError))
+    with pytest.raises(ValueError, match="n_features_to_drop"):
+        getattr(sg, op)(_tensor(n_channels=2), 2, 2, 7)

@@ -132,26 +132,41 @@ def submanifold_rules(indices, order, spatial_shape, batch_size, filter_size, di
 
 
 def _per_axis_taps(coords, filter_size, stride, out_shape):
-    """Per axis, the at most ceil(f / s) taps through which each site reaches an output.
+    """Per axis, the taps through which each site reaches an output: a range per site.
 
     Site x reaches output o through tap delta iff x = o * s + delta with 0 <= o < out, so
-    delta = x mod s + j * s for j = 0, 1, ...; returns, per axis, lists over j of
-    (valid mask, tap, output coordinate).
+    delta = x mod s + j * s and o = q - j (q = x div s); the valid j are the contiguous
+    range max(0, q - out + 1) <= j <= min(q, (f - 1 - x mod s) div s), at most ceil(f / s)
+    of them. Returns, per axis, ``(count, tap, out, (tap_step, out_step), width)``: per
+    site the number of taps and the first one's (tap, output coordinate), int64 arrays;
+    the i-th tap of a site is ``tap + i * tap_step`` with output ``out + i * out_step``.
     """
     axes = []
     for d, (f, s, n_out) in enumerate(zip(filter_size, stride, out_shape)):
-        f, s, x = int(f), int(s), coords[:, d]
+        f, s, n_out, x = int(f), int(s), int(n_out), coords[:, d]
         power = s & (s - 1) == 0      # coordinates are >= 0: a mask and a shift
+        shift = s.bit_length() - 1
         first = x & (s - 1) if power else x % s
-        choices = []
-        for j in range(-(-f // s)):
-            tap = first + j * s
-            o = (x - tap) >> (s.bit_length() - 1) if power else (x - tap) // s
-            valid = (o >= 0) & (o < n_out)
-            if j * s + s > f:          # only then can tap = first + j * s reach f
-                valid &= tap < f
-            choices.append((valid, tap, o))
-        axes.append(choices)
+        q = x - first
+        if power:
+            q >>= shift
+        else:
+            q //= s
+        last = f - 1 - first          # tap = first + j * s <= f - 1
+        if power:
+            last >>= shift
+        else:
+            last //= s
+        low = q - (n_out - 1)
+        np.maximum(low, 0, out=low)
+        count = np.minimum(q, last, out=last)
+        count -= low
+        count += 1
+        np.maximum(count, 0, out=count)
+        q -= low                      # output of the first valid tap
+        low *= s
+        low += first                  # the first valid tap
+        axes.append((count, low, q, (s, -1), -(-f // s)))
     return axes
 
 
@@ -159,9 +174,11 @@ def strided_rules(indices, spatial_shape, batch_size, filter_size, stride, out_s
     """Pairs of a strided convolution / pooling: input = output * stride + delta.
 
     An output site is active iff some active input lies in its window. Output sites come
-    back sorted by (batch, x1, ..., xD). The loop runs over the prod(ceil(f / s)) ways a
-    site can fall into windows (1 for f <= s), not over the prod(f) kernel offsets; pairs
-    are then grouped by offset with a stable sort, keeping input-row order within one.
+    back sorted by (batch, x1, ..., xD). Per axis each site falls into a contiguous range
+    of at most ceil(f / s) windows; a site's pairs are the product of its ranges, built by
+    one repeat per axis (no Python loop over windows or kernel offsets: a window as large
+    as the grid costs what its pairs cost). The pairs are then grouped by offset with a
+    stable sort, in increasing input-row order within one offset.
 
     Returns
     -------
@@ -171,14 +188,17 @@ def strided_rules(indices, spatial_shape, batch_size, filter_size, stride, out_s
     """
     coords = indices[:, 1:].astype(np.int64)
     axes = _per_axis_taps(coords, filter_size, stride, out_shape)
-    return _rules_from_taps(indices, axes, batch_size, filter_size, out_shape)
+    return _rules_from_taps(indices, axes, batch_size, filter_size, out_shape, False)
 
 
 def _window_taps(coords, filter_size, starts):
     """:func:`_per_axis_taps` for windows starting at arbitrary ``starts[d]`` per axis.
 
     ``starts[d]`` is an increasing int64 array (one start per output coordinate); window
-    o of axis d covers ``[starts[d][o], starts[d][o] + f - 1]``.
+    o of axis d covers ``[starts[d][o], starts[d][o] + f - 1]``. The windows covering a
+    cell, in increasing o, are its slots j = 0, 1, ...; the (tap, o) of every (cell, slot)
+    lie in one table sorted by cell. Per axis ``(count, at, None, (taps, outs), width)``:
+    per site the number of slots and the table position of slot 0.
     """
     axes = []
     for d, (f, st) in enumerate(zip(filter_size, starts)):
@@ -190,17 +210,13 @@ def _window_taps(coords, filter_size, starts):
         order = np.argsort(cells, kind="stable")
         cells, outs, taps = cells[order], outs[order], taps[order]
         size = int(max(coords[:, d].max(initial=0), cells.max(initial=0))) + 1
-        first = np.searchsorted(cells, cells)                     # start of each cell's run
-        slot = np.arange(len(cells)) - first
+        slot = np.arange(len(cells)) - np.searchsorted(cells, cells)
         width = int(slot.max(initial=-1)) + 1
-        valid = np.zeros((size, width), bool)
-        tap_table = np.zeros((size, width), np.int64)
-        out_table = np.zeros((size, width), np.int64)
-        valid[cells, slot] = True
-        tap_table[cells, slot] = taps
-        out_table[cells, slot] = outs
+        every_cell = np.arange(size)
+        run_start = np.searchsorted(cells, every_cell)
+        run_length = np.searchsorted(cells, every_cell, side="right") - run_start
         c = coords[:, d]
-        axes.append([(valid[c, j], tap_table[c, j], out_table[c, j]) for j in range(width)])
+        axes.append((run_length[c], run_start[c], None, (taps, outs), width))
     return axes
 
 
@@ -208,48 +224,106 @@ def window_rules(indices, spatial_shape, batch_size, filter_size, starts, out_sh
     """Pairs of a strided op whose windows start at ``starts[d][o]`` on axis d.
 
     RandomizedStrideConvolution / RandomizedStrideMaxPooling use it with randomly spaced,
-    strictly increasing starts. Same return values as :func:`strided_rules`.
+    strictly increasing starts. Same return values as :func:`strided_rules`; within one
+    offset, pairs are ordered by their slots (j_1, ..., j_D), then by input row.
     """
     coords = indices[:, 1:].astype(np.int64)
     axes = _window_taps(coords, filter_size, starts)
-    return _rules_from_taps(indices, axes, batch_size, filter_size, out_shape)
+    return _rules_from_taps(indices, axes, batch_size, filter_size, out_shape, True)
 
 
-def _rules_from_taps(indices, axes, batch_size, filter_size, out_shape):
+def _stable_order(values, bound):
+    """Stable argsort of non-negative int64 ``values`` below ``bound`` (a radix sort when
+    they fit 16 bits)."""
+    return np.argsort(values.astype(np.uint16) if bound <= 2**16 else values, kind="stable")
+
+
+def _spread(acc, parent, begin, step):
+    """``acc[parent[p]] + (p - begin[parent[p]]) * step`` for every pair p (``step`` != 0)."""
+    acc -= begin * step
+    acc = acc.take(parent)
+    acc += np.arange(0, len(parent) * step, step, dtype=np.int64)
+    return acc
+
+
+def _rules_from_taps(indices, axes, batch_size, filter_size, out_shape, by_slot):
+    """Pairs from per-axis tap ranges (:func:`_per_axis_taps`, :func:`_window_taps`).
+
+    Row by row, a site's pairs are the product of its per-axis ranges, last axis fastest:
+    one repeat per axis on which some site has several taps, so the work and memory are
+    proportional to the pairs. With ``by_slot``, pairs of one offset are ordered by
+    their slots (j_1, ..., j_D) before the input row (the order of one pass per slot
+    combination); regular windows give one offset one slot combination, so there that
+    order is plain input-row order.
+    """
+    n = len(indices)
     out_strides = packing_strides(out_shape, batch_size)
     tap_strides = packing_strides(filter_size, 1)[1:]
-    batch_key = indices[:, 0].astype(np.int64) * out_strides[0]
-    rows_list, offset_list, key_list = [], [], []
-    for choice in itertools.product(*[range(len(a)) for a in axes]):
-        mask = axes[0][choice[0]][0]
-        for d in range(1, len(choice)):
-            mask = mask & axes[d][choice[d]][0]
-        rows = np.flatnonzero(mask)
-        every = len(rows) == len(mask)   # every row: no gathers needed
-        offset = np.zeros(len(rows), np.int64)
-        key = batch_key.copy() if every else batch_key[rows]
-        for d, j in enumerate(choice):
-            _, tap, o = axes[d][j]
-            offset += (tap if every else tap[rows]) * tap_strides[d]
-            key += (o if every else o[rows]) * out_strides[d + 1]
-        rows_list.append(rows)
-        offset_list.append(offset)
-        key_list.append(key)
-    empty = np.zeros(0, np.int64)
-    rows = np.concatenate(rows_list) if rows_list else empty
-    offsets = np.concatenate(offset_list) if offset_list else empty
-    keys = np.concatenate(key_list) if key_list else empty
     n_offsets = math.prod(filter_size)
-    # A stable sort by offset (radix sort for K < 2**16) groups the pairs by offset; with
-    # regular windows each offset comes from exactly one choice, so its pairs are also in
-    # increasing input-row order (random windows: not necessarily; nothing relies on it).
-    sort_keys = offsets.astype(np.uint16) if n_offsets <= 2**16 else offsets
-    order = np.argsort(sort_keys, kind="stable")
-    counts = np.bincount(offsets, minlength=n_offsets)
-    bounds = np.cumsum(counts)[:-1]
-    pairs_in = np.split(rows[order], bounds)
-    out_keys = np.split(keys[order], bounds)
-    return _finish_new_sites(pairs_in, out_keys, out_shape)
+    alive = np.ones(n, bool)
+    for axis in axes:
+        alive &= axis[0] > 0
+    rows = None if alive.all() else np.flatnonzero(alive)   # None: every row, in order
+    key = indices[:, 0].astype(np.int64) * out_strides[0]
+    if rows is not None:
+        key = key[rows]
+    offset = np.zeros(len(key), np.int64)
+    slot = np.zeros(len(key), np.int64) if by_slot else None
+    for d, (count, tap, out, step, width) in enumerate(axes):
+        tap_stride, out_stride = tap_strides[d], out_strides[d + 1]
+        c = count if rows is None else count[rows]
+        if rows is not None:
+            tap = tap[rows]
+            out = out if out is None else out[rows]
+        expand = len(c) and int(c.max()) > 1          # some site has several taps here
+        if expand:                                    # pair p: tap number i of parent[p]
+            index = np.int32 if len(c) < 2**31 else np.int64
+            parent = np.repeat(np.arange(len(c), dtype=index), c)
+            begin = np.cumsum(c)
+            begin -= c                                # i = p - begin[parent[p]]
+            rows = parent if rows is None else rows.take(parent)
+        if out is not None:                           # linear: tap + i * s, out - i
+            offset += tap * tap_stride
+            key += out * out_stride
+            if expand:      # acc[parent[p]] + (p - begin[parent[p]]) * step, no i array
+                offset = _spread(offset, parent, begin, step[0] * tap_stride)
+                key = _spread(key, parent, begin, step[1] * out_stride)
+        else:                                         # a table of (tap, out) per slot
+            taps, outs = step
+            if expand:
+                i = np.arange(len(parent), dtype=np.int64)
+                i -= begin.take(parent)
+                tap = tap.take(parent)
+                tap += i
+                offset = offset.take(parent)
+                key = key.take(parent)
+            offset += taps.take(tap) * tap_stride
+            key += outs.take(tap) * out_stride
+        if by_slot:                                   # slot combination, lexicographic
+            if expand:
+                slot = slot.take(parent)
+                slot *= width
+                slot += i
+            else:
+                slot *= width
+    if rows is None:
+        rows = np.arange(n)
+    # Group by offset with a stable sort (the pairs are in input-row order so far). The slot
+    # combinations number at most prod(filter_size), which packing_strides bounds.
+    n_slots = math.prod(axis[4] for axis in axes)
+    if by_slot and n_slots > 1:
+        order = _stable_order(slot, n_slots)
+        order = order[_stable_order(offset[order], n_offsets)]
+    else:
+        order = _stable_order(offset, n_offsets)
+    offset_ptr = np.zeros(n_offsets + 1, np.int64)
+    np.cumsum(np.bincount(offset, minlength=n_offsets), out=offset_ptr[1:])
+    unique_keys, out_rows = unique_ranks(key[order])
+    if offset_ptr[-1] == 0:
+        empty = np.zeros(0, np.int32)
+        return empty, empty.copy(), offset_ptr, unpack_keys(unique_keys, out_shape)
+    in_idx = rows[order].astype(np.int32)
+    return in_idx, out_rows.astype(np.int32), offset_ptr, unpack_keys(unique_keys, out_shape)
 
 
 def offset_rules(indices, order, spatial_shape, batch_size, offsets):

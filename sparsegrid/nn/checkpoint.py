@@ -25,17 +25,33 @@ arrays are refused).
 A *weights file* (:func:`save_state_dict`) is a plain table of the state dict's arrays
 under their own keys, with no reserved entry, readable by any ``.npz``/safetensors tool.
 
-Every file is written atomically: to a temporary file in the destination folder, flushed
-to disk, then renamed over ``path`` with :func:`os.replace`, so an interrupted save
-leaves the previous file (or none), never a truncated one.
+Every file is written atomically: to a hidden temporary file in the destination folder
+(``.<name>.<8 random characters>.tmp``, held under an exclusive ``flock`` while written),
+flushed to disk, then renamed over ``path`` with :func:`os.replace`, so an interrupted save
+leaves the previous file (or none), never a truncated one; the loaders read only ``path``.
+A save that is killed (SIGKILL, SIGTERM, power loss) cannot remove its temporary; the next
+save of the same path removes such stale temporaries (only names of exactly that pattern,
+older than the new save's own and not locked by a save still running).
+
+Files are recognised by content, never by suffix: a zip archive of ``.npy`` members is an
+``.npz``; a little-endian header length that fits the file followed by a JSON object is a
+safetensors file; anything else is a :class:`CheckpointError` that says what was found.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import stat
+import struct
 import tempfile
 from collections.abc import Mapping
+
+try:
+    import fcntl
+except ImportError:  # Windows: stale temporaries are recognised by age alone
+    fcntl = None
 
 import numpy as np
 
@@ -127,18 +143,35 @@ def _encode(value, path, arrays):
                     "strings, bools, None, and lists/tuples/dicts of them)")
 
 
-def _decode(value, arrays):
+def _decode(value, arrays, path="checkpoint"):
+    """The value ``_encode`` described; a reference to an array the file does not hold
+    (a damaged file: a flipped bit renames an entry) is a CheckpointError."""
     if isinstance(value, list):
-        return [_decode(v, arrays) for v in value]
+        return [_decode(v, arrays, path) for v in value]
     if isinstance(value, dict):
         if "__array__" in value:
-            array = arrays[value["__array__"]]
+            key = value["__array__"]
+            if not isinstance(key, str) or key not in arrays:
+                raise CheckpointError(
+                    f"{path!r}: the checkpoint's metadata refers to array {key!r}, which "
+                    "the file does not hold (corrupted: a damaged entry name?)")
+            array = arrays[key]
             return array[()] if value.get("__scalar__") else array
         if "__tuple__" in value:
-            return tuple(_decode(v, arrays) for v in value["__tuple__"])
+            return tuple(_decode(v, arrays, path) for v in value["__tuple__"])
         if "__items__" in value:
-            return {_decode(k, arrays): _decode(v, arrays) for k, v in value["__items__"]}
-        return {k: _decode(v, arrays) for k, v in value.items()}
+            items = value["__items__"]
+            if not isinstance(items, list) or not all(
+                    isinstance(item, list) and len(item) == 2 for item in items):
+                raise CheckpointError(f"{path!r}: the checkpoint's metadata is corrupted "
+                                      "(a malformed '__items__' entry)")
+            try:
+                return {_decode(k, arrays, path): _decode(v, arrays, path)
+                        for k, v in items}
+            except TypeError as exc:  # an unhashable key
+                raise CheckpointError(f"{path!r}: the checkpoint's metadata is corrupted "
+                                      f"({exc})") from exc
+        return {k: _decode(v, arrays, path) for k, v in value.items()}
     return value
 
 
@@ -167,25 +200,89 @@ def _umask():
     return 0o022
 
 
+def _temp_pattern(basename):
+    """The names of the temporaries :func:`_write_arrays` creates for ``basename``:
+    ``.<basename>.<8 random characters of tempfile's alphabet>.tmp``. The random part has
+    no dot, so another target's temporaries never match."""
+    return re.compile(re.escape("." + basename + ".") + r"[a-z0-9_]{8}" + re.escape(".tmp"))
+
+
+def _remove_stale_temporaries(folder, basename, own_name, now_ns):
+    """Remove temporaries of an earlier, interrupted save of ``basename`` in ``folder``
+    (a killed process cannot remove its own): files whose name matches
+    :func:`_temp_pattern` exactly, last modified before ``now_ns`` (the current save's own
+    temporary's time, in the file system's clock) and, where POSIX locks exist, not locked
+    by a save still running (every save holds an exclusive ``flock`` on its temporary until
+    it is renamed; the kernel drops it when the process dies). Nothing else is touched;
+    failures are ignored (this is housekeeping)."""
+    pattern = _temp_pattern(basename)
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        if name == own_name or not pattern.fullmatch(name):
+            continue
+        candidate = os.path.join(folder, name)
+        try:
+            fd = os.open(candidate, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_mtime_ns >= now_ns:
+                continue
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue  # a save in progress holds it
+            try:  # the name must still be this file (not replaced meanwhile)
+                same = os.stat(candidate, follow_symlinks=False)
+            except OSError:
+                continue
+            if (same.st_dev, same.st_ino) == (info.st_dev, info.st_ino):
+                try:
+                    os.unlink(candidate)
+                except OSError:
+                    pass
+        finally:
+            os.close(fd)
+
+
 def _write_arrays(path, arrays):
     """Write ``arrays`` (name -> NumPy array) to ``path`` atomically, in the format its
-    suffix names (``.safetensors``, else ``.npz``)."""
+    suffix names (``.safetensors``, else ``.npz``).
+
+    The data go to a hidden temporary next to ``path`` (held under an exclusive ``flock``
+    while it is written), which is flushed and renamed over ``path``; stale temporaries
+    of earlier saves of the same path that were killed (SIGKILL, SIGTERM, power loss) are
+    removed first (see :func:`_remove_stale_temporaries`)."""
     path = os.fspath(path)
     safetensors = _import_safetensors() if _is_safetensors_path(path) else None
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=folder)
+    basename = os.path.basename(path)
+    fd, tmp = tempfile.mkstemp(prefix="." + basename + ".", suffix=".tmp", dir=folder)
     try:
-        if safetensors is None:
-            with os.fdopen(fd, "wb") as f:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                pass  # a file system without flock: age alone protects it
+        _remove_stale_temporaries(folder, basename, os.path.basename(tmp),
+                                  os.fstat(fd).st_mtime_ns)
+        f = os.fdopen(fd, "wb", closefd=False)
+        try:
+            if safetensors is None:
                 np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-        else:
-            os.close(fd)
-            safetensors.save_file(arrays, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+            else:
+                # save_file() would replace the file (and drop our lock): serialise to
+                # bytes and write them to the locked temporary instead
+                f.write(safetensors.save(arrays))
+            f.flush()
+        finally:
+            f.close()
+        os.fsync(fd)
         try:
             mode = os.stat(path).st_mode & 0o7777
         except OSError:
@@ -198,6 +295,8 @@ def _write_arrays(path, arrays):
         except OSError:
             pass
         raise
+    finally:
+        os.close(fd)
     try:  # make the rename itself durable (POSIX); harmless to skip elsewhere
         dir_fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -210,25 +309,86 @@ def _write_arrays(path, arrays):
         os.close(dir_fd)
 
 
+def _describe_content(head, size):
+    """What a file that is neither format looks like, for the error message."""
+    if size == 0:
+        return "an empty file (0 bytes)"
+    sample = head[:32]
+    try:
+        text = sample.decode("utf-8")
+        printable = all(ch.isprintable() or ch in "\t\r\n" for ch in text)
+    except UnicodeDecodeError:
+        printable = False
+    if printable:
+        return f"{size} bytes starting with text {text!r}"
+    return f"{size} bytes starting with 0x{sample[:16].hex()}"
+
+
+_MAX_SAFETENSORS_HEADER = 100_000_000   # safetensors' own limit on its JSON header
+
+
+def _safetensors_header(head, size):
+    """True if ``head`` (the file's first bytes) starts like a safetensors file: a
+    little-endian u64 header length N that fits in the file, then N bytes of JSON
+    holding an object. Checked here, so that a file of another kind is never mistaken for
+    one (and never asks for the safetensors package to be installed)."""
+    if len(head) < 10:
+        return False
+    (length,) = struct.unpack("<Q", head[:8])
+    if not 2 <= length <= min(_MAX_SAFETENSORS_HEADER, size - 8) or head[8:9] != b"{":
+        return False
+    return True
+
+
 def _read_arrays(path):
-    """``{name: array}`` from an ``.npz`` or ``.safetensors`` file, told apart by content."""
+    """``{name: array}`` from an ``.npz`` or ``.safetensors`` file, told apart by content
+    (never by the suffix); anything else is a CheckpointError saying what was found."""
     path = os.fspath(path)
     with open(path, "rb") as f:  # FileNotFoundError stays as it is
-        head = f.read(9)
-    try:
-        if head[:2] == b"PK":
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(4096)
+        is_safetensors = _safetensors_header(head, size)
+        if is_safetensors:
+            (length,) = struct.unpack("<Q", head[:8])
+            f.seek(8)
+            header = f.read(length)
+            try:
+                is_safetensors = isinstance(json.loads(header.decode("utf-8")), dict)
+            except (ValueError, UnicodeDecodeError):
+                is_safetensors = False
+    if head[:4] == b"PK\x03\x04" or head[:4] == b"PK\x05\x06":
+        try:
             with np.load(path, allow_pickle=False) as npz:
-                return {name: npz[name] for name in npz.files}
-        if len(head) == 9 and head[8:9] == b"{":
-            safetensors = _import_safetensors()
+                if not hasattr(npz, "files"):
+                    raise ValueError("not an .npz archive")
+                arrays = {}
+                for name in npz.files:
+                    array = npz[name]
+                    if not isinstance(array, np.ndarray):   # a zip member that is no .npy
+                        raise ValueError(f"zip member {name!r} is not a .npy array")
+                    arrays[name] = array
+                return arrays
+        except Exception as exc:
+            raise CheckpointError(f"{path!r} could not be read as an .npz file (corrupted "
+                                  f"or truncated?): {type(exc).__name__}: {exc}") from exc
+    if is_safetensors:
+        safetensors = _import_safetensors()   # a real safetensors file: the hint is right
+        try:
             return {name: np.array(array, copy=True)
                     for name, array in safetensors.load_file(path).items()}
-    except ImportError:
-        raise
-    except Exception as exc:
-        raise CheckpointError(f"{path!r} could not be read as an .npz or .safetensors file "
-                              f"(corrupted or truncated?): {type(exc).__name__}: {exc}") from exc
-    raise CheckpointError(f"{path!r} is neither an .npz nor a .safetensors file")
+        except Exception as exc:
+            raise CheckpointError(f"{path!r} could not be read as a .safetensors file "
+                                  f"(corrupted or truncated?): {type(exc).__name__}: "
+                                  f"{exc}") from exc
+    if head[:2] == b"PK":
+        found = f"a zip file of another kind or a damaged one ({_describe_content(head, size)})"
+    elif len(head) >= 9 and head[8:9] == b"{":
+        found = ("what looks like a truncated or damaged .safetensors file "
+                 f"({_describe_content(head, size)})")
+    else:
+        found = _describe_content(head, size)
+    raise CheckpointError(f"{path!r} is neither an .npz nor a .safetensors file: found "
+                          f"{found}")
 
 
 def _read_meta(path, arrays):
@@ -249,7 +409,12 @@ def _read_meta(path, arrays):
         raise CheckpointError(f"{os.fspath(path)!r} was written by a newer sparsegrid "
                               f"(checkpoint format version {meta['version']}; this one reads "
                               f"up to {VERSION})")
-    return meta.get("sections", {})
+    sections = meta.get("sections", {})
+    kinds = meta.get("kinds", {})
+    if not isinstance(sections, dict) or not isinstance(kinds, dict):
+        raise CheckpointError(f"{os.fspath(path)!r}: the checkpoint's metadata is corrupted "
+                              "(sections or kinds are not objects)")
+    return sections, kinds
 
 
 def _state_of(obj, what):
@@ -269,7 +434,7 @@ def save_checkpoint(path, model=None, optimizer=None, scheduler=None, **extra):
     ----------
     path : str or os.PathLike
         Destination, used exactly as given. A name ending in ``.safetensors`` is written
-        with the ``safetensors`` package (``safetensors.numpy.save_file``); any other name
+        with the ``safetensors`` package (``safetensors.numpy.save``); any other name
         as an uncompressed ``.npz`` archive (no suffix is appended).
     model, optimizer, scheduler : object with ``state_dict()``, or dict, optional
         Saved as ``model.state_dict()`` etc. (a dict is saved as it is).
@@ -291,11 +456,16 @@ def save_checkpoint(path, model=None, optimizer=None, scheduler=None, **extra):
     """
     arrays = {}
     sections = {}
+    kinds = {}
     for name, obj in zip(_SECTIONS, (model, optimizer, scheduler)):
         if obj is not None:
             sections[name] = _encode(_state_of(obj, name), (name,), arrays)
+            if name != "model" and not isinstance(obj, Mapping):
+                kinds[name] = type(obj).__name__
     sections["extra"] = _encode(dict(extra), ("extra",), arrays)
     meta = {"format": FORMAT, "version": VERSION, "sections": sections}
+    if kinds:  # optional (readers of version 1 ignore it): checked by load_checkpoint
+        meta["kinds"] = kinds
     try:
         text = json.dumps(meta, ensure_ascii=True)
     except ValueError as exc:  # a circular reference
@@ -307,8 +477,12 @@ def save_checkpoint(path, model=None, optimizer=None, scheduler=None, **extra):
 def load_checkpoint(path, model=None, optimizer=None, scheduler=None, strict=True):
     """Load a file written by :func:`save_checkpoint` into the given objects.
 
-    The model is loaded first (``model.load_state_dict(state, strict=strict)``), then
-    the optimizer and the schedule (``load_state_dict(state)``).
+    All or nothing: the whole file is read and decoded, and the model's, optimizer's and
+    schedule's states are all checked against their targets (keys, shapes, dtypes; the
+    optimizer's and schedule's kind and parameter groups) before anything is assigned, so
+    after an error every object is exactly as it was. (Objects of other libraries, which
+    cannot be checked without loading, are loaded first, with their own
+    ``load_state_dict``, and may still fail after one another.)
 
     Parameters
     ----------
@@ -332,26 +506,57 @@ def load_checkpoint(path, model=None, optimizer=None, scheduler=None, strict=Tru
     FileNotFoundError
         If ``path`` does not exist.
     CheckpointError
-        (a ValueError) for a corrupted, truncated or foreign file.
+        (a ValueError) for a corrupted, truncated or foreign file (including one whose
+        metadata refers to an array the file does not hold).
+    ValueError, TypeError
+        For state that does not fit its target: a shape or dtype, another kind of
+        optimizer or schedule ("checkpoint holds Adam state; the optimizer is SGD"),
+        other parameter groups, an invalid hyper-parameter.
     KeyError
         For missing keys or parts (see ``strict``).
     """
     arrays = _read_arrays(path)
-    sections = _read_meta(path, arrays)
+    where = os.fspath(path)
+    sections, kinds = _read_meta(path, arrays)
+    # 1. decode everything (a damaged file fails here, before anything is touched)
+    states = {}
     for name, obj in zip(_SECTIONS, (model, optimizer, scheduler)):
         if obj is None:
             continue
         if name not in sections:
             if strict:
-                raise KeyError(f"{os.fspath(path)!r} holds no {name} state "
+                raise KeyError(f"{where!r} holds no {name} state "
                                f"(it has: {sorted(s for s in sections if s != 'extra')})")
             continue
-        state = _decode(sections[name], arrays)
+        if not hasattr(obj, "load_state_dict"):
+            raise TypeError(f"{name} must have a load_state_dict() method; got "
+                            f"{type(obj).__name__}")
+        if name in kinds and kinds[name] != type(obj).__name__:
+            raise ValueError(f"checkpoint {where!r} holds {kinds[name]} state; the {name} "
+                             f"is {type(obj).__name__}")
+        states[name] = (obj, _decode(sections[name], arrays, where))
+    extra = _decode(sections.get("extra", {}), arrays, where)
+    # 2. check every part against its target (all of them before any is changed)
+    prepared, plain = [], []
+    for name, (obj, state) in states.items():
+        prepare = getattr(obj, "_prepare_load", None)
+        commit = getattr(obj, "_commit_load", None)
+        if callable(prepare) and callable(commit):
+            # Module._prepare_load returns (plan, missing, unexpected)
+            plan = prepare(state, strict)[0] if name == "model" else prepare(state)
+            prepared.append((commit, plan))
+        else:  # another library's object: it can only be loaded, not checked first
+            plain.append((name, obj, state))
+    # 3. assign: the objects that could not be checked first (they may still raise), then
+    # the checked ones, which cannot fail
+    for name, obj, state in plain:
         if name == "model":
             obj.load_state_dict(state, strict=strict)
         else:
             obj.load_state_dict(state)
-    return _decode(sections.get("extra", {}), arrays)
+    for commit, plan in prepared:
+        commit(plan)
+    return extra
 
 
 def save_state_dict(path, state):
@@ -412,7 +617,7 @@ def load_state_dict(path):
     arrays = _read_arrays(path)
     if META_KEY not in arrays:
         return arrays
-    sections = _read_meta(path, arrays)
+    sections, _ = _read_meta(path, arrays)
     if "model" not in sections:
         raise KeyError(f"checkpoint {os.fspath(path)!r} holds no model state")
-    return _decode(sections["model"], arrays)
+    return _decode(sections["model"], arrays, os.fspath(path))

@@ -90,10 +90,30 @@ class ConcatTable(_Numbered):
         return list(self._modules.values())[index]
 
     def forward(self, x):
-        return [module(x) for module in self._modules.values()]
+        outputs = [module(x) for module in self._modules.values()]
+        _check_branch_outputs(self, outputs)
+        return outputs
 
     def input_spatial_size(self, out_size):
         return next(iter(self._modules.values())).input_spatial_size(out_size)
+
+
+def _check_branch_outputs(module, outputs):
+    """The SparseTensor outputs of a ConcatTable's branches, checked to share one batch size
+    and one dtype: every branch sees the same batch, and the JoinTable/AddTable after a
+    ConcatTable needs both to agree. Their sites may differ (a branch may stride)."""
+    sparse = [(i, t) for i, t in enumerate(outputs) if isinstance(t, SparseTensor)]
+    if not sparse:
+        return
+    name = type(module).__name__
+    i0, first = sparse[0]
+    for i, t in sparse[1:]:
+        if t.batch_size != first.batch_size:
+            raise ValueError(f"{name}: branch {i} returned a batch of {t.batch_size} samples; "
+                             f"branch {i0} returned {first.batch_size}")
+        if t.dtype != first.dtype:
+            raise TypeError(f"{name}: branch {i} returned {t.dtype} features; branch {i0} "
+                            f"returned {first.dtype} (convert the branches to one dtype)")
 
 
 def _same_sites(module, tensors):
@@ -106,8 +126,15 @@ def _same_sites(module, tensors):
         if not isinstance(t, SparseTensor):
             raise TypeError(f"{type(module).__name__} input {i} is a {type(t).__name__}, "
                             "not a SparseTensor")
+        if t.dtype != first.dtype:
+            raise TypeError(f"{type(module).__name__} needs tensors of one dtype; input {i} "
+                            f"has {t.dtype} features, input 0 has {first.dtype}")
         if t.sites is first.sites:
             continue
+        if t.batch_size != first.batch_size:
+            raise ValueError(f"{type(module).__name__} needs tensors of the same batch size; "
+                             f"input {i} has {t.batch_size} samples, input 0 has "
+                             f"{first.batch_size}")
         if t.spatial_shape != first.spatial_shape or t.n_active != first.n_active or \
                 not bool((t.indices == first.indices).all()):
             raise ValueError(f"{type(module).__name__} needs tensors on the same sites in the "

@@ -16,6 +16,8 @@ Deliberate differences from SCN are listed in docs/differences_from_scn.md.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 import weakref
 
 import numpy as np
@@ -95,10 +97,97 @@ def _normal(shape, std):
     return (default_rng().standard_normal(shape) * std).astype(np.float32)
 
 
-def _positive_int(value, name):
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int; got {value!r}")
-    return int(value)
+# -- argument checks (every constructor runs these before any work or allocation) -----------
+MAX_DIMENSION = 10          # a 3-wide filter then has 3**10 = 59,049 offsets
+MAX_PARAMETER_BYTES = 2 * 1024 ** 3
+
+
+def _given(value):
+    """``value`` and its type, for an error message."""
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _integer(value):
+    """``value`` as a Python int when it is an integer (not a bool), else None."""
+    if isinstance(value, (bool, np.bool_, float, np.floating)) or \
+            getattr(getattr(value, "dtype", None), "kind", "i") not in "iu":
+        return None
+    if isinstance(value, (numbers.Integral, np.integer)):
+        return int(value)
+    try:                                    # 0-d integer arrays, torch integer scalars
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _int_arg(owner, name, value, minimum=1, maximum=None):
+    """``value`` checked to be an int in [minimum, maximum] (bool refused)."""
+    expected = (f"an int in [{minimum}, {maximum}]" if maximum is not None else
+                "a positive int" if minimum == 1 else "a non-negative int" if minimum == 0
+                else f"an int >= {minimum}")
+    n = _integer(value)
+    if n is None:
+        raise TypeError(f"{owner}: {name} must be {expected}; got {_given(value)}")
+    if n < minimum or (maximum is not None and n > maximum):
+        raise ValueError(f"{owner}: {name} must be {expected}; got {n}")
+    return n
+
+
+def _dimension(owner, value):
+    return _int_arg(owner, "dimension", value, 1, MAX_DIMENSION)
+
+
+def _real_arg(owner, name, value, low=None, high=None, low_open=False, high_open=False):
+    """``value`` checked to be a finite real number (bool refused) within the bounds."""
+    if low is None and high is None:
+        expected = "a finite number"
+    elif high is None:
+        expected = f"a finite number {'>' if low_open else '>='} {low:g}"
+    elif low is None:
+        expected = f"a finite number {'<' if high_open else '<='} {high:g}"
+    else:
+        expected = (f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+                    ", a finite number")
+    if isinstance(value, (bool, np.bool_)) or \
+            not isinstance(value, (numbers.Real, np.integer, np.floating)):
+        raise TypeError(f"{owner}: {name} must be {expected}; got {_given(value)}")
+    v = float(value)
+    if not math.isfinite(v) or \
+            (low is not None and (v < low or (low_open and v == low))) or \
+            (high is not None and (v > high or (high_open and v == high))):
+        raise ValueError(f"{owner}: {name} must be {expected}; got {value!r}")
+    return v
+
+
+def _flag_arg(owner, name, value):
+    """``value`` checked to be a bool (or the ints 0 and 1)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    n = _integer(value)
+    if n in (0, 1):
+        return bool(n)
+    raise TypeError(f"{owner}: {name} must be a bool; got {_given(value)}")
+
+
+def _sizes(owner, value, dimension, name):
+    """A filter/pool size or stride: an int or D positive ints, named after ``owner``."""
+    return _size(value, dimension, f"{owner}: {name}")
+
+
+def _check_parameter_bytes(owner, shape, dtype=np.float32,
+                           hint="the filter size, nIn, nOut and dimension"):
+    """Refuse a parameter too large to be a mistake-free request, before allocating it."""
+    n_bytes = math.prod(int(s) for s in shape) * np.dtype(dtype).itemsize
+    if n_bytes > MAX_PARAMETER_BYTES:
+        raise MemoryError(f"{owner}: a parameter of shape {tuple(shape)} ({np.dtype(dtype)}) "
+                          f"would take {n_bytes:,} bytes ({n_bytes / 1024 ** 3:.1f} GiB), over "
+                          f"the limit of {MAX_PARAMETER_BYTES:,} bytes; check {hint}")
+    return shape
+
+
+def _batch_size_arg(owner, value):
+    """An optional batch size: a non-negative int (bool refused)."""
+    return _int_arg(owner, "batch_size", value, 0)
 
 
 # -- input and output -----------------------------------------------------------------------
@@ -148,10 +237,18 @@ def _input_record(x):
     return _input_records.get(x.grid)
 
 
+def _shape_of_input(input):
+    if isinstance(input, (list, tuple)):
+        return f"a {type(input).__name__} of {len(input)} items"
+    return f"a {type(input).__name__}"
+
+
 class InputLayerInput(list):
     """SCN's ``InputLayerInput(coords, features)``: a two-item sequence."""
 
     def __init__(self, coords, features, batch_size=None):
+        if batch_size is not None:
+            batch_size = _batch_size_arg("InputLayerInput", batch_size)
         super().__init__([coords, features] + ([] if batch_size is None else [batch_size]))
 
 
@@ -168,8 +265,9 @@ class InputLayer(Module):
 
     def __init__(self, dimension, spatial_size, mode=3):
         super().__init__()
-        self.dimension = _positive_int(dimension, "dimension")
-        self.spatial_size = _spatial(spatial_size, self.dimension)
+        owner = type(self).__name__
+        self.dimension = _dimension(owner, dimension)
+        self.spatial_size = _spatial(spatial_size, self.dimension, f"{owner}: spatial_size")
         self.mode = self._mode_name(mode)
 
     @staticmethod
@@ -189,9 +287,10 @@ class InputLayer(Module):
     def forward(self, input):
         if not isinstance(input, (list, tuple)) or len(input) not in (2, 3):
             raise TypeError("InputLayer expects [coords, features] or [coords, features, "
-                            f"batch_size]; got {type(input).__name__}")
+                            f"batch_size]; got {_shape_of_input(input)}")
+        batch_size = None if len(input) == 2 else _batch_size_arg(
+            f"{type(self).__name__} input", input[2])
         indices = _scn_coordinates(input[0], self.dimension)
-        batch_size = None if len(input) == 2 else int(input[2])
         if batch_size is not None and len(indices):
             batch_size = max(batch_size, int(indices[:, 0].max()) + 1)  # SCN: a lower bound
         return self._remember(*F.input_layer(indices, _dense_input(input[1]),
@@ -203,7 +302,7 @@ class OutputLayer(Module):
 
     def __init__(self, dimension):
         super().__init__()
-        self.dimension = _positive_int(dimension, "dimension")
+        self.dimension = _dimension(type(self).__name__, dimension)
 
     def extra_repr(self):
         return str(self.dimension)
@@ -241,13 +340,15 @@ class BLInputLayer(InputLayer):
 
     @staticmethod
     def _mode_name(mode):
-        if isinstance(mode, (int, np.integer)) and int(mode) in _BL_MODES:
+        if isinstance(mode, (int, np.integer)) and not isinstance(mode, bool) and \
+                int(mode) in _BL_MODES:
             return _BL_MODES[int(mode)]
         return F.input_mode_name(mode)
 
     def forward(self, input):
         if not isinstance(input, (list, tuple)) or len(input) != 2:
-            raise TypeError("BLInputLayer expects [coords (B, L, D), features (B, L, C)]")
+            raise TypeError("BLInputLayer expects [coords (B, L, D), features (B, L, C)] (the "
+                            f"batch size is B); got {_shape_of_input(input)}")
         coords = _coordinate_array(input[0])
         xp = backend.array_namespace(coords)
         feats = _dense_input(input[1])
@@ -287,21 +388,23 @@ class _Convolution(Module):
     def __init__(self, dimension, nIn, nOut, filter_size, filter_stride, bias, groups=1,
                  filter_volume=None):
         super().__init__()
-        self.dimension = _positive_int(dimension, "dimension")
-        self.nIn = _positive_int(nIn, "nIn")
-        self.nOut = _positive_int(nOut, "nOut")
-        self.groups = _positive_int(groups, "groups")
+        owner = type(self).__name__
+        self.dimension = _dimension(owner, dimension)
+        self.nIn = _int_arg(owner, "nIn", nIn)
+        self.nOut = _int_arg(owner, "nOut", nOut)
+        self.groups = _int_arg(owner, "groups", groups)
         if self.nIn % self.groups or self.nOut % self.groups:
-            raise ValueError(f"groups={groups} must divide nIn={nIn} and nOut={nOut}")
+            raise ValueError(f"{owner}: groups={groups} must divide nIn={nIn} and nOut={nOut}")
+        bias = _flag_arg(owner, "bias", bias)
         if filter_volume is None:
-            self.filter_size = _size(filter_size, self.dimension, "filter_size")
-            self.filter_stride = _size(filter_stride, self.dimension, "filter_stride")
+            self.filter_size = _sizes(owner, filter_size, self.dimension, "filter_size")
+            self.filter_stride = _sizes(owner, filter_stride, self.dimension, "filter_stride")
             filter_volume = math.prod(self.filter_size)
         self.filter_volume = filter_volume
         std = math.sqrt(2.0 * self.groups / self.nIn / filter_volume)
         shape = (filter_volume, self.nIn, self.nOut) if self.groups == 1 else \
             (filter_volume, self.groups, self.nIn // self.groups, self.nOut // self.groups)
-        self.weight = Parameter(_normal(shape, std))
+        self.weight = Parameter(_normal(_check_parameter_bytes(owner, shape), std))
         self.bias = Parameter(np.zeros(self.nOut, np.float32)) if bias else None
 
     def _convert_loaded(self, name, value, shape):
@@ -422,7 +525,7 @@ class PermutohedralSubmanifoldConvolution(_Convolution):
     """
 
     def __init__(self, dimension, nIn, nOut, bias, groups=1):
-        d = _positive_int(dimension, "dimension")
+        d = _dimension(type(self).__name__, dimension)
         super().__init__(d, nIn, nOut, None, None, bias, groups,
                          filter_volume=len(permutohedral_offsets(d)))
         # SCN initialises this layer without the groups factor.
@@ -438,9 +541,12 @@ class NetworkInNetwork(Module):
 
     def __init__(self, nIn, nOut, bias=False):
         super().__init__()
-        self.nIn = _positive_int(nIn, "nIn")
-        self.nOut = _positive_int(nOut, "nOut")
-        self.weight = Parameter(_normal((self.nIn, self.nOut), math.sqrt(2.0 / self.nIn)))
+        owner = type(self).__name__
+        self.nIn = _int_arg(owner, "nIn", nIn)
+        self.nOut = _int_arg(owner, "nOut", nOut)
+        bias = _flag_arg(owner, "bias", bias)
+        shape = _check_parameter_bytes(owner, (self.nIn, self.nOut), hint="nIn and nOut")
+        self.weight = Parameter(_normal(shape, math.sqrt(2.0 / self.nIn)))
         self.bias = Parameter(np.zeros(self.nOut, np.float32)) if bias else None
 
     def extra_repr(self):
@@ -459,9 +565,10 @@ class ShapeContext(Module):
 
     def __init__(self, dimension, nIn, filter_size=3):
         super().__init__()
-        self.dimension = _positive_int(dimension, "dimension")
-        self.nIn = _positive_int(nIn, "nIn")
-        self.filter_size = _size(filter_size, self.dimension, "filter_size")
+        owner = type(self).__name__
+        self.dimension = _dimension(owner, dimension)
+        self.nIn = _int_arg(owner, "nIn", nIn)
+        self.filter_size = _sizes(owner, filter_size, self.dimension, "filter_size")
         self.nOut = self.nIn * math.prod(self.filter_size)
 
     def extra_repr(self):
@@ -476,10 +583,11 @@ class ShapeContext(Module):
 class _Pooling(Module):
     def __init__(self, dimension, pool_size, pool_stride, nFeaturesToDrop=0):
         super().__init__()
-        self.dimension = _positive_int(dimension, "dimension")
-        self.pool_size = _size(pool_size, self.dimension, "pool_size")
-        self.pool_stride = _size(pool_stride, self.dimension, "pool_stride")
-        self.nFeaturesToDrop = int(nFeaturesToDrop)
+        owner = type(self).__name__
+        self.dimension = _dimension(owner, dimension)
+        self.pool_size = _sizes(owner, pool_size, self.dimension, "pool_size")
+        self.pool_stride = _sizes(owner, pool_stride, self.dimension, "pool_stride")
+        self.nFeaturesToDrop = _int_arg(owner, "nFeaturesToDrop", nFeaturesToDrop, 0)
 
     def extra_repr(self):
         s = f"{self.dimension}, {_short(self.pool_size)}, {_short(self.pool_stride)}"
@@ -539,15 +647,16 @@ class BatchNormalization(Module):
 
     def __init__(self, nPlanes, eps=1e-4, momentum=0.99, affine=True, leakiness=1):
         super().__init__()
-        self.nPlanes = _positive_int(nPlanes, "nPlanes")
-        self.eps = float(eps)
-        self.momentum = float(momentum)
-        self.affine = bool(affine)
-        self.leakiness = float(leakiness)
+        owner = type(self).__name__
+        self.nPlanes = _int_arg(owner, "nPlanes", nPlanes)
+        self.eps, self.momentum = _eps_momentum(owner, eps, momentum)
+        self.affine = _flag_arg(owner, "affine", affine)
+        self.leakiness = _real_arg(owner, "leakiness", leakiness)
+        _check_parameter_bytes(owner, (4, self.nPlanes), hint="nPlanes")  # 2 buffers, 2 params
         self.register_buffer("running_mean", np.zeros(self.nPlanes, np.float32))
         self.register_buffer("running_var", np.ones(self.nPlanes, np.float32))
-        self.weight = Parameter(np.ones(self.nPlanes, np.float32)) if affine else None
-        self.bias = Parameter(np.zeros(self.nPlanes, np.float32)) if affine else None
+        self.weight = Parameter(np.ones(self.nPlanes, np.float32)) if self.affine else None
+        self.bias = Parameter(np.zeros(self.nPlanes, np.float32)) if self.affine else None
 
     def extra_repr(self):
         s = f"{self.nPlanes}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}"
@@ -557,6 +666,11 @@ class BatchNormalization(Module):
         x = _check_planes(self, x, self.nPlanes)
         return F.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
                             self.training, self.momentum, self.eps, self.leakiness)
+
+
+def _eps_momentum(owner, eps, momentum):
+    return (_real_arg(owner, "eps", eps, low=0, low_open=True),
+            _real_arg(owner, "momentum", momentum, low=0, high=1))
 
 
 class BatchNormReLU(BatchNormalization):
@@ -572,6 +686,8 @@ class BatchNormLeakyReLU(BatchNormalization):
 def BatchNormELU(nPlanes, eps=1e-4, momentum=0.9):
     """SCN's BatchNormELU: ``Sequential(BatchNormalization, ELU)``."""
     from .containers import Sequential
+    _int_arg("BatchNormELU", "nPlanes", nPlanes)
+    _eps_momentum("BatchNormELU", eps, momentum)
     return Sequential(BatchNormalization(nPlanes, eps, momentum), ELU())
 
 
@@ -582,12 +698,14 @@ class MeanOnlyBNLeakyReLU(Module):
 
     def __init__(self, nPlanes, affine=True, leakiness=1, momentum=0.99):
         super().__init__()
-        self.nPlanes = _positive_int(nPlanes, "nPlanes")
-        self.affine = bool(affine)
-        self.leakiness = float(leakiness)
-        self.momentum = float(momentum)
+        owner = type(self).__name__
+        self.nPlanes = _int_arg(owner, "nPlanes", nPlanes)
+        self.affine = _flag_arg(owner, "affine", affine)
+        self.leakiness = _real_arg(owner, "leakiness", leakiness)
+        self.momentum = _real_arg(owner, "momentum", momentum, low=0, high=1)
+        _check_parameter_bytes(owner, (2, self.nPlanes), hint="nPlanes")
         self.register_buffer("running_mean", np.zeros(self.nPlanes, np.float32))
-        self.bias = Parameter(np.zeros(self.nPlanes, np.float32)) if affine else None
+        self.bias = Parameter(np.zeros(self.nPlanes, np.float32)) if self.affine else None
 
     def extra_repr(self):
         return f"{self.nPlanes}, momentum={self.momentum}, leakiness={self.leakiness}"
@@ -618,14 +736,17 @@ class SparseGroupNorm(Module):
 
     def __init__(self, num_groups, num_channels, eps=1e-5, affine=True):
         super().__init__()
-        self.num_groups = _positive_int(num_groups, "num_groups")
-        self.num_channels = _positive_int(num_channels, "num_channels")
+        owner = type(self).__name__
+        self.num_groups = _int_arg(owner, "num_groups", num_groups)
+        self.num_channels = _int_arg(owner, "num_channels", num_channels)
         if self.num_channels % self.num_groups:
-            raise ValueError(f"num_groups={num_groups} must divide num_channels={num_channels}")
-        self.eps = float(eps)
-        self.affine = bool(affine)
-        self.weight = Parameter(np.ones(self.num_channels, np.float32)) if affine else None
-        self.bias = Parameter(np.zeros(self.num_channels, np.float32)) if affine else None
+            raise ValueError(f"{owner}: num_groups={num_groups} must divide "
+                             f"num_channels={num_channels}")
+        self.eps = _real_arg(owner, "eps", eps, low=0, low_open=True)
+        self.affine = _flag_arg(owner, "affine", affine)
+        _check_parameter_bytes(owner, (2, self.num_channels), hint="num_channels")
+        self.weight = Parameter(np.ones(self.num_channels, np.float32)) if self.affine else None
+        self.bias = Parameter(np.zeros(self.num_channels, np.float32)) if self.affine else None
 
     def extra_repr(self):
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
@@ -656,8 +777,19 @@ class ReLU(_Activation):
     _fn = staticmethod(ops.relu)
 
 
-class ELU(_Activation):
-    _fn = staticmethod(ops.elu)
+class ELU(Module):
+    """``x`` where positive, ``alpha * (exp(x) - 1)`` elsewhere (SCN's ELU: alpha 1)."""
+
+    def __init__(self, alpha=1.0):
+        super().__init__()
+        self.alpha = _real_arg(type(self).__name__, "alpha", alpha)
+
+    def extra_repr(self):
+        return f"alpha={self.alpha:.4g}" if self.alpha != 1 else ""
+
+    def forward(self, x):
+        x = _check_input(self, x)
+        return _map_features(x, lambda f: ops.elu(f, self.alpha))
 
 
 class SELU(_Activation):
@@ -667,7 +799,7 @@ class SELU(_Activation):
 class LeakyReLU(Module):
     def __init__(self, leak=1 / 3):
         super().__init__()
-        self.leak = float(leak)
+        self.leak = _real_arg(type(self).__name__, "leak", leak)
 
     def extra_repr(self):
         return f"leak={self.leak:.4g}"
@@ -686,9 +818,7 @@ class Dropout(Module):
 
     def __init__(self, p=0.5):
         super().__init__()
-        if not 0 <= p < 1:
-            raise ValueError(f"p must be in [0, 1); got {p}")
-        self.p = float(p)
+        self.p = _real_arg(type(self).__name__, "p", p, low=0, high=1, high_open=True)
 
     def extra_repr(self):
         return f"p={self.p}"
@@ -719,8 +849,9 @@ class SparseToDense(Module):
 
     def __init__(self, dimension, nPlanes):
         super().__init__()
-        self.dimension = _positive_int(dimension, "dimension")
-        self.nPlanes = _positive_int(nPlanes, "nPlanes")
+        owner = type(self).__name__
+        self.dimension = _dimension(owner, dimension)
+        self.nPlanes = _int_arg(owner, "nPlanes", nPlanes)
 
     def extra_repr(self):
         return f"{self.dimension}, {self.nPlanes}"
@@ -735,7 +866,7 @@ class DenseToSparse(Module):
 
     def __init__(self, dimension):
         super().__init__()
-        self.dimension = _positive_int(dimension, "dimension")
+        self.dimension = _dimension(type(self).__name__, dimension)
 
     def extra_repr(self):
         return str(self.dimension)
@@ -767,10 +898,13 @@ class Sparsify(Module):
 
     def __init__(self, dimension, nIn, activation=None):
         super().__init__()
-        if activation not in (None, "sigmoid", "fakeGradHardSigmoid"):
-            raise ValueError(f"activation must be None, 'sigmoid' or 'fakeGradHardSigmoid'; "
-                             f"got {activation!r}")
-        self.dimension = _positive_int(dimension, "dimension")
+        owner = type(self).__name__
+        if not (activation is None or isinstance(activation, str)) or \
+                activation not in (None, "sigmoid", "fakeGradHardSigmoid"):
+            raise ValueError(f"{owner}: activation must be None, 'sigmoid' or "
+                             f"'fakeGradHardSigmoid'; got {activation!r}")
+        self.dimension = _dimension(owner, dimension)
+        _int_arg(owner, "nIn", nIn)
         self.activation = activation
         # SCN's module tree (and so its checkpoint keys): Sequential(NIN, activation) with
         # an activation ("net.0.weight"), the bare NIN without ("net.weight").
@@ -801,7 +935,7 @@ class SparsifyFCS(Module):
 
     def __init__(self, dimension):
         super().__init__()
-        self.dimension = _positive_int(dimension, "dimension")
+        self.dimension = _dimension(type(self).__name__, dimension)
 
     def forward(self, x):
         x = _check_input(self, x)
@@ -831,8 +965,12 @@ class Linear(Module):
 
     def __init__(self, in_features, out_features, bias=True):
         super().__init__()
-        self.in_features = _positive_int(in_features, "in_features")
-        self.out_features = _positive_int(out_features, "out_features")
+        owner = type(self).__name__
+        self.in_features = _int_arg(owner, "in_features", in_features)
+        self.out_features = _int_arg(owner, "out_features", out_features)
+        bias = _flag_arg(owner, "bias", bias)
+        _check_parameter_bytes(owner, (self.out_features, self.in_features),
+                               hint="in_features and out_features")
         bound = 1.0 / math.sqrt(self.in_features)
         rng = default_rng()
         self.weight = Parameter(rng.uniform(-bound, bound, (self.out_features,

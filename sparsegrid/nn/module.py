@@ -193,11 +193,30 @@ class Module:
         Values may be NumPy arrays or anything ``np.asarray`` takes (including CPU torch
         tensors). A layer may accept other layouts of its own weights (convolutions take
         SCN's ``(K, 1, Cin, Cout)`` for ungrouped weights). With ``strict``, missing or
-        unexpected keys raise a KeyError listing them; a shape that does not fit always
-        raises a ValueError naming the key.
+        unexpected keys raise a KeyError listing them; a shape that does not fit, or a
+        dtype that cannot be cast to the target's (strings, objects, complex into real,
+        floating into integer), always raises a ValueError/TypeError naming the key.
+
+        All or nothing: every key, shape and dtype is checked before anything is
+        assigned, so after an error the module is exactly as it was.
 
         Returns ``(missing_keys, unexpected_keys)``.
         """
+        plan, missing, unexpected = self._prepare_load(state, strict)
+        self._commit_load(plan)
+        return missing, unexpected
+
+    def _prepare_load(self, state, strict=True):
+        """Check ``state`` against this module without changing anything.
+
+        Returns ``(plan, missing_keys, unexpected_keys)``; ``plan`` is what
+        :meth:`_commit_load` assigns (the converted, cast copies).
+        """
+        from collections.abc import Mapping
+
+        if not isinstance(state, Mapping):
+            raise TypeError(f"load_state_dict: state must be a mapping of names to arrays; "
+                            f"got {type(state).__name__}")
         targets = {}
         for path, module in self.named_modules():
             for name in list(module._parameters) + [n for n, b in module._buffers.items()
@@ -208,24 +227,42 @@ class Module:
         if strict and (missing or unexpected):
             raise KeyError(f"load_state_dict: missing keys {missing}, unexpected keys "
                            f"{unexpected}")
+        plan = []
         for key, (module, name) in targets.items():
             if key not in state:
                 continue
             value = state[key]
-            value = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+            try:
+                value = value.detach().cpu().numpy() if hasattr(value, "detach") else \
+                    np.asarray(value)
+            except (TypeError, ValueError) as exc:
+                raise TypeError(f"load_state_dict: {key!r} must be an array; got "
+                                f"{type(value).__name__} ({exc})") from exc
             current = getattr(module, name)
+            if current is None:  # a parameter slot left empty (bias=False)
+                continue
             current_data = current.data if isinstance(current, Tensor) else current
+            if value.dtype.hasobject or value.dtype.kind not in "biufc" or \
+                    not np.can_cast(value.dtype, current_data.dtype, casting="same_kind"):
+                raise TypeError(f"load_state_dict: {key!r} has dtype {value.dtype}, which "
+                                f"cannot be cast to this module's {current_data.dtype}")
             value = module._convert_loaded(name, value, current_data.shape)
             if value.shape != current_data.shape:
                 raise ValueError(f"load_state_dict: {key!r} has shape {value.shape}; this "
                                  f"module expects {current_data.shape}")
-            value = value.astype(current_data.dtype, copy=True)
+            plan.append((module, name, value.astype(current_data.dtype, copy=True)))
+        return plan, missing, unexpected
+
+    @staticmethod
+    def _commit_load(plan):
+        """Assign what :meth:`_prepare_load` checked (cannot fail)."""
+        for module, name, value in plan:
+            current = getattr(module, name)
             if isinstance(current, Tensor):
                 current.data = value
                 current.grad = None
             else:
                 setattr(module, name, value)
-        return missing, unexpected
 
     def _convert_loaded(self, name, value, shape):
         """Hook: map another layout of parameter ``name`` to ``shape`` (default: as is)."""

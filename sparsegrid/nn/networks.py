@@ -8,7 +8,32 @@ from __future__ import annotations
 
 from .containers import AddTable, ConcatTable, Identity, JoinTable, Sequential
 from .layers import (BatchNormLeakyReLU, BatchNormReLU, Convolution, Deconvolution,
-                     MaxPooling, NetworkInNetwork, SubmanifoldConvolution, UnPooling)
+                     MaxPooling, NetworkInNetwork, SubmanifoldConvolution, UnPooling,
+                     _dimension, _flag_arg, _given, _int_arg, _real_arg, _sizes)
+
+
+def _sequence_arg(owner, name, value, expected="a list"):
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise TypeError(f"{owner}: {name} must be {expected}; got {_given(value)}")
+    return list(value)
+
+
+def _planes_arg(owner, value):
+    planes = _sequence_arg(owner, "nPlanes", value, "a non-empty list of positive ints")
+    if not planes:
+        raise ValueError(f"{owner}: nPlanes must be a non-empty list of positive ints; got "
+                         f"{value!r}")
+    return [_int_arg(owner, f"nPlanes[{i}]", n) for i, n in enumerate(planes)]
+
+
+def _downsample_arg(owner, value, dimension):
+    pair = _sequence_arg(owner, "downsample", value, "a (filter_size, stride) pair")
+    if len(pair) != 2:
+        raise ValueError(f"{owner}: downsample must be a (filter_size, stride) pair; got "
+                         f"{len(pair)} items: {value!r}")
+    _sizes(owner, pair[0], dimension, "downsample filter_size")
+    _sizes(owner, pair[1], dimension, "downsample stride")
+    return pair
 
 
 def _plus_branch(dimension, n_in, planes, depth):
@@ -39,7 +64,9 @@ def SparseVggNet(dimension, nInputPlanes, layers):
     branches going 1, 2, 3 levels down (m planes each) and back up, joined, then
     BatchNormReLU on the summed planes.
     """
-    planes = nInputPlanes
+    _dimension("SparseVggNet", dimension)
+    planes = _int_arg("SparseVggNet", "nInputPlanes", nInputPlanes)
+    layers = _sequence_arg("SparseVggNet", "layers", layers, "a list of layer codes")
     net = Sequential()
     for code in layers:
         if code == "MP":
@@ -79,7 +106,17 @@ def SparseResNet(dimension, nInputPlanes, layers):
     later blocks are ConcatTable(BNReLU, SubM3, BNReLU, SubM3 ; Identity) + AddTable.
     A final BNReLU closes the network.
     """
-    planes = nInputPlanes
+    owner = "SparseResNet"
+    _dimension(owner, dimension)
+    planes = _int_arg(owner, "nInputPlanes", nInputPlanes)
+    layers = _sequence_arg(owner, "layers", layers, "a list of ('b', n, reps, stride)")
+    for i, block in enumerate(layers):
+        if not isinstance(block, (list, tuple)) or len(block) != 4:
+            raise ValueError(f"{owner}: layers[{i}] must be ('b', n, reps, stride); got "
+                             f"{block!r}")
+        _int_arg(owner, f"layers[{i}] n", block[1])
+        _int_arg(owner, f"layers[{i}] reps", block[2])
+        _int_arg(owner, f"layers[{i}] stride", block[3])
     net = Sequential()
 
     def shortcut(n_in, n_out, stride):
@@ -130,7 +167,16 @@ def UNet(dimension, reps, nPlanes, residual_blocks=False, downsample=(2, 2), lea
     Convolution(downsample) to the next level, the level below, a Deconvolution back, the
     skip concatenated (2 * nPlanes[0] planes), and ``reps`` more blocks. Output: the input's
     sites with nPlanes[0] channels; blocks use BatchNormLeakyReLU(leakiness)."""
-    f, s = downsample
+    owner = "UNet"
+    dimension = _dimension(owner, dimension)
+    reps = _int_arg(owner, "reps", reps)
+    nPlanes = _planes_arg(owner, nPlanes)
+    residual_blocks = _flag_arg(owner, "residual_blocks", residual_blocks)
+    f, s = _downsample_arg(owner, downsample, dimension)
+    leakiness = _real_arg(owner, "leakiness", leakiness)
+    if _int_arg(owner, "n_input_planes", n_input_planes, -1) == 0:
+        raise ValueError(f"{owner}: n_input_planes must be a positive int or -1 (nPlanes[0]); "
+                         "got 0")
 
     def norm(n):
         return BatchNormLeakyReLU(n, leakiness=leakiness)
@@ -161,7 +207,12 @@ def UNet(dimension, reps, nPlanes, residual_blocks=False, downsample=(2, 2), lea
 def FullyConvolutionalNet(dimension, reps, nPlanes, residual_blocks=False, downsample=(2, 2)):
     """Multi-scale network (SCN): per level ``reps`` blocks, then the level below brought
     back by UnPooling and concatenated; output channels sum(nPlanes) on the input's sites."""
-    f, s = downsample
+    owner = "FullyConvolutionalNet"
+    dimension = _dimension(owner, dimension)
+    reps = _int_arg(owner, "reps", reps)
+    nPlanes = _planes_arg(owner, nPlanes)
+    residual_blocks = _flag_arg(owner, "residual_blocks", residual_blocks)
+    f, s = _downsample_arg(owner, downsample, dimension)
 
     def level(planes):
         net = Sequential()

@@ -28,7 +28,7 @@ import bisect
 import copy
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -71,23 +71,51 @@ def _copy_value(value):
     return copy.deepcopy(value)
 
 
-def _check_real(name, value, low=None, high=None, low_open=False, high_open=True):
-    """Raise ValueError naming ``name`` unless ``value`` is a real number in the range."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"Invalid {name}: {value!r} (expected a real number)")
-    value = float(value)
-    bad = math.isnan(value)
+def _describe(value):
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _check_real(name, value, low=None, high=None, low_open=False, high_open=True,
+                finite=True):
+    """Raise unless ``value`` is a (finite) real number in the range: a TypeError for a
+    value that is not a real number (strings, None, bools), a ValueError for NaN, an
+    infinity or a number outside the range; the message names ``name``, the range and
+    the value given."""
+    lo = "" if low is None else ("(" if low_open else "[") + f"{low}"
+    hi = "" if high is None else f"{high}" + (")" if high_open else "]")
+    where = f"in {lo}, {hi}" if low is not None and high is not None else (
+        f"{'>' if low_open else '>='} {low}" if low is not None else
+        f"{'<' if high_open else '<='} {high}" if high is not None else "")
+    expected = ("a finite real number" if finite else "a real number") + \
+        (f" {where}" if where else "")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"Invalid {name}: expected {expected}; got {_describe(value)}")
+    number = float(value)
+    bad = math.isnan(number) or (finite and math.isinf(number))
     if low is not None:
-        bad = bad or (value <= low if low_open else value < low)
+        bad = bad or (number <= low if low_open else number < low)
     if high is not None:
-        bad = bad or (value >= high if high_open else value > high)
+        bad = bad or (number >= high if high_open else number > high)
     if bad:
-        lo = "" if low is None else ("(" if low_open else "[") + f"{low}"
-        hi = "" if high is None else f"{high}" + (")" if high_open else "]")
-        where = f"in {lo}, {hi}" if low is not None and high is not None else (
-            f"{'>' if low_open else '>='} {low}" if low is not None else
-            f"{'<' if high_open else '<='} {high}")
-        raise ValueError(f"Invalid {name}: {value!r} (must be {where})")
+        raise ValueError(f"Invalid {name}: {value!r} (must be {expected})")
+
+
+def _check_int(name, value, low):
+    """Raise unless ``value`` is an int (not a bool) >= ``low``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"Invalid {name}: expected an int >= {low}; got {_describe(value)}")
+    if value < low:
+        raise ValueError(f"Invalid {name}: {value!r} (an int >= {low})")
+
+
+def _check_bool(name, value):
+    """Raise TypeError unless ``value`` is bool-like (a bool, NumPy bool, or the ints 0
+    and 1); strings such as ``"False"`` are refused (they would be truthy)."""
+    if isinstance(value, (bool, np.bool_)):
+        return
+    if isinstance(value, numbers.Integral) and value in (0, 1):
+        return
+    raise TypeError(f"Invalid {name}: expected a bool; got {_describe(value)}")
 
 
 # -- optimizers -----------------------------------------------------------------------------
@@ -187,8 +215,11 @@ class Optimizer:
         group["params"] = params
         self.param_groups.append(group)
 
+    # The per-parameter state entries this kind of optimizer keeps (subclasses set).
+    _state_names = None
+
     def _validate(self, group):
-        """Raise ValueError for an invalid hyper-parameter (subclasses extend)."""
+        """Raise ValueError/TypeError for an invalid hyper-parameter (subclasses extend)."""
         if "lr" in group:
             _check_real("lr", group["lr"], low=0.0)
 
@@ -283,28 +314,96 @@ class Optimizer:
         PyTorch. Arrays are copied; floating-point state takes its parameter's dtype and
         array library (NumPy/CuPy). Torch tensors are accepted too.
 
+        All or nothing: the whole state dict is checked (structure, the optimizer's kind
+        as far as the hyper-parameter and state names tell it, every hyper-parameter,
+        every array's shape and dtype) before anything changes.
+
         Raises
         ------
         ValueError
-            If the number of groups or of parameters in a group does not match.
+            If the number of groups or of parameters in a group does not match, if the
+            state is another kind of optimizer's (Adam state into SGD), or if a value is
+            invalid.
+        TypeError
+            For a value of the wrong type.
         KeyError
             If ``state_dict`` lacks ``"state"`` or ``"param_groups"``.
         """
+        self._commit_load(self._prepare_load(state_dict))
+
+    @staticmethod
+    def _guess_kind(group_keys, state_names):
+        keys = set(group_keys) | set(state_names)
+        if keys & {"betas", "amsgrad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}:
+            return "Adam/AdamW"
+        if keys & {"momentum", "dampening", "nesterov", "momentum_buffer"}:
+            return "SGD"
+        return None
+
+    def _kind_error(self, what, group_keys, state_names):
+        kind = self._guess_kind(group_keys, state_names)
+        mine = type(self).__name__
+        if kind is not None and mine not in kind.split("/"):
+            return ValueError(f"optimizer state_dict holds {kind} state; the optimizer is "
+                              f"{mine} ({what})")
+        return ValueError(f"optimizer state_dict does not fit this {mine}: {what}")
+
+    def _prepare_load(self, state_dict):
+        """Check ``state_dict`` and build the new groups and state without changing
+        anything; :meth:`_commit_load` installs them."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError("optimizer state_dict must be a dict with 'state' and "
+                            f"'param_groups'; got {type(state_dict).__name__}")
         for key in ("state", "param_groups"):
             if key not in state_dict:
                 raise KeyError(f"optimizer state_dict has no {key!r} entry")
-        saved_groups = list(state_dict["param_groups"])
+        saved_state = state_dict["state"]
+        if not isinstance(saved_state, Mapping):
+            raise TypeError("optimizer state_dict['state'] must be a dict of parameter "
+                            f"index to dict; got {type(saved_state).__name__}")
+        saved_groups = state_dict["param_groups"]
+        if isinstance(saved_groups, (str, bytes, Mapping)) or \
+                not isinstance(saved_groups, Iterable):
+            raise TypeError("optimizer state_dict['param_groups'] must be a list of dicts; "
+                            f"got {type(saved_groups).__name__}")
+        saved_groups = list(saved_groups)
+        for i, saved in enumerate(saved_groups):
+            if not isinstance(saved, Mapping) or "params" not in saved:
+                raise TypeError(f"optimizer state_dict['param_groups'][{i}] must be a dict "
+                                f"with a 'params' entry; got {type(saved).__name__}")
+        all_group_keys = {k for saved in saved_groups for k in saved if k != "params"}
+        all_state_names = {name for entries in saved_state.values()
+                           if isinstance(entries, Mapping) for name in entries}
+        # the kind first: its message is the useful one when everything else differs too
+        foreign = all_state_names - set(self._state_names or all_state_names)
+        if foreign:
+            raise self._kind_error(f"per-parameter state {sorted(foreign)} is not "
+                                   f"{type(self).__name__}'s", (), foreign)
+        for i, saved in enumerate(saved_groups):
+            lacking = [key for key in self.defaults if key not in saved]
+            if lacking:
+                raise self._kind_error(f"parameter group {i} lacks {lacking}",
+                                       all_group_keys, all_state_names)
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"loaded state has {len(saved_groups)} parameter groups; this "
                              f"optimizer has {len(self.param_groups)}")
         position = {}
         for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(f"parameter group {i} has {len(saved['params'])} parameters "
+            indices = saved["params"]
+            if isinstance(indices, (str, bytes)) or not isinstance(indices, Iterable):
+                raise TypeError(f"parameter group {i}'s 'params' must be a list of ints; got "
+                                f"{type(indices).__name__}")
+            indices = list(indices)
+            if len(indices) != len(group["params"]):
+                raise ValueError(f"parameter group {i} has {len(indices)} parameters "
                                  f"in the loaded state; this optimizer's has "
                                  f"{len(group['params'])}")
-            for saved_index, param in zip(saved["params"], group["params"]):
-                position[int(saved_index)] = param
+            for saved_index, param in zip(indices, group["params"]):
+                saved_index = self._index(saved_index, f"parameter group {i}'s 'params'")
+                if saved_index in position:
+                    raise ValueError(f"parameter index {saved_index} appears more than once "
+                                     "in the loaded parameter groups")
+                position[saved_index] = param
         new_groups = []
         for saved, group in zip(saved_groups, self.param_groups):
             merged = {}
@@ -319,27 +418,68 @@ class Optimizer:
             self._validate(merged)
             new_groups.append(merged)
         new_state = {}
-        for saved_index, entries in state_dict["state"].items():
-            saved_index = int(saved_index)
+        for saved_index, entries in saved_state.items():
+            saved_index = self._index(saved_index, "a key of state_dict['state']")
             if saved_index not in position:
                 raise ValueError(f"loaded state refers to parameter {saved_index}, which "
                                  "no parameter group lists")
+            if not isinstance(entries, Mapping):
+                raise TypeError(f"state of parameter {saved_index} must be a dict; got "
+                                f"{type(entries).__name__}")
             param = position[saved_index]
             restored = {}
             for name, value in entries.items():
+                where = f"state {name!r} of parameter {saved_index}"
                 if name == "step":
-                    value = int(backend.to_numpy(value.detach().cpu().numpy()
-                                                 if hasattr(value, "detach") else value))
+                    value = self._step_count(value, where)
                 elif _is_array(value) or hasattr(value, "detach"):
                     value = _to_array_like(value, param.data)
+                    if value.dtype.kind not in "biufc" or not np.can_cast(
+                            value.dtype, param.data.dtype, casting="same_kind"):
+                        raise TypeError(f"{where} has dtype {value.dtype}, which cannot be "
+                                        f"cast to the parameter's {param.data.dtype}")
                     if value.shape != param.data.shape:
-                        raise ValueError(f"state {name!r} of parameter {saved_index} has "
-                                         f"shape {value.shape}; the parameter has "
-                                         f"{param.data.shape}")
+                        raise ValueError(f"{where} has shape {value.shape}; the parameter "
+                                         f"has {param.data.shape}")
+                    if value.dtype != param.data.dtype:
+                        value = value.astype(param.data.dtype)
+                elif value is None:
+                    pass  # torch's SGD keeps momentum_buffer None without momentum
                 else:
-                    value = _copy_value(value)
+                    raise TypeError(f"{where} must be an array; got {_describe(value)}")
                 restored[name] = value
             new_state[id(param)] = restored
+        return new_groups, new_state
+
+    @staticmethod
+    def _index(value, where):
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value)   # a JSON object's key
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{where}: parameter indices must be ints; got "
+                            f"{_describe(value)}")
+        return int(value)
+
+    @staticmethod
+    def _step_count(value, where):
+        raw = value
+        if hasattr(value, "detach"):
+            value = value.detach().cpu().numpy()
+        value = backend.to_numpy(value) if _is_array(value) else value
+        if isinstance(value, np.ndarray):
+            if value.size != 1:
+                raise ValueError(f"{where} must be a number; got an array of shape "
+                                 f"{value.shape}")
+            value = value.reshape(()).item()
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{where} must be a number; got {_describe(raw)}")
+        if not math.isfinite(value) or value < 0 or value != int(value):
+            raise ValueError(f"{where} must be a whole number >= 0; got {raw!r}")
+        return int(value)
+
+    def _commit_load(self, prepared):
+        """Install what :meth:`_prepare_load` built (cannot fail)."""
+        new_groups, new_state = prepared
         for group, merged in zip(self.param_groups, new_groups):
             group.clear()
             group.update(merged)
@@ -408,6 +548,8 @@ class SGD(Optimizer):
     State per parameter: ``"momentum_buffer"`` (only when momentum is non-zero).
     """
 
+    _state_names = ("momentum_buffer",)
+
     def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False):
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
                                       weight_decay=weight_decay, nesterov=nesterov))
@@ -415,8 +557,10 @@ class SGD(Optimizer):
     def _validate(self, group):
         super()._validate(group)
         _check_real("momentum", group["momentum"], low=0.0)
-        _check_real("dampening", group["dampening"])
+        _check_real("dampening", group["dampening"], low=0.0)
         _check_real("weight_decay", group["weight_decay"], low=0.0)
+        _check_bool("nesterov", group["nesterov"])
+        group["nesterov"] = bool(group["nesterov"])
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("Invalid nesterov=True: Nesterov momentum needs momentum > 0 "
                              f"and dampening == 0 (got momentum={group['momentum']}, "
@@ -477,6 +621,7 @@ class Adam(Optimizer):
     """
 
     _decoupled = False
+    _state_names = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  amsgrad=False):
@@ -487,12 +632,17 @@ class Adam(Optimizer):
     def _validate(self, group):
         super()._validate(group)
         betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        if not isinstance(betas, (tuple, list)):
+            raise TypeError(f"Invalid betas: expected a pair of floats in [0, 1); got "
+                            f"{_describe(betas)}")
+        if len(betas) != 2:
             raise ValueError(f"Invalid betas: {betas!r} (expected a pair of floats)")
         _check_real("betas[0]", betas[0], low=0.0, high=1.0)
         _check_real("betas[1]", betas[1], low=0.0, high=1.0)
         _check_real("eps", group["eps"], low=0.0)
         _check_real("weight_decay", group["weight_decay"], low=0.0)
+        _check_bool("amsgrad", group["amsgrad"])
+        group["amsgrad"] = bool(group["amsgrad"])
 
     def _update(self, p, grad, state, group):
         xp = backend.array_namespace(p)
@@ -560,6 +710,12 @@ class AdamW(Adam):
 
 
 # -- learning-rate schedules ----------------------------------------------------------------
+def _check_optimizer(optimizer):
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError("Invalid optimizer: expected a sparsegrid.nn.optim.Optimizer; got "
+                        f"{type(optimizer).__name__}")
+
+
 class LRScheduler:
     """Base class of learning-rate schedules (``torch.optim.lr_scheduler.LRScheduler``).
 
@@ -587,11 +743,8 @@ class LRScheduler:
     """
 
     def __init__(self, optimizer, last_epoch=-1):
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"{type(optimizer).__name__} is not a sparsegrid optimizer")
-        if isinstance(last_epoch, bool) or not isinstance(last_epoch, numbers.Integral) \
-                or last_epoch < -1:
-            raise ValueError(f"Invalid last_epoch: {last_epoch!r} (an int >= -1)")
+        _check_optimizer(optimizer)
+        _check_int("last_epoch", last_epoch, -1)
         self.optimizer = optimizer
         if last_epoch == -1:
             for group in optimizer.param_groups:
@@ -640,14 +793,52 @@ class LRScheduler:
         return {key: _copy_value(value) for key, value in self.__dict__.items()
                 if key not in self._skip_in_state}
 
+    # What a torch schedule's state dict holds besides ours: accepted and ignored.
+    _torch_bookkeeping = ("_step_count", "verbose", "_get_lr_called_within_step",
+                          "_is_initial")
+
     def load_state_dict(self, state_dict):
         """Restore attributes saved by :meth:`state_dict` (does not touch the optimizer's
-        ``"lr"``: the optimizer's own state dict carries it)."""
-        for key, value in state_dict.items():
-            if key in self._skip_in_state:
-                continue
-            self.__dict__[key] = _copy_value(value)
-        self.last_epoch = int(self.last_epoch)
+        ``"lr"``: the optimizer's own state dict carries it).
+
+        All or nothing: every entry is checked first (the schedule's own keys must all be
+        there and no foreign one may be, which tells a StepLR's state from an
+        ExponentialLR's; values are checked as the constructor checks them).
+        """
+        self._commit_load(self._prepare_load(state_dict))
+
+    def _prepare_load(self, state_dict):
+        mine = type(self).__name__
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"{mine}.load_state_dict: expected a dict; got "
+                            f"{type(state_dict).__name__}")
+        own = set(self.state_dict())
+        given = {k for k in state_dict if k not in self._skip_in_state
+                 and k not in self._torch_bookkeeping}
+        if own != given:
+            raise ValueError(f"schedule state_dict does not fit this {mine}: missing "
+                             f"{sorted(own - given)}, unexpected {sorted(given - own)} "
+                             "(state of another kind of schedule?)")
+        values = {key: _copy_value(state_dict[key]) for key in own}
+        _check_int("last_epoch", values["last_epoch"], -1)
+        n = len(self.optimizer.param_groups)
+        for key in ("base_lrs", "_last_lr"):
+            rates = values[key]
+            if not isinstance(rates, (list, tuple)) or len(rates) != n:
+                raise ValueError(f"schedule state {key!r} must be a list of {n} rates (one "
+                                 f"per parameter group); got {rates!r}")
+            for i, rate in enumerate(rates):
+                _check_real(f"{key}[{i}]", rate, low=0.0)
+            values[key] = list(rates)
+        self._check_params(values)
+        values["last_epoch"] = int(values["last_epoch"])
+        return values
+
+    def _check_params(self, values):
+        """Check the schedule's own parameters in a state dict (subclasses extend)."""
+
+    def _commit_load(self, values):
+        self.__dict__.update(values)
 
     def __repr__(self):
         params = ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items()
@@ -675,6 +866,7 @@ class LambdaLR(LRScheduler):
     _skip_in_state = ("optimizer", "lr_lambdas")
 
     def __init__(self, optimizer, lr_lambda, last_epoch=-1):
+        _check_optimizer(optimizer)
         n = len(optimizer.param_groups)
         if isinstance(lr_lambda, (list, tuple)):
             if len(lr_lambda) != n:
@@ -707,13 +899,16 @@ class StepLR(LRScheduler):
     """
 
     def __init__(self, optimizer, step_size, gamma=0.1, last_epoch=-1):
-        if isinstance(step_size, bool) or not isinstance(step_size, numbers.Integral) \
-                or step_size < 1:
-            raise ValueError(f"Invalid step_size: {step_size!r} (an int >= 1)")
-        _check_real("gamma", gamma)
+        _check_optimizer(optimizer)
+        self._check_params(dict(step_size=step_size, gamma=gamma))
         self.step_size = int(step_size)
         self.gamma = gamma
         super().__init__(optimizer, last_epoch)
+
+    def _check_params(self, values):
+        _check_int("step_size", values["step_size"], 1)
+        _check_real("gamma", values["gamma"], low=0.0)
+        values["step_size"] = int(values["step_size"])
 
     def _closed_form(self, base_lr, group_index):
         return base_lr * self.gamma ** (self.last_epoch // self.step_size)
@@ -735,14 +930,33 @@ class MultiStepLR(LRScheduler):
     """
 
     def __init__(self, optimizer, milestones, gamma=0.1, last_epoch=-1):
-        milestones = list(milestones)
-        for m in milestones:
-            if isinstance(m, bool) or not isinstance(m, numbers.Integral):
-                raise ValueError(f"Invalid milestones: {m!r} is not an int")
-        _check_real("gamma", gamma)
-        self.milestones = sorted(int(m) for m in milestones)
+        _check_optimizer(optimizer)
+        values = dict(milestones=milestones, gamma=gamma)
+        self._check_params(values)
+        self.milestones = values["milestones"]
         self.gamma = gamma
         super().__init__(optimizer, last_epoch)
+
+    def _check_params(self, values):
+        milestones = values["milestones"]
+        if isinstance(milestones, Mapping):   # torch keeps a Counter {milestone: count}
+            for count in milestones.values():
+                _check_int("milestones count", count, 0)
+            milestones = [m for m, count in milestones.items() for _ in range(int(count))]
+        if isinstance(milestones, (str, bytes)) or not isinstance(milestones, Iterable) \
+                or isinstance(milestones, (np.ndarray, Tensor)) and milestones.ndim != 1:
+            raise TypeError("Invalid milestones: expected an iterable of ints >= 0; got "
+                            f"{_describe(milestones)}")
+        milestones = list(milestones)
+        for m in milestones:
+            if isinstance(m, (bool, np.bool_)) or not isinstance(m, numbers.Integral):
+                raise TypeError(f"Invalid milestones: {m!r} is not an int (expected an "
+                                f"iterable of ints >= 0; got {milestones!r})")
+            if m < 0:
+                raise ValueError(f"Invalid milestones: {m!r} is negative (expected ints "
+                                 f">= 0; got {milestones!r})")
+        _check_real("gamma", values["gamma"], low=0.0)
+        values["milestones"] = sorted(int(m) for m in milestones)
 
     def _closed_form(self, base_lr, group_index):
         return base_lr * self.gamma ** bisect.bisect_right(self.milestones, self.last_epoch)
@@ -761,9 +975,13 @@ class ExponentialLR(LRScheduler):
     """
 
     def __init__(self, optimizer, gamma, last_epoch=-1):
-        _check_real("gamma", gamma)
+        _check_optimizer(optimizer)
+        self._check_params(dict(gamma=gamma))
         self.gamma = gamma
         super().__init__(optimizer, last_epoch)
+
+    def _check_params(self, values):
+        _check_real("gamma", values["gamma"], low=0.0)
 
     def _closed_form(self, base_lr, group_index):
         return base_lr * self.gamma ** self.last_epoch
@@ -790,12 +1008,16 @@ class CosineAnnealingLR(LRScheduler):
     """
 
     def __init__(self, optimizer, T_max, eta_min=0, last_epoch=-1):  # noqa: N803 - torch's name
-        if isinstance(T_max, bool) or not isinstance(T_max, numbers.Integral) or T_max < 1:
-            raise ValueError(f"Invalid T_max: {T_max!r} (an int >= 1)")
-        _check_real("eta_min", eta_min)
+        _check_optimizer(optimizer)
+        self._check_params(dict(T_max=T_max, eta_min=eta_min))
         self.T_max = int(T_max)
         self.eta_min = eta_min
         super().__init__(optimizer, last_epoch)
+
+    def _check_params(self, values):
+        _check_int("T_max", values["T_max"], 1)
+        _check_real("eta_min", values["eta_min"], low=0.0)
+        values["T_max"] = int(values["T_max"])
 
     def _closed_form(self, base_lr, group_index):
         return self.eta_min + (base_lr - self.eta_min) * (
@@ -828,9 +1050,13 @@ class ExponentialDecayLR(LRScheduler):
     """
 
     def __init__(self, optimizer, decay, last_epoch=-1):
-        _check_real("decay", decay)
+        _check_optimizer(optimizer)
+        self._check_params(dict(decay=decay))
         self.decay = decay
         super().__init__(optimizer, last_epoch)
+
+    def _check_params(self, values):
+        _check_real("decay", values["decay"])
 
     @property
     def epoch(self):

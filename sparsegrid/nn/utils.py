@@ -27,6 +27,9 @@ def append_tensors(tensors):
             raise ValueError(f"append_tensors: tensor {i} has spatial shape "
                              f"{t.spatial_shape} and {t.n_channels} channels; tensor 0 has "
                              f"{first.spatial_shape} and {first.n_channels}")
+        if t.dtype != first.dtype:
+            raise TypeError(f"append_tensors: tensor {i} has {t.dtype} features; tensor 0 "
+                            f"has {first.dtype}")
     offsets = np.cumsum([0] + [t.batch_size for t in tensors])
     xp = backend.array_namespace(*(t.indices for t in tensors))
     indices = xp.concatenate([t.indices + xp.asarray([offsets[i]] + [0] * t.dimension,
@@ -45,6 +48,9 @@ def compare_sparse(x, y):
     if x.spatial_shape != y.spatial_shape or x.n_channels != y.n_channels:
         raise ValueError(f"compare_sparse: shapes differ: {x.spatial_shape} x {x.n_channels} "
                          f"channels vs {y.spatial_shape} x {y.n_channels}")
+    if x.dtype != y.dtype:
+        raise TypeError(f"compare_sparse: dtypes differ: x has {x.dtype} features, y has "
+                        f"{y.dtype}")
     batch = max(x.batch_size, y.batch_size)
     kx, _ = pack_keys(x.indices, x.spatial_shape, batch)
     ky, _ = pack_keys(y.indices, y.spatial_shape, batch)
