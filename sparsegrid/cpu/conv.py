@@ -172,8 +172,14 @@ def build_conv_plan(in_idx, out_idx, offset_ptr, n_out, identity_offset=-1,
     n_offsets = len(offset_ptr) - 1
     ptr = np.asarray(offset_ptr, np.int64)
     counts = np.diff(ptr)
-    offsets = [k for k in range(n_offsets) if k != identity_offset and counts[k]]
-    n_pairs = int(sum(int(counts[k]) for k in offsets))
+    # the offsets that have pairs (a huge filter has mostly empty ones: nothing below
+    # loops over those), identity excluded
+    used = counts > 0
+    if identity_offset >= 0:
+        used[identity_offset] = False
+    offsets = np.flatnonzero(used).tolist()
+    n_used = len(offsets)
+    n_pairs = int(counts[used].sum())
     index_type = np.int32 if len(in_idx) < 2**31 - 1 else np.int64
     if identity_offset >= 0:
         # the identity offset has exactly one pair per row: count everything, subtract it
@@ -199,9 +205,9 @@ def build_conv_plan(in_idx, out_idx, offset_ptr, n_out, identity_offset=-1,
     # group's pairs in rulebook order).
     if _rows_sorted_per_offset(out_idx, ptr):
         # each (offset, block) group is one contiguous run of the rulebook's pairs
-        cuts = np.zeros((n_offsets, n_blocks + 1), np.int64)
-        for k in offsets:
-            cuts[k] = ptr[k] + np.searchsorted(out_idx[ptr[k]:ptr[k + 1]], bounds)
+        cuts = np.zeros((n_used, n_blocks + 1), np.int64)
+        for j, k in enumerate(offsets):
+            cuts[j] = ptr[k] + np.searchsorted(out_idx[ptr[k]:ptr[k + 1]], bounds)
         lengths = np.diff(cuts, axis=1).T.reshape(-1)          # block-major
         first = cuts[:, :-1].T.reshape(-1)
         group_starts = np.cumsum(lengths) - lengths
@@ -213,19 +219,19 @@ def build_conv_plan(in_idx, out_idx, offset_ptr, n_out, identity_offset=-1,
         pair_ids = np.concatenate([np.arange(ptr[k], ptr[k + 1], dtype=index_type)
                                    for k in offsets]) if offsets else \
             np.zeros(0, index_type)
-        group_key = block_of_row[out_idx[pair_ids]] * n_offsets + np.repeat(
-            np.asarray(offsets, np.int64), counts[offsets] if offsets else 0)
+        group_key = block_of_row[out_idx[pair_ids]] * n_used + np.repeat(
+            np.arange(n_used, dtype=np.int64), counts[offsets] if offsets else 0)
         sort = np.argsort(group_key, kind="stable")
         order = pair_ids[sort]
-        group_counts = np.bincount(group_key, minlength=n_blocks * n_offsets)
+        group_counts = np.bincount(group_key, minlength=n_blocks * n_used)
         del block_of_row, pair_ids, group_key, sort
     gather_rows = in_idx.take(order).astype(np.int32, copy=False)
     scatter_rows = out_idx.take(order).astype(np.int32, copy=False)
     del order
-    group_ptr = np.zeros(n_blocks * n_offsets + 1, np.int64)
+    group_ptr = np.zeros(n_blocks * n_used + 1, np.int64)
     np.cumsum(group_counts, out=group_ptr[1:])
     blocks = []
-    nonzero = (group_counts.reshape(n_blocks, n_offsets) > 0).tolist() if n_blocks else []
+    nonzero = (group_counts.reshape(n_blocks, n_used) > 0).tolist() if n_blocks else []
     group_ptr = group_ptr.tolist()
     bounds = bounds.tolist()
     row_starts = row_ptr[bounds].tolist()
@@ -234,9 +240,9 @@ def build_conv_plan(in_idx, out_idx, offset_ptr, n_out, identity_offset=-1,
         p0, p1 = row_starts[b], row_starts[b + 1]
         if r0:
             scatter_rows[p0:p1] -= r0           # rows relative to the block
-        base = b * n_offsets
-        groups = tuple((k, group_ptr[base + k] - p0, group_ptr[base + k + 1] - p0)
-                       for k, used in enumerate(nonzero[b]) if used)
+        base = b * n_used
+        groups = tuple((offsets[j], group_ptr[base + j] - p0, group_ptr[base + j + 1] - p0)
+                       for j, present in enumerate(nonzero[b]) if present)
         blocks.append((r0, r1, p0, p1, groups))
     return ConvPlan(gather_rows, scatter_rows, blocks, int(identity_offset), int(n_out),
                     n_offsets)
@@ -403,10 +409,13 @@ def _weight_gradient(features, grad_out, weight, rulebook):
     ``_WEIGHT_CHUNK`` pairs (gathered into per-thread buffers), summed in chunk order."""
     identity = rulebook.identity_offset
     grouped = weight.ndim == 4
-    ptr = rulebook.offset_ptr.tolist()
+    offset_ptr = np.asarray(rulebook.offset_ptr, np.int64)
     in_idx, out_idx = rulebook.in_idx, rulebook.out_idx
-    units = [(k, s, min(s + _WEIGHT_CHUNK, ptr[k + 1]))
-             for k in range(len(ptr) - 1) for s in range(ptr[k], ptr[k + 1], _WEIGHT_CHUNK)]
+    starts, stops = offset_ptr[:-1], offset_ptr[1:]
+    present = np.flatnonzero(stops > starts).tolist()     # offsets with pairs only
+    ptr = {k: int(starts[k]) for k in present}
+    units = [(k, s, min(s + _WEIGHT_CHUNK, int(stops[k])))
+             for k in present for s in range(ptr[k], int(stops[k]), _WEIGHT_CHUNK)]
     dtype = features.dtype
 
     def partial(unit):

@@ -21,10 +21,9 @@ def max_pool_forward(features, rulebook):
     n_out, channels = rulebook.n_out, features.shape[1]
     out = np.full((n_out, channels), -np.inf, features.dtype)
     argmax = np.full((n_out, channels), -1, np.int32)
-    for k in range(len(offset_ptr) - 1):
-        start, stop = offset_ptr[k], offset_ptr[k + 1]
-        if start == stop:
-            continue
+    ptr = np.asarray(offset_ptr, np.int64)
+    for k in np.flatnonzero(ptr[1:] > ptr[:-1]).tolist():   # offsets with pairs only
+        start, stop = ptr[k], ptr[k + 1]
         rows_in, rows_out = in_idx[start:stop], out_idx[start:stop]
         candidate = features.take(rows_in, axis=0)
         current = out.take(rows_out, axis=0)
