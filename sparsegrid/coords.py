@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import os
 
 import numpy as np
@@ -130,9 +131,11 @@ def normalize_size(value, ndim, name, minimum=1):
     ValueError
         When the sequence has the wrong length or a value is below ``minimum``.
     """
-    if getattr(value, "ndim", None) == 0 and getattr(value, "dtype", None) is not None and \
-            value.dtype.kind in "iu":
-        value = value.item()           # a 0-d integer array is one int
+    if type(value) is tuple and len(value) == ndim and \
+            all(type(v) is int and v >= minimum for v in value):
+        return value                   # fast path: already normalised
+    if getattr(value, "ndim", None) == 0 and not isinstance(value, (numbers.Number, np.generic)):
+        value = _scalar_int(value, ndim, name)   # a 0-d integer array / torch tensor: one int
     if isinstance(value, (numbers.Integral, np.integer)) and not isinstance(value, bool):
         sizes = (int(value),) * ndim
     elif value is None or isinstance(value, (str, bytes)) or (
@@ -157,6 +160,30 @@ def normalize_size(value, ndim, name, minimum=1):
     if bad:
         raise ValueError(f"{name} entries must be >= {minimum}; got {sizes}")
     return sizes
+
+
+def _scalar_int(value, ndim, name):
+    """A 0-d array-like (NumPy, CuPy, torch) of an integer dtype as a Python int; TypeError
+    otherwise (never AttributeError: torch dtypes have no ``.kind``)."""
+    dtype = getattr(value, "dtype", None)
+    try:
+        kind = np.dtype(dtype).kind if dtype is not None else None
+    except Exception:
+        text = str(dtype).rsplit(".", 1)[-1]          # e.g. torch.int64 -> 'int64'
+        kind = "i" if text.startswith(("int", "uint")) else None if not text else "?"
+    if kind is None or kind in "iu":
+        try:
+            return operator.index(value)
+        except Exception:
+            pass
+        try:
+            number = value.item()
+        except Exception:
+            number = None
+        if isinstance(number, (numbers.Integral, np.integer)) and not isinstance(number, bool):
+            return int(number)
+    raise TypeError(f"{name} must be an int or a sequence of {ndim} ints; got "
+                    f"{_describe(value)}")
 
 
 def _describe(value):

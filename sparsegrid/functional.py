@@ -62,6 +62,8 @@ def _require_tensor(x, name="x"):
 
 def _real(name, value, *, positive=False, lower=None, upper=None):
     """A finite real scalar argument as a Python float; TypeError / ValueError naming it."""
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf":
+        value = value.item()           # a 0-d real array is one number
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.integer,
                                                                      np.floating)):
         raise TypeError(f"{name} must be a real number; got {type(value).__name__} {value!r}")
@@ -79,9 +81,12 @@ def _real(name, value, *, positive=False, lower=None, upper=None):
 
 
 def _check_flag(name, value):
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool; got {type(value).__name__} {value!r}")
-    return bool(value)
+    """A bool, NumPy bool or the ints 0 / 1 (as the nn layers' flags) as a Python bool."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (numbers.Integral, np.integer)) and int(value) in (0, 1):
+        return bool(int(value))
+    raise TypeError(f"{name} must be a bool; got {type(value).__name__} {value!r}")
 
 
 def _check_rng(rng):
@@ -95,6 +100,18 @@ def _check_rng(rng):
 
 def _is_array(value):
     return isinstance(value, np.ndarray) or backend.is_cupy_array(value)
+
+
+def _float_dtype_hint(param_dtype, feature_dtype):
+    """How to make float32/float64 parameters and features agree (cast the input, or convert
+    the module), for a dtype TypeError; '' for other dtypes."""
+    floats = (np.float32, np.float64)
+    if param_dtype not in floats or feature_dtype not in floats:
+        return ""
+    method = "double" if feature_dtype == np.float64 else "float"
+    return (f" (the parameters are {param_dtype}: cast the input features with "
+            f".astype(np.{param_dtype}), or the parameters with .astype(np.{feature_dtype}); "
+            f"for a Module, module.{method}())")
 
 
 def _check_channel_vector(x, name, value, op, writeable=False):
@@ -113,9 +130,7 @@ def _check_channel_vector(x, name, value, op, writeable=False):
         raise ValueError(f"{name} must have shape ({channels},); got {data.shape}")
     if data.dtype != x.dtype:
         raise TypeError(f"{name} must be an array of the features' dtype {x.dtype}; got "
-                        f"{data.dtype}" + (
-                            f" (cast it with .astype({str(x.dtype)!r}))"
-                            if data.dtype in (np.float32, np.float64) else ""))
+                        f"{data.dtype}" + _float_dtype_hint(data.dtype, x.dtype))
     backend.array_namespace(x.indices, data)      # one library, or TypeError
     if writeable and isinstance(data, np.ndarray) and not data.flags.writeable:
         raise ValueError(f"{name} must be a writeable array: {op} updates it in place in "
@@ -673,6 +688,18 @@ def input_layer(indices, features, spatial_shape, batch_size=None, mode="sum"):
     return tensor, InputMap(segment_ids, chosen, mode, len(indices), n_sites, sites)
 
 
+def _same_sites(a, b):
+    """Whether two Sites are the same site set in the same row order: the same object, or
+    equal indices (shape and values), spatial shape and batch size (a tensor rebuilt on
+    identical indices)."""
+    if a is b:
+        return True
+    if a.spatial_shape != b.spatial_shape or a.batch_size != b.batch_size or \
+            a.indices.shape != b.indices.shape or type(a.indices) is not type(b.indices):
+        return False
+    return bool((a.indices == b.indices).all())
+
+
 def output_layer(x, input_map):
     """Inverse of :func:`input_layer`: one row per original input row, (n_rows, C).
 
@@ -690,7 +717,7 @@ def output_layer(x, input_map):
     if x.n_active != input_map.n_sites:
         raise ValueError(f"x has {x.n_active} sites but input_map maps {input_map.n_sites}; "
                          "pass a tensor on the input layer's sites")
-    if input_map.sites is not None and x.sites is not input_map.sites:
+    if input_map.sites is not None and not _same_sites(x.sites, input_map.sites):
         raise ValueError(f"x is not on the sites input_layer made with this input_map: both "
                          f"have {x.n_active} sites, but x's are another site set (another "
                          "batch, or a tensor rebuilt from indices); pass the input layer's "

@@ -18,6 +18,7 @@ from sparsegrid import autodiff as ad
 from sparsegrid.autodiff import Tensor
 from sparsegrid.nn import Module, Parameter
 from sparsegrid.nn import optim
+from sparsegrid.nn import checkpoint
 from sparsegrid.nn.checkpoint import (CheckpointError, load_checkpoint, load_state_dict,
                                       save_checkpoint, save_state_dict)
 from sparsegrid.nn.optim import Adam
@@ -497,20 +498,23 @@ def _temporaries(folder):
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 @pytest.mark.parametrize("signame", ["SIGKILL", "SIGTERM"])
-def test_killed_save_leaves_a_temporary_the_next_save_removes(tmp_path, signame):
+def test_killed_save_leaves_a_temporary_the_next_save_removes(tmp_path, monkeypatch, signame):
     import signal
 
     path = tmp_path / "ckpt.npz"
     save_checkpoint(path, epoch=1)
     before = path.read_bytes()
     # files the cleanup must never touch
-    keep = [".ckpt.npz.abcdefgh.tmp.keep", ".other.npz.abcdefgh.tmp", "ckpt.npz.abcdefgh.tmp",
-            ".ckpt.npz.abcdefg.tmp", ".ckpt.npz.abc.efgh.tmp", ".ckpt.npz.ABCDEFGH.tmp",
-            ".ckpt.npz.future00.tmp"]
+    keep = [".ckpt.npz.abcdefgh.tmp", ".ckpt.npz.backup_1.tmp",   # users' own files
+            ".ckpt.npz.sparsegrid-abcdefgh.tmp.keep", ".other.npz.sparsegrid-abcdefgh.tmp",
+            "ckpt.npz.sparsegrid-abcdefgh.tmp", ".ckpt.npz.sparsegrid-abcdefg.tmp",
+            ".ckpt.npz.sparsegrid-abc.efgh.tmp", ".ckpt.npz.sparsegrid-ABCDEFGH.tmp",
+            ".ckpt.npz.sparsegrid-future00.tmp"]
     for name in keep:
         (tmp_path / name).write_bytes(b"not yours")
     future = os.stat(path).st_mtime + 3600
-    os.utime(tmp_path / ".ckpt.npz.future00.tmp", (future, future))
+    os.utime(tmp_path / ".ckpt.npz.sparsegrid-future00.tmp", (future, future))
+    monkeypatch.setattr(checkpoint, "STALE_TEMP_GRACE_S", 0)   # only the lock protects
 
     child = _start_hanging_save(path)
     try:
@@ -539,9 +543,9 @@ def test_killed_save_leaves_a_temporary_the_next_save_removes(tmp_path, signame)
 def test_stale_temporaries_of_a_weights_file_too(tmp_path):
     pytest.importorskip("safetensors")
     path = tmp_path / "w.safetensors"
-    stale = tmp_path / ".w.safetensors.k2j4_9zq.tmp"
+    stale = tmp_path / ".w.safetensors.sparsegrid-k2j4_9zq.tmp"
     stale.write_bytes(b"\0" * 1000)
-    os.utime(stale, (1, 1))                          # long ago
+    os.utime(stale, (1, 1))                          # long ago (beyond the grace period)
     save_state_dict(path, {"a": np.zeros(2)})
     assert sorted(os.listdir(tmp_path)) == ["w.safetensors"]
     assert np.array_equal(load_state_dict(path)["a"], np.zeros(2))
@@ -550,8 +554,9 @@ def test_stale_temporaries_of_a_weights_file_too(tmp_path):
 def test_stale_temporary_symlink_is_not_followed(tmp_path):
     victim = tmp_path / "victim"
     victim.write_bytes(b"precious")
-    link = tmp_path / ".ckpt.npz.abcdefgh.tmp"
+    link = tmp_path / ".ckpt.npz.sparsegrid-abcdefgh.tmp"
     os.symlink(victim, link)
+    os.utime(link, (1, 1), follow_symlinks=False)
     save_checkpoint(tmp_path / "ckpt.npz", epoch=1)
     assert victim.read_bytes() == b"precious" and os.path.islink(link)
 
@@ -614,3 +619,147 @@ def test_real_safetensors_without_the_package_still_gives_the_hint(tmp_path, mon
     monkeypatch.setitem(sys.modules, "safetensors.numpy", None)
     with pytest.raises(ImportError, match="pip install safetensors"):
         load_state_dict(path)
+
+
+# -- temporaries: names, grace period, concurrent saves -------------------------------------------
+def test_users_files_like_temporaries_survive(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "STALE_TEMP_GRACE_S", 0)
+    mine = [".model.npz.backup_1.tmp", ".model.npz.abcdefgh.tmp",
+            ".model.npz.sparsegrid-new-abcdefgh.tmp"]   # the last: a name before locking
+    for name in mine:
+        (tmp_path / name).write_bytes(b"precious")
+        os.utime(tmp_path / name, (1, 1))              # long ago
+    save_state_dict(tmp_path / "model.npz", {"w": np.ones(3)})
+    assert sorted(os.listdir(tmp_path)) == sorted(mine + ["model.npz"])
+    assert all((tmp_path / name).read_bytes() == b"precious" for name in mine)
+
+
+@pytest.mark.parametrize("flock", [True, False])
+def test_recent_temporaries_are_kept_for_the_grace_period(tmp_path, monkeypatch, flock):
+    if not flock:   # a system without flock: age alone decides
+        monkeypatch.setattr(checkpoint, "fcntl", None)
+    recent = tmp_path / ".w.npz.sparsegrid-recent00.tmp"
+    old = tmp_path / ".w.npz.sparsegrid-old00000.tmp"
+    recent.write_bytes(b"x")
+    old.write_bytes(b"x")
+    now = os.stat(recent).st_mtime
+    os.utime(recent, (now - checkpoint.STALE_TEMP_GRACE_S / 2,) * 2)
+    os.utime(old, (now - checkpoint.STALE_TEMP_GRACE_S - 5,) * 2)
+    save_state_dict(tmp_path / "w.npz", {"w": np.ones(3)})
+    assert sorted(os.listdir(tmp_path)) == sorted([recent.name, "w.npz"])
+
+
+def test_temporary_gets_its_matching_name_only_when_locked(tmp_path, monkeypatch):
+    fcntl = pytest.importorskip("fcntl")
+    seen = []
+    real_savez = np.savez
+
+    def spying_savez(f, **arrays):
+        names = [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+        assert len(names) == 1 and checkpoint._temp_pattern("w.npz").fullmatch(names[0])
+        fd = os.open(tmp_path / names[0], os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):   # another process sees it locked
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+        seen.append(names[0])
+        real_savez(f, **arrays)
+
+    monkeypatch.setattr(np, "savez", spying_savez)
+    save_state_dict(tmp_path / "w.npz", {"w": np.ones(3)})
+    assert len(seen) == 1 and sorted(os.listdir(tmp_path)) == ["w.npz"]
+
+
+_SAVER = r"""
+import sys
+import numpy as np
+sys.path.insert(0, {root!r})
+from sparsegrid.nn import checkpoint
+checkpoint.STALE_TEMP_GRACE_S = {grace!r}
+i = {i}
+for _ in range({n}):
+    checkpoint.save_state_dict({path!r}, {{"w": np.full(1000, i, np.float32)}})
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX rename semantics")
+@pytest.mark.parametrize("grace", [None, 0])   # 0: only the locks protect the temporaries
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_concurrent_saves_of_one_path(tmp_path, grace, suffix):
+    import subprocess
+
+    if suffix == ".safetensors":
+        pytest.importorskip("safetensors")
+    if grace is None:
+        grace = checkpoint.STALE_TEMP_GRACE_S
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = str(tmp_path / f"m{suffix}")
+    children = [subprocess.Popen(
+        [sys.executable, "-c", _SAVER.format(root=root, grace=grace, i=i, n=50, path=path)],
+        stderr=subprocess.PIPE, text=True) for i in range(4)]
+    errors = [child.communicate(timeout=60)[1] for child in children]
+    assert [child.returncode for child in children] == [0] * 4, errors
+    w = load_state_dict(path)["w"]
+    assert w.dtype == np.float32 and w.shape == (1000,) and w[0] in range(4)
+    assert np.all(w == w[0])
+    assert os.listdir(tmp_path) == [os.path.basename(path)]
+
+
+def _safetensors_cases():
+    rng = np.random.default_rng(0)
+    dtypes = [np.bool_, np.uint8, np.int8, np.int16, np.uint16, np.float16, np.int32,
+              np.uint32, np.float32, np.complex64, np.float64, np.int64, np.uint64]
+    mixed = {f"t{i}_{np.dtype(dt).name}": (rng.standard_normal(7 + i) * 50).astype(dt)
+             for i, dt in enumerate(dtypes)}
+    mixed.update({"b": np.ones(3, np.float32), "a": np.zeros(5, np.float32),
+                  "scalar": np.array(2.5), "empty": np.zeros((0, 3), np.int8),
+                  "grid": np.arange(24, dtype=np.float64).reshape(2, 3, 4),
+                  "big_endian": np.arange(5, dtype=">i4"),
+                  "ünïcode \"name\"\n": np.ones(2, np.uint16),
+                  "odd": np.ones(3, np.uint8)})   # header padding, odd-length data
+    return {"mixed": mixed, "empty": {}, "one": {"w": np.ones((2, 2), np.float32)}}
+
+
+@pytest.mark.parametrize("case", ["mixed", "empty", "one"])
+def test_safetensors_is_written_as_safetensors_writes_it(tmp_path, case):
+    st = pytest.importorskip("safetensors.numpy")
+    arrays = _safetensors_cases()[case]
+    path = tmp_path / "w.safetensors"
+    save_state_dict(path, arrays)
+    assert path.read_bytes() == st.save(arrays)
+    loaded = st.load_file(str(path))
+    assert sorted(loaded) == sorted(arrays)
+    for name, array in arrays.items():
+        assert loaded[name].dtype == array.dtype.newbyteorder("=")
+        assert loaded[name].shape == array.shape and np.array_equal(loaded[name], array)
+    ours = load_state_dict(path)
+    assert sorted(ours) == sorted(arrays)
+    for name, array in arrays.items():
+        assert ours[name].dtype == array.dtype.newbyteorder("=")
+        assert ours[name].shape == array.shape and np.array_equal(ours[name], array)
+
+
+def test_safetensors_refuses_dtypes_it_lacks(tmp_path):
+    pytest.importorskip("safetensors")
+    with pytest.raises(TypeError, match="safetensors has no dtype complex128"):
+        save_state_dict(tmp_path / "w.safetensors", {"c": np.zeros(2, np.complex128)})
+    assert os.listdir(tmp_path) == []
+
+
+def test_safetensors_save_does_not_copy_the_checkpoint(tmp_path):
+    import tracemalloc
+
+    pytest.importorskip("safetensors")
+    big = np.ones(50 << 20, np.uint8)   # 50 MiB
+    path = tmp_path / "big.safetensors"
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        save_state_dict(path, {"big": big, "small": np.zeros(10)})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"saving allocated {peak / 2**20:.1f} MiB at once"
+    assert os.path.getsize(path) > 50 << 20
+    assert np.array_equal(load_state_dict(path)["big"], big)

@@ -130,8 +130,8 @@ def test_dimension_accepts_numpy_integers():
      r"^SubmanifoldConvolution: bias must be a bool; got 'no' \(str\)$"),
     (lambda: scn.NetworkInNetwork(0, 2), ValueError,
      r"^NetworkInNetwork: nIn must be a positive int; got 0$"),
-    (lambda: scn.NetworkInNetwork(2, 2, bias=None), TypeError,
-     r"^NetworkInNetwork: bias must be a bool; got None \(NoneType\)$"),
+    (lambda: scn.NetworkInNetwork(2, 2, bias="no"), TypeError,
+     r"^NetworkInNetwork: bias must be a bool; got 'no' \(str\)$"),
     (lambda: scn.ShapeContext(2, 2, 0), ValueError,
      r"^ShapeContext: filter_size entries must be >= 1"),
     (lambda: scn.MaxPooling(2, 0, 2), ValueError, r"^MaxPooling: pool_size entries must be"),
@@ -168,15 +168,21 @@ def test_sizes_and_channel_counts(make, error, match):
     (lambda: scn.NetworkInNetwork(10 ** 5, 10 ** 5), (10 ** 5, 10 ** 5), 4 * 10 ** 10),
     (lambda: scn.Linear(10 ** 6, 10 ** 6), (10 ** 6, 10 ** 6), 4 * 10 ** 12),
 ])
-def test_absurd_weights_raise_memory_error_before_allocating(make, shape, n_bytes):
+def test_absurd_weights_raise_memory_error_before_allocating(make, shape, n_bytes,
+                                                            monkeypatch):
+    from sparsegrid import coords
+    # a 2 GiB parameter limit (a third of 6 GiB), whatever this machine's memory
+    monkeypatch.setattr(coords, "MAX_ALLOCATION_BYTES", 6 * 1024 ** 3)
     with pytest.raises(MemoryError, match=rf"a parameter of shape {re.escape(str(shape))} "
                                           rf"\(float32\) would take {n_bytes:,} bytes"):
         make()
 
 
-def test_memory_error_names_the_layer_and_grouped_weights_count_once():
+def test_memory_error_names_the_layer_and_grouped_weights_count_once(monkeypatch):
+    from sparsegrid import coords
+    monkeypatch.setattr(coords, "MAX_ALLOCATION_BYTES", 6 * 1024 ** 3)
     with pytest.raises(MemoryError, match=r"^SubmanifoldConvolution: .* over the limit of "
-                                          r"2,147,483,648 bytes"):
+                                          r"2,147,483,648 bytes \(a third of"):
         scn.SubmanifoldConvolution(3, 1024, 1024, 9, False)
     # Groups divide the weight: (K, G, nIn/G, nOut/G) = 1/G of the ungrouped size.
     conv = scn.SubmanifoldConvolution(3, 1024, 1024, 3, False, groups=256)
@@ -365,7 +371,7 @@ FEATS = np.ones((2, 1), np.float32)
     (-3, ValueError, r"^InputLayer input: batch_size must be a non-negative int; got -3$"),
     (2.7, TypeError, r"^InputLayer input: batch_size must be a non-negative int; "
                      r"got 2\.7 \(float\)$"),
-    (2.0, TypeError, r"got 2\.0 \(float\)$"),
+    (float("inf"), TypeError, r"got inf \(float\)$"),      # 2.0 is accepted (as 2)
     (True, TypeError, r"got True \(bool\)$"),
     (np.array([2]), TypeError, r"batch_size must be a non-negative int"),
 ])
@@ -384,7 +390,10 @@ def test_input_layer_good_batch_sizes():
 
 
 @SETTINGS
-@given(batch_size=st.one_of(st.integers(max_value=-1), st.floats(allow_nan=True), bools,
+@given(batch_size=st.one_of(st.integers(max_value=-1),
+                            st.floats(allow_nan=True).filter(
+                                lambda v: not (math.isfinite(v) and v.is_integer()) or v < 0),
+                            bools,
                             not_numbers.filter(lambda v: v is not None)))
 def test_input_layer_input_batch_size(batch_size):
     with pytest.raises((TypeError, ValueError),
@@ -497,3 +506,89 @@ def test_elu_alpha_is_used(rng):
     np.testing.assert_allclose(out, np.where(v > 0, v, 0.5 * (np.exp(v) - 1)), rtol=1e-5,
                                atol=1e-6)
     assert "alpha=0.5" in repr(scn.ELU(0.5)) and scn.ELU().alpha == 1.0
+
+
+# ----------------------------------------------- regressions: valid inputs accepted again
+@pytest.mark.parametrize("make", [
+    lambda: scn.SubmanifoldConvolution(2, 2, 3, 3, None),
+    lambda: scn.Convolution(2, 2, 3, 3, 2, None),
+    lambda: scn.Deconvolution(2, 2, 3, 3, 2, None),
+    lambda: scn.NetworkInNetwork(2, 3, None),
+    lambda: scn.NetworkInNetwork(2, 3, bias=None),
+    lambda: scn.Linear(2, 3, bias=None),
+])
+def test_bias_none_means_no_bias(make):
+    assert make().bias is None
+
+
+def test_flags_other_than_bias_still_refuse_none():
+    with pytest.raises(TypeError, match=r"^BatchNormalization: affine must be a bool; got None"):
+        scn.BatchNormalization(2, affine=None)
+
+
+def test_scalars_accept_0d_real_arrays_and_numpy_floats():
+    bn = scn.BatchNormalization(2, eps=np.array(1e-4), momentum=np.array(0.9),
+                                leakiness=np.float32(0.5))
+    assert (bn.eps, bn.momentum, bn.leakiness) == (1e-4, 0.9, 0.5)
+    assert type(bn.eps) is float
+    assert scn.LeakyReLU(np.array(.1)).leak == .1
+    assert scn.BatchNormReLU(2, eps=np.array(1e-3, np.float32)).eps == pytest.approx(1e-3)
+    with pytest.raises(TypeError, match=r"^LeakyReLU: leak must be a finite number"):
+        scn.LeakyReLU(np.array([.1]))
+    with pytest.raises(ValueError, match=r"^BatchNormalization: eps must be"):
+        scn.BatchNormalization(2, eps=np.array(np.nan))
+
+
+class _TorchLikeInt:
+    """A torch 0-d int tensor stand-in (its dtype has no ``.kind``)."""
+    dtype = type("dtype", (), {"__str__": lambda self: "torch.int64"})()
+    ndim = 0
+    shape = ()
+
+    def __init__(self, value):
+        self.value = value
+
+    def item(self):
+        return self.value
+
+    def __index__(self):
+        return self.value
+
+
+def test_filter_size_accepts_torch_like_0d_int():
+    conv = scn.SubmanifoldConvolution(2, 1, 2, _TorchLikeInt(3), False)
+    assert conv.weight.shape[0] == 9
+    assert scn.MaxPooling(2, _TorchLikeInt(2), _TorchLikeInt(2)) is not None
+
+
+@pytest.mark.parametrize("planes", [np.array([8, 16]), np.array([8, 16], np.int32)])
+def test_network_builders_accept_integer_array_planes(planes):
+    ref = scn.UNet(2, 1, [8, 16])
+    net = scn.UNet(2, 1, planes)
+    assert list(net.state_dict()) == list(ref.state_dict())
+    scn.UNet(2, 1, planes, downsample=np.array([2, 2]))
+    scn.FullyConvolutionalNet(2, 1, planes)
+    with pytest.raises(TypeError, match=r"^UNet: nPlanes must be"):
+        scn.UNet(2, 1, np.array([8.0, 16.0]))
+
+
+@pytest.mark.parametrize("batch_size, expected", [(1.0, 2), (4.0, 4), (np.float64(3.0), 3)])
+def test_input_layer_accepts_integral_float_batch_size(batch_size, expected):
+    assert scn.InputLayer(2, 5)([COORDS, FEATS, batch_size]).batch_size == expected
+    assert scn.InputLayerInput(COORDS, FEATS, batch_size)[2] == int(batch_size)
+
+
+@pytest.mark.parametrize("batch_size", [2.5, float("nan"), float("inf")])
+def test_input_layer_still_refuses_non_integral_float_batch_size(batch_size):
+    with pytest.raises(TypeError, match=r"^InputLayer input: batch_size must be a "
+                                        r"non-negative int"):
+        scn.InputLayer(2, 5)([COORDS, FEATS, batch_size])
+
+
+def test_batch_norm_module_dtype_hint_names_module_double():
+    x = scn.InputLayer(2, 5)([COORDS, FEATS.astype(np.float64)])
+    with pytest.raises(TypeError, match=r"got float32 \(the parameters are float32: cast the "
+                                        r"input features with \.astype\(np\.float32\).*"
+                                        r"module\.double\(\)\)$"):
+        scn.BatchNormalization(1)(x)
+    assert scn.BatchNormalization(1).double()(x).dtype == np.float64

@@ -4,6 +4,7 @@ Where the library silently accepts input it should reject (wrap-around, unvalida
 the test states the correct behaviour and fails until the library is fixed.
 """
 
+import operator
 import re
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 
 import sparsegrid as sg
 from sparsegrid import functional as F
+from sparsegrid.coords import normalize_size
 from sparsegrid.rulebook import Rulebook
 
 
@@ -598,7 +600,9 @@ def test_batch_norm_accepts_numpy_scalars_and_bounds():
 
 @pytest.mark.parametrize("name", ["weight", "bias", "running_mean", "running_var"])
 @pytest.mark.parametrize("dtype,hint", [
-    (np.float64, r" \(cast it with \.astype\('float32'\)\)"),   # silently accepted before
+    (np.float64, r" \(the parameters are float64: cast the input features with "
+                 r"\.astype\(np\.float64\), or the parameters with \.astype\(np\.float32\); "
+                 r"for a Module, module\.float\(\)\)"),      # silently accepted before
     (np.int64, ""),                                            # NumPy's UFuncTypeError before
     (np.complex64, ""),                                        # warned, dropped imag before
     (object, ""),                                              # accepted before
@@ -793,10 +797,8 @@ def test_output_layer_rejects_other_batch_with_same_site_count():
     with pytest.raises(ValueError, match=r"x is not on the sites input_layer made with this "
                                          r"input_map: both have 2 sites"):
         sg.output_layer(b, map_a)
-    # a tensor rebuilt from the same indices is another site set too
-    rebuilt = sg.SparseTensor(np.asarray(a.features), a.indices, a.spatial_shape)
-    with pytest.raises(ValueError, match="x is not on the sites"):
-        sg.output_layer(rebuilt, map_a)
+    # a tensor rebuilt on identical indices (another Sites object) is accepted: see
+    # test_output_layer_accepts_tensor_rebuilt_on_identical_indices
 
 
 def test_output_layer_accepts_tensor_on_the_input_sites():
@@ -944,3 +946,131 @@ def test_n_features_to_drop_checked_before_rulebook(op, monkeypatch):
     monkeypatch.setattr(cpu, "strided_rules", lambda *a: (_ for _ in ()).throw(AssertionError))
     with pytest.raises(ValueError, match="n_features_to_drop"):
         getattr(sg, op)(_tensor(n_channels=2), 2, 2, 7)
+
+
+# ----------------------------------------------- regressions: valid inputs accepted again
+class _TorchLikeInt:
+    """A torch 0-d int tensor stand-in: ``dtype`` with no ``.kind``, ``ndim`` 0, ``item()``
+    and ``__index__``."""
+
+    class _Dtype:
+        def __str__(self):
+            return "torch.int64"
+
+    def __init__(self, value, dtype=None):
+        self.value, self.ndim = value, 0
+        self.dtype = dtype if dtype is not None else self._Dtype()
+        self.shape = ()
+
+    def item(self):
+        return self.value
+
+    def __index__(self):
+        return operator.index(self.value)
+
+
+class _TorchLikeFloat(_TorchLikeInt):
+    class _Dtype:
+        def __str__(self):
+            return "torch.float32"
+
+    def __index__(self):
+        raise TypeError("only integer tensors can be converted to an index")
+
+
+def test_normalize_size_accepts_torch_like_0d_int():
+    assert normalize_size(_TorchLikeInt(3), 2, "filter_size") == (3, 3)
+    assert normalize_size(np.array(3), 2, "filter_size") == (3, 3)
+    x = _tensor(n_channels=2)
+    w = np.ones((9, 2, 2), np.float32)
+    out = sg.submanifold_conv(x, w, filter_size=_TorchLikeInt(3))
+    np.testing.assert_array_equal(out.features, sg.submanifold_conv(x, w).features)
+
+
+class _OnlyIndex:
+    ndim = 0
+
+    def __index__(self):
+        return 2
+
+
+class _NoDtypeItem:
+    ndim = 0
+
+    def item(self):
+        return 2
+
+
+@pytest.mark.parametrize("value", [_OnlyIndex(), _NoDtypeItem()])
+def test_normalize_size_accepts_index_or_integer_item(value):
+    assert normalize_size(value, 3, "stride") == (2, 2, 2)
+
+
+@pytest.mark.parametrize("value", [_TorchLikeFloat(3.0), _TorchLikeFloat(3.5),
+                                   np.array(3.0), np.array(True),
+                                   _TorchLikeInt(3, dtype=object())])
+def test_normalize_size_refuses_non_integer_0d_with_type_error(value):
+    with pytest.raises(TypeError, match=r"^filter_size must be an int or a sequence of 2 "
+                                        r"ints; got "):
+        normalize_size(value, 2, "filter_size")
+
+
+def test_normalize_size_fast_path_returns_normalised_tuple_unchanged():
+    sizes = (3, 3, 3)
+    assert normalize_size(sizes, 3, "f") is sizes
+    with pytest.raises(ValueError, match=r"entries must be >= 1"):
+        normalize_size((3, 0, 3), 3, "f")
+    with pytest.raises(ValueError, match=r"must have 3 entries"):
+        normalize_size((3, 3), 3, "f")
+    with pytest.raises(TypeError):
+        normalize_size((3, True, 3), 3, "f")
+    assert normalize_size((0, 0), 2, "padding", minimum=0) == (0, 0)
+
+
+def test_batch_norm_accepts_0d_real_arrays():
+    x = _tensor(n_channels=2)
+    ref = sg.batch_norm(x, momentum=0.5, eps=1e-4, leakiness=0.1)
+    out = sg.batch_norm(x, momentum=np.array(0.5), eps=np.array(1e-4),
+                        leakiness=np.array(0.1, np.float32))
+    np.testing.assert_allclose(out.features, ref.features)
+    with pytest.raises(TypeError, match="eps must be a real number"):
+        sg.batch_norm(x, eps=np.array([1e-4]))
+    with pytest.raises(TypeError, match="eps must be a real number"):
+        sg.batch_norm(x, eps=np.array(True))
+
+
+@pytest.mark.parametrize("flag", [1, 0, np.int64(1), np.bool_(False)])
+def test_batch_norm_training_accepts_0_1_and_numpy_bools(flag):
+    sg.batch_norm(_tensor(n_channels=2), running_mean=np.zeros(2, np.float32),
+                  running_var=np.ones(2, np.float32), training=flag)
+
+
+@pytest.mark.parametrize("flag", [2, -1, 1.0, "1"])
+def test_batch_norm_training_still_refuses_other_values(flag):
+    with pytest.raises(TypeError, match="training must be a bool"):
+        sg.batch_norm(_tensor(n_channels=2), running_mean=np.zeros(2, np.float32),
+                  running_var=np.ones(2, np.float32), training=flag)
+
+
+def test_batch_norm_float32_parameters_on_float64_features_hint_names_module_double():
+    x = _tensor(n_channels=2, dtype=np.float64)
+    with pytest.raises(TypeError, match=r"weight must be an array of the features' dtype "
+                                        r"float64; got float32 \(the parameters are float32: "
+                                        r"cast the input features with "
+                                        r"\.astype\(np\.float32\).*module\.double\(\)\)$"):
+        sg.batch_norm(x, weight=np.ones(2, np.float32))
+
+
+def test_output_layer_accepts_tensor_rebuilt_on_identical_indices():
+    idx = np.array([[0, 1, 1], [0, 1, 1], [0, 2, 2]], np.int32)
+    a, map_a = sg.input_layer(idx, _feats(3), (4, 4))
+    rebuilt = sg.SparseTensor(np.asarray(a.features), a.indices.copy(), a.spatial_shape,
+                              batch_size=a.batch_size)
+    assert rebuilt.sites is not a.sites
+    np.testing.assert_array_equal(sg.output_layer(rebuilt, map_a), sg.output_layer(a, map_a))
+    # a different spatial shape or batch size on the same indices is still refused
+    for other in (sg.SparseTensor(np.asarray(a.features), a.indices, (5, 5)),
+                  sg.SparseTensor(np.asarray(a.features), a.indices, a.spatial_shape,
+                                  batch_size=2)):
+        with pytest.raises(ValueError, match="x is not on the sites"):
+            sg.output_layer(other, map_a)

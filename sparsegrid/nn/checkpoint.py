@@ -26,12 +26,14 @@ A *weights file* (:func:`save_state_dict`) is a plain table of the state dict's 
 under their own keys, with no reserved entry, readable by any ``.npz``/safetensors tool.
 
 Every file is written atomically: to a hidden temporary file in the destination folder
-(``.<name>.<8 random characters>.tmp``, held under an exclusive ``flock`` while written),
-flushed to disk, then renamed over ``path`` with :func:`os.replace`, so an interrupted save
-leaves the previous file (or none), never a truncated one; the loaders read only ``path``.
-A save that is killed (SIGKILL, SIGTERM, power loss) cannot remove its temporary; the next
-save of the same path removes such stale temporaries (only names of exactly that pattern,
-older than the new save's own and not locked by a save still running).
+(``.<name>.sparsegrid-<8 random characters>.tmp``, held under an exclusive ``flock`` from
+before it has that name until it is renamed), flushed to disk, then renamed over ``path``
+with :func:`os.replace`, so an interrupted save leaves the previous file (or none), never a
+truncated one; the loaders read only ``path``. A save that is killed (SIGKILL, SIGTERM,
+power loss) cannot remove its temporary; a later save of the same path removes such stale
+temporaries (only names of exactly that pattern, not locked by a save still running and
+at least :data:`STALE_TEMP_GRACE_S` seconds older than the new save's own; without
+``flock``, by age alone).
 
 Files are recognised by content, never by suffix: a zip archive of ``.npy`` members is an
 ``.npz``; a little-endian header length that fits the file followed by a JSON object is a
@@ -40,11 +42,13 @@ safetensors file; anything else is a :class:`CheckpointError` that says what was
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import stat
 import struct
+import sys
 import tempfile
 from collections.abc import Mapping
 
@@ -200,22 +204,40 @@ def _umask():
     return 0o022
 
 
+_TEMP_MARK = ".sparsegrid-"          # in every temporary's name: ``.<name>.sparsegrid-...``
+_NEW_MARK = _TEMP_MARK + "new-"      # the name a temporary has before it is locked
+
+# Stale temporaries younger than this many seconds (by mtime, against the current save's
+# own temporary, in the file system's clock) are never removed, locked or not.
+STALE_TEMP_GRACE_S = 60.0
+
+# flock errors that mean "this file system has no flock" (age alone protects temporaries)
+_NO_FLOCK_ERRNOS = frozenset(getattr(errno, name) for name in ("ENOLCK", "EOPNOTSUPP",
+                                                               "ENOTSUP", "ENOSYS")
+                             if hasattr(errno, name))
+
+
 def _temp_pattern(basename):
-    """The names of the temporaries :func:`_write_arrays` creates for ``basename``:
-    ``.<basename>.<8 random characters of tempfile's alphabet>.tmp``. The random part has
-    no dot, so another target's temporaries never match."""
-    return re.compile(re.escape("." + basename + ".") + r"[a-z0-9_]{8}" + re.escape(".tmp"))
+    """The names of the temporaries :func:`_write_arrays` holds for ``basename`` while it
+    writes them: ``.<basename>.sparsegrid-<8 characters of tempfile's alphabet>.tmp``. The
+    random part has no dot, so another target's temporaries never match; the names a
+    temporary has before it is locked (``.<basename>.sparsegrid-new-<8>.tmp``) do not
+    match either."""
+    return re.compile(re.escape("." + basename + _TEMP_MARK) + r"[a-z0-9_]{8}"
+                      + re.escape(".tmp"))
 
 
 def _remove_stale_temporaries(folder, basename, own_name, now_ns):
     """Remove temporaries of an earlier, interrupted save of ``basename`` in ``folder``
     (a killed process cannot remove its own): files whose name matches
-    :func:`_temp_pattern` exactly, last modified before ``now_ns`` (the current save's own
-    temporary's time, in the file system's clock) and, where POSIX locks exist, not locked
-    by a save still running (every save holds an exclusive ``flock`` on its temporary until
-    it is renamed; the kernel drops it when the process dies). Nothing else is touched;
-    failures are ignored (this is housekeeping)."""
+    :func:`_temp_pattern` exactly, last modified at least :data:`STALE_TEMP_GRACE_S`
+    seconds before ``now_ns`` (the current save's own temporary's time, in the file
+    system's clock) and, where ``flock`` works, not locked by a save still running (every
+    save holds an exclusive ``flock`` on its temporary from before it has such a name until
+    it is renamed over the target; the kernel drops it when the process dies). Nothing else
+    is touched; failures are ignored (this is housekeeping)."""
     pattern = _temp_pattern(basename)
+    grace_ns = int(STALE_TEMP_GRACE_S * 1e9)
     try:
         names = os.listdir(folder)
     except OSError:
@@ -230,13 +252,14 @@ def _remove_stale_temporaries(folder, basename, own_name, now_ns):
             continue
         try:
             info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode) or info.st_mtime_ns >= now_ns:
+            if not stat.S_ISREG(info.st_mode) or now_ns - info.st_mtime_ns < grace_ns:
                 continue
             if fcntl is not None:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:
-                    continue  # a save in progress holds it
+                except OSError as exc:
+                    if exc.errno not in _NO_FLOCK_ERRNOS:
+                        continue  # a save in progress holds it (or the lock failed)
             try:  # the name must still be this file (not replaced meanwhile)
                 same = os.stat(candidate, follow_symlinks=False)
             except OSError:
@@ -250,6 +273,95 @@ def _remove_stale_temporaries(folder, basename, own_name, now_ns):
             os.close(fd)
 
 
+# safetensors' dtype names, in the order of its ``Dtype`` enum (safetensors sorts the
+# tensors of a file by this rank, descending, then by name)
+_SAFETENSORS_DTYPES = {  # NumPy dtype name -> (safetensors name, rank)
+    "bool": ("BOOL", 0), "uint8": ("U8", 4), "int8": ("I8", 5),
+    "float8_e5m2": ("F8_E5M2", 6), "float8_e4m3fn": ("F8_E4M3", 7),
+    "int16": ("I16", 9), "uint16": ("U16", 10), "float16": ("F16", 11),
+    "bfloat16": ("BF16", 12), "int32": ("I32", 13), "uint32": ("U32", 14),
+    "float32": ("F32", 15), "complex64": ("C64", 16), "float64": ("F64", 17),
+    "int64": ("I64", 18), "uint64": ("U64", 19),
+}
+
+
+def _safetensors_layout(arrays, metadata=None):
+    """``(header bytes, [(name, array), ...] in file order)`` of the safetensors file of
+    ``arrays``, laid out as ``safetensors.numpy.save`` lays it out (byte for byte): an
+    8-byte little-endian length, the JSON header padded with spaces to a multiple of 8,
+    then each array's little-endian C-order bytes."""
+    entries = []
+    for name, array in arrays.items():
+        try:
+            dtype, rank = _SAFETENSORS_DTYPES[array.dtype.name]
+        except KeyError:
+            raise TypeError(f"cannot store {name!r} in a .safetensors file: safetensors has "
+                            f"no dtype {array.dtype} (use an .npz file)") from None
+        entries.append((-rank, name, dtype, array))
+    entries.sort(key=lambda entry: (entry[0], entry[1]))
+    header = {}
+    if metadata is not None:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    order = []
+    for _, name, dtype, array in entries:
+        header[name] = {"dtype": dtype, "shape": list(array.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+        order.append((name, array))
+    text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, order
+
+
+def _write_safetensors(f, header, order):
+    """Write a :func:`_safetensors_layout` to the open binary file ``f``, one array at a
+    time, from the arrays' own memory (only a big-endian array is copied, alone)."""
+    f.write(header)
+    for _, array in order:
+        if array.dtype.byteorder == ">" or (array.dtype.byteorder == "="
+                                            and sys.byteorder == "big"):
+            array = array.astype(array.dtype.newbyteorder("<"))
+        array = _contiguous(array)
+        if array.nbytes:
+            f.write(array.reshape(-1).view(np.uint8))
+
+
+def _lock_new_temporary(folder, basename):
+    """Create a new temporary for ``basename`` in ``folder``, locked (where ``flock``
+    works) before it gets a name :func:`_temp_pattern` matches, so that no other save's
+    cleanup ever takes an unlocked one for stale. Returns ``(fd, path)``."""
+    fd, new = tempfile.mkstemp(prefix="." + basename + _NEW_MARK, suffix=".tmp", dir=folder)
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # our own new file: nobody else locks it
+            except OSError as exc:
+                if exc.errno not in _NO_FLOCK_ERRNOS:
+                    raise
+                # a file system without flock: age alone protects it
+        random_part = os.path.basename(new)[len("." + basename + _NEW_MARK):-len(".tmp")]
+        tmp = os.path.join(folder, "." + basename + _TEMP_MARK + random_part + ".tmp")
+        try:  # a hard link never replaces another save's temporary of the same name
+            os.link(new, tmp)
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links here: a rename (the lock follows the inode)
+            if os.path.lexists(tmp):
+                raise FileExistsError(errno.EEXIST, "temporary name in use", tmp) from None
+            os.rename(new, tmp)
+        else:
+            os.unlink(new)
+    except BaseException:
+        os.close(fd)
+        try:
+            os.unlink(new)
+        except OSError:
+            pass
+        raise
+    return fd, tmp
+
+
 def _write_arrays(path, arrays):
     """Write ``arrays`` (name -> NumPy array) to ``path`` atomically, in the format its
     suffix names (``.safetensors``, else ``.npz``).
@@ -259,16 +371,20 @@ def _write_arrays(path, arrays):
     of earlier saves of the same path that were killed (SIGKILL, SIGTERM, power loss) are
     removed first (see :func:`_remove_stale_temporaries`)."""
     path = os.fspath(path)
-    safetensors = _import_safetensors() if _is_safetensors_path(path) else None
+    safetensors = None
+    if _is_safetensors_path(path):
+        _import_safetensors()   # the format is written here, but needs the package to read
+        safetensors = _safetensors_layout(arrays)
     folder = os.path.dirname(os.path.abspath(path))
     basename = os.path.basename(path)
-    fd, tmp = tempfile.mkstemp(prefix="." + basename + ".", suffix=".tmp", dir=folder)
+    for attempt in range(100):
+        try:
+            fd, tmp = _lock_new_temporary(folder, basename)
+            break
+        except FileExistsError:  # the random name of another save's temporary: again
+            if attempt == 99:
+                raise
     try:
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                pass  # a file system without flock: age alone protects it
         _remove_stale_temporaries(folder, basename, os.path.basename(tmp),
                                   os.fstat(fd).st_mtime_ns)
         f = os.fdopen(fd, "wb", closefd=False)
@@ -276,9 +392,9 @@ def _write_arrays(path, arrays):
             if safetensors is None:
                 np.savez(f, **arrays)
             else:
-                # save_file() would replace the file (and drop our lock): serialise to
-                # bytes and write them to the locked temporary instead
-                f.write(safetensors.save(arrays))
+                # written here, not with save_file() (which would replace the file and
+                # drop our lock) nor save() (which holds the whole file in memory)
+                _write_safetensors(f, *safetensors)
             f.flush()
         finally:
             f.close()
@@ -434,8 +550,9 @@ def save_checkpoint(path, model=None, optimizer=None, scheduler=None, **extra):
     ----------
     path : str or os.PathLike
         Destination, used exactly as given. A name ending in ``.safetensors`` is written
-        with the ``safetensors`` package (``safetensors.numpy.save``); any other name
-        as an uncompressed ``.npz`` archive (no suffix is appended).
+        in the safetensors format (byte for byte what ``safetensors.numpy.save`` writes,
+        streamed array by array; reading it back needs the ``safetensors`` package); any
+        other name as an uncompressed ``.npz`` archive (no suffix is appended).
     model, optimizer, scheduler : object with ``state_dict()``, or dict, optional
         Saved as ``model.state_dict()`` etc. (a dict is saved as it is).
     **extra

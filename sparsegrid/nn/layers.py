@@ -99,7 +99,9 @@ def _normal(shape, std):
 
 # -- argument checks (every constructor runs these before any work or allocation) -----------
 MAX_DIMENSION = 10          # a 3-wide filter then has 3**10 = 59,049 offsets
-MAX_PARAMETER_BYTES = 2 * 1024 ** 3
+# A layer's parameter may take at most this many bytes; None (the default) means a third of
+# sparsegrid.coords.MAX_ALLOCATION_BYTES, since initialisation draws a float64 array first.
+MAX_PARAMETER_BYTES = None
 
 
 def _given(value):
@@ -148,6 +150,8 @@ def _real_arg(owner, name, value, low=None, high=None, low_open=False, high_open
     else:
         expected = (f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
                     ", a finite number")
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf":
+        value = value.item()           # a 0-d real array is one number
     if isinstance(value, (bool, np.bool_)) or \
             not isinstance(value, (numbers.Real, np.integer, np.floating)):
         raise TypeError(f"{owner}: {name} must be {expected}; got {_given(value)}")
@@ -159,8 +163,11 @@ def _real_arg(owner, name, value, low=None, high=None, low_open=False, high_open
     return v
 
 
-def _flag_arg(owner, name, value):
-    """``value`` checked to be a bool (or the ints 0 and 1)."""
+def _flag_arg(owner, name, value, none_is_false=False):
+    """``value`` checked to be a bool (or the ints 0 and 1); None is False where
+    ``none_is_false`` (``bias=None``, as PyTorch / SCN users write it)."""
+    if value is None and none_is_false:
+        return False
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     n = _integer(value)
@@ -178,15 +185,26 @@ def _check_parameter_bytes(owner, shape, dtype=np.float32,
                            hint="the filter size, nIn, nOut and dimension"):
     """Refuse a parameter too large to be a mistake-free request, before allocating it."""
     n_bytes = math.prod(int(s) for s in shape) * np.dtype(dtype).itemsize
-    if n_bytes > MAX_PARAMETER_BYTES:
+    limit = MAX_PARAMETER_BYTES
+    if limit is None:
+        from .. import coords
+        limit = None if coords.MAX_ALLOCATION_BYTES is None else \
+            coords.MAX_ALLOCATION_BYTES // 3
+    if limit is not None and n_bytes > limit:
         raise MemoryError(f"{owner}: a parameter of shape {tuple(shape)} ({np.dtype(dtype)}) "
                           f"would take {n_bytes:,} bytes ({n_bytes / 1024 ** 3:.1f} GiB), over "
-                          f"the limit of {MAX_PARAMETER_BYTES:,} bytes; check {hint}")
+                          f"the limit of {limit:,} bytes (a third of "
+                          "sparsegrid.coords.MAX_ALLOCATION_BYTES, as initialisation draws "
+                          f"float64 values first); check {hint}")
     return shape
 
 
 def _batch_size_arg(owner, value):
-    """An optional batch size: a non-negative int (bool refused)."""
+    """An optional batch size: a non-negative int (bool refused); a finite integral float
+    (1.0, from arithmetic) is accepted as that int."""
+    if isinstance(value, (float, np.floating)) and math.isfinite(value) and \
+            float(value).is_integer():
+        value = int(value)
     return _int_arg(owner, "batch_size", value, 0)
 
 
@@ -320,7 +338,7 @@ class OutputLayer(Module):
 def _check_input_sites(module, x, found, input_layer="InputLayer"):
     # The grid is shared by every tensor derived from the input, so a strided op's output
     # has the input map too; its rows may even be as many as the input's sites.
-    if x.sites is not found.sites:
+    if not F._same_sites(x.sites, found.sites):
         raise ValueError(f"{type(module).__name__} needs a tensor on the sites made by its "
                          f"{input_layer}; this one has {x.n_active} sites of spatial shape "
                          f"{x.spatial_shape} from a later strided op (go back up with "
@@ -395,7 +413,7 @@ class _Convolution(Module):
         self.groups = _int_arg(owner, "groups", groups)
         if self.nIn % self.groups or self.nOut % self.groups:
             raise ValueError(f"{owner}: groups={groups} must divide nIn={nIn} and nOut={nOut}")
-        bias = _flag_arg(owner, "bias", bias)
+        bias = _flag_arg(owner, "bias", bias, none_is_false=True)
         if filter_volume is None:
             self.filter_size = _sizes(owner, filter_size, self.dimension, "filter_size")
             self.filter_stride = _sizes(owner, filter_stride, self.dimension, "filter_stride")
@@ -544,7 +562,7 @@ class NetworkInNetwork(Module):
         owner = type(self).__name__
         self.nIn = _int_arg(owner, "nIn", nIn)
         self.nOut = _int_arg(owner, "nOut", nOut)
-        bias = _flag_arg(owner, "bias", bias)
+        bias = _flag_arg(owner, "bias", bias, none_is_false=True)
         shape = _check_parameter_bytes(owner, (self.nIn, self.nOut), hint="nIn and nOut")
         self.weight = Parameter(_normal(shape, math.sqrt(2.0 / self.nIn)))
         self.bias = Parameter(np.zeros(self.nOut, np.float32)) if bias else None
@@ -968,7 +986,7 @@ class Linear(Module):
         owner = type(self).__name__
         self.in_features = _int_arg(owner, "in_features", in_features)
         self.out_features = _int_arg(owner, "out_features", out_features)
-        bias = _flag_arg(owner, "bias", bias)
+        bias = _flag_arg(owner, "bias", bias, none_is_false=True)
         _check_parameter_bytes(owner, (self.out_features, self.in_features),
                                hint="in_features and out_features")
         bound = 1.0 / math.sqrt(self.in_features)

@@ -12,14 +12,21 @@ from .layers import (BatchNormLeakyReLU, BatchNormReLU, Convolution, Deconvoluti
                      _dimension, _flag_arg, _given, _int_arg, _real_arg, _sizes)
 
 
-def _sequence_arg(owner, name, value, expected="a list"):
+def _sequence_arg(owner, name, value, expected="a list", integer_array=False):
+    """A list or tuple as a list; with ``integer_array`` also a 1-D integer array (NumPy, or
+    anything with ``tolist``, such as a torch tensor) as a list of ints."""
+    if integer_array and getattr(value, "ndim", None) == 1 and hasattr(value, "tolist"):
+        items = value.tolist()
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+            return items
     if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
         raise TypeError(f"{owner}: {name} must be {expected}; got {_given(value)}")
     return list(value)
 
 
 def _planes_arg(owner, value):
-    planes = _sequence_arg(owner, "nPlanes", value, "a non-empty list of positive ints")
+    planes = _sequence_arg(owner, "nPlanes", value, "a non-empty list of positive ints",
+                           integer_array=True)
     if not planes:
         raise ValueError(f"{owner}: nPlanes must be a non-empty list of positive ints; got "
                          f"{value!r}")
@@ -27,7 +34,8 @@ def _planes_arg(owner, value):
 
 
 def _downsample_arg(owner, value, dimension):
-    pair = _sequence_arg(owner, "downsample", value, "a (filter_size, stride) pair")
+    pair = _sequence_arg(owner, "downsample", value, "a (filter_size, stride) pair",
+                         integer_array=True)
     if len(pair) != 2:
         raise ValueError(f"{owner}: downsample must be a (filter_size, stride) pair; got "
                          f"{len(pair)} items: {value!r}")
