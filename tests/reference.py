@@ -257,3 +257,28 @@ def submanifold_conv_vjp(dense, weight, grad_out, filter_size, dilation):
                               grad_out.reshape(*grad_out.shape[:2], -1))
         grad_in += _apply(weight[k].T, shifted_g)
     return grad_in, grad_w
+
+
+def conv_problem(seed, shape, channels, density):
+    """A random submanifold-convolution problem: (tensor, weight, output gradient), float32."""
+    import sparsegrid as sg
+    rng = np.random.default_rng(seed)
+    indices = random_sites(rng, shape, 1, density=density)
+    x = sg.SparseTensor(rng.standard_normal((len(indices), channels)).astype(np.float32),
+                        indices, shape)
+    weight = rng.standard_normal((27, channels, channels)).astype(np.float32)
+    grad = rng.standard_normal((len(indices), channels)).astype(np.float32)
+    return x, weight, grad
+
+
+def conv_step(x, weight, grad):
+    """Forward and backward of a submanifold convolution through autodiff: copies of the
+    output, the feature gradient and the weight gradient."""
+    import sparsegrid as sg
+    from sparsegrid.autodiff import Tensor
+    features = Tensor(x.features, requires_grad=True)
+    w = Tensor(weight, requires_grad=True)
+    y = sg.submanifold_conv(x.with_features(features), w)
+    y.features.backward(grad)
+    return (np.array(y.features.data), np.array(features.grad), np.array(w.grad))
+

@@ -19,10 +19,9 @@ import pytest
 import sparsegrid as sg
 import sparsegrid.nn as scn
 from sparsegrid import autodiff as ad
-from sparsegrid.autodiff import Tensor
 from sparsegrid.cpu import threads
 
-from reference import random_sites
+from reference import conv_problem, conv_step, random_sites
 
 try:
     import threadpoolctl
@@ -102,22 +101,10 @@ def _count_mismatches(expected, got):
 def _conv_problem(seed):
     # ~8k sites, 16 channels: GEMMs of blocks of 8192 pairs, which a 2-thread BLAS
     # splits (it changes the bits from about 4000 x 16 rows on)
-    rng = np.random.default_rng(seed)
-    shape, c = (30, 30, 30), 16
-    indices = random_sites(rng, shape, 1, density=0.3)
-    x = sg.SparseTensor(rng.standard_normal((len(indices), c)).astype(np.float32), indices,
-                        shape)
-    weight = rng.standard_normal((27, c, c)).astype(np.float32)
-    grad = rng.standard_normal((len(indices), c)).astype(np.float32)
-    return x, weight, grad
+    return conv_problem(seed, (30, 30, 30), 16, 0.3)
 
 
-def _conv_step(x, weight, grad):
-    features = Tensor(x.features, requires_grad=True)
-    w = Tensor(weight, requires_grad=True)
-    y = sg.submanifold_conv(x.with_features(features), w)
-    y.features.backward(grad)
-    return (np.array(y.features.data), np.array(features.grad), np.array(w.grad))
+_conv_step = conv_step
 
 
 def test_submanifold_conv_forward_backward_in_two_threads(two_threads):
