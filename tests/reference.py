@@ -12,6 +12,7 @@ import numpy as np
 
 # Central finite differences are generic arithmetic, shared with the library's gradcheck.
 from sparsegrid.autodiff.gradcheck import numerical_gradient  # noqa: F401
+from sparsegrid.cpu.threads import _from_ctypes as _CTYPES_CONTROLLERS
 
 
 def random_sites(rng, spatial_shape, batch_size, density=0.3, empty_batches=()):
@@ -281,4 +282,30 @@ def conv_step(x, weight, grad):
     y = sg.submanifold_conv(x.with_features(features), w)
     y.features.backward(grad)
     return (np.array(y.features.data), np.array(features.grad), np.array(w.grad))
+
+
+def blas_limited(n):
+    """Context: every BLAS at ``n`` threads, as a process started with OPENBLAS_NUM_THREADS=n
+    would have it (threadpoolctl when installed, else sparsegrid's ctypes controllers as
+    they were when this module was imported: tests may monkeypatch the live name)."""
+    try:
+        import threadpoolctl
+    except ImportError:
+        threadpoolctl = None
+    if threadpoolctl is not None:
+        return threadpoolctl.threadpool_limits(n, user_api="blas")
+    controllers = _CTYPES_CONTROLLERS()
+    before = [c.get() for c in controllers]
+
+    class Limit:
+        def __enter__(self):
+            for c in controllers:
+                c.set(n)
+
+        def __exit__(self, *exc):
+            for c, b in zip(controllers, before):
+                c.set(b)
+
+    return Limit()
+
 

@@ -19,33 +19,10 @@ import pytest
 import sparsegrid as sg
 import sparsegrid.nn as scn
 from sparsegrid import autodiff as ad
-from sparsegrid.cpu import threads
 
-from reference import conv_problem, conv_step, random_sites
+from reference import blas_limited, conv_problem, conv_step, random_sites
 
-try:
-    import threadpoolctl
-except ImportError:  # the library then uses its ctypes fallback
-    threadpoolctl = None
-
-
-def _blas_limited(n):
-    """Context: every BLAS at ``n`` threads (as OPENBLAS_NUM_THREADS=n would start it)."""
-    if threadpoolctl is not None:
-        return threadpoolctl.threadpool_limits(n, user_api="blas")
-    controllers = threads._from_ctypes()
-    before = [c.get() for c in controllers]
-
-    class Limit:
-        def __enter__(self):
-            for c in controllers:
-                c.set(n)
-
-        def __exit__(self, *exc):
-            for c, b in zip(controllers, before):
-                c.set(b)
-
-    return Limit()
+_blas_limited = blas_limited
 
 
 @pytest.fixture

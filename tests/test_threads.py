@@ -13,7 +13,7 @@ import sparsegrid as sg
 from sparsegrid import cpu
 from sparsegrid.cpu import threads
 
-from reference import conv_problem, conv_step
+from reference import blas_limited, conv_problem, conv_step
 
 try:
     import threadpoolctl
@@ -31,23 +31,7 @@ def _blas_threads():
     return [c.get() for c in _ctypes_controllers()]
 
 
-def _blas_limited(n):
-    """Context: every BLAS at ``n`` threads, as a process started with OPENBLAS_NUM_THREADS=n."""
-    if threadpoolctl is not None:
-        return threadpoolctl.threadpool_limits(n, user_api="blas")
-    controllers = _ctypes_controllers()
-    before = [c.get() for c in controllers]
-
-    class Limit:
-        def __enter__(self):
-            for c in controllers:
-                c.set(n)
-
-        def __exit__(self, *exc):
-            for c, b in zip(controllers, before):
-                c.set(b)
-
-    return Limit()
+_blas_limited = blas_limited
 
 
 def _openblas_loaded():
