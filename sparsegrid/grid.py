@@ -93,6 +93,22 @@ def _strided_result(sites, filter_size, stride, out_shape, rules):
     return rulebook, out_sites
 
 
+def random_window_starts(filter_size, stride, out_shape, rng):
+    """Per axis, the increasing int64 window starts of :meth:`Grid.randomized_strided`: the
+    ``out - 1`` steps are a shuffle (by ``rng``) of about one third ``s - 1``, one third
+    ``s + 1`` and the rest ``s``, where ``1 < s < f``; plain steps of ``s`` otherwise."""
+    starts = []
+    for f, s, n_out in zip(filter_size, stride, out_shape):
+        steps = np.full(n_out - 1, s, np.int64)
+        if 1 < s < f:
+            third = (n_out - 1) // 3
+            steps[:third] -= 1
+            steps[third:2 * third] += 1
+            rng.shuffle(steps)
+        starts.append(np.concatenate([[0], np.cumsum(steps)]).astype(np.int64))
+    return starts
+
+
 class Grid:
     """Site sets derived from one input, and the rulebooks between them (cached)."""
 
@@ -197,15 +213,7 @@ class Grid:
         reach = math.prod(min(f, o) for f, o in zip(filter_size, out_shape))
         check_rulebook_size(op, reach, len(sites),
                             extra=f"; each site in at most {reach} windows")
-        starts = []
-        for f, s, n_out in zip(filter_size, stride, out_shape):
-            steps = np.full(n_out - 1, s, np.int64)
-            if 1 < s < f:
-                third = (n_out - 1) // 3
-                steps[:third] -= 1
-                steps[third:2 * third] += 1
-                rng.shuffle(steps)
-            starts.append(np.concatenate([[0], np.cumsum(steps)]).astype(np.int64))
+        starts = random_window_starts(filter_size, stride, out_shape, rng)
         kernels = sites.kernels
         return _strided_result(sites, filter_size, stride, out_shape, kernels.window_rules(
             sites.indices, sites.spatial_shape, sites.batch_size, filter_size, starts,

@@ -11,7 +11,7 @@ import pytest
 
 import sparsegrid as sg
 from sparsegrid import coords
-from sparsegrid.grid import Grid, Sites
+from sparsegrid.grid import Grid, Sites, random_window_starts
 from sparsegrid.rulebook import Rulebook
 
 from reference import random_sites
@@ -840,17 +840,8 @@ def test_randomized_strided_rulebook_matches_the_loop_reference(rng, kernel_set)
         x = _tensor(rng, shape, batch_size=2, density=0.2)
         seed = int(rng.integers(2**31))
         rb, sites = x.grid.randomized_strided(x.sites, f, s, np.random.default_rng(seed))
-        starts_rng = np.random.default_rng(seed)
         out_shape = sites.spatial_shape
-        starts = []
-        for fi, si, n_out in zip(f, s, out_shape):    # as Grid.randomized_strided draws
-            steps = np.full(n_out - 1, si, np.int64)
-            if 1 < si < fi:
-                third = (n_out - 1) // 3
-                steps[:third] -= 1
-                steps[third:2 * third] += 1
-                starts_rng.shuffle(steps)
-            starts.append(np.concatenate([[0], np.cumsum(steps)]).astype(np.int64))
+        starts = random_window_starts(f, s, out_shape, np.random.default_rng(seed))
         args = (x.indices, shape, 2, f, starts, out_shape)
         expected = loop_window_rules(*args)
         _assert_same_arrays(expected, rules.window_rules(*args), shape)
