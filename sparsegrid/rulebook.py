@@ -61,6 +61,10 @@ class Rulebook:
             value = self._derived[name] = build()
         return value
 
+    def has_derived(self, name):
+        """Whether :meth:`derived` already holds ``name``."""
+        return name in self._derived
+
     @property
     def n_offsets(self):
         """K, the number of kernel offsets."""

@@ -618,3 +618,12 @@ def test_conv_refuses_features_of_the_wrong_length():
         kern.conv_backward(np.ones((3, 1)), np.ones((4, 2)), np.ones((1, 2, 1)), rb)
     with pytest.raises(ValueError, match=r"features must have shape \(4, C\)"):
         kern.rule_sum(np.ones((5, 2)), rb)
+
+
+def test_broken_rulebooks_are_refused_through_their_transpose_too():
+    """The check runs once per rulebook-and-transpose pair, whichever is planned first."""
+    broken = _rulebook([0, 9], [0, 1], [0, 2], 4, 2)
+    with pytest.raises(ValueError, match=r"must hold rows in \[0, 4\); got values in \[0, 9\]"):
+        kern.conv_backward(np.ones((2, 1)), np.ones((4, 2)), np.ones((1, 2, 1)), broken)
+    with pytest.raises(ValueError, match=r"must hold rows in \[0, 4\)"):
+        conv_forward(np.ones((2, 2)), np.ones((1, 2, 1)), broken.transpose())
