@@ -1,7 +1,7 @@
 """Which array library an array belongs to, and the kernel set that runs on it.
 
 The kernel contract (DESIGN.md, docs/architecture.md) is :data:`KERNEL_CONTRACT`: the names
-every backend module (``sparsegrid.cpu`` today, ``sparsegrid.cuda`` next) provides with the
+every backend module (``sparsegrid.cpu``, ``sparsegrid.cuda``) provides with the
 same signatures and results. Everything above the backends calls kernels only through
 :func:`kernels`, chosen by one rule: the array library of the tensor's arrays (indices and
 features must agree; a SparseTensor checks that once, when it is built).
@@ -80,19 +80,35 @@ def kernels(*arrays):
     """The kernel module (``sparsegrid.cpu`` or ``sparsegrid.cuda``) for these arrays.
 
     The one rule that picks a backend: the array library of the arrays (NumPy -> cpu,
-    CuPy -> cuda); arrays of different libraries raise TypeError.
+    CuPy -> cuda); arrays of different libraries raise TypeError, CuPy arrays on
+    different GPUs raise ValueError naming both devices.
     """
     if array_namespace(*arrays) is np:
         from . import cpu
         return cpu
-    raise NotImplementedError("CuPy arrays were given, but sparsegrid's CUDA backend is not "
-                              "available yet; pass NumPy arrays (cupy.asnumpy(x))")
+    check_same_device(*arrays)
+    from . import cuda
+    return cuda
+
+
+def cuda_available():
+    """Whether CuPy is installed and sees a GPU. Imports CuPy only if it is installed
+    (asking is an explicit device query); never raises."""
+    if "cupy" not in sys.modules:
+        import importlib.util
+        if importlib.util.find_spec("cupy") is None:
+            return False
+    try:
+        import cupy
+        return bool(cupy.is_available())
+    except Exception:   # a broken CUDA install: no GPU as far as sparsegrid is concerned
+        return False
 
 
 def available_backends():
     """Names of the kernel sets usable in this process: ``['cpu']``, plus ``'cuda'`` when
-    the CUDA backend is installed and a GPU is visible."""
-    return ["cpu"]
+    CuPy is installed and sees a GPU."""
+    return ["cpu", "cuda"] if cuda_available() else ["cpu"]
 
 
 def backend_module(name):
@@ -100,7 +116,82 @@ def backend_module(name):
     if name == "cpu":
         from . import cpu
         return cpu
-    raise ValueError(f"backend must be one of {available_backends()}; got {name!r}")
+    if name == "cuda":
+        from . import cuda
+        return cuda
+    raise ValueError(f"backend must be one of ['cpu', 'cuda']; got {name!r}")
+
+
+def device_of(array):
+    """``'cpu'`` for a NumPy array, ``'cuda:N'`` for a CuPy array on GPU N."""
+    if is_cupy_array(array):
+        return f"cuda:{array.device.id}"
+    return "cpu"
+
+
+def check_same_device(*arrays):
+    """ValueError naming both devices when CuPy arrays on different GPUs meet (NumPy and
+    CuPy mixed raise TypeError in :func:`array_namespace`); never copies."""
+    devices = []
+    for array in arrays:
+        if array is not None and is_cupy_array(array):
+            device = device_of(array)
+            if device not in devices:
+                devices.append(device)
+    if len(devices) > 1:
+        raise ValueError(f"arrays on different devices met: {devices[0]} and {devices[1]}; "
+                         "move them to one device first (.to(device))")
+
+
+def parse_device(device):
+    """``('cpu', None)`` or ``('cuda', N)`` from ``'cpu'``, ``'cuda'``, ``'cuda:N'``, an int
+    GPU number or a ``cupy.cuda.Device``; ValueError/TypeError naming ``device`` otherwise."""
+    if isinstance(device, str):
+        name, _, number = device.strip().lower().partition(":")
+        if name == "cpu" and not number:
+            return "cpu", None
+        if name in ("cuda", "gpu"):
+            if not number:
+                return "cuda", None
+            if number.isdigit():
+                return "cuda", int(number)
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N'; got {device!r}")
+    if isinstance(device, (bool, np.bool_)):
+        raise TypeError(f"device must be 'cpu', 'cuda', 'cuda:N' or a GPU number; got {device!r}")
+    if isinstance(device, (int, np.integer)):
+        if device < 0:
+            raise ValueError(f"device must be a GPU number >= 0; got {device}")
+        return "cuda", int(device)
+    cupy = sys.modules.get("cupy")
+    if cupy is not None and isinstance(device, cupy.cuda.Device):
+        return "cuda", int(device.id)
+    raise TypeError(f"device must be 'cpu', 'cuda', 'cuda:N' or a GPU number; got "
+                    f"{type(device).__name__} {device!r}")
+
+
+def _require_cupy(device):
+    if not cuda_available():
+        raise RuntimeError(f"device {device!r} needs CuPy and a visible NVIDIA GPU "
+                           "(pip install 'sparsegrid[cuda]'); none is available here")
+    import cupy
+    return cupy
+
+
+def to_device(array, device):
+    """``array`` on ``device`` (see :func:`parse_device`): the same object when it is
+    already there, else a copy (NumPy <-> CuPy, or between GPUs). None stays None."""
+    if array is None:
+        return None
+    kind, number = parse_device(device)
+    if kind == "cpu":
+        return to_numpy(array)
+    cupy = _require_cupy(device)
+    if number is None:
+        number = cupy.cuda.runtime.getDevice()
+    if is_cupy_array(array) and array.device.id == number:
+        return array
+    with cupy.cuda.Device(number):
+        return cupy.asarray(to_numpy(array))   # between GPUs too: through the host, explicit
 
 
 def to_numpy(array):

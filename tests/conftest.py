@@ -1,3 +1,4 @@
+import os
 import pathlib
 import sys
 import zlib
@@ -18,13 +19,41 @@ def rng(request):
 
 
 class KernelSet:
-    """One backend's kernels and how to move test data to and from its arrays."""
+    """One backend's kernels, called with NumPy arrays by the contract tests.
+
+    ``cpu``: sparsegrid.cpu. ``cuda`` (where a GPU is visible): sparsegrid.cuda behind a
+    proxy that moves NumPy arguments (and rulebooks) to the GPU and results back, so every
+    contract test runs unchanged on CuPy arrays. ``emulated`` (wherever a host C++
+    compiler exists, CI included): sparsegrid.cuda itself, its kernel sources compiled for
+    the host by tests/cupy_emulator.py, over NumPy arrays.
+    """
 
     def __init__(self, name):
         from sparsegrid import backend
         self.name = name
-        self.module = backend.backend_module(name)
-        self.xp = np if name == "cpu" else __import__("cupy")
+        if name == "cpu":
+            self.module = backend.backend_module("cpu")
+        elif name == "cuda":
+            self.module = CudaHostProxy()
+        else:
+            self.module = backend.backend_module("cuda")
+        self.xp = np
+
+    def bind(self):
+        """Point sparsegrid.cuda at the right array library for this set; returns the
+        previous binding (for :meth:`unbind`)."""
+        from sparsegrid.cuda import _runtime
+        if self.name == "emulated":
+            import cupy_emulator
+            return _runtime.use(cupy_emulator.module())
+        if self.name == "cuda":
+            return _runtime.use(None)
+        return None
+
+    def unbind(self, previous):
+        if self.name != "cpu":
+            from sparsegrid.cuda import _runtime
+            _runtime.use(previous)
 
     def asarray(self, array):
         return self.xp.asarray(array)
@@ -37,16 +66,77 @@ class KernelSet:
         return f"KernelSet({self.name})"
 
 
+class CudaHostProxy:
+    """sparsegrid.cuda with NumPy in and out: arguments (arrays, rulebooks) are copied to
+    the GPU, results (arrays, tuples of them) back to the host."""
+
+    def __getattr__(self, name):
+        from sparsegrid import cuda
+        function = getattr(cuda, name)
+        if not callable(function):
+            return function
+
+        def call(*args, **kwargs):
+            args = [_to_gpu(a) for a in args]
+            kwargs = {k: _to_gpu(v) for k, v in kwargs.items()}
+            return _to_host(function(*args, **kwargs))
+
+        call.__signature__ = __import__("inspect").signature(function)
+        call.__name__ = name
+        return call
+
+
+def _to_gpu(value):
+    import cupy
+    from sparsegrid.rulebook import Rulebook
+    if isinstance(value, np.ndarray):
+        return cupy.asarray(value)
+    if isinstance(value, Rulebook):
+        return value.derived("test_gpu_copy", lambda: _rulebook_to_gpu(value))
+    return value
+
+
+def _rulebook_to_gpu(rulebook):
+    import cupy
+    from sparsegrid.rulebook import Rulebook
+    return Rulebook(cupy.asarray(rulebook.in_idx), cupy.asarray(rulebook.out_idx),
+                    cupy.asarray(rulebook.offset_ptr), rulebook.n_in, rulebook.n_out,
+                    rulebook.filter_size, stride=rulebook.stride, dilation=rulebook.dilation,
+                    kind=rulebook.kind, identity_offset=rulebook.identity_offset,
+                    transposed=rulebook.transposed)
+
+
+def _to_host(value):
+    from sparsegrid import backend
+    if isinstance(value, tuple):
+        return tuple(_to_host(v) for v in value)
+    if backend.is_cupy_array(value):
+        return value.get()
+    return value
+
+
+def _emulator_available():
+    import cupy_emulator
+    available = cupy_emulator.available()
+    if not available and os.environ.get("CI") == "true":
+        raise RuntimeError("CI must run the emulated CUDA kernels: no host C++ compiler")
+    return available
+
+
 def _backend_names():
     from sparsegrid import backend
-    return backend.available_backends()
+    names = backend.available_backends()
+    return names + (["emulated"] if _emulator_available() else [])
 
 
 @pytest.fixture(params=_backend_names())
 def kernel_set(request):
-    """Every available kernel set in turn (``cpu``; ``cuda`` where a GPU is present):
-    contract tests take this fixture and run on each."""
-    return KernelSet(request.param)
+    """Every available kernel set in turn (``cpu``; ``emulated``, the CUDA kernels on the
+    host; ``cuda`` where a GPU is present): contract tests take this fixture."""
+    kernel_set = KernelSet(request.param)
+    previous = kernel_set.bind()
+    yield kernel_set
+    kernel_set.unbind(previous)
 
 
 @pytest.fixture

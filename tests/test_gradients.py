@@ -15,6 +15,7 @@ import pytest
 
 import reference as ref
 import sparsegrid as sg
+from sparsegrid import cpu
 
 
 # every test here runs on each available kernel set; ``kern`` is that set's module
@@ -191,8 +192,8 @@ def test_conv_blocks_forward_and_backward(rng, kind, d, pairs, block_pairs):
         rulebook.filter_size, stride=rulebook.stride, dilation=rulebook.dilation,
         kind=rulebook.kind, identity_offset=rulebook.identity_offset)
     plan = kern.prepare_conv(fresh)
-    if pairs < 50:
-        assert len(plan.blocks) > 1   # several blocks run
+    if pairs < 50 and kern is cpu:
+        assert len(plan.blocks) > 1   # several blocks run (the CPU plan's own blocks)
     np.testing.assert_allclose(conv_forward(x.features, weight, fresh, bias), expected,
                                rtol=1e-12, atol=1e-12)
     grad_out = rng.standard_normal((rulebook.n_out, 3))
@@ -537,7 +538,7 @@ def test_conv_blocks_on_key_ordered_sites(rng, pairs, groups, filter_size, block
     assert cpu_conv._rows_sorted_per_offset(rulebook.out_idx, rulebook.offset_ptr)
     assert (rulebook.identity_offset >= 0) == (filter_size == 3)
     plan = kern.prepare_conv(rulebook)
-    if pairs < 64:
+    if pairs < 64 and kern is cpu:
         assert len(plan.blocks) > 1
     weight = random_weight(rng, rulebook.n_offsets, 4, 6, groups)
     bias = rng.standard_normal(6)
@@ -546,8 +547,11 @@ def test_conv_blocks_on_key_ordered_sites(rng, pairs, groups, filter_size, block
                                rtol=1e-12, atol=1e-12)
     grad_out = rng.standard_normal((rulebook.n_out, 6))
     grad_x, grad_w = kern.conv_backward(grad_out, x.features, weight, rulebook)
-    assert_gradient(grad_x, lambda f: np.sum(conv_forward(f, weight, rulebook) * grad_out),
-                    x.features)
+    # both gradients against the exact per-offset sums (finite differences over this many
+    # pairs carry ~1e-8 of noise): the feature gradient is the transposed convolution
+    np.testing.assert_allclose(
+        grad_x, ref.rulebook_conv(grad_out, np.swapaxes(weight, -1, -2), rulebook.transpose()),
+        rtol=1e-11, atol=1e-11)
     # the weight gradient against the exact per-offset sums (finite differences over this
     # many pairs carry ~1e-8 of noise)
     full = np.stack([x.features[rulebook.pairs(k)[0]].T @ grad_out[rulebook.pairs(k)[1]]

@@ -771,11 +771,6 @@ def _assert_same_arrays(expected, got, what):
         assert np.array_equal(a, b), (what, name)
 
 
-def _cpu_only(kernel_set):
-    if kernel_set.name != "cpu":
-        pytest.skip("checks the NumPy rule builders themselves")
-
-
 def _random_geometry(rng, max_dim=4, max_f=7, max_s=5, max_steps=4):
     d = int(rng.integers(1, max_dim + 1))
     f = tuple(int(v) for v in rng.integers(1, max_f + 1, d))
@@ -804,8 +799,7 @@ def _random_starts(rng, shape, filter_size, stride):
 
 
 def test_strided_rules_match_the_loop_reference(kernel_set):
-    _cpu_only(kernel_set)
-    from sparsegrid.cpu import rules
+    rules = kernel_set.module     # the kernel set's rule builders
     rng = np.random.default_rng(7)
     for case in range(400):
         shape, f, s, out_shape = _random_geometry(rng)
@@ -817,8 +811,7 @@ def test_strided_rules_match_the_loop_reference(kernel_set):
 
 
 def test_window_rules_match_the_loop_reference(kernel_set):
-    _cpu_only(kernel_set)
-    from sparsegrid.cpu import rules
+    rules = kernel_set.module     # the kernel set's rule builders
     rng = np.random.default_rng(8)
     for case in range(400):
         shape, f, s, _ = _random_geometry(rng)
@@ -833,8 +826,7 @@ def test_window_rules_match_the_loop_reference(kernel_set):
 
 def test_randomized_strided_rulebook_matches_the_loop_reference(rng, kernel_set):
     # the Grid's randomized windows (steps s - 1, s, s + 1), as RandomizedStride* use them
-    _cpu_only(kernel_set)
-    from sparsegrid.cpu import rules
+    rules = kernel_set.module     # the kernel set's rule builders
     for shape, f, s in [((31, 29), (3, 3), (2, 2)), ((17, 13, 15), (3, 3, 3), (2, 2, 2)),
                         ((23,), (5,), (3,)), ((22, 19), (4, 4), (3, 3))]:
         x = _tensor(rng, shape, batch_size=2, density=0.2)
@@ -853,8 +845,7 @@ def test_randomized_strided_rulebook_matches_the_loop_reference(rng, kernel_set)
                                  ((5, 4, 2, 3), (2, 3, 1, 1)), ((64, 64, 64), (1, 1, 1))],
                          ids=["1d", "2d", "3d", "4d", "3d-f64"])
 def test_strided_and_window_rules_of_no_sites(kernel_set, f, s):
-    _cpu_only(kernel_set)
-    from sparsegrid.cpu import rules
+    rules = kernel_set.module     # the kernel set's rule builders
     shape = tuple(fi + 2 * si for fi, si in zip(f, s))
     out_shape = tuple((n - fi) // si + 1 for n, fi, si in zip(shape, f, s))
     idx = np.zeros((0, len(f) + 1), np.int32)
@@ -955,8 +946,7 @@ def test_huge_filter_with_stride_1(rng, grid, f):
 
 
 def test_large_conv_filter_with_stride_1_matches_the_loop_reference(rng, kernel_set):
-    _cpu_only(kernel_set)
-    from sparsegrid.cpu import rules
+    rules = kernel_set.module     # the kernel set's rule builders
     grid, f = (24, 24, 24), (12, 12, 12)
     out_shape = tuple(n - fi + 1 for n, fi in zip(grid, f))
     idx = random_sites(rng, grid, 2, density=0.01)

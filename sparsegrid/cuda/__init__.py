@@ -1,0 +1,31 @@
+"""CuPy kernels: the GPU half of the kernel contract.
+
+Exports every name of :data:`sparsegrid.backend.KERNEL_CONTRACT` with the signatures and
+results of :mod:`sparsegrid.cpu`; arrays are CuPy arrays. Kernel sources live in
+``kernels/*.cu`` and are compiled by NVRTC through ``cupy.RawModule`` on first use, once
+per device (CuPy caches the binaries on disk). Importing this package imports nothing
+from CuPy: it is loaded when the first kernel runs.
+
+Host synchronisations (each a read of a size or a flag, never a per-offset round trip):
+building an index (whether keys are already sorted), a rulebook (its pair count), a
+convolution plan (the offset pointers, once per rulebook), unique keys (their count),
+segment ids' bounds (one read), and the checks that raise on bad input.
+"""
+
+from .conv import conv_backward, conv_forward, prepare_conv, rows_product, rule_sum
+from .dense import dense_active_sites, gather_from_dense, scatter_to_dense
+from .index import build_index, first_duplicate, query_index, unique_inverse
+from .norm import batch_norm_backward, batch_norm_forward, batch_norm_statistics
+from .pool import max_pool_backward, max_pool_forward
+from .rules import (full_rules, offset_rules, strided_rules, submanifold_rules,
+                    window_rules)
+from .segment import SEGMENT_MODES, segment_reduce, segment_reduce_backward
+
+__all__ = [
+    "batch_norm_backward", "batch_norm_forward", "batch_norm_statistics", "build_index",
+    "conv_backward", "conv_forward", "dense_active_sites", "first_duplicate", "full_rules",
+    "gather_from_dense", "max_pool_backward", "max_pool_forward", "offset_rules",
+    "prepare_conv", "query_index", "rows_product", "rule_sum", "scatter_to_dense",
+    "SEGMENT_MODES", "segment_reduce", "segment_reduce_backward", "strided_rules",
+    "submanifold_rules", "unique_inverse", "window_rules",
+]

@@ -1,0 +1,112 @@
+"""Kernel sources of the CUDA backend, compiled with ``cupy.RawModule`` on first use.
+
+Each source in ``kernels/`` is compiled once per device (NVRTC, through CuPy; CuPy keeps
+the binary in its on-disk kernel cache, so later processes only load it) with every
+template instantiation the backend calls listed as a name expression. :data:`SOURCES` is
+the complete list: the CI test compiles each entry for several architectures with the
+same options, so a kernel that fails to compile cannot land.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import threading
+
+import numpy as np
+
+from ._runtime import cp
+
+KERNEL_DIR = pathlib.Path(__file__).parent / "kernels"
+PRELUDE = "common.cuh"
+
+#: NVRTC options passed to RawModule (CuPy adds the architecture and ``-ftz=true``).
+OPTIONS = ("--std=c++17",)
+
+#: The C type of each floating dtype a kernel is instantiated for, and the type sums of
+#: it accumulate in (float16 data accumulates in float32).
+C_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double",
+           np.dtype(np.float16): "sg_half"}
+ACCUMULATOR = {np.dtype(np.float32): np.dtype(np.float32),
+               np.dtype(np.float64): np.dtype(np.float64),
+               np.dtype(np.float16): np.dtype(np.float32)}
+
+
+def _typed(name, *params):
+    return [f"{name}<{', '.join(p)}>" for p in params]
+
+
+_T_A = [(C_TYPES[d], C_TYPES[ACCUMULATOR[d]]) for d in C_TYPES]
+_T = [(C_TYPES[d],) for d in C_TYPES]
+
+#: source file -> every kernel name (template instantiations spelled out) it provides.
+SOURCES = {
+    "index.cu": ["neighbour_search"],
+    "rules.cu": ["window_candidates"],
+    "conv.cu": (_typed("scatter_add_rows", *_T_A) + _typed("gather_scatter_add", *_T_A)
+                + _typed("store_rounded", *_T_A)),
+    "pool.cu": _typed("max_pool_offset", *_T) + _typed("ordered_cell_sum", *_T),
+    "segment.cu": (_typed("segment_reduce_rows", *_T_A) + _typed("scatter_rows", *_T)
+                   + _typed("scatter_cells", *_T)),
+    "dense.cu": _typed("scatter_dense", *_T) + _typed("gather_dense", *_T),
+}
+
+#: Threads per block of every launch (the kernels are grid-stride loops, so the launch
+#: shape changes speed only, never results).
+BLOCK = 256
+_MAX_BLOCKS = 65535 * 8
+
+_modules = {}
+_lock = threading.Lock()
+
+
+def source_text(filename):
+    """The full text NVRTC compiles for ``filename``: the shared prelude, then the file."""
+    prelude = (KERNEL_DIR / PRELUDE).read_text()
+    return prelude + "\n" + (KERNEL_DIR / filename).read_text()
+
+
+def clear_cache():
+    """Forget compiled modules (after :func:`sparsegrid.cuda._runtime.use`)."""
+    with _lock:
+        _modules.clear()
+
+
+def _module(filename):
+    device = cp.cuda.runtime.getDevice()
+    key = (filename, device)
+    module = _modules.get(key)
+    if module is None:
+        with _lock:
+            module = _modules.get(key)
+            if module is None:
+                module = cp.RawModule(code=source_text(filename), options=OPTIONS,
+                                      name_expressions=list(SOURCES[filename]))
+                _modules[key] = module
+    return module
+
+
+def function(filename, name):
+    """The compiled kernel ``name`` (as listed in :data:`SOURCES`) of ``filename``."""
+    if name not in SOURCES[filename]:
+        raise KeyError(f"{name} is not listed in SOURCES[{filename!r}]")
+    return _module(filename).get_function(name)
+
+
+def typed(name, dtype, with_accumulator=False):
+    """``name<T>`` or ``name<T, A>`` for a float dtype; TypeError for other dtypes."""
+    dtype = np.dtype(dtype)
+    if dtype not in C_TYPES:
+        raise TypeError(f"the CUDA kernels take float16, float32 or float64 data; got {dtype}")
+    if with_accumulator:
+        return f"{name}<{C_TYPES[dtype]}, {C_TYPES[ACCUMULATOR[dtype]]}>"
+    return f"{name}<{C_TYPES[dtype]}>"
+
+
+def launch(filename, name, n_items, *args):
+    """Run kernel ``name`` over ``n_items`` work items (a grid-stride loop; nothing is
+    launched for none). Arguments are CuPy arrays (C-contiguous) and NumPy scalars."""
+    n_items = int(n_items)
+    if n_items <= 0:
+        return
+    blocks = min(-(-n_items // BLOCK), _MAX_BLOCKS)
+    function(filename, name)((blocks,), (BLOCK,), args)

@@ -1,0 +1,234 @@
+"""Gather-GEMM-scatter convolution on the GPU (forward and backward).
+
+Per kernel offset k with pairs: gather the input rows (``cupy.take``), multiply by W[k]
+(cuBLAS through ``cupy.matmul``), add the products into their output rows
+(``scatter_add_rows``: within one offset each output row appears once, so a thread per
+(row, channel) and no atomics). Offsets run one after another in increasing order, the
+identity offset of a submanifold rulebook first (one GEMM over all rows, no gather) with
+the bias, so every output sums its terms in a fixed order: the same bits run after run.
+
+float16 data: the GEMMs take float16 inputs with float32 compute (cuBLAS), each offset's
+product is rounded to float16, and the offsets are summed in a float32 accumulator rounded
+once at the end.
+
+The backend's plan (:func:`prepare_conv`, cached on the rulebook) is the rulebook's
+``offset_ptr`` on the host and the offsets that have pairs: read once per rulebook, so a
+layer launches its kernels without reading anything back.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _compile
+from ._runtime import cp, read
+
+
+class ConvPlan:
+    """The CUDA backend's host-side view of one rulebook (private to ``sparsegrid.cuda``).
+
+    Attributes
+    ----------
+    ptr : list of int
+        ``offset_ptr`` on the host.
+    offsets : list of int
+        Offsets with pairs, identity excluded, increasing.
+    identity_offset, n_in, n_out : int
+    """
+
+    __slots__ = ("ptr", "offsets", "identity_offset", "n_in", "n_out")
+
+    def __init__(self, ptr, identity_offset, n_in, n_out):
+        self.ptr = [int(p) for p in ptr]
+        self.identity_offset = int(identity_offset)
+        self.offsets = [k for k in range(len(ptr) - 1)
+                        if self.ptr[k + 1] > self.ptr[k] and k != self.identity_offset]
+        self.n_in, self.n_out = int(n_in), int(n_out)
+
+    def __repr__(self):
+        return (f"ConvPlan(n_out={self.n_out}, pairs={self.ptr[-1] if self.ptr else 0}, "
+                f"offsets={len(self.offsets)}, identity_offset={self.identity_offset})")
+
+
+def prepare_conv(rulebook):
+    """The CUDA backend's plan for ``rulebook``, built on first use and cached on it (and
+    shared with its transpose). Checks the rulebook's invariants once (a few host reads)."""
+    def build():
+        partner = rulebook.transpose()
+        if partner.has_derived("cuda_conv_plan"):
+            found = partner.derived("cuda_conv_plan", None)
+            return ConvPlan(found.ptr, found.identity_offset, rulebook.n_in, rulebook.n_out)
+        ptr = read(rulebook.offset_ptr).astype(np.int64)
+        _check_rulebook(rulebook, ptr)
+        return ConvPlan(ptr, rulebook.identity_offset, rulebook.n_in, rulebook.n_out)
+
+    return rulebook.derived("cuda_conv_plan", build)
+
+
+def _check_rulebook(rulebook, ptr):
+    """The CPU backend's rulebook checks, with the same messages."""
+    in_idx, out_idx = rulebook.in_idx, rulebook.out_idx
+    n_pairs, n_offsets = len(in_idx), len(ptr) - 1
+    if len(out_idx) != n_pairs:
+        raise ValueError(f"rulebook in_idx and out_idx differ in length ({n_pairs} and "
+                         f"{len(out_idx)})")
+    if n_offsets < 0 or ptr[0] != 0 or ptr[-1] != n_pairs or np.any(np.diff(ptr) < 0):
+        raise ValueError(f"rulebook offset_ptr must rise from 0 to the {n_pairs} pairs; got "
+                         f"{ptr.tolist()[:8]}...")
+    if n_pairs:
+        bounds = read(cp.stack([in_idx.min(), in_idx.max(), out_idx.min(),
+                                      out_idx.max()]).astype(np.int64))
+        for name, (low, high), n in (("in_idx", bounds[:2], rulebook.n_in),
+                                     ("out_idx", bounds[2:], rulebook.n_out)):
+            if low < 0 or high >= n:
+                raise ValueError(f"rulebook {name} must hold rows in [0, {n}); got values in "
+                                 f"[{int(low)}, {int(high)}]")
+    k = rulebook.identity_offset
+    if k >= 0:
+        if k >= n_offsets or rulebook.n_in != rulebook.n_out:
+            raise ValueError(f"rulebook identity_offset {k} needs n_in == n_out and an offset "
+                             f"below {n_offsets}; got n_in={rulebook.n_in}, "
+                             f"n_out={rulebook.n_out}")
+        a, b = int(ptr[k]), int(ptr[k + 1])
+        rows = cp.arange(rulebook.n_out, dtype=np.int32)
+        if b - a != rulebook.n_out or not bool(read(((in_idx[a:b] == rows) &
+                                                     (out_idx[a:b] == rows)).all())):
+            raise ValueError(f"rulebook identity_offset {k} must pair every row with itself "
+                             "in row order; its pairs differ (build the rulebook with "
+                             "identity_offset=-1)")
+
+
+def _check_rows(array, n, name):
+    if array.ndim != 2 or array.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n}, C) for this rulebook; got "
+                         f"{array.shape}")
+
+
+def _output_channels(weight):
+    return weight.shape[-1] * (weight.shape[1] if weight.ndim == 4 else 1)
+
+
+def _matmul(x, w):
+    """x (n, Cin) times one offset's weight (Cin, Cout) or grouped (G, Cin/G, Cout/G)."""
+    if w.ndim == 2:
+        return cp.matmul(x, w)
+    groups, cin_g, cout_g = w.shape
+    xg = x.reshape(len(x), groups, cin_g).transpose(1, 0, 2)
+    return cp.ascontiguousarray(cp.matmul(xg, w).transpose(1, 0, 2)).reshape(
+        len(x), groups * cout_g)
+
+
+def _accumulator(dtype):
+    return _compile.ACCUMULATOR[np.dtype(dtype)]
+
+
+def _finish(acc, dtype):
+    """The accumulator as ``dtype`` (a no-op unless float16 data summed in float32)."""
+    if acc.dtype == dtype:
+        return acc
+    out = cp.empty(acc.shape, dtype=dtype)
+    _compile.launch("conv.cu", _compile.typed("store_rounded", dtype, True), acc.size, acc,
+                    out, np.int64(acc.size))
+    return out
+
+
+def _scatter_add(products, rows, acc):
+    _compile.launch("conv.cu", _compile.typed("scatter_add_rows", products.dtype, True),
+                    products.size, cp.ascontiguousarray(products), rows, acc,
+                    np.int64(len(rows)), np.int64(acc.shape[1]))
+
+
+def conv_forward(features, weight, rulebook, bias=None):
+    """Sparse convolution over a rulebook: (n_out, Cout) of ``features.dtype``.
+
+    ``weight`` (K, Cin, Cout) or grouped (K, G, Cin/G, Cout/G), ``bias`` (Cout,) or None.
+    """
+    _check_rows(features, rulebook.n_in, "features")
+    plan = prepare_conv(rulebook)
+    dtype = features.dtype
+    features = cp.ascontiguousarray(features)
+    width = _output_channels(weight)
+    acc_type = _accumulator(dtype)
+    identity = plan.identity_offset
+    if identity >= 0:
+        acc = _matmul(features, weight[identity]).astype(acc_type, copy=False)
+        if bias is not None:
+            acc += bias.astype(acc_type, copy=False)
+    elif bias is not None:
+        acc = cp.empty((plan.n_out, width), dtype=acc_type)
+        acc[...] = bias.astype(acc_type, copy=False)
+    else:
+        acc = cp.zeros((plan.n_out, width), dtype=acc_type)
+    for k in plan.offsets:
+        a, b = plan.ptr[k], plan.ptr[k + 1]
+        gathered = cp.take(features, rulebook.in_idx[a:b], axis=0)
+        _scatter_add(_matmul(gathered, weight[k]), rulebook.out_idx[a:b], acc)
+    return _finish(acc, dtype)
+
+
+def conv_backward(grad_out, features, weight, rulebook, need_features=True, need_weight=True):
+    """Gradients of :func:`conv_forward` w.r.t. features (the convolution of ``grad_out``
+    over the transposed rulebook with transposed weights) and weight (per offset
+    ``features[in_k].T @ grad_out[out_k]``, one GEMM each). Bias: left to the caller."""
+    _check_rows(grad_out, rulebook.n_out, "grad_out")
+    _check_rows(features, rulebook.n_in, "features")
+    grad_out = cp.ascontiguousarray(grad_out)
+    grad_features = grad_weight = None
+    if need_features:
+        grad_features = conv_forward(grad_out, cp.swapaxes(weight, -1, -2),
+                                     rulebook.transpose())
+    if need_weight:
+        grad_weight = _weight_gradient(cp.ascontiguousarray(features), grad_out, weight,
+                                       rulebook)
+    return grad_features, grad_weight
+
+
+def _rows_product(x, g, grouped_weight=None):
+    if grouped_weight is None:
+        return cp.matmul(x.T, g)
+    groups, cin_g, cout_g = grouped_weight.shape[1:]
+    xg = x.reshape(len(x), groups, cin_g).transpose(1, 2, 0)
+    gg = g.reshape(len(g), groups, cout_g).transpose(1, 0, 2)
+    return cp.matmul(xg, gg)
+
+
+def _weight_gradient(features, grad_out, weight, rulebook):
+    plan = prepare_conv(rulebook)
+    grouped = weight if weight.ndim == 4 else None
+    grad = cp.zeros(weight.shape, dtype=weight.dtype)
+    identity = plan.identity_offset
+    if identity >= 0:
+        grad[identity] = _rows_product(features, grad_out, grouped)
+    for k in plan.offsets:
+        a, b = plan.ptr[k], plan.ptr[k + 1]
+        x = cp.take(features, rulebook.in_idx[a:b], axis=0)
+        g = cp.take(grad_out, rulebook.out_idx[a:b], axis=0)
+        grad[k] = _rows_product(x, g, grouped)
+    return grad
+
+
+def rows_product(x, g):
+    """``x.T @ g`` (one cuBLAS GEMM: reproducible on one stream and GPU)."""
+    return cp.matmul(cp.ascontiguousarray(x).T, cp.ascontiguousarray(g))
+
+
+def rule_sum(features, rulebook):
+    """``out[o] = sum of features[i]`` over the rulebook's pairs (unit-weight convolution):
+    sum pooling, unpooling and their gradients. One launch per offset with pairs."""
+    _check_rows(features, rulebook.n_in, "features")
+    plan = prepare_conv(rulebook)
+    dtype = features.dtype
+    features = cp.ascontiguousarray(features)
+    acc_type = _accumulator(dtype)
+    channels = features.shape[1]
+    if plan.identity_offset >= 0:
+        acc = features.astype(acc_type, copy=True)
+    else:
+        acc = cp.zeros((plan.n_out, channels), dtype=acc_type)
+    name = _compile.typed("gather_scatter_add", dtype, True)
+    for k in plan.offsets:
+        a, b = plan.ptr[k], plan.ptr[k + 1]
+        _compile.launch("conv.cu", name, (b - a) * channels, features,
+                        rulebook.in_idx[a:b], rulebook.out_idx[a:b], acc, np.int64(b - a),
+                        np.int64(channels))
+    return _finish(acc, dtype)
