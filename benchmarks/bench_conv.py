@@ -5,6 +5,7 @@ Run (spconv optional; without it only sparsegrid's times are printed)::
     .venv-spconv/bin/python benchmarks/bench_conv.py             # full table, 1 and 2 threads
     .venv-spconv/bin/python benchmarks/bench_conv.py --quick     # fewer repeats, one scene
     .venv-spconv/bin/python benchmarks/bench_conv.py --rounds 3 --json /tmp/bench.json
+    python benchmarks/bench_conv.py --device cuda                  # the GPU (bench_conv_cuda.py)
 
 Each thread count runs in a fresh child process whose BLAS / OpenMP / torch / sparsegrid
 thread counts are set (environment variables, then ``torch.set_num_threads``) before NumPy
@@ -371,7 +372,16 @@ def main():
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory rows")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the raw results to this file")
-    args = parser.parse_args()
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: the GPU benchmark (bench_conv_cuda.py)")
+    args, unknown = parser.parse_known_args()
+    if args.device == "cuda":
+        import bench_conv_cuda
+        forward = ["--scenes", *args.scenes] if "--scenes" in sys.argv else []
+        forward += ["--json", args.json] if args.json else []
+        return bench_conv_cuda.main(forward + unknown)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.quick:
         args.scenes, args.repeat, args.rounds = args.scenes[:1], 3, 1
     if args.child:

@@ -21,39 +21,39 @@ def rng(request):
 class KernelSet:
     """One backend's kernels, called with NumPy arrays by the contract tests.
 
-    ``cpu``: sparsegrid.cpu. ``cuda`` (where a GPU is visible): sparsegrid.cuda behind a
-    proxy that moves NumPy arguments (and rulebooks) to the GPU and results back, so every
-    contract test runs unchanged on CuPy arrays. ``emulated`` (wherever a host C++
-    compiler exists, CI included): sparsegrid.cuda itself, its kernel sources compiled for
-    the host by tests/cupy_emulator.py, over NumPy arrays.
+    ``cpu``: sparsegrid.cpu. ``cuda`` (where a GPU is visible) and ``emulated`` (wherever
+    a host C++ compiler exists, CI included): sparsegrid.cuda behind a proxy that moves
+    NumPy arguments (and rulebooks) to the device and results back, so every contract test
+    runs unchanged on device arrays; ``emulated`` runs the CUDA kernel sources compiled
+    for the host, on tests/cupy_emulator.py's device arrays, installed as ``cupy`` for the
+    test's duration.
     """
 
     def __init__(self, name):
         from sparsegrid import backend
         self.name = name
-        if name == "cpu":
-            self.module = backend.backend_module("cpu")
-        elif name == "cuda":
-            self.module = CudaHostProxy()
-        else:
-            self.module = backend.backend_module("cuda")
+        self.module = backend.backend_module("cpu") if name == "cpu" else DeviceProxy()
         self.xp = np
+        self._context = None
 
     def bind(self):
-        """Point sparsegrid.cuda at the right array library for this set; returns the
-        previous binding (for :meth:`unbind`)."""
-        from sparsegrid.cuda import _runtime
+        """Make ``cupy`` (and sparsegrid.cuda's array library) this set's, until
+        :meth:`unbind`."""
         if self.name == "emulated":
             import cupy_emulator
-            return _runtime.use(cupy_emulator.module())
-        if self.name == "cuda":
-            return _runtime.use(None)
-        return None
-
-    def unbind(self, previous):
-        if self.name != "cpu":
+            self._context = cupy_emulator.installed()
+            self._context.__enter__()
+        elif self.name == "cuda":
             from sparsegrid.cuda import _runtime
-            _runtime.use(previous)
+            self._context = _runtime.use(None)
+        return self
+
+    def unbind(self, _=None):
+        if self.name == "emulated":
+            self._context.__exit__(None, None, None)
+        elif self.name == "cuda":
+            from sparsegrid.cuda import _runtime
+            _runtime.use(self._context)
 
     def asarray(self, array):
         return self.xp.asarray(array)
@@ -66,9 +66,10 @@ class KernelSet:
         return f"KernelSet({self.name})"
 
 
-class CudaHostProxy:
+class DeviceProxy:
     """sparsegrid.cuda with NumPy in and out: arguments (arrays, rulebooks) are copied to
-    the GPU, results (arrays, tuples of them) back to the host."""
+    the device (``cupy.asarray``: the GPU's, or the emulator's), results (arrays, tuples
+    of them) back to the host."""
 
     def __getattr__(self, name):
         from sparsegrid import cuda
@@ -77,8 +78,8 @@ class CudaHostProxy:
             return function
 
         def call(*args, **kwargs):
-            args = [_to_gpu(a) for a in args]
-            kwargs = {k: _to_gpu(v) for k, v in kwargs.items()}
+            args = [_to_device(a) for a in args]
+            kwargs = {k: _to_device(v) for k, v in kwargs.items()}
             return _to_host(function(*args, **kwargs))
 
         call.__signature__ = __import__("inspect").signature(function)
@@ -86,17 +87,18 @@ class CudaHostProxy:
         return call
 
 
-def _to_gpu(value):
+def _to_device(value):
     import cupy
     from sparsegrid.rulebook import Rulebook
     if isinstance(value, np.ndarray):
         return cupy.asarray(value)
     if isinstance(value, Rulebook):
-        return value.derived("test_gpu_copy", lambda: _rulebook_to_gpu(value))
+        key = f"test_device_copy_{id(cupy)}"
+        return value.derived(key, lambda: _rulebook_to_device(value))
     return value
 
 
-def _rulebook_to_gpu(rulebook):
+def _rulebook_to_device(rulebook):
     import cupy
     from sparsegrid.rulebook import Rulebook
     return Rulebook(cupy.asarray(rulebook.in_idx), cupy.asarray(rulebook.out_idx),
@@ -111,7 +113,7 @@ def _to_host(value):
     if isinstance(value, tuple):
         return tuple(_to_host(v) for v in value)
     if backend.is_cupy_array(value):
-        return value.get()
+        return backend.to_numpy(value)
     return value
 
 
@@ -133,10 +135,24 @@ def _backend_names():
 def kernel_set(request):
     """Every available kernel set in turn (``cpu``; ``emulated``, the CUDA kernels on the
     host; ``cuda`` where a GPU is present): contract tests take this fixture."""
-    kernel_set = KernelSet(request.param)
-    previous = kernel_set.bind()
+    kernel_set = KernelSet(request.param).bind()
     yield kernel_set
-    kernel_set.unbind(previous)
+    kernel_set.unbind()
+
+
+def _device_names():
+    from sparsegrid import backend
+    return (["cuda"] if "cuda" in backend.available_backends() else []) + (
+        ["emulated"] if _emulator_available() else [])
+
+
+@pytest.fixture(params=_device_names())
+def gpu_device(request):
+    """The device string ``'cuda'``, on a real GPU or on the host emulator (installed as
+    ``cupy`` for the test): tests of whole ops, networks and device moves take it."""
+    kernel_set = KernelSet(request.param).bind()
+    yield "cuda"
+    kernel_set.unbind()
 
 
 @pytest.fixture

@@ -1,19 +1,28 @@
-"""A stand-in for CuPy that runs sparsegrid's CUDA kernel sources on the host, over NumPy.
+"""A stand-in for CuPy that runs sparsegrid's CUDA kernel sources on the host.
 
 The CUDA backend's kernels are grid-stride loops with no shared memory, no block-level
 cooperation and no atomics (``sparsegrid/cuda/kernels/common.cuh``), so one host thread
 running each loop from start to end computes exactly what any launch on a GPU computes.
 This module compiles the very same sources with the host C++ compiler (``g++``), behind a
 small prelude that defines CUDA's keywords and built-in variables, and exposes them
-through a ``RawModule`` with CuPy's calling convention. Array functions are NumPy's, with
-CuPy's semantics where the two differ (``argsort``/``sort`` are stable in CuPy).
+through a ``RawModule`` with CuPy's calling convention.
+
+Device arrays are :class:`ndarray`, a wrapper around a NumPy array that behaves as a CuPy
+array does where the difference matters: NumPy will not convert it implicitly
+(``np.asarray(x)`` raises TypeError: use ``.get()`` / ``cupy.asnumpy``), NumPy arrays and
+device arrays do not mix in one operation, CuPy functions refuse NumPy arrays, indexing and
+reductions give 0-d device arrays (not scalars; no ``__index__``), only names CuPy 14 has
+exist (``tests/cupy_names.py``), and sorts are stable. Every host synchronisation a real
+GPU would make is recorded in :data:`syncs` (reads of values, conversions to Python
+scalars, calls whose output size depends on the data, boolean-mask indexing).
 
 Every kernel call is checked against the compiled signature: each array argument must be
 a C-contiguous NumPy array whose dtype is the pointer's element type, each scalar a NumPy
 scalar of the parameter's exact type (CuPy would pass mismatched bytes silently).
 
-Bound with ``sparsegrid.cuda._runtime.use(cupy_emulator.module())`` by the
-``emulated`` kernel set (tests/conftest.py); never used outside the test suite.
+The test suite installs it as ``cupy`` (``sys.modules``) for the ``emulated`` kernel set and
+device (tests/conftest.py), so the whole library runs on it as on a GPU; never used outside
+the test suite.
 """
 
 from __future__ import annotations
@@ -29,6 +38,8 @@ import threading
 import types
 
 import numpy as np
+
+from cupy_names import MODULE_NAMES, NDARRAY_NAMES
 
 _PRELUDE = r"""
 #define SG_HOST_EMULATION 1
@@ -81,7 +92,6 @@ launches = []   # (kernel name, n) of every launch since the last clear: tests m
 # Every call that synchronises the host with the device on a real GPU: reads of device
 # values (asnumpy) and functions whose output size depends on the data. Tests count them.
 syncs = []
-_SIZE_FROM_DATA = ("flatnonzero", "nonzero", "argwhere", "unique")
 
 
 def compiler():
@@ -107,9 +117,10 @@ class EmulatedKernel:
         for position, (arg, code) in enumerate(zip(args, self._codes)):
             where = f"{self.name} argument {position}"
             if code.endswith("*"):
-                if not isinstance(arg, np.ndarray):
-                    raise TypeError(f"{where} must be an array ({code}); got "
+                if not isinstance(arg, ndarray):
+                    raise TypeError(f"{where} must be a device array ({code}); got "
                                     f"{type(arg).__name__}")
+                arg = arg._a
                 if _CODES.get(arg.dtype) != code[:-1]:
                     raise TypeError(f"{where} must hold {code[:-1]}; got dtype {arg.dtype}")
                 if not arg.flags.c_contiguous:
@@ -176,12 +187,287 @@ def _compile(text):
         return library
 
 
-def _stable_argsort(a, axis=-1, kind=None):
-    return np.argsort(a, axis=axis, kind="stable")
+class Device:
+    """``cupy.cuda.Device``: one emulated GPU, number 0."""
+
+    def __init__(self, device=None):
+        self.id = 0 if device is None else int(device)
+        if self.id != 0:
+            raise RuntimeError(f"the emulator has one device (0); got {self.id}")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def use(self):
+        return self
+
+    def synchronize(self):
+        syncs.append("Device.synchronize")
+
+    def __eq__(self, other):
+        return isinstance(other, Device) and other.id == self.id
+
+    def __hash__(self):
+        return hash(self.id)
+
+    def __repr__(self):
+        return f"<CUDA Device {self.id} (emulated)>"
 
 
-def _stable_sort(a, axis=-1, kind=None):
-    return np.sort(a, axis=axis, kind="stable")
+def _is_host_array(value):
+    return isinstance(value, np.ndarray) and value.ndim > 0
+
+
+def _unwrap(value, strict=True, where="a CuPy function"):
+    if isinstance(value, ndarray):
+        return value._a
+    if isinstance(value, (list, tuple)):
+        items = [_unwrap(v, strict, where) for v in value]
+        return type(value)(items) if isinstance(value, tuple) else items
+    if strict and _is_host_array(value):
+        raise TypeError(f"Unsupported type <class 'numpy.ndarray'> in {where} (a NumPy array "
+                        "passed where CuPy needs a device array: cupy.asarray it first)")
+    return value
+
+
+def _wrap(value):
+    if isinstance(value, np.ndarray):
+        return ndarray(value)
+    if isinstance(value, np.generic):
+        return ndarray(np.asarray(value))
+    if isinstance(value, tuple):
+        return tuple(_wrap(v) for v in value)
+    if isinstance(value, list):
+        return [_wrap(v) for v in value]
+    return value
+
+
+class ndarray:
+    """A device array of the emulator (see the module docstring)."""
+
+    __slots__ = ("_a",)
+    __array_priority__ = 100
+
+    def __init__(self, data):
+        object.__setattr__(self, "_a", data)
+
+    # -- the NumPy protocols: no implicit conversion, no mixing -------------------------
+    def __array__(self, dtype=None, copy=None):
+        raise TypeError("Implicit conversion to a NumPy array is not allowed. Please use "
+                        "`.get()` to construct a NumPy array explicitly.")
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        args = _unwrap(inputs, where=f"numpy.{ufunc.__name__}")
+        out = kwargs.get("out")
+        if out is not None:
+            kwargs["out"] = _unwrap(out, where=f"numpy.{ufunc.__name__}(out=)")
+        result = getattr(ufunc, method)(*args, **kwargs)
+        if out is not None:
+            return out[0] if isinstance(out, tuple) and len(out) == 1 else out
+        return _wrap(result)
+
+    def __array_function__(self, func, types, args, kwargs):
+        if func.__name__ not in MODULE_NAMES:
+            raise TypeError(f"numpy.{func.__name__} has no CuPy implementation")
+        where = f"numpy.{func.__name__}"
+        result = func(*_unwrap(args, where=where), **{k: _unwrap(v, where=where)
+                                                        for k, v in kwargs.items()})
+        out = kwargs.get("out")
+        return out if out is not None else _wrap(result)
+
+    # -- attributes and methods: only what cupy.ndarray has -----------------------------
+    def __getattr__(self, name):
+        if name not in NDARRAY_NAMES:
+            raise AttributeError(f"'cupy.ndarray' object has no attribute '{name}'")
+        if name == "device":
+            return Device(0)
+        if name in ("get", "item", "tolist"):
+            syncs.append(f"ndarray.{name}")
+            if name == "get":
+                return lambda stream=None, order="C", out=None, blocking=True: np.array(
+                    self._a, order=order)
+            return getattr(self._a, name)
+        value = getattr(self._a, name)
+        if not callable(value):
+            return _wrap(value) if isinstance(value, np.ndarray) else value
+        if name in ("nonzero",):
+            syncs.append(f"ndarray.{name}")
+
+        def method(*args, **kwargs):
+            where = f"cupy.ndarray.{name}"
+            result = value(*_unwrap(args, where=where),
+                           **{k: _unwrap(v, where=where) for k, v in kwargs.items()})
+            if kwargs.get("out") is not None:
+                return kwargs["out"]
+            return _wrap(result)
+        return method
+
+    def __setattr__(self, name, value):
+        if name == "shape":
+            self._a.shape = value
+            return
+        raise AttributeError(f"cannot set attribute {name!r} of a cupy.ndarray")
+
+    @property
+    def shape(self):
+        return self._a.shape
+
+    @property
+    def dtype(self):
+        return self._a.dtype
+
+    @property
+    def ndim(self):
+        return self._a.ndim
+
+    @property
+    def size(self):
+        return self._a.size
+
+    @property
+    def T(self):
+        return ndarray(self._a.T)
+
+    # -- indexing ---------------------------------------------------------------------
+    @staticmethod
+    def _key(key):
+        key = _unwrap(key, strict=False)
+        parts = key if isinstance(key, tuple) else (key,)
+        if any(isinstance(k, np.ndarray) and k.dtype == bool for k in parts):
+            syncs.append("boolean mask indexing")
+        return key
+
+    def __getitem__(self, key):
+        return _wrap(np.asarray(self._a[self._key(key)]))
+
+    def __setitem__(self, key, value):
+        self._a[self._key(key)] = _unwrap(value, where="cupy.ndarray.__setitem__")
+
+    def __len__(self):
+        return len(self._a)
+
+    def __iter__(self):
+        for i in range(len(self._a)):
+            yield self[i]
+
+    # -- conversions to Python: each a synchronisation ---------------------------------
+    def _scalar(self, kind):
+        syncs.append(f"ndarray.__{kind.__name__}__")
+        if self._a.size != 1:
+            raise TypeError(f"only size-1 arrays can be converted to Python scalars")
+        return kind(self._a.reshape(-1)[0])
+
+    def __int__(self):
+        return self._scalar(int)
+
+    def __float__(self):
+        return self._scalar(float)
+
+    def __bool__(self):
+        return self._scalar(bool)
+
+    def __complex__(self):
+        return self._scalar(complex)
+
+    def __repr__(self):
+        return repr(self._a).replace("array(", "array(", 1)
+
+    __str__ = __repr__
+    __hash__ = None
+
+    def __copy__(self):
+        return ndarray(self._a.copy())
+
+    def __deepcopy__(self, memo):
+        return ndarray(self._a.copy())
+
+    def __reduce__(self):
+        return (_from_host, (self._a.copy(),))
+
+
+def _from_host(array):
+    return ndarray(np.array(array, copy=True))
+
+
+def _binary(ufunc, reflected=False):
+    def method(self, other):
+        if reflected:
+            return self.__array_ufunc__(ufunc, "__call__", other, self)
+        return self.__array_ufunc__(ufunc, "__call__", self, other)
+    return method
+
+
+def _inplace(ufunc):
+    def method(self, other):
+        self.__array_ufunc__(ufunc, "__call__", self, other, out=(self,))
+        return self
+    return method
+
+
+for _name, _ufunc in [("add", np.add), ("sub", np.subtract), ("mul", np.multiply),
+                      ("truediv", np.true_divide), ("floordiv", np.floor_divide),
+                      ("mod", np.remainder), ("pow", np.power), ("matmul", np.matmul),
+                      ("and", np.bitwise_and), ("or", np.bitwise_or), ("xor", np.bitwise_xor),
+                      ("lshift", np.left_shift), ("rshift", np.right_shift)]:
+    setattr(ndarray, f"__{_name}__", _binary(_ufunc))
+    setattr(ndarray, f"__r{_name}__", _binary(_ufunc, reflected=True))
+    setattr(ndarray, f"__i{_name}__", _inplace(_ufunc))
+for _name, _ufunc in [("eq", np.equal), ("ne", np.not_equal), ("lt", np.less),
+                      ("le", np.less_equal), ("gt", np.greater), ("ge", np.greater_equal)]:
+    setattr(ndarray, f"__{_name}__", _binary(_ufunc))
+for _name, _ufunc in [("neg", np.negative), ("pos", np.positive), ("abs", np.absolute),
+                      ("invert", np.invert)]:
+    setattr(ndarray, f"__{_name}__",
+            (lambda u: lambda self: self.__array_ufunc__(u, "__call__", self))(_ufunc))
+ndarray.__divmod__ = lambda self, other: self.__array_ufunc__(np.divmod, "__call__", self,
+                                                              other)
+
+
+# -- the module ---------------------------------------------------------------------------
+
+_HOST_INPUT_OK = {"asarray", "array", "asanyarray", "asnumpy", "get_array_module",
+                  "result_type", "iinfo", "finfo", "dtype", "issubdtype", "can_cast",
+                  "promote_types", "isscalar"}
+_SIZE_FROM_DATA = {"flatnonzero", "nonzero", "argwhere", "unique"}
+
+
+def _asarray(a, dtype=None, order=None, *, blocking=False):
+    if isinstance(a, ndarray):
+        return ndarray(np.asarray(a._a, dtype=dtype, order=order))
+    return ndarray(np.array(_unwrap(a, strict=False), dtype=dtype, order=order, copy=True))
+
+
+def _array(a, dtype=None, copy=True, order="K", ndmin=0, **kwargs):
+    data = a._a if isinstance(a, ndarray) else _unwrap(a, strict=False)
+    return ndarray(np.array(data, dtype=dtype, copy=True if not isinstance(a, ndarray)
+                            else copy, order=order, ndmin=ndmin))
+
+
+def _asnumpy(a, stream=None, order="C", out=None, blocking=True):
+    if isinstance(a, ndarray):
+        syncs.append("asnumpy")
+        return np.array(a._a, order=order)
+    return np.asarray(a, order=order)
+
+
+def _function(name, function):
+    def call(*args, **kwargs):
+        strict = name not in _HOST_INPUT_OK
+        where = f"cupy.{name}"
+        if name in _SIZE_FROM_DATA or (name == "where" and len(args) + len(kwargs) == 1):
+            syncs.append(name)
+        if name in ("argsort", "sort"):
+            kwargs["kind"] = "stable"
+        result = function(*_unwrap(args, strict, where),
+                          **{k: _unwrap(v, strict, where) for k, v in kwargs.items()})
+        if kwargs.get("out") is not None:
+            return kwargs["out"]
+        return _wrap(result)
+    call.__name__ = name
+    return call
 
 
 class _Runtime:
@@ -189,40 +475,77 @@ class _Runtime:
     def getDevice():
         return 0
 
+    @staticmethod
+    def getDeviceCount():
+        return 1
 
-class _Cuda(types.SimpleNamespace):
-    pass
+    @staticmethod
+    def getDeviceProperties(device):
+        return {"name": b"host emulator", "totalGlobalMem": 0}
+
+    @staticmethod
+    def deviceSynchronize():
+        syncs.append("deviceSynchronize")
 
 
 class _Emulator(types.ModuleType):
-    """NumPy, with CuPy's sort semantics, ``asnumpy`` and a host ``RawModule``."""
+    """CuPy's namespace on the host (see the module docstring)."""
 
     def __getattr__(self, name):
-        return getattr(np, name)
-
-
-def _synchronising(name, function):
-    def call(*args, **kwargs):
-        syncs.append(name)
-        return function(*args, **kwargs)
-    return call
+        if name not in MODULE_NAMES:
+            raise AttributeError(f"module 'cupy' has no attribute '{name}'")
+        if name in ("random", "linalg", "fft", "testing", "polynomial", "lib", "sparse"):
+            raise AttributeError(f"the emulator provides no cupy.{name}")
+        value = getattr(np, name)
+        if isinstance(value, type) or not callable(value):
+            return value            # dtypes, constants
+        function = _function(name, value)
+        setattr(self, name, function)
+        return function
 
 
 def module():
-    """A fresh emulator module (binds as ``cp`` in ``sparsegrid.cuda``)."""
-    emulator = _Emulator("cupy_emulator_namespace")
-    emulator.argsort = _stable_argsort
-    emulator.sort = _stable_sort
-    emulator.asnumpy = _synchronising("asnumpy", lambda a, *args, **kw: np.array(a))
-    for name in _SIZE_FROM_DATA:
-        setattr(emulator, name, _synchronising(name, getattr(np, name)))
-    emulator.ndarray = np.ndarray
+    """A fresh emulator module, to install as ``cupy``."""
+    emulator = _Emulator("cupy")
+    emulator.__version__ = "emulated"
+    emulator.ndarray = ndarray
+    emulator.asarray = _asarray
+    emulator.array = _array
+    emulator.asnumpy = _asnumpy
     emulator.RawModule = RawModule
-    emulator.cuda = _Cuda(runtime=_Runtime())
+    emulator.cuda = types.SimpleNamespace(Device=Device, runtime=_Runtime(),
+                                          is_available=lambda: True)
     emulator.is_available = lambda: True
+    emulator.get_array_module = lambda *arrays: (
+        emulator if any(isinstance(a, ndarray) for a in arrays) else np)
+    emulator.emulated = True
     return emulator
 
 
 def available():
     """Whether the emulator can run here (a host C++ compiler is on PATH)."""
     return compiler() is not None and sys.platform != "win32"
+
+
+class installed:
+    """Context manager: the emulator as ``cupy`` (``sys.modules``) and as the array
+    library of ``sparsegrid.cuda``; both restored on exit."""
+
+    def __init__(self):
+        self.module = module()
+
+    def __enter__(self):
+        from sparsegrid.cuda import _runtime
+        self._previous_module = sys.modules.get("cupy")
+        sys.modules["cupy"] = self.module
+        self._previous_binding = _runtime.use(self.module)
+        return self.module
+
+    def __exit__(self, *exc):
+        from sparsegrid.cuda import _runtime
+        if self._previous_module is None:
+            sys.modules.pop("cupy", None)
+        else:
+            sys.modules["cupy"] = self._previous_module
+        _runtime.use(self._previous_binding)
+        return False

@@ -422,63 +422,71 @@ def test_cupy_names_used_exist_in_cupy():
 # -- host synchronisations -------------------------------------------------------------
 
 def test_host_synchronisations_per_kernel(rng):
-    """How often each kernel waits for the device (emulated: every read of device values
-    and every call whose output size depends on the data is counted). A layer's kernels
-    on a prepared rulebook read nothing back; builders read the sizes they must learn."""
+    """How often each kernel waits for the device (emulated: every read of device values,
+    conversion to a Python scalar, boolean-mask index and call whose output size depends
+    on the data is counted). A layer's kernels on a prepared rulebook read nothing back;
+    builders read the sizes they must learn."""
     import cupy_emulator
     if not cupy_emulator.available():
         pytest.skip("no host C++ compiler")
-    kernel_set = KernelSet("emulated")
-    previous = kernel_set.bind()
-    try:
-        gpu = kernel_set.module
-        x, books = _rulebooks(rng, 3)
-        rb = books["submanifold"]
-        features = rng.standard_normal((rb.n_in, 4)).astype(np.float32)
-        weight = rng.standard_normal((rb.n_offsets, 4, 4)).astype(np.float32)
-        grad = rng.standard_normal((rb.n_out, 4)).astype(np.float32)
-        for book in books.values():       # plans built (one read each), then cached
-            gpu.prepare_conv(book)
-            gpu.prepare_conv(book.transpose())
+    from sparsegrid import cuda
+    from conftest import _rulebook_to_device
+    x, books = _rulebooks(rng, 3)
+    with cupy_emulator.installed() as cupy:
+        dev = cupy.asarray
+        rb = _rulebook_to_device(books["submanifold"])
+        strided = _rulebook_to_device(books["strided"])
+        for book in (rb, strided):        # plans built (a few reads each), then cached
+            cuda.prepare_conv(book)
+            cuda.prepare_conv(book.transpose())
+        features = dev(rng.standard_normal((rb.n_in, 4)).astype(np.float32))
+        weight = dev(rng.standard_normal((rb.n_offsets, 4, 4)).astype(np.float32))
+        grad = dev(rng.standard_normal((rb.n_out, 4)).astype(np.float32))
+        _, argmax = cuda.max_pool_forward(features, rb)
+        mean, var = cuda.batch_norm_statistics(features)
+        idx = dev(x.indices)
+        _, order = _order(x.indices, x.spatial_shape, 2)
+        keys = dev(pack_keys(x.indices, x.spatial_shape, 2)[0])
+        rows = dev(np.arange(rb.n_in))
 
         def count(call):
             cupy_emulator.syncs.clear()
             call()
             return list(cupy_emulator.syncs)
 
-        _, argmax = gpu.max_pool_forward(features, rb)
-        mean, var = gpu.batch_norm_statistics(features)
-        idx = x.indices
-        _, order = _order(idx, x.spatial_shape, 2)
-        keys, _ = pack_keys(idx, x.spatial_shape, 2)
         layer_kernels = {
-            "conv_forward": lambda: gpu.conv_forward(features, weight, rb),
-            "conv_backward": lambda: gpu.conv_backward(grad, features, weight, rb),
-            "rule_sum": lambda: gpu.rule_sum(features, books["strided"]),
-            "max_pool_forward": lambda: gpu.max_pool_forward(features, books["strided"]),
-            "max_pool_backward": lambda: gpu.max_pool_backward(grad, argmax, rb.n_in),
-            "batch_norm": lambda: gpu.batch_norm_backward(
+            "conv_forward": lambda: cuda.conv_forward(features, weight, rb),
+            "conv_backward": lambda: cuda.conv_backward(grad, features, weight, rb),
+            "rule_sum": lambda: cuda.rule_sum(features, strided),
+            "max_pool_forward": lambda: cuda.max_pool_forward(features, strided),
+            "max_pool_backward": lambda: cuda.max_pool_backward(grad, argmax, rb.n_in),
+            "batch_norm": lambda: cuda.batch_norm_backward(
                 grad, features, mean, var, None, None, 1e-4, 0.0, True,
-                gpu.batch_norm_forward(features, mean, var, None, None, 1e-4, 0.0)),
-            "dense": lambda: gpu.gather_from_dense(
-                gpu.scatter_to_dense(features, idx, 2, x.spatial_shape), idx),
-            "query_index": lambda: gpu.query_index(keys, None, keys),
-            "segment_reduce_backward": lambda: gpu.segment_reduce_backward(
-                grad, np.arange(rb.n_in), rb.n_in, "mean", None, rb.n_in),
+                cuda.batch_norm_forward(features, mean, var, None, None, 1e-4, 0.0)),
+            "dense": lambda: cuda.gather_from_dense(
+                cuda.scatter_to_dense(features, idx, 2, x.spatial_shape), idx),
+            "query_index": lambda: cuda.query_index(keys, None, keys),
+            "segment_reduce_backward": lambda: cuda.segment_reduce_backward(
+                grad, rows, rb.n_in, "mean", None, rb.n_in),
+            "rows_product": lambda: cuda.rows_product(features, grad),
         }
         for name, call in layer_kernels.items():
             assert count(call) == [], name
-        assert count(lambda: gpu.segment_reduce(features, np.arange(rb.n_in) % 7, 7,
-                                                "max")) == ["asnumpy"]   # the ids' bounds
-        assert count(lambda: gpu.submanifold_rules(idx, order, x.spatial_shape, 2, (3,) * 3,
-                                                   (1,) * 3)) == ["asnumpy", "flatnonzero"]
-        assert count(lambda: gpu.strided_rules(idx, x.spatial_shape, 2, (3, 2, 3), (2, 2, 2),
-                                               (3, 3, 2))) == ["flatnonzero", "flatnonzero"]
-        assert count(lambda: gpu.unique_inverse(keys)) == ["flatnonzero"]
-        assert count(lambda: gpu.build_index(keys)) == ["asnumpy"]
-        assert count(lambda: gpu.dense_active_sites(np.ones((1, 2, 3)))) == ["argwhere"]
-    finally:
-        kernel_set.unbind(previous)
+        assert count(lambda: cuda.segment_reduce(features, rows % 7, 7, "max")) == [
+            "asnumpy"]                                               # the ids' bounds
+        dev_order = None if order is None else dev(order)
+        assert count(lambda: cuda.submanifold_rules(idx, dev_order, x.spatial_shape, 2,
+                                                    (3,) * 3, (1,) * 3)) == [
+            "asnumpy", "flatnonzero"]
+        assert count(lambda: cuda.strided_rules(idx, x.spatial_shape, 2, (3, 2, 3),
+                                                (2, 2, 2), (3, 3, 2))) == [
+            "flatnonzero", "flatnonzero"]
+        assert count(lambda: cuda.unique_inverse(keys)) == ["flatnonzero"]
+        assert count(lambda: cuda.build_index(keys)) == ["asnumpy"]
+        assert count(lambda: cuda.dense_active_sites(dev(np.ones((1, 2, 3))))) == [
+            "argwhere"]
+        fresh = _rulebook_to_device(books["even"])
+        assert count(lambda: cuda.prepare_conv(fresh)) == ["asnumpy", "asnumpy"]
 
 
 def test_the_backend_reads_device_values_only_through_read():

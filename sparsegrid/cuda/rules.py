@@ -70,6 +70,14 @@ def _neighbour_pairs(keys, order, deltas):
             [out_rows[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
 
 
+def _host(values):
+    """Small parameter arrays (offset lists, window starts) on the host, as NumPy, from
+    either library."""
+    if isinstance(values, (np.ndarray, list, tuple, range)):
+        return np.asarray(values)
+    return read(values)
+
+
 def _sorted_keys(indices, order, spatial_shape, batch_size, pad):
     sorted_indices = indices if order is None else indices[order]
     return pack_keys(sorted_indices, spatial_shape, batch_size, pad)
@@ -102,7 +110,7 @@ def offset_rules(indices, order, spatial_shape, batch_size, offsets):
     """Submanifold pairs for an explicit offset list: input = output + offsets[k]; the first
     all-zero offset is the identity. Returns as :func:`submanifold_rules`."""
     n = len(indices)
-    offsets = np.asarray(offsets, np.int64).reshape(-1, len(spatial_shape))
+    offsets = _host(offsets).astype(np.int64).reshape(-1, len(spatial_shape))
     pad = np.abs(offsets).max(axis=0) if len(offsets) else np.zeros(len(spatial_shape),
                                                                     np.int64)
     keys, strides = _sorted_keys(indices, order, spatial_shape, batch_size, pad)
@@ -200,8 +208,7 @@ def strided_rules(indices, spatial_shape, batch_size, filter_size, stride, out_s
 def window_rules(indices, spatial_shape, batch_size, filter_size, starts, out_shape):
     """Pairs of a strided op whose windows start at ``starts[d][o]`` on axis d; within one
     offset, pairs ordered by their slots (j_1, ..., j_D), then by input row (as the CPU)."""
-    starts = [np.asarray(s if isinstance(s, np.ndarray) else read(s), np.int64)
-              for s in starts]
+    starts = [_host(s).astype(np.int64) for s in starts]
     return _window_pairs(indices, spatial_shape, batch_size, filter_size, starts, out_shape,
                          True)
 
