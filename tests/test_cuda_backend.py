@@ -273,8 +273,11 @@ def test_conv_refuses_broken_rulebooks_as_the_cpu(gpu, message, rulebook):
 @pytest.mark.parametrize("mode", ["sum", "mean", "max", "first", "last"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_segment_reduce_is_the_cpus(gpu, rng, mode, dtype):
+    # segments of one row, of a few, of exactly one 64-row chunk, and longer ones folded
+    # from several chunks (global pooling)
     for n, n_segments, channels in [(0, 3, 2), (1, 1, 3), (40, 40, 2), (300, 17, 3),
-                                    (200, 500, 1), (64, 1, 4)]:
+                                    (200, 500, 1), (64, 1, 4), (65, 1, 2), (1000, 3, 2),
+                                    (5000, 2, 3)]:
         ids = rng.integers(0, n_segments, n)
         if n == n_segments:
             ids = rng.permutation(n)

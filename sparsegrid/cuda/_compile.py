@@ -45,7 +45,8 @@ SOURCES = {
     "conv.cu": (_typed("scatter_add_rows", *_T_A) + _typed("gather_scatter_add", *_T_A)
                 + _typed("store_rounded", *_T_A)),
     "pool.cu": _typed("max_pool_offset", *_T) + _typed("ordered_cell_sum", *_T),
-    "segment.cu": (_typed("segment_reduce_rows", *_T_A) + _typed("scatter_rows", *_T)
+    "segment.cu": (_typed("segment_chunks", *_T_A) + _typed("segment_finish", *_T_A)
+                   + _typed("scatter_rows", *_T)
                    + _typed("scatter_cells", *_T)),
     "dense.cu": _typed("scatter_dense", *_T) + _typed("gather_dense", *_T),
 }

@@ -1,9 +1,12 @@
 """Segment reductions on the GPU: input layers, voxelization, per-sample global pooling.
 
-Rows are grouped by one stable sort of their segment ids; one thread per (segment,
-channel) then reduces its segment's rows in row order (``segment_reduce_rows``): the CPU's
-order, so 'sum'/'mean' of float32/float64 data are the same bits as on the CPU, and
-'max'/'first'/'last' choose the same rows. float16 data is summed in float32.
+Rows are grouped by one stable sort of their segment ids. 'sum' / 'mean' / 'max' then run
+in two passes: a thread per (chunk of 64 rows, channel) reduces its chunk in row order,
+and a thread per (segment, channel) folds the chunks in order (no atomics, and long
+segments such as global pooling's stay parallel). A segment of at most 64 rows is reduced
+one row after another, the CPU's order: its sums are the CPU's bits; longer ones agree to
+rounding. 'max'/'first'/'last' choose the same rows as the CPU always. float16 data is
+summed in float32.
 """
 
 from __future__ import annotations
@@ -63,12 +66,36 @@ def segment_reduce(values, segment_ids, n_segments, mode):
         chosen = chosen.astype(np.int64, copy=False)
         out = cp.take(values, cp.maximum(chosen, 0), axis=0)
         return cp.where((chosen >= 0)[:, None], out, values.dtype.type(0)), chosen
+    return _reduce(values, order, ptr, n_segments, mode)
+
+
+# Rows per chunk of the first pass (kernels/segment.cu: SG_CHUNK).
+_CHUNK = 64
+
+
+def _reduce(values, order, ptr, n_segments, mode):
+    """'sum' / 'mean' / 'max' in two passes (see kernels/segment.cu). The chunk count is
+    bounded without a host read: each segment has at most len // 64 + 1 chunks."""
+    n, channels = values.shape
+    acc_type = _compile.ACCUMULATOR[values.dtype]
+    counts = ptr[1:] - ptr[:-1]
+    chunk_ptr = cp.zeros(n_segments + 1, dtype=np.int64)
+    chunk_ptr[1:] = cp.cumsum((counts + (_CHUNK - 1)) // _CHUNK)
+    n_slots = n_segments + n // _CHUNK + 1
+    chunk_segment = (cp.searchsorted(chunk_ptr, cp.arange(n_slots, dtype=np.int64),
+                                     side="right") - 1).astype(np.int64, copy=False)
+    partial = cp.empty((n_slots, channels), dtype=acc_type)
+    partial_row = cp.empty((n_slots, channels), dtype=np.int64)
+    code = np.int32(_MODE_CODES[mode])
+    _compile.launch("segment.cu", _compile.typed("segment_chunks", values.dtype, True),
+                    n_slots * channels, values, order, ptr, chunk_ptr, chunk_segment,
+                    partial, partial_row, np.int64(n_slots), np.int64(n_segments),
+                    np.int64(channels), code)
     out = cp.empty((n_segments, channels), dtype=values.dtype)
-    chosen = cp.empty((n_segments, channels), dtype=np.int64) if mode == "max" else \
-        cp.empty(0, dtype=np.int64)
-    _compile.launch("segment.cu", _compile.typed("segment_reduce_rows", values.dtype, True),
-                    n_segments * channels, values, order, ptr, out, chosen,
-                    np.int64(n_segments), np.int64(channels), np.int32(_MODE_CODES[mode]))
+    chosen = cp.empty((n_segments, channels), dtype=np.int64)
+    _compile.launch("segment.cu", _compile.typed("segment_finish", values.dtype, True),
+                    n_segments * channels, partial, partial_row, ptr, chunk_ptr, out, chosen,
+                    np.int64(n_segments), np.int64(channels), code)
     return out, (chosen if mode == "max" else None)
 
 

@@ -1,37 +1,77 @@
-// Segment reductions (input layers, voxelization, global pooling): one thread per
-// (segment, channel) reduces the segment's rows order[ptr[s]] ... order[ptr[s+1] - 1] in
-// that (row) order. mode 0: sum, 1: mean, 2: max (chosen = the first row holding the
-// maximum; a NaN beats every number and the first NaN is kept). Empty segments: 0, -1.
+// Segment reductions (input layers, voxelization, global pooling) in two passes with no
+// atomics. The rows of segment s are order[ptr[s]] ... order[ptr[s+1] - 1], in row order;
+// each segment is cut into chunks of SG_CHUNK rows (chunk_ptr[s] is its first chunk).
+// Pass 1: a thread per (chunk, channel) reduces its chunk's rows in order. Pass 2: a
+// thread per (segment, channel) folds its chunks in order. A segment of at most SG_CHUNK
+// rows is one chunk: its rows are reduced one after another, as on the CPU.
+// mode 0: sum, 1: mean, 2: max (chosen = the first row holding the maximum; a NaN beats
+// every number and the first NaN is kept). Empty segments: 0, chosen -1.
+#define SG_CHUNK 64
+
+template <typename A> __device__ __forceinline__ bool sg_better(A v, A best) {
+    return v > best || (sg_isnan(v) && !sg_isnan(best));
+}
+
 template <typename T, typename A>
-__global__ void segment_reduce_rows(const T* __restrict__ values, const long long* __restrict__ order,
-                                    const long long* __restrict__ ptr, T* __restrict__ out,
-                                    long long* __restrict__ chosen, long long n_segments,
-                                    long long channels, int mode) {
+__global__ void segment_chunks(const T* __restrict__ values, const long long* __restrict__ order,
+                               const long long* __restrict__ ptr,
+                               const long long* __restrict__ chunk_ptr,
+                               const long long* __restrict__ chunk_segment,
+                               A* __restrict__ partial, long long* __restrict__ partial_row,
+                               long long n_slots, long long n_segments, long long channels,
+                               int mode) {
+    SG_LOOP(t, n_slots * channels) {
+        long long slot = t / channels;
+        long long c = t - slot * channels;
+        long long s = chunk_segment[slot];
+        if (s >= n_segments) continue;                  // a slot past the last chunk
+        long long begin = ptr[s] + (slot - chunk_ptr[s]) * SG_CHUNK;
+        long long end = begin + SG_CHUNK < ptr[s + 1] ? begin + SG_CHUNK : ptr[s + 1];
+        long long best_row = order[begin];
+        A acc = sg_load<A>(values[best_row * channels + c]);
+        for (long long q = begin + 1; q < end; ++q) {
+            long long row = order[q];
+            A v = sg_load<A>(values[row * channels + c]);
+            if (mode == 2) {
+                if (sg_better(v, acc)) { acc = v; best_row = row; }
+            } else {
+                acc += v;
+            }
+        }
+        partial[t] = acc;
+        partial_row[t] = best_row;
+    }
+}
+
+template <typename T, typename A>
+__global__ void segment_finish(const A* __restrict__ partial,
+                               const long long* __restrict__ partial_row,
+                               const long long* __restrict__ ptr,
+                               const long long* __restrict__ chunk_ptr, T* __restrict__ out,
+                               long long* __restrict__ chosen, long long n_segments,
+                               long long channels, int mode) {
     SG_LOOP(t, n_segments * channels) {
         long long s = t / channels;
         long long c = t - s * channels;
-        long long begin = ptr[s], end = ptr[s + 1];
-        if (begin == end) {
+        long long first = chunk_ptr[s], last = chunk_ptr[s + 1];
+        if (first == last) {
             out[t] = sg_store<T>((A)0);
             if (mode == 2) chosen[t] = -1;
             continue;
         }
-        if (mode == 2) {
-            long long best_row = order[begin];
-            A best = sg_load<A>(values[best_row * channels + c]);
-            for (long long q = begin + 1; q < end; ++q) {
-                long long row = order[q];
-                A v = sg_load<A>(values[row * channels + c]);
-                if (v > best || (sg_isnan(v) && !sg_isnan(best))) { best = v; best_row = row; }
+        A acc = partial[first * channels + c];
+        long long best_row = partial_row[first * channels + c];
+        for (long long k = first + 1; k < last; ++k) {
+            A v = partial[k * channels + c];
+            if (mode == 2) {
+                if (sg_better(v, acc)) { acc = v; best_row = partial_row[k * channels + c]; }
+            } else {
+                acc += v;
             }
-            out[t] = sg_store<T>(best);
-            chosen[t] = best_row;
-        } else {
-            A total = (A)0;
-            for (long long q = begin; q < end; ++q) total += sg_load<A>(values[order[q] * channels + c]);
-            if (mode == 1) total = total / (A)(end - begin);
-            out[t] = sg_store<T>(total);
         }
+        if (mode == 1) acc = acc / (A)(ptr[s + 1] - ptr[s]);
+        out[t] = sg_store<T>(acc);
+        if (mode == 2) chosen[t] = best_row;
     }
 }
 
