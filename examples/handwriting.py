@@ -14,6 +14,7 @@ pen visits twice, as SCN's stroke renderer):
     -> Flatten -> Linear(864, n_classes)
 
     python examples/handwriting.py [--classes 200] [--epochs 8] [--per-class 24]
+                                   [--device {cpu,cuda}]
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ import numpy as np
 
 import sparsegrid
 import sparsegrid.nn as scn
+from sparsegrid import backend
 from sparsegrid.nn.optim import SGD, ExponentialDecayLR
 
 from datasets import batch_sparse, kanjivg_classes, random_affine, render_strokes
-from train_utils import batches_of, fit
+from train_utils import add_device_argument, batches_of, chosen_device, fit
 
 OUTPUT_SIZE = 3
 
@@ -48,14 +50,16 @@ def build_model(n_classes):
     return model, int(size[0])
 
 
-def make_input(characters, picks, size, rng):
+def make_input(characters, picks, size, rng, device="cpu"):
     """[coords (batch last), features, batch size] of freshly distorted samples: rotations
-    and shears up to 0.3 and stretches up to 30% per axis, as SCN's Chinese example."""
+    and shears up to 0.3 and stretches up to 30% per axis, as SCN's Chinese example; the
+    arrays on ``device``."""
     samples = [render_strokes(characters[c][1], size=size, distort=True,
                               affine=random_affine(rng, rotation=0.3, scale=0.3, shear=0.3))
                for c in picks]
     coords, features = batch_sparse(samples)
-    return [coords, features, len(picks)]
+    return [backend.to_device(coords, device), backend.to_device(features, device),
+            len(picks)]
 
 
 def main():
@@ -69,7 +73,10 @@ def main():
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    add_device_argument(parser)
     args = parser.parse_args()
+    device = chosen_device(parser, args)
+    print(f"device: {device}")
     if args.threads:
         sparsegrid.set_num_threads(args.threads)
 
@@ -80,6 +87,7 @@ def main():
           f"strokes); {sparsegrid.get_num_threads()} thread(s)")
     scn.manual_seed(args.seed)
     model, size = build_model(len(characters))
+    model.to(device)
     print(f"input field {size}x{size}, "
           f"{sum(p.data.size for p in model.parameters())} parameters")
 
@@ -87,12 +95,13 @@ def main():
     rng = np.random.default_rng(args.seed)
 
     def train_batches(epoch):
-        return [(make_input(characters, labels[b], size, rng), labels[b])
+        return [(make_input(characters, labels[b], size, rng, device), labels[b])
                 for b in batches_of(len(labels), args.batch_size, rng)]
 
     test_rng = np.random.default_rng(10_000 + args.seed)   # distortions never trained on
     test_labels = np.repeat(np.arange(len(characters)), args.test_per_class)
-    test_batches = [(make_input(characters, test_labels[b], size, test_rng), test_labels[b])
+    test_batches = [(make_input(characters, test_labels[b], size, test_rng, device),
+                     test_labels[b])
                     for b in batches_of(len(test_labels), 250)]
     print(f"{len(labels)} fresh training samples per epoch; {len(test_labels)} held-out")
 

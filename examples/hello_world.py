@@ -2,18 +2,32 @@
 
 The network, the input spatial size and the two messages are those of SCN's
 examples/hello-world.py; only the import changes (``import sparsegrid.nn as scn``) and the
-coordinates are NumPy arrays. Then one SGD step shows the same model training.
+coordinates are NumPy arrays (CuPy arrays with ``--device cuda``, the default where a GPU
+is visible). Then three SGD steps show the same model training.
 
-    python examples/hello_world.py
+    python examples/hello_world.py [--device {cpu,cuda}]
 """
 
+import argparse
 import time
 
 import numpy as np
 
 import sparsegrid.nn as scn
 from sparsegrid import autodiff as ad
+from sparsegrid import backend
 from sparsegrid.nn.optim import SGD
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+parser.add_argument("--device", choices=["cpu", "cuda"],
+                    default="cuda" if backend.cuda_available() else "cpu",
+                    help="where the model and the input live (default: cuda when CuPy sees "
+                         "a GPU, else cpu)")
+args = parser.parse_args()
+if args.device == "cuda" and not backend.cuda_available():
+    parser.error("--device cuda needs CuPy and a visible NVIDIA GPU; none is available here")
+device = args.device
+print("device:", device)
 
 scn.manual_seed(0)
 model = scn.Sequential().add(
@@ -28,6 +42,8 @@ model = scn.Sequential().add(
 ).add(
     scn.SparseToDense(2, 32)
 )
+
+model.to(device)
 
 # output will be 10x10
 input_spatial_size = model.input_spatial_size(np.array([10, 10]))
@@ -54,8 +70,8 @@ for batch_idx, msg in enumerate(msgs):
             if c == 'X':
                 locations.append([y, x, batch_idx])
                 features.append([1])
-locations = np.array(locations)
-features = np.array(features, np.float32)
+locations = backend.to_device(np.array(locations), device)
+features = backend.to_device(np.array(features, np.float32), device)
 
 input = input_layer([locations, features])
 print("input spatial size:", tuple(int(s) for s in input_spatial_size))
@@ -71,6 +87,7 @@ print("output:", output.shape, output.dtype)
 # The same model trains: push the output of sample 0 up and sample 1 down.
 target = np.zeros(output.shape, np.float32)
 target[0] = 1.0
+target = backend.to_device(target, device)
 optimizer = SGD(model.parameters(), lr=0.1, momentum=0.9)
 losses = []
 for step in range(3):
@@ -83,7 +100,7 @@ for step in range(3):
     loss.backward()
     backward_ms = (time.perf_counter() - start) * 1e3
     optimizer.step()
-    losses.append(loss.item())
+    losses.append(float(loss.item()))
 print("training loss over 3 SGD steps:", " -> ".join(f"{v:.4f}" for v in losses))
 print(f"first forward {forward_ms:.1f} ms (loads SciPy's sparse kernels); a training step: "
       f"forward {step_forward_ms:.1f} ms, backward {backward_ms:.1f} ms "

@@ -11,6 +11,7 @@ Network (SCN's layers and builders):
     -> Flatten -> Linear(576, 10)
 
     python examples/mnist_sparse.py [--epochs 12] [--batch-size 64] [--threads N]
+                                    [--device {cpu,cuda}]
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ import numpy as np
 
 import sparsegrid
 import sparsegrid.nn as scn
+from sparsegrid import backend
 from sparsegrid.nn.optim import SGD, ExponentialDecayLR
 
 from datasets import batch_sparse, load_mnist5k, mnist_to_sparse
-from train_utils import batches_of, fit
+from train_utils import add_device_argument, batches_of, chosen_device, fit
 
 OUTPUT_SIZE = 3          # spatial size after three MaxPooling(3, 2)
 
@@ -44,9 +46,9 @@ def build_model():
     return model, int(size[0])
 
 
-def make_input(images, field, rng=None):
+def make_input(images, field, rng=None, device="cpu"):
     """[coords (batch last), features, batch size] with each digit placed in the field:
-    at a random offset (training) or centred (evaluation)."""
+    at a random offset (training) or centred (evaluation); the arrays on ``device``."""
     samples = []
     slack = field - images.shape[1]
     for image in images:
@@ -54,7 +56,8 @@ def make_input(images, field, rng=None):
         shift = rng.integers(0, slack + 1, size=2) if rng is not None else slack // 2
         samples.append((coords + shift, features))
     coords, features = batch_sparse(samples)
-    return [coords, features, len(images)]
+    return [backend.to_device(coords, device), backend.to_device(features, device),
+            len(images)]
 
 
 def main():
@@ -65,7 +68,10 @@ def main():
     parser.add_argument("--threads", type=int, default=None,
                         help="sparsegrid threads (default: SPARSEGRID_NUM_THREADS or cores)")
     parser.add_argument("--seed", type=int, default=0)
+    add_device_argument(parser)
     args = parser.parse_args()
+    device = chosen_device(parser, args)
+    print(f"device: {device}")
     if args.threads:
         sparsegrid.set_num_threads(args.threads)
 
@@ -78,15 +84,16 @@ def main():
 
     scn.manual_seed(args.seed)
     model, field = build_model()
+    model.to(device)
     n_params = sum(p.data.size for p in model.parameters())
     print(f"input field {field}x{field}, {n_params} parameters")
     rng = np.random.default_rng(args.seed)
 
     def train_batches(epoch):
-        return [(make_input(images[train[b]], field, rng), labels[train[b]])
+        return [(make_input(images[train[b]], field, rng, device), labels[train[b]])
                 for b in batches_of(len(train), args.batch_size, rng)]
 
-    test_batches = [(make_input(images[test[b]], field), labels[test[b]])
+    test_batches = [(make_input(images[test[b]], field, device=device), labels[test[b]])
                     for b in batches_of(len(test), 250)]
 
     optimizer = SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,

@@ -1,4 +1,5 @@
-"""A small classification training loop shared by the examples (NumPy + sparsegrid only).
+"""A small classification training loop shared by the examples (NumPy + sparsegrid only;
+the model and its inputs may live on a GPU, labels stay NumPy arrays).
 
 ``fit`` runs epochs of SGD-style training on batches a caller generates, prints a progress
 bar (when stderr is a terminal) and one summary line per epoch: training loss and
@@ -13,6 +14,23 @@ import time
 import numpy as np
 
 from sparsegrid import autodiff as ad
+from sparsegrid import backend
+
+
+def add_device_argument(parser):
+    """``--device {cpu,cuda}``; the default is ``cuda`` when CuPy sees a GPU, else ``cpu``."""
+    parser.add_argument("--device", choices=["cpu", "cuda"],
+                        default="cuda" if backend.cuda_available() else "cpu",
+                        help="where the model and the batches live (default: cuda when CuPy "
+                             "sees a GPU, else cpu)")
+
+
+def chosen_device(parser, args):
+    """``args.device``, after refusing ``cuda`` without a GPU (a usage error, exit 2)."""
+    if args.device == "cuda" and not backend.cuda_available():
+        parser.error("--device cuda needs CuPy and a visible NVIDIA GPU; none is available "
+                     "here")
+    return args.device
 
 
 class Progress:
@@ -48,7 +66,7 @@ def evaluate(model, batches):
     with ad.no_grad():
         for inputs, labels in batches:
             logits = model(inputs).data          # a Tensor (recording nothing here)
-            correct += int((logits.argmax(axis=1) == labels).sum())
+            correct += int((backend.to_numpy(logits.argmax(axis=1)) == labels).sum())
             total += len(labels)
     model.train()
     return correct / max(total, 1)
@@ -90,8 +108,8 @@ def fit(model, optimizer, train_batches, test_batches, epochs, scheduler=None, l
             optimizer.step()
             forward_s += t1 - t0
             backward_s += t2 - t1
-            loss_sum += loss.item() * len(labels)
-            correct += int((logits.data.argmax(axis=1) == labels).sum())
+            loss_sum += float(loss.item()) * len(labels)
+            correct += int((backend.to_numpy(logits.data.argmax(axis=1)) == labels).sum())
             seen += len(labels)
             bar.update(i, f"loss {loss_sum / seen:.4f}")
         bar.close()

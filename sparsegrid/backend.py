@@ -194,6 +194,59 @@ def to_device(array, device):
         return cupy.asarray(to_numpy(array))   # between GPUs too: through the host, explicit
 
 
+def resolve_device(device):
+    """The canonical name (``'cpu'`` or ``'cuda:N'``) of ``device`` (anything
+    :func:`parse_device` takes; ``'cuda'`` is the current GPU).
+
+    ValueError / TypeError (from ``parse_device``) for a malformed device; RuntimeError
+    naming the device when it is a GPU and CuPy sees none; ValueError when GPU ``N`` does
+    not exist. Never copies anything.
+    """
+    kind, number = parse_device(device)
+    if kind == "cpu":
+        return "cpu"
+    if not cuda_available():
+        raise RuntimeError(f"device {device!r} needs CuPy and a visible NVIDIA GPU (pip "
+                           "install 'sparsegrid[cuda]'); none is available here")
+    import cupy
+    count = cupy.cuda.runtime.getDeviceCount()
+    if number is None:
+        number = cupy.cuda.runtime.getDevice()
+    if number >= count:
+        raise ValueError(f"device {device!r} does not exist: {count} GPU(s) are visible "
+                         f"(cuda:0 to cuda:{count - 1})")
+    return f"cuda:{number}"
+
+
+def cuda_device_argument(device):
+    """The device ``.cuda(device)`` means: the current GPU for None, else ``device`` (a GPU
+    number, ``'cuda'``, ``'cuda:N'`` or a ``cupy.cuda.Device``); ValueError for ``'cpu'``."""
+    if device is None:
+        return "cuda"
+    kind, _ = parse_device(device)
+    if kind != "cuda":
+        raise ValueError(f"cuda(device): device must be a GPU (None for the current one, N, "
+                         f"'cuda' or 'cuda:N'); got {device!r} (use .cpu() or .to('cpu'))")
+    return device
+
+
+def mixed_devices_error(first, first_device, second, second_device, hint=""):
+    """The error for arrays on two devices meeting: TypeError between the CPU and a GPU
+    (NumPy and CuPy mixed), ValueError between two GPUs; the message names both."""
+    kind = ValueError if first_device != "cpu" and second_device != "cpu" else TypeError
+    return kind(f"{first} {'are' if first.endswith('s') else 'is'} on {first_device} but "
+                f"{second} on {second_device}; move them to one device first"
+                + (hint or " (.to(device))") + " -- sparsegrid never copies between devices "
+                "implicitly")
+
+
+def require_same_device(first, first_array, second, second_array, hint=""):
+    """Raise :func:`mixed_devices_error` unless both arrays are on one device."""
+    a, b = device_of(first_array), device_of(second_array)
+    if a != b:
+        raise mixed_devices_error(first, a, second, b, hint)
+
+
 def to_numpy(array):
     """A NumPy view or copy of a NumPy/CuPy array (or anything ``np.asarray`` takes)."""
     if is_cupy_array(array):

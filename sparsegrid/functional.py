@@ -131,7 +131,7 @@ def _check_channel_vector(x, name, value, op, writeable=False):
     if data.dtype != x.dtype:
         raise TypeError(f"{name} must be an array of the features' dtype {x.dtype}; got "
                         f"{data.dtype}" + _float_dtype_hint(data.dtype, x.dtype))
-    backend.array_namespace(x.indices, data)      # one library, or TypeError
+    backend.require_same_device(name, data, "the input tensor", x.indices)   # or TypeError/ValueError
     if writeable and isinstance(data, np.ndarray) and not data.flags.writeable:
         raise ValueError(f"{name} must be a writeable array: {op} updates it in place in "
                          "training; got a read-only array (pass a copy, np.array(...))")
@@ -171,6 +171,7 @@ def _check_dtype(x, value, name):
                     f".astype({str(dtype)!r}), or a Module with .float() / .double())")
         raise TypeError(f"{name} must be an array of the features' dtype {x.dtype}; got "
                         f"{dtype}{hint}")
+    backend.require_same_device(name, data_of(value), "the input tensor", x.indices)
 
 
 def _check_bias(x, bias, cout):
@@ -665,6 +666,7 @@ def input_layer(indices, features, spatial_shape, batch_size=None, mode="sum"):
     spatial_shape = normalize_spatial_shape(spatial_shape)
     indices, batch_size = validate_indices(indices, spatial_shape, batch_size)
     values = validate_features(data_of(features), len(indices))
+    backend.require_same_device("features", values, "indices", indices)
     kernels = backend.kernels(indices, values)
     keys, _ = pack_keys(indices, spatial_shape, batch_size)
     unique_keys, first_rows, segment_ids = kernels.unique_inverse(keys)

@@ -7,6 +7,7 @@ import numpy as np
 
 from . import backend
 from .coords import normalize_spatial_shape, validate_features, validate_indices
+from .autodiff import ops
 from .autodiff.core import Tensor, data_of
 from .grid import Grid, Sites
 
@@ -59,6 +60,7 @@ class SparseTensor:
             validate_features(features.data, len(indices))
         else:
             features = validate_features(features, len(indices))
+        backend.require_same_device("features", data_of(features), "indices", indices)
         backend.kernels(indices, data_of(features))   # one library for both, or TypeError
         self._sites = Sites.from_indices(indices, spatial_shape, batch_size)
         self._grid = Grid()
@@ -89,6 +91,8 @@ class SparseTensor:
                             f"{data.dtype}")
         if data.ndim != 2 or data.shape[0] != n:
             raise ValueError(f"features must have shape ({n}, C){context}; got {data.shape}")
+        backend.require_same_device("features", data, "this tensor's indices", self.indices,
+                          " (.to(device) moves a whole tensor)")
         backend.kernels(self.indices, data)   # the sites' library, or TypeError
 
     def with_features(self, features):
@@ -157,6 +161,57 @@ class SparseTensor:
     @property
     def grid(self):
         return self._grid
+
+    # -- devices ----------------------------------------------------------------------------
+    @property
+    def device(self):
+        """``'cpu'`` (NumPy arrays) or ``'cuda:N'`` (CuPy arrays on GPU N): where the
+        features and indices live (always together)."""
+        return backend.device_of(self._sites.indices)
+
+    def to(self, device):
+        """This tensor on ``device`` (``'cpu'``, ``'cuda'`` (the current GPU), ``'cuda:N'``,
+        a GPU number or a ``cupy.cuda.Device``).
+
+        Already there: returns ``self`` (nothing is copied). Otherwise the features and
+        indices are copied to the device and the result lives on a NEW :class:`Grid`: the
+        rulebooks cached on this tensor's grid hold arrays of this device and are not
+        reused (the new grid builds its own on demand), and the new sites remember no
+        strided op (a Deconvolution / UnPooling / OutputLayer needs the tensor made on
+        its own device, so move a network's inputs, not its intermediate tensors).
+        ``spatial_shape`` and ``batch_size`` are kept.
+
+        Autodiff Tensor features move differentiably (:func:`sparsegrid.autodiff.to_device`):
+        the result requires a gradient when they do, and the gradient flows back to this
+        device.
+
+        Raises
+        ------
+        ValueError, TypeError
+            For a malformed ``device`` (naming it).
+        RuntimeError
+            For a GPU when CuPy or a visible GPU is missing (naming the device).
+        """
+        target = backend.resolve_device(device)
+        if self.device == target:
+            return self
+        features = self._features
+        if isinstance(features, Tensor):
+            features = ops.to_device(features, target)
+        else:
+            features = backend.to_device(features, target)
+        indices = backend.to_device(self._sites.indices, target)
+        sites = Sites.from_indices(indices, self.spatial_shape, self.batch_size)
+        return SparseTensor._on(features, sites, Grid())
+
+    def cuda(self, device=None):
+        """This tensor on a GPU: the current one (``device=None``), or GPU ``device`` (N,
+        ``'cuda:N'``); see :meth:`to`. Returns ``self`` when it is already there."""
+        return self.to(backend.cuda_device_argument(device))
+
+    def cpu(self):
+        """This tensor with NumPy arrays (``self`` when it is on the CPU); see :meth:`to`."""
+        return self.to("cpu")
 
     # -- SparseConvNet compatibility ------------------------------------------------------
     @property

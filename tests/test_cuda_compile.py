@@ -48,9 +48,9 @@ def compile_source(filename, arch):
                                          *CUPY_ADDED)]
         status = nvrtc.nvrtcCompileProgram(program, len(options), options)[0]
         (size,) = _check(nvrtc, nvrtc.nvrtcGetProgramLogSize(program), "log size")
-        log = b" " * size
+        log = bytearray(size)    # NVRTC writes into it (never into a shared bytes object)
         _check(nvrtc, nvrtc.nvrtcGetProgramLog(program, log), "log")
-        log = log.rstrip(b"\x00").decode(errors="replace").strip()
+        log = bytes(log).rstrip(b"\x00").decode(errors="replace").strip()
         assert status == nvrtc.nvrtcResult.NVRTC_SUCCESS, f"{filename} for {arch}:\n{log}"
         lowered = {}
         for name in names:

@@ -129,12 +129,17 @@ def getitem(a, index):
     index = data_of(index)
 
     def vjp(g):
-        grad = xp.zeros_like(x)
         if xp is np:
+            grad = np.zeros_like(x)
             np.add.at(grad, index, g)  # an arbitrary index may repeat; not a sparse hot path
-        else:  # pragma: no cover - CuPy
-            xp.add.at(grad, index, g)
-        return (grad,)
+            return (grad,)
+        # CuPy's add.at adds with float atomics (order-dependent bits): instead, each
+        # output element's flat source position, and one deterministic segment sum
+        flat = xp.arange(x.size, dtype=np.int64).reshape(x.shape)[index]
+        g = xp.broadcast_to(g, flat.shape)
+        total, _ = backend.kernels(g).segment_reduce(
+            xp.ascontiguousarray(g).reshape(-1, 1), flat.reshape(-1), x.size, "sum")
+        return (total.reshape(x.shape),)
 
     return record(x[index], (a,), vjp)
 
@@ -169,6 +174,23 @@ def put_rows(values, rows, n_rows):
     if not isinstance(values, Tensor):
         return out
     return record(out, (values,), lambda g: (g[rows],))
+
+
+def to_device(a, device):
+    """``a`` on ``device`` (``'cpu'``, ``'cuda'``, ``'cuda:N'``, a GPU number; see
+    :func:`sparsegrid.backend.parse_device`), differentiably: the gradient is moved back to
+    ``a``'s device. Already there: ``a`` itself (a Tensor around it for a plain array).
+
+    The one autodiff op that crosses devices (every other op refuses mixed devices):
+    ``SparseTensor.to`` moves Tensor features with it, so the result requires a gradient
+    exactly when ``a`` does.
+    """
+    x = data_of(a)
+    source = backend.device_of(x)
+    out = backend.to_device(x, device)
+    if out is x:
+        return a if isinstance(a, Tensor) else Tensor(x)
+    return record(out, (a,), lambda g: (backend.to_device(g, source),))
 
 
 # -- activations ------------------------------------------------------------------------------

@@ -64,10 +64,12 @@ def _tensor_features(x):
 
 
 def _check_input(module, x):
-    """``x`` checked to be a SparseTensor, with Tensor features (see _tensor_features)."""
+    """``x`` checked to be a SparseTensor on the module's device, with Tensor features
+    (see _tensor_features)."""
     if not isinstance(x, SparseTensor):
         raise TypeError(f"{type(module).__name__} expects a SparseTensor; got "
                         f"{type(x).__name__}")
+    module._check_device(x.device)
     return _tensor_features(x)
 
 
@@ -309,10 +311,12 @@ class InputLayer(Module):
         batch_size = None if len(input) == 2 else _batch_size_arg(
             f"{type(self).__name__} input", input[2])
         indices = _scn_coordinates(input[0], self.dimension)
+        features = _dense_input(input[1])
+        backend.require_same_device("features", features.data, "coords", indices)
         if batch_size is not None and len(indices):
             batch_size = max(batch_size, int(indices[:, 0].max()) + 1)  # SCN: a lower bound
-        return self._remember(*F.input_layer(indices, _dense_input(input[1]),
-                                             self.spatial_size, batch_size, self.mode))
+        return self._remember(*F.input_layer(indices, features, self.spatial_size,
+                                             batch_size, self.mode))
 
 
 class OutputLayer(Module):
@@ -330,7 +334,9 @@ class OutputLayer(Module):
         found = _input_record(x)
         if found is None:
             raise ValueError("OutputLayer needs a tensor on the sites made by an InputLayer "
-                             "(of this batch); this one's grid has no input map")
+                             "(of this batch); this one's grid has no input map (a tensor "
+                             "moved with .to() is on a new grid: move the InputLayer's "
+                             "coords and features instead)")
         _check_input_sites(self, x, found)
         return F.output_layer(x, found.input_map)
 
@@ -368,8 +374,9 @@ class BLInputLayer(InputLayer):
             raise TypeError("BLInputLayer expects [coords (B, L, D), features (B, L, C)] (the "
                             f"batch size is B); got {_shape_of_input(input)}")
         coords = _coordinate_array(input[0])
-        xp = backend.array_namespace(coords)
         feats = _dense_input(input[1])
+        backend.require_same_device("features", feats.data, "coords", coords)
+        xp = backend.array_namespace(coords)
         if coords.ndim != 3 or coords.shape[2] != self.dimension:
             raise ValueError(f"coords must have shape (B, L, {self.dimension}); got "
                              f"{coords.shape}")
@@ -1005,6 +1012,7 @@ class Linear(Module):
         x = _dense_input(x)
         if x.ndim != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"Linear expects (N, {self.in_features}); got {x.shape}")
+        self._check_device(backend.device_of(x.data))
         return self._apply(x)
 
     def _apply(self, x):

@@ -12,6 +12,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from .. import backend
 from ..autodiff.core import Tensor
 
 _rng = np.random.default_rng()
@@ -38,6 +39,11 @@ class Parameter(Tensor):
 
     def __repr__(self):
         return f"Parameter(shape={self.shape}, dtype={self.dtype})"
+
+
+def _host_copy(array):
+    """A NumPy copy of a NumPy or CuPy array."""
+    return array.get() if backend.is_cupy_array(array) else np.array(array, copy=True)
 
 
 class Module:
@@ -171,28 +177,99 @@ class Module:
     def double(self):
         return self.astype(np.float64)
 
+    # -- devices ----------------------------------------------------------------------------
+    def to(self, device):
+        """Move every parameter, its gradient and every array buffer, in this module and
+        its descendants, to ``device`` (``'cpu'``, ``'cuda'`` (the current GPU),
+        ``'cuda:N'``, a GPU number or a ``cupy.cuda.Device``); returns self.
+
+        In place: the :class:`Parameter` objects stay the same (an optimizer built on
+        them keeps working; its state follows at its next ``step()``), only their
+        ``.data`` (and ``.grad``) are replaced by copies on the device. Arrays already
+        there are kept as they are (no copy). Modules keep no other arrays: what an
+        input layer records about a batch lives with that batch's grid.
+
+        Raises
+        ------
+        ValueError, TypeError
+            For a malformed ``device`` (naming it; a dtype belongs in :meth:`astype`).
+        RuntimeError
+            For a GPU when CuPy or a visible GPU is missing (naming the device).
+        """
+        if isinstance(device, (type, np.dtype)):
+            raise TypeError(f"Module.to(device): device must be 'cpu', 'cuda', 'cuda:N' or a "
+                            f"GPU number; got {device!r} (convert dtypes with .astype(dtype), "
+                            ".float() or .double())")
+        target = backend.resolve_device(device)
+        for module in self.modules():
+            for param in module._parameters.values():
+                if param is None:
+                    continue
+                param.data = backend.to_device(param.data, target)
+                if param.grad is not None:
+                    grad = param.grad.data if isinstance(param.grad, Tensor) else param.grad
+                    param.grad = backend.to_device(grad, target)
+            for name, buf in list(module._buffers.items()):
+                if isinstance(buf, np.ndarray) or backend.is_cupy_array(buf):
+                    setattr(module, name, backend.to_device(buf, target))
+        return self
+
+    def cuda(self, device=None):
+        """Move to a GPU: the current one (``device=None``) or GPU ``device`` (N,
+        ``'cuda:N'``); see :meth:`to`. Returns self."""
+        return self.to(backend.cuda_device_argument(device))
+
+    def cpu(self):
+        """Move every parameter and buffer to the CPU (NumPy); see :meth:`to`. Returns self."""
+        return self.to("cpu")
+
+    def _devices(self):
+        """The devices of this module's own parameters and array buffers (not its
+        children's), in order of first appearance."""
+        devices = []
+        for value in list(self._parameters.values()) + list(self._buffers.values()):
+            data = value.data if isinstance(value, Tensor) else value
+            if isinstance(data, np.ndarray) or backend.is_cupy_array(data):
+                device = backend.device_of(data)
+                if device not in devices:
+                    devices.append(device)
+        return devices
+
+    def _check_device(self, device, what="the input"):
+        """Raise (TypeError between the CPU and a GPU, ValueError between two GPUs, naming
+        both devices) unless this module's own parameters and buffers are on ``device``,
+        the device of ``what``. Never copies."""
+        for mine in self._devices():
+            if mine != device:
+                raise backend.mixed_devices_error(
+                    f"{type(self).__name__}'s parameters", mine, what, device,
+                    f" (model.to({device!r}) moves the model; x.to({mine!r}) the input)")
+
     def float(self):
         return self.astype(np.float32)
 
     # -- state ----------------------------------------------------------------------------
     def state_dict(self):
-        """An ordered dict of dotted names to arrays (copies): parameters, then buffers,
-        module by module, as PyTorch orders them."""
+        """An ordered dict of dotted names to NumPy arrays (copies, on the host whatever
+        the module's device): parameters, then buffers, module by module, as PyTorch
+        orders them."""
         state = OrderedDict()
         for path, module in self.named_modules():
             for name, param in module._parameters.items():
-                state[f"{path}.{name}" if path else name] = np.array(param.data, copy=True)
+                state[f"{path}.{name}" if path else name] = _host_copy(param.data)
             for name, buf in module._buffers.items():
                 if buf is not None:
-                    state[f"{path}.{name}" if path else name] = np.array(buf, copy=True)
+                    state[f"{path}.{name}" if path else name] = _host_copy(buf)
         return state
 
     def load_state_dict(self, state, strict=True):
         """Copy arrays from ``state`` into this module's parameters and buffers.
 
-        Values may be NumPy arrays or anything ``np.asarray`` takes (including CPU torch
-        tensors). A layer may accept other layouts of its own weights (convolutions take
-        SCN's ``(K, 1, Cin, Cout)`` for ungrouped weights). With ``strict``, missing or
+        Values may be NumPy or CuPy arrays, autodiff Tensors, torch tensors, or anything
+        ``np.asarray`` takes. Each loaded array is put on the device of the parameter or
+        buffer it replaces (a module on a GPU loads a NumPy state dict onto that GPU).
+        A layer may accept other layouts of its own weights (convolutions take SCN's
+        ``(K, 1, Cin, Cout)`` for ungrouped weights). With ``strict``, missing or
         unexpected keys raise a KeyError listing them; a shape that does not fit, or a
         dtype that cannot be cast to the target's (strings, objects, complex into real,
         floating into integer), always raises a ValueError/TypeError naming the key.
@@ -233,8 +310,10 @@ class Module:
                 continue
             value = state[key]
             try:
+                if isinstance(value, Tensor):
+                    value = value.data
                 value = value.detach().cpu().numpy() if hasattr(value, "detach") else \
-                    np.asarray(value)
+                    backend.to_numpy(value)
             except (TypeError, ValueError) as exc:
                 raise TypeError(f"load_state_dict: {key!r} must be an array; got "
                                 f"{type(value).__name__} ({exc})") from exc
@@ -250,7 +329,10 @@ class Module:
             if value.shape != current_data.shape:
                 raise ValueError(f"load_state_dict: {key!r} has shape {value.shape}; this "
                                  f"module expects {current_data.shape}")
-            plan.append((module, name, value.astype(current_data.dtype, copy=True)))
+            value = value.astype(current_data.dtype, copy=True)
+            # onto the target's device here, so that committing cannot fail
+            value = backend.to_device(value, backend.device_of(current_data))
+            plan.append((module, name, value))
         return plan, missing, unexpected
 
     @staticmethod

@@ -10,10 +10,16 @@ operations. They follow ``torch.optim``'s conventions:
   of such dicts (missing hyper-parameters come from the constructor's arguments).
 * ``state_dict()`` returns ``{"state": {index: {name: value}}, "param_groups": [...]}``
   where parameters are numbered by their position across all groups, in order, and each
-  group lists the numbers of its parameters under ``"params"``. Arrays are copies.
+  group lists the numbers of its parameters under ``"params"``. Arrays are NumPy copies.
 * Parameters whose ``grad`` is None are skipped by ``step()`` (no state is created).
 * Updates keep the parameter's dtype: a float32 parameter is updated in float32
   arithmetic (hyper-parameters are cast to the parameter dtype before use).
+* Devices: every update runs in the parameter's array library (NumPy, or CuPy on the
+  parameter's GPU). State follows its parameter: after ``model.to(device)`` the next
+  ``step()`` moves each state array that is not on its parameter's device there (so an
+  optimizer needs no ``.to``); a gradient on another device than its parameter raises.
+  ``state_dict()`` holds NumPy copies; ``load_state_dict`` puts each array on its
+  parameter's device.
 
 The schedules (:class:`LambdaLR`, :class:`StepLR`, :class:`MultiStepLR`,
 :class:`ExponentialLR`, :class:`CosineAnnealingLR`, :class:`ExponentialDecayLR`) follow
@@ -48,22 +54,41 @@ def _is_array(value):
 
 def _to_array_like(value, like):
     """``value`` (an array, a torch tensor or a number) as a fresh array on ``like``'s
-    library; floating arrays take ``like``'s dtype, as torch casts optimizer state."""
+    device (NumPy, or CuPy on ``like``'s GPU); floating arrays take ``like``'s dtype, as
+    torch casts optimizer state."""
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor
         value = value.detach().cpu().numpy()
-    xp = backend.array_namespace(like)
-    if xp is np:
-        value = backend.to_numpy(value)
-    array = xp.array(value, copy=True)
+    array = backend.to_device(value, backend.device_of(like))
+    if array is value:                         # already there: copy it, on its own device
+        array = _on_device_of(array, array.copy)
     if array.dtype.kind == "f" and like.dtype.kind == "f" and array.dtype != like.dtype:
-        array = array.astype(like.dtype)
+        array = _on_device_of(array, lambda: array.astype(like.dtype))
     return array
 
 
+def _on_device_of(array, fn):
+    """``fn()`` with ``array``'s GPU current (CuPy allocates on the current device), or
+    plainly for a NumPy array."""
+    if backend.is_cupy_array(array):
+        with array.device:
+            return fn()
+    return fn()
+
+
+def _follow(state, param):
+    """Move every state array of ``param`` that is not on the parameter's device there
+    (after ``module.to(device)``): an optimizer's state follows its parameters."""
+    device = backend.device_of(param)
+    for name, value in state.items():
+        if _is_array(value) and backend.device_of(value) != device:
+            state[name] = backend.to_device(value, device)
+
+
 def _copy_value(value):
-    """A deep copy of a state value (arrays copied on their own device)."""
+    """A deep copy of a state value; arrays become NumPy copies (a state dict lives on the
+    host, whatever the parameters' device)."""
     if _is_array(value):
-        return value.copy()
+        return value.get() if backend.is_cupy_array(value) else value.copy()
     if isinstance(value, dict):
         return {k: _copy_value(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -252,6 +277,13 @@ class Optimizer:
         Returns
         -------
         The closure's value, or None.
+
+        Raises
+        ------
+        TypeError, ValueError
+            For a gradient on another device than its parameter (naming both devices).
+            State arrays on another device (after ``model.to``) are moved to the
+            parameter's device instead: the state follows the parameters.
         """
         loss = closure() if closure is not None else None
         for group in self.param_groups:
@@ -262,11 +294,25 @@ class Optimizer:
                 if grad.shape != param.data.shape:
                     raise ValueError(f"gradient of shape {grad.shape} for a parameter of "
                                      f"shape {param.data.shape}")
-                if grad.dtype != param.data.dtype:
-                    grad = grad.astype(param.data.dtype)
+                p = param.data
+                if backend.device_of(grad) != backend.device_of(p):
+                    raise backend.mixed_devices_error("a parameter", backend.device_of(p), "its gradient",
+                                         backend.device_of(grad),
+                                         " (Module.to(device) moves both)")
                 state = self.state.setdefault(id(param), {})
-                self._update(param.data, grad, state, group)
+                if backend.is_cupy_array(p):
+                    with p.device:            # new state and temporaries on p's GPU
+                        self._step_one(p, grad, state, group)
+                else:
+                    self._step_one(p, grad, state, group)
         return loss
+
+    def _step_one(self, p, grad, state, group):
+        """One parameter's update: cast the gradient, bring its state to ``p``'s device."""
+        if grad.dtype != p.dtype:
+            grad = grad.astype(p.dtype)
+        _follow(state, p)
+        self._update(p, grad, state, group)
 
     def _update(self, p, grad, state, group):
         """Update array ``p`` in place from ``grad`` (never modify ``grad``)."""
@@ -288,7 +334,8 @@ class Optimizer:
         dict
             ``"state"``: ``{index: {name: value}}`` for every parameter that has state,
             ``index`` being the parameter's position across all groups; arrays are
-            copies. ``"param_groups"``: one dict per group with its hyper-parameters and
+            NumPy copies (on the host, whatever the parameters' device).
+            ``"param_groups"``: one dict per group with its hyper-parameters and
             ``"params"``, the list of its parameters' indices.
         """
         index = {}
@@ -312,7 +359,8 @@ class Optimizer:
 
         The optimizer must have been built with the same groups of the same sizes, as in
         PyTorch. Arrays are copied; floating-point state takes its parameter's dtype and
-        array library (NumPy/CuPy). Torch tensors are accepted too.
+        device (NumPy, or CuPy on the parameter's GPU). NumPy, CuPy and torch arrays are
+        accepted.
 
         All or nothing: the whole state dict is checked (structure, the optimizer's kind
         as far as the hyper-parameter and state names tell it, every hyper-parameter,
