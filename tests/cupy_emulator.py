@@ -470,6 +470,22 @@ def _function(name, function):
     return call
 
 
+class _RandomState:
+    """``cupy.random.RandomState``: device draws (NumPy's generator, same API subset)."""
+
+    def __init__(self, seed=None):
+        self._state = np.random.RandomState(None if seed is None else int(seed) % 2**32)
+
+    def random_sample(self, size=None, dtype=float):
+        return ndarray(np.asarray(self._state.random_sample(size)).astype(dtype))
+
+    def standard_normal(self, size=None, dtype=float):
+        return ndarray(np.asarray(self._state.standard_normal(size)).astype(dtype))
+
+
+_RANDOM = types.SimpleNamespace(RandomState=_RandomState)
+
+
 class _Runtime:
     @staticmethod
     def getDevice():
@@ -494,7 +510,9 @@ class _Emulator(types.ModuleType):
     def __getattr__(self, name):
         if name not in MODULE_NAMES:
             raise AttributeError(f"module 'cupy' has no attribute '{name}'")
-        if name in ("random", "linalg", "fft", "testing", "polynomial", "lib", "sparse"):
+        if name == "random":
+            return _RANDOM
+        if name in ("linalg", "fft", "testing", "polynomial", "lib", "sparse"):
             raise AttributeError(f"the emulator provides no cupy.{name}")
         value = getattr(np, name)
         if isinstance(value, type) or not callable(value):

@@ -13,8 +13,11 @@ import pytest
 from sparsegrid.cuda import _compile
 
 ARCHITECTURES = ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90", "sm_120")
-# CuPy's RawModule adds the architecture and -ftz=true after the module's own options.
-CUPY_ADDED = ("-ftz=true",)
+# What CuPy 14's RawModule adds after the module's own options (cupy/cuda/compiler.py):
+# -ftz=true, the architecture (-arch=sm_XX: a cubin), and device functions by default.
+# (It also adds -std=c++17 when no standard is given, ours is explicit, and include paths
+# for its own headers, which these sources do not use.)
+CUPY_ADDED = ("-ftz=true", "--device-as-default-execution-space")
 
 
 def _nvrtc():

@@ -193,3 +193,20 @@ def test_getitem_gradient_with_repeated_indices_on_the_gpu(gpu_device):
     np.testing.assert_allclose(grads[2], grads[0], rtol=1e-12)
     np.testing.assert_allclose(grads[3], grads[1], rtol=1e-12)
     assert np.abs(grads[0]).max() > 0
+
+
+def test_dropout_on_the_gpu_draws_its_mask_on_the_device(gpu_device):
+    """Inverted dropout on device arrays: a device mask, reproducible from the seed,
+    the expected keep rate, and a gradient through the same mask."""
+    x = backend.to_device(np.ones((4000, 8)), gpu_device)
+    outs = []
+    for _ in range(2):
+        t = ad.Tensor(x, requires_grad=True)
+        y = ad.dropout(t, 0.25, True, np.random.default_rng(5))
+        ad.sum(y).backward()
+        outs.append((backend.to_numpy(y.data), backend.to_numpy(t.grad)))
+    (y, g), (y2, _) = outs
+    np.testing.assert_array_equal(y, y2)
+    assert set(np.unique(y)) <= {0.0, 1 / 0.75}
+    assert abs((y == 0).mean() - 0.25) < 0.02
+    np.testing.assert_array_equal(g, y)

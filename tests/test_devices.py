@@ -521,3 +521,32 @@ def test_gpu_examples_loss(gpu_device):
     for p_cpu, p_gpu in zip(cpu_model.parameters(), gpu_model.parameters()):
         np.testing.assert_allclose(cupy.asnumpy(p_gpu.data), p_cpu.data, rtol=1e-7,
                                    atol=1e-10)
+
+
+_EMULATED_EXAMPLE = """
+import runpy, sys
+sys.path.insert(0, {tests!r})
+import cupy_emulator
+cupy_emulator.installed().__enter__()
+sys.argv = [{script!r}, *{args!r}]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def test_hello_world_on_the_emulated_gpu():
+    """examples/hello_world.py --device cuda end to end, on the host emulator of CuPy
+    (installed as ``cupy`` in the child process): the example's GPU path runs in CI."""
+    import cupy_emulator
+    if not cupy_emulator.available():
+        pytest.skip("no host C++ compiler")
+    script = str(EXAMPLES / "hello_world.py")
+    code = _EMULATED_EXAMPLE.format(tests=str(pathlib.Path(__file__).parent), script=script,
+                                    args=["--device", "cuda"])
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300, cwd=EXAMPLES)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "device: cuda"
+    assert "output: (2, 32, 10, 10) float32" in lines
+    assert any("backend=cupy" in line for line in lines)
+    assert any(line.startswith("training loss over 3 SGD steps: ") for line in lines)

@@ -325,14 +325,24 @@ def mse_loss(a, b, reduction="mean"):
 
 
 def dropout(a, p=0.5, training=True, rng=None):
-    """Inverted dropout: zero each element with probability p, scale the rest by 1/(1-p)."""
+    """Inverted dropout: zero each element with probability p, scale the rest by 1/(1-p).
+
+    ``rng`` (a NumPy Generator; a fresh one if None) draws the mask of a NumPy array. For a
+    CuPy array the mask is drawn on the device, by CuPy's generator seeded with one draw
+    from ``rng``: reproducible from the same seed (``nn.manual_seed``), no host-to-device
+    copy of the mask, but a different mask than the CPU's."""
     if not 0 <= p < 1:
         raise ValueError(f"p must be in [0, 1); got {p}")
     if not training or p == 0:
         return a if isinstance(a, Tensor) else Tensor(a)
     x = data_of(a)
     rng = np.random.default_rng() if rng is None else rng
-    keep = backend.array_namespace(x).asarray(rng.random(x.shape) >= p)
+    xp = backend.array_namespace(x)
+    if xp is np:
+        keep = rng.random(x.shape) >= p
+    else:
+        seed = int(rng.integers(2**63 - 1))
+        keep = xp.random.RandomState(seed).random_sample(x.shape, dtype=np.float32) >= p
     scale = (keep / (1 - p)).astype(x.dtype)
     return record(x * scale, (a,), lambda g: (g * scale,))
 
