@@ -55,6 +55,9 @@ KERNEL_SIGNATURES = {
     "scatter_to_dense": "(features, indices, batch_size, spatial_shape)",  # -> (B, C, *S)
     "gather_from_dense": "(dense, indices)",                             # -> (N, C)
     "dense_active_sites": "(dense)",                                     # -> (N, 1 + D)
+    # SBNet blocks of NHWC images (indices: int32 (nb, 3) of (n, bh, bw), distinct)
+    "block_gather": "(x, indices, block_size, block_offset, block_stride)",  # (nb, BH, BW, C)
+    "block_scatter": "(blocks, indices, base, block_size, block_offset, block_stride, add)",
 }
 
 #: The names of the kernel contract, in one place.

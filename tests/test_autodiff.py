@@ -257,3 +257,12 @@ def test_take_rows_and_put_rows():
     assert isinstance(take_rows(Tensor(values), rows), Tensor)
     check_gradients(lambda v: take_rows(v, rows), [values])
     check_gradients(lambda v: put_rows(v, rows, 6), [values[:3]])
+
+
+def test_numerical_gradient_of_a_non_contiguous_array():
+    """A transposed view is perturbed element by element too (a C-order working copy)."""
+    from sparsegrid.autodiff import numerical_gradient
+    a = np.arange(6.0).reshape(2, 3).T          # (3, 2), not C-contiguous
+    weights = np.arange(1.0, 7.0).reshape(3, 2)
+    grad = numerical_gradient(lambda v: float(np.sum(v * weights)), a)
+    np.testing.assert_allclose(grad, weights, rtol=1e-8)

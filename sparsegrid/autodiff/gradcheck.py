@@ -11,7 +11,7 @@ from .core import Tensor
 
 def numerical_gradient(loss, array, eps=1e-6):
     """Central differences of the scalar ``loss(array)`` with respect to every element."""
-    x = np.array(array, dtype=np.float64)
+    x = np.array(array, dtype=np.float64, order="C")   # C order: reshape(-1) is a view
     grad = np.zeros_like(x)
     flat, gflat = x.reshape(-1), grad.reshape(-1)
     for i in range(flat.size):

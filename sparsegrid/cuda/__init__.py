@@ -12,6 +12,7 @@ convolution plan (the offset pointers, once per rulebook), unique keys (their co
 segment ids' bounds (one read), and the checks that raise on bad input.
 """
 
+from .blocks import block_gather, block_scatter
 from .conv import conv_backward, conv_forward, prepare_conv, rows_product, rule_sum
 from .dense import dense_active_sites, gather_from_dense, scatter_to_dense
 from .index import build_index, first_duplicate, query_index, unique_inverse
@@ -22,6 +23,7 @@ from .rules import (full_rules, offset_rules, strided_rules, submanifold_rules,
 from .segment import SEGMENT_MODES, segment_reduce, segment_reduce_backward
 
 __all__ = [
+    "block_gather", "block_scatter",
     "batch_norm_backward", "batch_norm_forward", "batch_norm_statistics", "build_index",
     "conv_backward", "conv_forward", "dense_active_sites", "first_duplicate", "full_rules",
     "gather_from_dense", "max_pool_backward", "max_pool_forward", "offset_rules",

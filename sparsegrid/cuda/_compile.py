@@ -49,6 +49,7 @@ SOURCES = {
                    + _typed("scatter_rows", *_T)
                    + _typed("scatter_cells", *_T)),
     "dense.cu": _typed("scatter_dense", *_T) + _typed("gather_dense", *_T),
+    "blocks.cu": _typed("block_gather", *_T) + _typed("block_scatter", *_T),
 }
 
 #: Threads per block of every launch (the kernels are grid-stride loops, so the launch
