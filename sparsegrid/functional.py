@@ -466,15 +466,23 @@ def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None, t
         _check_channel_vector(x, name, value, "batch_norm", writeable=training)
     if not training and (running_mean is None or running_var is None):
         raise ValueError("batch_norm in evaluation mode needs running_mean and running_var")
+    return x.with_features(batch_norm_rows(x.features, weight, bias, running_mean,
+                                           running_var, training, momentum, eps, leakiness))
+
+
+def batch_norm_rows(features, weight, bias, running_mean, running_var, training, momentum,
+                    eps, leakiness):
+    """The kernel of :func:`batch_norm` on a (rows, C) array or autodiff Tensor, arguments
+    already checked: statistics over rows, running statistics updated in place in
+    training. Also the batch norm of dense channels-last stacks (SBNet blocks)."""
     running_mean, running_var = data_of(running_mean), data_of(running_var)
-    features, w, b = data_of(x.features), data_of(weight), data_of(bias)
-    kernels = x.kernels
-    if x.n_active == 0:
-        return x.with_features(_differentiable(features.copy(), (x.features,),
-                                               lambda g: (g,)))
+    values, w, b = data_of(features), data_of(weight), data_of(bias)
+    kernels = backend.kernels(values)
+    if len(values) == 0:
+        return _differentiable(values.copy(), (features,), lambda g: (g,))
     if training:
-        mean, var = kernels.batch_norm_statistics(features)
-        n = x.n_active
+        mean, var = kernels.batch_norm_statistics(values)
+        n = len(values)
         if running_mean is not None:
             running_mean *= momentum
             running_mean += (1 - momentum) * mean
@@ -483,14 +491,14 @@ def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None, t
             running_var *= momentum
             running_var += (1 - momentum) * unbiased
     else:
-        mean, var = running_mean.astype(x.dtype), running_var.astype(x.dtype)
-    out = kernels.batch_norm_forward(features, mean, var, w, b, eps, leakiness)
+        mean, var = running_mean.astype(values.dtype), running_var.astype(values.dtype)
+    out = kernels.batch_norm_forward(values, mean, var, w, b, eps, leakiness)
 
     def vjp(g):
-        return kernels.batch_norm_backward(g, features, mean, var, w, b, eps, leakiness,
+        return kernels.batch_norm_backward(g, values, mean, var, w, b, eps, leakiness,
                                            training, out=out)
 
-    return x.with_features(_differentiable(out, (x.features, weight, bias), vjp))
+    return _differentiable(out, (features, weight, bias), vjp)
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):

@@ -11,11 +11,12 @@ from .layers import *  # noqa: F401,F403 - the SCN layer catalogue
 from .layers import __all__ as _layers
 from .module import Module, Parameter, default_rng, manual_seed
 from .networks import FullyConvolutionalNet, SparseResNet, SparseVggNet, UNet
+from .sbnet import BlockSparseConv2d, ChannelsLastBatchNorm, SparseResBlock
 from .utils import append_tensors, compare_sparse
 from ..coords import permutohedral_basis
 
 __all__ = sorted(_layers + [
-    "AddTable", "ConcatTable", "FullyConvolutionalNet", "Identity", "JoinTable", "Module",
+    "AddTable", "BlockSparseConv2d", "ChannelsLastBatchNorm", "SparseResBlock", "ConcatTable", "FullyConvolutionalNet", "Identity", "JoinTable", "Module",
     "Parameter", "Sequential", "CheckpointedSequential", "checkpoint", "optim", "VerboseIdentity",
     "add_feature_planes", "append_tensors", "compare_sparse", "concatenate_feature_planes", "SparseResNet", "SparseVggNet", "UNet", "default_rng",
     "manual_seed", "permutohedral_basis",

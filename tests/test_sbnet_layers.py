@@ -1,0 +1,206 @@
+"""Block-sparse convolution and residual blocks against the dense computation: equal on
+every tile of an active block, the input (or zero) elsewhere; gradients; training; GPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import sparsegrid.nn as nn
+from sparsegrid import autodiff as ad
+from sparsegrid import backend, denseconv, sbnet
+from sparsegrid.nn.optim import SGD
+
+
+def _tiles(indices, image, tile, channels=1):
+    """Boolean (N, H, W): the pixels covered by the output tiles of the blocks."""
+    ones = np.ones((len(indices), *tile, 1))
+    return sbnet.sparse_scatter(ones, indices, np.zeros((*image, 1)), tile, 0, tile)[..., 0] > 0
+
+
+def _randomise_norms(block, rng):
+    for module in block.modules():
+        if isinstance(module, nn.ChannelsLastBatchNorm):
+            # statistics that keep a fair share of the ReLUs open
+            module.running_mean[...] = 0.3 * rng.standard_normal(module.nPlanes)
+            module.running_var[...] = rng.random(module.nPlanes) + 0.5
+            module.weight.data[...] = rng.random(module.nPlanes) + 0.5
+            module.bias.data[...] = 0.3 * rng.standard_normal(module.nPlanes)
+
+
+def _bn_relu(h, bn):
+    return np.maximum((h - bn.running_mean) / np.sqrt(bn.running_var + bn.eps) * bn.weight.data
+                      + bn.bias.data, 0)
+
+
+def _dense_block(block, x):
+    conv = lambda h, w, p: denseconv.conv(h, w.data, None, padding=p, layout="NHWC")  # noqa
+    if block.kind == "bottleneck":
+        h = conv(_bn_relu(x, block.bn1), block.conv1, 0)
+        h = conv(_bn_relu(h, block.bn2), block.conv2, 1)
+        h = conv(_bn_relu(h, block.bn3), block.conv3, 0)
+    else:
+        h = conv(_bn_relu(x, block.bn1), block.conv1, 1)
+        h = conv(_bn_relu(h, block.bn2), block.conv2, 1)
+    return x + h
+
+
+@pytest.mark.parametrize("kind,block_size", [("bottleneck", 7), ("bottleneck", (6, 9)),
+                                             ("basic", 8), ("basic", (9, 7))])
+@pytest.mark.parametrize("image", [(2, 13, 11), (1, 16, 16), (3, 5, 7)])
+def test_res_block_equals_the_dense_block_on_active_tiles(rng, kind, block_size, image):
+    nn.manual_seed(1)
+    block = nn.SparseResBlock(6, 3, kind=kind, block_size=block_size).double()
+    _randomise_norms(block, rng)
+    block.eval()
+    x = rng.standard_normal((*image, 6))
+    dense = _dense_block(block, x)
+    for density in (0.0, 0.03, 0.2, 1.0):
+        mask = rng.random(image) < density
+        indices = block.active_blocks(mask, x.shape)
+        y = block(x, indices).data
+        params = block.block_params(x.shape)
+        tiles = _tiles(indices, image, params.bsize_out)
+        np.testing.assert_allclose(y[tiles], dense[tiles], rtol=1e-12, atol=1e-12)
+        np.testing.assert_array_equal(y[~tiles], x[~tiles])
+        np.testing.assert_array_equal(block(x, mask=mask).data, y)
+        if density == 1.0:
+            assert tiles.all()                        # the blocks cover every pixel
+    assert not np.shares_memory(y, x)
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, "SAME"), (3, 2, "SAME"),
+                                                   (2, 1, "SAME"), (5, 2, "SAME"),
+                                                   (3, 1, "VALID"), ((3, 1), (2, 1), "SAME")])
+def test_block_sparse_conv_equals_dense_conv_on_active_tiles(rng, kernel, stride, padding):
+    nn.manual_seed(2)
+    layer = nn.BlockSparseConv2d(3, 5, kernel, stride, padding, True, block_size=8).double()
+    x = rng.standard_normal((2, 15, 12, 3))
+    k = sbnet._pair("k", kernel)
+    s = sbnet._pair("s", stride)
+    if padding == "SAME":     # TF's SAME: total pad (out - 1) s + k - in, the extra on the right
+        pads = []
+        for e, kk, ss in zip(x.shape[1:3], k, s):
+            total = max((-(-e // ss) - 1) * ss + kk - e, 0)
+            pads.append((total // 2, total - total // 2))
+        padded = np.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    else:
+        padded = x
+    dense = denseconv.conv(padded, layer.weight.data, layer.bias.data, stride=s, padding=0,
+                           layout="NHWC")
+    for density in (0.02, 0.3, 1.0):
+        mask = rng.random(x.shape[:3]) < density
+        indices = layer.active_blocks(mask, x.shape)
+        y = layer(x, indices).data
+        assert y.shape == dense.shape
+        params = layer.block_params(x.shape)
+        tiles = _tiles(indices, dense.shape[:3], params.bsize_out)
+        np.testing.assert_allclose(y[tiles], dense[tiles], rtol=1e-12, atol=1e-12)
+        assert not y[~tiles].any()
+        if density == 1.0:
+            assert tiles.all()
+
+
+def _norms(block):
+    return [m for m in block.modules() if isinstance(m, nn.ChannelsLastBatchNorm)]
+
+
+def test_res_block_gradients(rng):
+    """Gradients of the input and of a 3x3 weight against finite differences, in training
+    (batch statistics over the gathered pixels) and evaluation mode."""
+    nn.manual_seed(3)
+    for kind in ("bottleneck", "basic"):
+        block = nn.SparseResBlock(3, 4, kind=kind, block_size=6).double()
+        _randomise_norms(block, rng)
+        x = rng.standard_normal((1, 7, 6, 3))
+        indices = block.active_blocks(rng.random((1, 7, 6)) < 0.3, x.shape)
+        assert len(indices)
+        probe = rng.standard_normal(x.shape)
+        saved = [(m.running_mean.copy(), m.running_var.copy()) for m in _norms(block)]
+
+        def run(xv, weight):
+            for m, (mean, var) in zip(_norms(block), saved):   # no drift between calls
+                m.running_mean[...], m.running_var[...] = mean, var
+            block.conv2.data = weight
+            return ad.sum(block(xv, indices) * probe)
+
+        weight = block.conv2.data.copy()
+        for training in (True, False):
+            block.train(training)
+            ad.check_gradients(lambda xv: run(xv, weight), [x])
+            block.zero_grad()
+            run(ad.Tensor(x), weight).backward()
+            analytic = block.conv2.grad.copy()
+            numeric = ad.numerical_gradient(lambda w: float(run(ad.Tensor(x), w).data), weight)
+            np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-8)
+            assert np.abs(numeric).max() > 1e-3, (kind, training)
+
+
+def test_res_block_trains_and_saves(rng, tmp_path):
+    nn.manual_seed(4)
+    block = nn.SparseResBlock(4, 2, block_size=6)
+    x = rng.standard_normal((2, 10, 10, 4)).astype(np.float32)
+    target = rng.standard_normal(x.shape).astype(np.float32)
+    indices = block.active_blocks(rng.random((2, 10, 10)) < 0.1, x.shape)
+    optimizer = SGD(block.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(5):
+        loss = ad.mse_loss(block(x, indices), ad.Tensor(target))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.data))
+    assert losses[-1] < losses[0]
+    state = block.state_dict()
+    assert {"conv1", "conv2", "conv3", "bn1.weight", "bn1.running_mean"} <= set(state)
+    twin = nn.SparseResBlock(4, 2, block_size=6)
+    twin.load_state_dict(state)
+    block.eval(), twin.eval()
+    np.testing.assert_array_equal(twin(x, indices).data, block(x, indices).data)
+
+
+def test_layer_arguments_are_checked():
+    with pytest.raises(ValueError, match="kind must be"):
+        nn.SparseResBlock(4, kind="wide")
+    with pytest.raises(ValueError, match="block_size must exceed 4"):
+        nn.SparseResBlock(4, kind="basic", block_size=4)
+    with pytest.raises(ValueError, match="padding must be"):
+        nn.BlockSparseConv2d(2, 2, padding="FULL")
+    block = nn.SparseResBlock(4, block_size=6)
+    with pytest.raises(ValueError, match="exactly one of indices"):
+        block(np.zeros((1, 6, 6, 4), np.float32))
+    with pytest.raises(ValueError, match="bsize"):
+        sbnet.calc_block_params((1, 8, 8, 1), 2, 3)
+
+
+def test_calc_block_params_covers_every_output_pixel():
+    for height, width, b, k, s in [(13, 11, 7, 3, 1), (200, 350, 18, 3, 1), (15, 12, 8, 3, 2),
+                                   (9, 9, 4, 2, 2), (17, 5, 9, 5, 1)]:
+        p = sbnet.calc_block_params((1, height, width, 1), b, k, s, "SAME")
+        out = (-(-height // s), -(-width // s))
+        assert all(c * t >= o for c, t, o in zip(p.bcount, p.bsize_out, out))
+        assert all((c - 1) * t < o for c, t, o in zip(p.bcount, p.bsize_out, out))
+        assert p.bstrides == tuple(t * s for t in p.bsize_out)
+    assert sbnet.calc_block_params((1, 10, 10, 1), 6, (3, 3, 8, 8), (1, 1, 1, 1)) == \
+        sbnet.BlockParams((6, 6), (4, 4), (-1, -1), (3, 3), (4, 4))
+
+
+def test_res_block_on_the_gpu_is_the_cpus(rng, gpu_device):
+    nn.manual_seed(5)
+    block = nn.SparseResBlock(4, 2, kind="bottleneck", block_size=6).double()
+    _randomise_norms(block, rng)
+    x = rng.standard_normal((2, 9, 10, 4))
+    mask = rng.random((2, 9, 10)) < 0.1
+    results = []
+    for device in ("cpu", gpu_device):
+        block.to(device)
+        block.train()
+        xt = ad.Tensor(backend.to_device(x, device), requires_grad=True)
+        y = block(xt, mask=backend.to_device(mask, device))
+        ad.sum(y * y).backward()
+        results.append((backend.to_numpy(y.data), backend.to_numpy(xt.grad),
+                        backend.to_numpy(block.conv2.grad)))
+        block.zero_grad()
+        block.to("cpu")
+    for a, b in zip(*results):
+        np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-12)
