@@ -57,7 +57,8 @@ KERNEL_SIGNATURES = {
     "dense_active_sites": "(dense)",                                     # -> (N, 1 + D)
     # SBNet blocks of NHWC images (indices: int32 (nb, 3) of (n, bh, bw), distinct)
     "block_gather": "(x, indices, block_size, block_offset, block_stride)",  # (nb, BH, BW, C)
-    "block_scatter": "(blocks, indices, base, block_size, block_offset, block_stride, add)",
+    "block_scatter": "(blocks, indices, base, block_size, block_offset, block_stride, add, "
+                     "inplace=False)",                 # a new array, or base itself
 }
 
 #: The names of the kernel contract, in one place.

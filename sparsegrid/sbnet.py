@@ -30,7 +30,7 @@ from collections import namedtuple
 import numpy as np
 
 from . import backend
-from .autodiff.core import Tensor, data_of
+from .autodiff.core import Tensor, data_of, is_grad_enabled
 from .functional import _differentiable
 
 BlockParams = namedtuple("BlockParams", ["bsize", "bsize_out", "boffset", "bcount",
@@ -196,11 +196,15 @@ def sparse_gather(x, indices, bsize, boffset, bstride, transpose=False):
 
 
 def sparse_scatter(blocks, indices, ybase, bsize, boffset, bstride, add=False,
-                   transpose=False):
+                   transpose=False, inplace=False):
     """A copy of ``ybase`` (N, H, W, C) with the blocks (nb, BH, BW, C) -- (nb, C, BH, BW)
     with ``transpose`` -- written (``add=False``; where blocks overlap, the last block of
     the list wins) or added (``add=True``; overlaps accumulate, in a fixed order).
     Out-of-image pixels are dropped. The scatter's geometry is independent of any gather's.
+
+    ``inplace=True`` (SBNet's ``sparse_scatter_var``) writes into ``ybase`` itself and
+    returns it, saving a copy of the whole map: ``ybase`` must then be a C-contiguous
+    plain array (or a Tensor that records no gradient).
 
     Differentiable in ``blocks`` and ``ybase``: a block pixel receives the gradient of the
     pixel it wrote (zero where a later block overwrote it), the base the gradient where no
@@ -223,8 +227,14 @@ def sparse_scatter(blocks, indices, ybase, bsize, boffset, bstride, add=False,
                          f"ybase; got {data.shape}")
     backend.require_same_device("blocks", data, "ybase", base)
     _distinct(idx)
+    if inplace:
+        if isinstance(ybase, Tensor) and ybase.requires_grad and is_grad_enabled():
+            raise ValueError("sparse_scatter(inplace=True) would overwrite ybase, which "
+                             "requires a gradient; use inplace=False")
+        if not base.flags.c_contiguous:
+            raise ValueError("sparse_scatter(inplace=True) needs a C-contiguous ybase")
     kernels = backend.kernels(stacked, idx, base)
-    out = kernels.block_scatter(stacked, idx, base, *geometry, bool(add))
+    out = kernels.block_scatter(stacked, idx, base, *geometry, bool(add), bool(inplace))
 
     def vjp(g):
         xp = backend.array_namespace(g)
@@ -246,6 +256,8 @@ def sparse_scatter(blocks, indices, ybase, bsize, boffset, bstride, add=False,
                 grad_blocks = grad_blocks * won.astype(g.dtype)
         return _from_blocks_layout(grad_blocks, transpose), grad_base
 
+    if inplace:   # ybase was overwritten: the result is differentiable in the blocks only
+        return _differentiable(out, (blocks,), lambda g: vjp(g)[:1])
     return _differentiable(out, (blocks, ybase), vjp)
 
 
@@ -330,15 +342,16 @@ def sparse_conv2d(x, indices, weight, bias, params, strides=1, padding="SAME", y
                           add=False)
 
 
-def sparse_residual(x, indices, params, branch):
+def sparse_residual(x, indices, params, branch, inplace=False):
     """``y = x + branch(blocks)`` on the active blocks, ``y = x`` elsewhere: gather the
     blocks of ``params`` (:func:`calc_block_params` of the branch's total receptive field,
     stride 1), run ``branch`` (a function of the (nb, BH, BW, C) stack returning the
-    (nb, tile_h, tile_w, C) tiles, e.g. VALID convolutions), scatter-add the tiles."""
+    (nb, tile_h, tile_w, C) tiles, e.g. VALID convolutions), scatter-add the tiles
+    (into ``x`` itself with ``inplace``, for inference: no copy of the map)."""
     blocks = sparse_gather(x, indices, params.bsize, params.boffset, params.bstrides)
     tiles = branch(blocks)
     return sparse_scatter(tiles, indices, x, params.bsize_out, (0, 0), params.bsize_out,
-                          add=True)
+                          add=True, inplace=inplace)
 
 
 __all__ = ["BlockParams", "block_mask", "calc_block_params", "reduce_mask", "sparse_conv2d",

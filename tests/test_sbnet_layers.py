@@ -204,3 +204,26 @@ def test_res_block_on_the_gpu_is_the_cpus(rng, gpu_device):
         block.to("cpu")
     for a, b in zip(*results):
         np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-12)
+
+
+def test_inplace_res_block_and_scatter(rng):
+    nn.manual_seed(6)
+    block = nn.SparseResBlock(4, 2, block_size=6).eval()
+    x = rng.standard_normal((1, 9, 9, 4)).astype(np.float32)
+    indices = block.active_blocks(rng.random((1, 9, 9)) < 0.1, x.shape)
+    expected = block(x, indices).data
+    block.inplace = True
+    own = x.copy()
+    y = block(own, indices)
+    assert y.data is own
+    np.testing.assert_array_equal(own, expected)
+    with pytest.raises(ValueError, match="requires a gradient"):
+        block(ad.Tensor(x.copy(), requires_grad=True), indices)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        sbnet.sparse_scatter(np.ones((1, 2, 2, 4), np.float32), indices[:1],
+                             np.asfortranarray(x), 2, 0, 2, inplace=True)
+    # the blocks' gradient still flows through an in-place scatter
+    blocks = ad.Tensor(np.ones((len(indices), 2, 2, 4), np.float32), requires_grad=True)
+    ad.sum(sbnet.sparse_scatter(blocks, indices, x.copy(), 2, 0, 2, add=True,
+                                inplace=True)).backward()
+    assert blocks.grad is not None and blocks.grad.any()

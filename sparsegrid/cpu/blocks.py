@@ -54,11 +54,13 @@ def _phases(block_size, block_stride):
     return tuple(-(-int(s) // int(t)) for s, t in zip(block_size, block_stride))
 
 
-def block_scatter(blocks, indices, base, block_size, block_offset, block_stride, add):
-    """A copy of ``base`` (N, H, W, C) with the blocks (nb, BH, BW, C) written
-    (``add=False``: the last block of the list covering a pixel wins) or added."""
+def block_scatter(blocks, indices, base, block_size, block_offset, block_stride, add,
+                  inplace=False):
+    """A copy of ``base`` (N, H, W, C) -- or ``base`` itself with ``inplace`` (it must be
+    C-contiguous) -- with the blocks (nb, BH, BW, C) written (``add=False``: the last block
+    of the list covering a pixel wins) or added."""
     n_images, height, width, channels = base.shape
-    out = np.array(base, order="C", copy=True)
+    out = base if inplace else np.array(base, order="C", copy=True)
     if len(indices) == 0:
         return out
     flat, valid = block_pixels(indices, (n_images, height, width), block_size, block_offset,

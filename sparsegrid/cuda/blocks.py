@@ -35,9 +35,11 @@ def _table_shape(extent, offset, stride):
     return max(-(-(extent - offset) // stride), 1)
 
 
-def block_scatter(blocks, indices, base, block_size, block_offset, block_stride, add):
-    """A copy of ``base`` (N, H, W, C) with the blocks written (the last block of the list
-    covering a pixel wins) or added (``add``)."""
+def block_scatter(blocks, indices, base, block_size, block_offset, block_stride, add,
+                  inplace=False):
+    """A copy of ``base`` (N, H, W, C) -- or ``base`` itself with ``inplace`` (C-contiguous;
+    each thread reads and writes its own element) -- with the blocks written (the last
+    block of the list covering a pixel wins) or added (``add``)."""
     n_images, height, width, channels = base.shape
     th = _table_shape(height, block_offset[0], block_stride[0])
     tw = _table_shape(width, block_offset[1], block_stride[1])
@@ -50,9 +52,10 @@ def block_scatter(blocks, indices, base, block_size, block_offset, block_stride,
     slot = cp.where(inside, (n * th + bh) * tw + bw, dummy)
     table = cp.full(dummy + 1, -1, dtype=np.int32)
     table[slot] = cp.arange(len(indices), dtype=np.int32)   # distinct blocks: one writer each
-    y = cp.empty(base.shape, dtype=base.dtype)
+    base = base if inplace else cp.ascontiguousarray(base)
+    y = base if inplace else cp.empty(base.shape, dtype=base.dtype)
     _compile.launch("blocks.cu", _compile.typed("block_scatter", base.dtype), y.size,
-                    cp.ascontiguousarray(blocks), cp.ascontiguousarray(base), table,
+                    cp.ascontiguousarray(blocks), base, table,
                     _geometry(block_size, block_offset, block_stride),
                     cp.asarray(np.array([th, tw, m_h, m_w], np.int64)), y,
                     np.int64(n_images), np.int64(height), np.int64(width), np.int64(channels),

@@ -133,10 +133,14 @@ class SparseResBlock(_BlockLayer):
     the image are zeroed before each 3x3 convolution, as a dense SAME convolution pads.
     In evaluation mode the result equals the dense block on active tiles; in training the
     batch statistics are taken over the gathered pixels (halos included).
+
+    ``inplace=True`` adds the tiles into ``x`` itself (SBNet's in-place scatter): no copy
+    of the whole map, for inference on maps the caller owns (an input that requires a
+    gradient is refused).
     """
 
     def __init__(self, channels, mid_channels=None, kind="bottleneck", block_size=18,
-                 tol=0.5, avgpool=False, eps=1e-4, momentum=0.99):
+                 tol=0.5, avgpool=False, eps=1e-4, momentum=0.99, inplace=False):
         super().__init__()
         owner = type(self).__name__
         self.channels = _int_arg(owner, "channels", channels)
@@ -146,6 +150,7 @@ class SparseResBlock(_BlockLayer):
         self.mid_channels = _int_arg(owner, "mid_channels", mid_channels if mid_channels
                                      is not None else max(self.channels // 4, 1))
         self._setup(block_size, tol, avgpool)
+        self.inplace = _flag_arg(owner, "inplace", inplace)
         halo = 1 if kind == "bottleneck" else 2
         if min(self.block_size) <= 2 * halo:
             raise ValueError(f"{owner} block_size must exceed {2 * halo} (the halo of a "
@@ -194,7 +199,7 @@ class SparseResBlock(_BlockLayer):
             h = conv(self.bn1(blocks) * inside(0), self.conv1)
             return conv(self.bn2(h) * inside(1), self.conv2)
 
-        return sbnet.sparse_residual(x, indices, params, branch)
+        return sbnet.sparse_residual(x, indices, params, branch, inplace=self.inplace)
 
     def extra_repr(self):
         return (f"{self.channels}, mid_channels={self.mid_channels}, kind={self.kind!r}, "
