@@ -25,3 +25,15 @@ def test_quickstart_example_runs():
     assert result.returncode == 0, result.stderr
     assert "deconvolution 2/2, 32 -> 16" in result.stdout
     assert "Grid(5 cached rulebooks)" in result.stdout
+
+
+def test_sbnet_lidar_example_runs(tmp_path):
+    out = tmp_path / "bev.png"
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "sbnet_lidar.py"),
+                             "--channels", "8", "--blocks", "1", "--repeat", "1",
+                             "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "blocks active" in result.stdout and "block-sparse" in result.stdout
+    difference = float(result.stdout.split("max difference ")[1].split()[0])
+    assert difference < 1e-5
+    assert out.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
