@@ -4,7 +4,7 @@ Sparse tensors and rulebooks are NumPy arrays; the kernels in :mod:`sparsegrid.c
 them. ``import sparsegrid`` imports NumPy only (never CuPy, never SciPy).
 """
 
-from . import functional
+from . import denseconv, functional
 from .coords import kernel_offsets
 from .cpu.threads import get_num_threads, set_num_threads
 from .functional import (avg_pool, batch_norm, conv, deconv, from_dense, full_conv,
@@ -17,7 +17,7 @@ from .tensor import SparseTensor
 __version__ = "0.1.0"
 
 __all__ = [
-    "avg_pool", "batch_norm", "get_num_threads", "set_num_threads", "conv", "deconv", "from_dense", "full_conv", "functional",
+    "avg_pool", "batch_norm", "denseconv", "get_num_threads", "set_num_threads", "conv", "deconv", "from_dense", "full_conv", "functional",
     "global_pool", "Grid", "input_layer", "InputMap", "kernel_offsets", "max_pool",
     "network_in_network", "output_layer", "Rulebook", "Sites", "SparseTensor",
     "submanifold_conv", "to_dense", "unpool", "__version__",
