@@ -227,3 +227,33 @@ def test_inplace_res_block_and_scatter(rng):
     ad.sum(sbnet.sparse_scatter(blocks, indices, x.copy(), 2, 0, 2, add=True,
                                 inplace=True)).backward()
     assert blocks.grad is not None and blocks.grad.any()
+
+
+@pytest.mark.parametrize("bsize,stride", [(5, 3), (6, 4), (7, 7), (6, 2), (5, 6), (8, 9)],
+                         ids=["overlap-odd", "even", "gaps-none", "overlap-even", "gaps-odd",
+                              "gaps-even"])
+@pytest.mark.parametrize("channels", [1, 16, 64])
+def test_gather_valid_conv_scatter_equals_the_dense_same_conv(rng, bsize, stride, channels):
+    """SBNet's pipeline with any block geometry (overlapping blocks, gaps between them):
+    gather with a 1-pixel halo, a VALID 3x3 convolution, scatter of the tiles: on every
+    pixel a tile covers, the dense SAME convolution."""
+    x = rng.standard_normal((2, 17, 14, channels))
+    weight = rng.standard_normal((5, channels, 3, 3)) / np.sqrt(9 * channels)
+    dense = denseconv.conv(x, weight, padding=1, layout="NHWC")
+    count = (-(-17 // stride) + 1, -(-14 // stride) + 1)
+    for density in (0.3, 1.0):
+        indices = sbnet.reduce_mask(rng.random((2, 17, 14)) < density, count, bsize, -1,
+                                    stride)
+        blocks = sbnet.sparse_gather(x, indices, bsize, -1, stride)
+        tiles = denseconv.conv(blocks, weight, padding=0, layout="NHWC")
+        tile = bsize - 2
+        y = sbnet.sparse_scatter(tiles, indices, np.zeros(dense.shape), tile, 0, stride)
+        covered = _tiles_at(indices, dense.shape[:3], tile, stride)
+        assert covered.any()
+        np.testing.assert_allclose(y[covered], dense[covered], rtol=1e-10, atol=1e-10)
+        assert not y[~covered].any()
+
+
+def _tiles_at(indices, image, size, stride):
+    ones = np.ones((len(indices), size, size, 1))
+    return sbnet.sparse_scatter(ones, indices, np.zeros((*image, 1)), size, 0, stride)[..., 0] > 0
