@@ -354,5 +354,43 @@ def sparse_residual(x, indices, params, branch, inplace=False):
                           add=True, inplace=inplace)
 
 
-__all__ = ["BlockParams", "block_mask", "calc_block_params", "reduce_mask", "sparse_conv2d",
-           "sparse_gather", "sparse_residual", "sparse_scatter"]
+# -- between sparse tensors and dense maps --------------------------------------------------
+
+def from_sparse(x):
+    """A 2-D SparseTensor as a dense NHWC map and its occupancy: ``(map (B, H, W, C),
+    mask (B, H, W) bool)``; differentiable in the features. With :func:`to_sparse`, SBNet
+    layers sit between submanifold layers of one network."""
+    from . import functional
+    from .autodiff import ops
+    from .tensor import SparseTensor
+    if not isinstance(x, SparseTensor) or x.dimension != 2:
+        raise TypeError(f"from_sparse takes a 2-D SparseTensor; got "
+                        f"{type(x).__name__}" + (f" of dimension {x.dimension}"
+                                                  if isinstance(x, SparseTensor) else ""))
+    dense = functional.to_dense(x)                                  # (B, C, H, W)
+    nhwc = ops.transpose(dense, (0, 2, 3, 1)) if isinstance(dense, Tensor) else \
+        dense.transpose(0, 2, 3, 1)
+    xp = backend.array_namespace(x.indices)
+    mask = xp.zeros((x.batch_size, *x.spatial_shape), dtype=bool)
+    mask[x.indices[:, 0], x.indices[:, 1], x.indices[:, 2]] = True
+    return nhwc, mask
+
+
+def to_sparse(dense, like):
+    """The NHWC map's pixels at the sites of the 2-D SparseTensor ``like``: a SparseTensor
+    on ``like``'s sites and grid (so later submanifold layers reuse its rulebooks);
+    differentiable in the map."""
+    from .autodiff import ops
+    data = _image("dense", dense)
+    expected = (like.batch_size, *like.spatial_shape)
+    if data.shape[:3] != expected:
+        raise ValueError(f"dense must be ({expected[0]}, {expected[1]}, {expected[2]}, C) for "
+                         f"these sites; got {data.shape}")
+    idx = like.indices
+    rows = (idx[:, 0], idx[:, 1], idx[:, 2])
+    features = ops.getitem(dense, rows) if isinstance(dense, Tensor) else data[rows]
+    return like.with_features(features)
+
+
+__all__ = ["BlockParams", "block_mask", "calc_block_params", "from_sparse", "reduce_mask",
+           "sparse_conv2d", "sparse_gather", "sparse_residual", "sparse_scatter", "to_sparse"]
