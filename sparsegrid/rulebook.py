@@ -95,6 +95,45 @@ class Rulebook:
         transposed._derived["transpose"] = self
         return transposed
 
+    def check_pairs(self):
+        """The invariants the convolution kernels rely on, checked in a few passes over the
+        pairs (host reads of a few numbers on a GPU): rows in range, ``offset_ptr`` a
+        partition of the pairs, an identity offset that really pairs every row with itself
+        in row order. Raises ValueError naming what is wrong; returns ``offset_ptr`` as a
+        NumPy int64 array. Each backend calls it once per rulebook (and its transpose)."""
+        in_idx, out_idx = self.in_idx, self.out_idx
+        xp = backend.array_namespace(in_idx)
+        ptr = backend.to_numpy(self.offset_ptr).astype(np.int64)
+        n_pairs, n_offsets = len(in_idx), len(ptr) - 1
+        if len(out_idx) != n_pairs:
+            raise ValueError(f"rulebook in_idx and out_idx differ in length ({n_pairs} and "
+                             f"{len(out_idx)})")
+        if n_offsets < 0 or ptr[0] != 0 or ptr[-1] != n_pairs or np.any(np.diff(ptr) < 0):
+            raise ValueError(f"rulebook offset_ptr must rise from 0 to the {n_pairs} pairs; "
+                             f"got {ptr.tolist()[:8]}...")
+        if n_pairs:
+            bounds = backend.to_numpy(xp.stack([in_idx.min(), in_idx.max(), out_idx.min(),
+                                                out_idx.max()]).astype(np.int64))
+            for name, (low, high), n in (("in_idx", bounds[:2], self.n_in),
+                                         ("out_idx", bounds[2:], self.n_out)):
+                if low < 0 or high >= n:
+                    raise ValueError(f"rulebook {name} must hold rows in [0, {n}); got values "
+                                     f"in [{int(low)}, {int(high)}]")
+        k = self.identity_offset
+        if k >= 0:
+            if k >= n_offsets or self.n_in != self.n_out:
+                raise ValueError(f"rulebook identity_offset {k} needs n_in == n_out and an "
+                                 f"offset below {n_offsets}; got n_in={self.n_in}, "
+                                 f"n_out={self.n_out}")
+            a, b = int(ptr[k]), int(ptr[k + 1])
+            rows = xp.arange(self.n_out, dtype=in_idx.dtype)
+            if b - a != self.n_out or not bool(backend.to_numpy(
+                    ((in_idx[a:b] == rows) & (out_idx[a:b] == rows)).all())):
+                raise ValueError(f"rulebook identity_offset {k} must pair every row with "
+                                 "itself in row order; its pairs differ (build the rulebook "
+                                 "with identity_offset=-1)")
+        return ptr
+
     def neighbor_map(self):
         """Output-stationary view: int32 (n_out, K), the input row of each offset or -1."""
         xp = backend.array_namespace(self.in_idx)

@@ -256,42 +256,11 @@ def prepare_conv(rulebook):
         # a transpose holds the same arrays, swapped: checked once for both
         partner = rulebook.transpose()
         if not partner.has_derived("cpu_conv_plan"):
-            _check_rulebook(rulebook)
+            rulebook.check_pairs()
         return build_conv_plan(rulebook.in_idx, rulebook.out_idx, rulebook.offset_ptr,
                                rulebook.n_out, rulebook.identity_offset)
 
     return rulebook.derived("cpu_conv_plan", build)
-
-
-def _check_rulebook(rulebook):
-    """The invariants the plan relies on, checked once per rulebook (a few passes over the
-    pairs): rows in range, pointers a partition of the pairs, and an identity offset that
-    really is ``(r, r)`` for every row in order. Raises ValueError naming what is wrong."""
-    in_idx, out_idx, ptr = rulebook.in_idx, rulebook.out_idx, rulebook.offset_ptr
-    n_pairs, n_offsets = len(in_idx), len(ptr) - 1
-    if len(out_idx) != n_pairs:
-        raise ValueError(f"rulebook in_idx and out_idx differ in length ({n_pairs} and "
-                         f"{len(out_idx)})")
-    if n_offsets < 0 or ptr[0] != 0 or ptr[-1] != n_pairs or np.any(np.diff(ptr) < 0):
-        raise ValueError(f"rulebook offset_ptr must rise from 0 to the {n_pairs} pairs; got "
-                         f"{np.asarray(ptr).tolist()[:8]}...")
-    for name, rows, n in (("in_idx", in_idx, rulebook.n_in), ("out_idx", out_idx,
-                                                              rulebook.n_out)):
-        if n_pairs and (int(rows.min()) < 0 or int(rows.max()) >= n):
-            raise ValueError(f"rulebook {name} must hold rows in [0, {n}); got values in "
-                             f"[{int(rows.min())}, {int(rows.max())}]")
-    k = rulebook.identity_offset
-    if k >= 0:
-        if k >= n_offsets or rulebook.n_in != rulebook.n_out:
-            raise ValueError(f"rulebook identity_offset {k} needs n_in == n_out and an offset "
-                             f"below {n_offsets}; got n_in={rulebook.n_in}, "
-                             f"n_out={rulebook.n_out}")
-        rows = np.arange(rulebook.n_out)
-        a, b = int(ptr[k]), int(ptr[k + 1])
-        if not (np.array_equal(in_idx[a:b], rows) and np.array_equal(out_idx[a:b], rows)):
-            raise ValueError(f"rulebook identity_offset {k} must pair every row with itself "
-                             "in row order; its pairs differ (build the rulebook with "
-                             "identity_offset=-1)")
 
 
 def _run_blocks(plan, source, weight, out, identity_source=None, identity_weight=None,

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import backend
+
 
 def batch_norm_statistics(x):
     """Per-channel mean and biased variance over rows; (C,), (C,). Zeros for no rows."""
@@ -27,7 +29,10 @@ def batch_norm_statistics(x):
 
 
 def _scale_shift(mean, var, weight, bias, eps):
-    scale = 1.0 / np.sqrt(var + eps)
+    """Per-channel ``(scale, shift)`` of the normalisation, in the statistics' dtype and
+    array library (the CUDA backend uses this function too)."""
+    xp = backend.array_namespace(var)
+    scale = 1.0 / xp.sqrt(var + eps)
     if weight is not None:
         scale = scale * weight
     shift = -mean * scale

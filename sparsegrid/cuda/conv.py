@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _compile
-from ._runtime import cp, read
+from ._runtime import cp
 
 
 class ConvPlan:
@@ -52,50 +52,17 @@ class ConvPlan:
 
 def prepare_conv(rulebook):
     """The CUDA backend's plan for ``rulebook``, built on first use and cached on it (and
-    shared with its transpose). Checks the rulebook's invariants once (a few host reads)."""
+    shared with its transpose). Checks the rulebook's invariants once
+    (:meth:`Rulebook.check_pairs`: a few host reads)."""
     def build():
         partner = rulebook.transpose()
         if partner.has_derived("cuda_conv_plan"):
             found = partner.derived("cuda_conv_plan", None)
             return ConvPlan(found.ptr, found.identity_offset, rulebook.n_in, rulebook.n_out)
-        ptr = read(rulebook.offset_ptr).astype(np.int64)
-        _check_rulebook(rulebook, ptr)
+        ptr = rulebook.check_pairs()          # offset_ptr on the host, invariants checked
         return ConvPlan(ptr, rulebook.identity_offset, rulebook.n_in, rulebook.n_out)
 
     return rulebook.derived("cuda_conv_plan", build)
-
-
-def _check_rulebook(rulebook, ptr):
-    """The CPU backend's rulebook checks, with the same messages."""
-    in_idx, out_idx = rulebook.in_idx, rulebook.out_idx
-    n_pairs, n_offsets = len(in_idx), len(ptr) - 1
-    if len(out_idx) != n_pairs:
-        raise ValueError(f"rulebook in_idx and out_idx differ in length ({n_pairs} and "
-                         f"{len(out_idx)})")
-    if n_offsets < 0 or ptr[0] != 0 or ptr[-1] != n_pairs or np.any(np.diff(ptr) < 0):
-        raise ValueError(f"rulebook offset_ptr must rise from 0 to the {n_pairs} pairs; got "
-                         f"{ptr.tolist()[:8]}...")
-    if n_pairs:
-        bounds = read(cp.stack([in_idx.min(), in_idx.max(), out_idx.min(),
-                                      out_idx.max()]).astype(np.int64))
-        for name, (low, high), n in (("in_idx", bounds[:2], rulebook.n_in),
-                                     ("out_idx", bounds[2:], rulebook.n_out)):
-            if low < 0 or high >= n:
-                raise ValueError(f"rulebook {name} must hold rows in [0, {n}); got values in "
-                                 f"[{int(low)}, {int(high)}]")
-    k = rulebook.identity_offset
-    if k >= 0:
-        if k >= n_offsets or rulebook.n_in != rulebook.n_out:
-            raise ValueError(f"rulebook identity_offset {k} needs n_in == n_out and an offset "
-                             f"below {n_offsets}; got n_in={rulebook.n_in}, "
-                             f"n_out={rulebook.n_out}")
-        a, b = int(ptr[k]), int(ptr[k + 1])
-        rows = cp.arange(rulebook.n_out, dtype=np.int32)
-        if b - a != rulebook.n_out or not bool(read(((in_idx[a:b] == rows) &
-                                                     (out_idx[a:b] == rows)).all())):
-            raise ValueError(f"rulebook identity_offset {k} must pair every row with itself "
-                             "in row order; its pairs differ (build the rulebook with "
-                             "identity_offset=-1)")
 
 
 def _check_rows(array, n, name):

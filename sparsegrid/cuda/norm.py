@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..cpu.norm import _scale_shift  # array-library neutral
 from ._runtime import cp
 
 
@@ -25,16 +26,6 @@ def batch_norm_statistics(x):
     centred = x.astype(np.float64) - mean
     var = _column_sum(centred * centred) / len(x)
     return mean.astype(x.dtype), var.astype(x.dtype)
-
-
-def _scale_shift(mean, var, weight, bias, eps):
-    scale = 1.0 / cp.sqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias
-    return scale.astype(mean.dtype, copy=False), shift.astype(mean.dtype, copy=False)
 
 
 def _activate(y, leakiness):
