@@ -183,6 +183,7 @@ def sparse_gather(x, indices, bsize, boffset, bstride, transpose=False):
     data = _image("x", x)
     idx = _indices(indices, data.shape[0])
     geometry = _geometry(bsize, boffset, bstride)
+    _distinct(idx)          # the gradient scatters the blocks back: each block once
     kernels = backend.kernels(data, idx)
     out = _from_blocks_layout(kernels.block_gather(data, idx, *geometry), transpose)
 

@@ -431,7 +431,8 @@ ndarray.__divmod__ = lambda self, other: self.__array_ufunc__(np.divmod, "__call
 _HOST_INPUT_OK = {"asarray", "array", "asanyarray", "asnumpy", "get_array_module",
                   "result_type", "iinfo", "finfo", "dtype", "issubdtype", "can_cast",
                   "promote_types", "isscalar"}
-_SIZE_FROM_DATA = {"flatnonzero", "nonzero", "argwhere", "unique"}
+# (bincount: CuPy checks the ids' sign and reads their maximum to size the output)
+_SIZE_FROM_DATA = {"flatnonzero", "nonzero", "argwhere", "unique", "bincount"}
 
 
 def _asarray(a, dtype=None, order=None, *, blocking=False):

@@ -501,3 +501,38 @@ def test_the_backend_reads_device_values_only_through_read():
             if path.name == "_runtime.py" and word == "asnumpy(":
                 continue
             assert word not in code.replace("_modules.get(", ""), (path.name, word)
+
+
+def test_block_kernels_float16_and_float32_are_the_cpus(gpu, rng):
+    """SBNet block gather/scatter kernels: float32 / float64 exactly the CPU's, float16
+    added in float32 (not as 16-bit integers), overlaps in the CPU's order."""
+    indices = np.array([[0, 0, 0], [0, 0, 1], [0, 1, 1], [1, 2, 0]], np.int32)
+    geometry = ((4, 5), (-1, -2), (3, 2))
+    for dtype in (np.float64, np.float32, np.float16):
+        x = rng.standard_normal((2, 9, 8, 3)).astype(dtype)
+        blocks = rng.standard_normal((4, 4, 5, 3)).astype(dtype)
+        ref = x.astype(np.float32) if dtype == np.float16 else x
+        ref_blocks = blocks.astype(np.float32) if dtype == np.float16 else blocks
+        gathered = gpu.block_gather(x, indices, *geometry)
+        np.testing.assert_array_equal(gathered, cpu.block_gather(x, indices, *geometry))
+        for add in (False, True):
+            got = gpu.block_scatter(blocks, indices, x, *geometry, add)
+            want = cpu.block_scatter(ref_blocks, indices, ref, *geometry, add)
+            assert got.dtype == dtype
+            if dtype == np.float16:
+                np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3)
+            else:
+                np.testing.assert_array_equal(got, want)
+
+
+def test_rulebooks_of_other_integer_arrays_are_converted_not_reinterpreted(gpu, rng):
+    x, books = _rulebooks(rng, 2)
+    rb = books["strided"]
+    wide = sg.Rulebook(rb.in_idx.astype(np.int64), rb.out_idx.astype(np.int64),
+                       rb.offset_ptr, rb.n_in, rb.n_out, rb.filter_size, stride=rb.stride,
+                       kind=rb.kind)
+    features = rng.standard_normal((rb.n_in, 3))
+    weight = rng.standard_normal((rb.n_offsets, 3, 2))
+    _same(cpu.conv_forward(features, weight, rb), gpu.conv_forward(features, weight, wide))
+    with pytest.raises(TypeError, match="weight must have the features' dtype"):
+        gpu.conv_forward(features, weight.astype(np.float32), rb)

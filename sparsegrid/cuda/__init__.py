@@ -12,6 +12,9 @@ convolution plan (the offset pointers, once per rulebook), unique keys (their co
 segment ids' bounds (one read), and the checks that raise on bad input.
 """
 
+import functools as _functools
+
+from ..backend import KERNEL_CONTRACT as _CONTRACT
 from .blocks import block_gather, block_scatter
 from .conv import conv_backward, conv_forward, prepare_conv, rows_product, rule_sum
 from .dense import dense_active_sites, gather_from_dense, scatter_to_dense
@@ -21,6 +24,37 @@ from .pool import max_pool_backward, max_pool_forward
 from .rules import (full_rules, offset_rules, strided_rules, submanifold_rules,
                     window_rules)
 from .segment import SEGMENT_MODES, segment_reduce, segment_reduce_backward
+from ._runtime import cp as _cp
+
+
+def _argument_device(args, kwargs):
+    """The device of the first CuPy array among the arguments (a rulebook's pairs count)."""
+    from ..rulebook import Rulebook
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Rulebook):
+            value = value.in_idx
+        if isinstance(value, _cp.ndarray):
+            return value.device
+    return None
+
+
+def _on_argument_device(function):
+    """Run ``function`` with its arrays' GPU as the current device: every allocation,
+    library call and kernel launch inside happens there (CuPy's default is the current
+    device, not the arrays')."""
+    @_functools.wraps(function)
+    def call(*args, **kwargs):
+        device = _argument_device(args, kwargs)
+        if device is None:
+            return function(*args, **kwargs)
+        with device:
+            return function(*args, **kwargs)
+    return call
+
+
+for _name in _CONTRACT:
+    globals()[_name] = _on_argument_device(globals()[_name])
+del _name
 
 __all__ = [
     "block_gather", "block_scatter",

@@ -49,7 +49,7 @@ SOURCES = {
                    + _typed("scatter_rows", *_T)
                    + _typed("scatter_cells", *_T)),
     "dense.cu": _typed("scatter_dense", *_T) + _typed("gather_dense", *_T),
-    "blocks.cu": _typed("block_gather", *_T) + _typed("block_scatter", *_T),
+    "blocks.cu": _typed("block_gather", *_T) + _typed("block_scatter", *_T_A),
 }
 
 #: Threads per block of every launch (the kernels are grid-stride loops, so the launch
@@ -71,6 +71,7 @@ def clear_cache():
     """Forget compiled modules (after :func:`sparsegrid.cuda._runtime.use`)."""
     with _lock:
         _modules.clear()
+        _functions.clear()
 
 
 def _module(filename):
@@ -87,11 +88,20 @@ def _module(filename):
     return module
 
 
+_functions = {}
+
+
 def function(filename, name):
-    """The compiled kernel ``name`` (as listed in :data:`SOURCES`) of ``filename``."""
-    if name not in SOURCES[filename]:
-        raise KeyError(f"{name} is not listed in SOURCES[{filename!r}]")
-    return _module(filename).get_function(name)
+    """The compiled kernel ``name`` (as listed in :data:`SOURCES`) of ``filename`` on the
+    current device, looked up once (RawModule.get_function builds a new kernel object on
+    every call)."""
+    key = (filename, name, cp.cuda.runtime.getDevice())
+    found = _functions.get(key)
+    if found is None:
+        if name not in SOURCES[filename]:
+            raise KeyError(f"{name} is not listed in SOURCES[{filename!r}]")
+        found = _functions[key] = _module(filename).get_function(name)
+    return found
 
 
 def typed(name, dtype, with_accumulator=False):

@@ -54,7 +54,7 @@ def block_scatter(blocks, indices, base, block_size, block_offset, block_stride,
     table[slot] = cp.arange(len(indices), dtype=np.int32)   # distinct blocks: one writer each
     base = base if inplace else cp.ascontiguousarray(base)
     y = base if inplace else cp.empty(base.shape, dtype=base.dtype)
-    _compile.launch("blocks.cu", _compile.typed("block_scatter", base.dtype), y.size,
+    _compile.launch("blocks.cu", _compile.typed("block_scatter", base.dtype, True), y.size,
                     cp.ascontiguousarray(blocks), base, table,
                     _geometry(block_size, block_offset, block_stride),
                     cp.asarray(np.array([th, tw, m_h, m_w], np.int64)), y,

@@ -34,11 +34,16 @@ class ConvPlan:
     offsets : list of int
         Offsets with pairs, identity excluded, increasing.
     identity_offset, n_in, n_out : int
+    in_idx, out_idx : int32 C-contiguous device arrays
+        The rulebook's pairs as the kernels read them (a rulebook built from other
+        integer arrays is converted once here, never reinterpreted).
     """
 
-    __slots__ = ("ptr", "offsets", "identity_offset", "n_in", "n_out")
+    __slots__ = ("ptr", "offsets", "identity_offset", "n_in", "n_out", "in_idx", "out_idx")
 
-    def __init__(self, ptr, identity_offset, n_in, n_out):
+    def __init__(self, ptr, identity_offset, n_in, n_out, in_idx, out_idx):
+        self.in_idx = cp.ascontiguousarray(in_idx, dtype=np.int32)
+        self.out_idx = cp.ascontiguousarray(out_idx, dtype=np.int32)
         self.ptr = [int(p) for p in ptr]
         self.identity_offset = int(identity_offset)
         self.offsets = [k for k in range(len(ptr) - 1)
@@ -58,9 +63,11 @@ def prepare_conv(rulebook):
         partner = rulebook.transpose()
         if partner.has_derived("cuda_conv_plan"):
             found = partner.derived("cuda_conv_plan", None)
-            return ConvPlan(found.ptr, found.identity_offset, rulebook.n_in, rulebook.n_out)
+            return ConvPlan(found.ptr, found.identity_offset, rulebook.n_in, rulebook.n_out,
+                            found.out_idx, found.in_idx)
         ptr = rulebook.check_pairs()          # offset_ptr on the host, invariants checked
-        return ConvPlan(ptr, rulebook.identity_offset, rulebook.n_in, rulebook.n_out)
+        return ConvPlan(ptr, rulebook.identity_offset, rulebook.n_in, rulebook.n_out,
+                        rulebook.in_idx, rulebook.out_idx)
 
     return rulebook.derived("cuda_conv_plan", build)
 
@@ -69,6 +76,14 @@ def _check_rows(array, n, name):
     if array.ndim != 2 or array.shape[0] != n:
         raise ValueError(f"{name} must have shape ({n}, C) for this rulebook; got "
                          f"{array.shape}")
+
+
+def _check_dtypes(features, weight, bias):
+    """The kernels are instantiated per data type: weight and bias must be the features'."""
+    for name, array in (("weight", weight), ("bias", bias)):
+        if array is not None and array.dtype != features.dtype:
+            raise TypeError(f"{name} must have the features' dtype {features.dtype}; got "
+                            f"{array.dtype}")
 
 
 def _output_channels(weight):
@@ -111,6 +126,7 @@ def conv_forward(features, weight, rulebook, bias=None):
     ``weight`` (K, Cin, Cout) or grouped (K, G, Cin/G, Cout/G), ``bias`` (Cout,) or None.
     """
     _check_rows(features, rulebook.n_in, "features")
+    _check_dtypes(features, weight, bias)
     plan = prepare_conv(rulebook)
     dtype = features.dtype
     features = cp.ascontiguousarray(features)
@@ -128,8 +144,8 @@ def conv_forward(features, weight, rulebook, bias=None):
         acc = cp.zeros((plan.n_out, width), dtype=acc_type)
     for k in plan.offsets:
         a, b = plan.ptr[k], plan.ptr[k + 1]
-        gathered = cp.take(features, rulebook.in_idx[a:b], axis=0)
-        _scatter_add(_matmul(gathered, weight[k]), rulebook.out_idx[a:b], acc)
+        gathered = cp.take(features, plan.in_idx[a:b], axis=0)
+        _scatter_add(_matmul(gathered, weight[k]), plan.out_idx[a:b], acc)
     return _finish(acc, dtype)
 
 
@@ -168,8 +184,8 @@ def _weight_gradient(features, grad_out, weight, rulebook):
         grad[identity] = _rows_product(features, grad_out, grouped)
     for k in plan.offsets:
         a, b = plan.ptr[k], plan.ptr[k + 1]
-        x = cp.take(features, rulebook.in_idx[a:b], axis=0)
-        g = cp.take(grad_out, rulebook.out_idx[a:b], axis=0)
+        x = cp.take(features, plan.in_idx[a:b], axis=0)
+        g = cp.take(grad_out, plan.out_idx[a:b], axis=0)
         grad[k] = _rows_product(x, g, grouped)
     return grad
 
@@ -196,6 +212,6 @@ def rule_sum(features, rulebook):
     for k in plan.offsets:
         a, b = plan.ptr[k], plan.ptr[k + 1]
         _compile.launch("conv.cu", name, (b - a) * channels, features,
-                        rulebook.in_idx[a:b], rulebook.out_idx[a:b], acc, np.int64(b - a),
+                        plan.in_idx[a:b], plan.out_idx[a:b], acc, np.int64(b - a),
                         np.int64(channels))
     return _finish(acc, dtype)

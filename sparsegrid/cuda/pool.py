@@ -26,8 +26,8 @@ def max_pool_forward(features, rulebook):
     name = _compile.typed("max_pool_offset", features.dtype)
     for k in offsets:
         a, b = plan.ptr[k], plan.ptr[k + 1]
-        _compile.launch("pool.cu", name, (b - a) * channels, features, rulebook.in_idx[a:b],
-                        rulebook.out_idx[a:b], out, argmax, np.int64(b - a),
+        _compile.launch("pool.cu", name, (b - a) * channels, features, plan.in_idx[a:b],
+                        plan.out_idx[a:b], out, argmax, np.int64(b - a),
                         np.int64(channels))
     return out, argmax
 

@@ -185,9 +185,10 @@ def _window_pairs(indices, spatial_shape, batch_size, filter_size, starts, out_s
         order = cp.argsort(offset.astype(np.int64) * per_row + slot[valid])
     else:
         order = cp.argsort(offset)
-    ptr = cp.zeros(n_offsets + 1, dtype=np.int64)
-    if len(valid):
-        ptr[1:] = cp.cumsum(cp.bincount(offset, minlength=n_offsets))
+    # the pairs are offset-major after the sort: the pointers by binary search (CuPy's
+    # bincount would read the ids' bounds back to the host)
+    ptr = cp.searchsorted(offset[order], cp.arange(n_offsets + 1, dtype=np.int32)).astype(
+        np.int64, copy=False)
     unique_keys, out_rows = unique_ranks(key[order])
     in_idx = (valid // per_row)[order].astype(np.int32)
     return (in_idx, out_rows.astype(np.int32), ptr,

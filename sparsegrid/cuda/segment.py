@@ -105,9 +105,9 @@ def segment_reduce_backward(grad_out, segment_ids, n_segments, mode, chosen, n_r
     ids = segment_ids.reshape(-1).astype(np.int64, copy=False)
     if mode == "sum":
         return cp.take(grad_out, ids, axis=0)
-    if mode == "mean":
-        counts = cp.bincount(ids, minlength=int(n_segments)) if len(ids) else \
-            cp.zeros(int(n_segments), dtype=np.int64)
+    if mode == "mean":      # counts from a sort (CuPy's bincount reads the ids back)
+        _, ptr = _groups(cp.ascontiguousarray(ids), int(n_segments))
+        counts = ptr[1:] - ptr[:-1]
         scaled = grad_out / cp.maximum(counts, 1)[:, None].astype(grad_out.dtype)
         return cp.take(scaled, ids, axis=0)
     channels = grad_out.shape[1]

@@ -9,6 +9,8 @@ from .containers import (AddTable, CheckpointedSequential, ConcatTable, Identity
                          VerboseIdentity, add_feature_planes, concatenate_feature_planes)
 from .layers import *  # noqa: F401,F403 - the SCN layer catalogue
 from .layers import __all__ as _layers
+from .dcls import (ConstructKernel1d, ConstructKernel2d, ConstructKernel3d, Dcls1d, Dcls2d,
+                   Dcls3d)
 from .module import Module, Parameter, default_rng, manual_seed
 from .networks import FullyConvolutionalNet, SparseResNet, SparseVggNet, UNet
 from .sbnet import BlockSparseConv2d, ChannelsLastBatchNorm, SparseResBlock
@@ -16,7 +18,8 @@ from .utils import append_tensors, compare_sparse
 from ..coords import permutohedral_basis
 
 __all__ = sorted(_layers + [
-    "AddTable", "BlockSparseConv2d", "ChannelsLastBatchNorm", "SparseResBlock", "ConcatTable", "FullyConvolutionalNet", "Identity", "JoinTable", "Module",
+    "AddTable", "BlockSparseConv2d", "ConstructKernel1d", "ConstructKernel2d",
+    "ConstructKernel3d", "Dcls1d", "Dcls2d", "Dcls3d", "ChannelsLastBatchNorm", "SparseResBlock", "ConcatTable", "FullyConvolutionalNet", "Identity", "JoinTable", "Module",
     "Parameter", "Sequential", "CheckpointedSequential", "checkpoint", "optim", "VerboseIdentity",
     "add_feature_planes", "append_tensors", "compare_sparse", "concatenate_feature_planes", "SparseResNet", "SparseVggNet", "UNet", "default_rng",
     "manual_seed", "permutohedral_basis",

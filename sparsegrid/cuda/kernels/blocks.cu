@@ -33,10 +33,12 @@ __device__ __forceinline__ long long sg_floor_div(long long a, long long b) {
 // list position of block (n, bh, bw), -1 absent; (N, TH, TW)) in phase order
 // (bh mod MH, bw mod MW), added (add = 1) or the last one in list order written (add = 0).
 // geom2 (int64, 4): TH, TW, MH, MW.
-template <typename T>
-__global__ void block_scatter(const T* __restrict__ blocks, const T* __restrict__ base,
+// base and y may be one buffer (in place: each thread reads its element, then writes it),
+// so neither is __restrict__. Sums run in the accumulation type (float for float16).
+template <typename T, typename A>
+__global__ void block_scatter(const T* __restrict__ blocks, const T* base,
                               const int* __restrict__ table, const long long* __restrict__ geom,
-                              const long long* __restrict__ geom2, T* __restrict__ y,
+                              const long long* __restrict__ geom2, T* y,
                               long long n_images, long long height, long long width,
                               long long channels, int add) {
     const long long bh_size = geom[0], bw_size = geom[1];
@@ -53,7 +55,7 @@ __global__ void block_scatter(const T* __restrict__ blocks, const T* __restrict_
         long long lo_h = sg_floor_div(r - geom[2] - bh_size, geom[4]) + 1;
         long long hi_w = sg_floor_div(col - geom[3], geom[5]);
         long long lo_w = sg_floor_div(col - geom[3] - bw_size, geom[5]) + 1;
-        T acc = base[t];
+        A acc = sg_load<A>(base[t]);
         long long winner = -1, wi = 0, wj = 0;
         for (long long ph = 0; ph < mh; ++ph) {
             long long bh = lo_h + ((ph - lo_h % mh) % mh + mh) % mh;
@@ -66,13 +68,16 @@ __global__ void block_scatter(const T* __restrict__ blocks, const T* __restrict_
                 long long i = r - (geom[2] + bh * geom[4]);
                 long long j = col - (geom[3] + bw * geom[5]);
                 if (add) {
-                    acc += blocks[((pos * bh_size + i) * bw_size + j) * channels + c];
+                    acc += sg_load<A>(blocks[((pos * bh_size + i) * bw_size + j) * channels + c]);
                 } else if (pos > winner) {
                     winner = pos; wi = i; wj = j;
                 }
             }
         }
-        if (!add && winner >= 0) acc = blocks[((winner * bh_size + wi) * bw_size + wj) * channels + c];
-        y[t] = acc;
+        if (!add && winner >= 0) {
+            y[t] = blocks[((winner * bh_size + wi) * bw_size + wj) * channels + c];
+        } else {
+            y[t] = sg_store<T>(acc);
+        }
     }
 }
