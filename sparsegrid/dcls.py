@@ -51,7 +51,7 @@ import numbers
 import numpy as np
 
 from . import backend, denseconv
-from .autodiff.core import Tensor, data_of, is_grad_enabled, record
+from .autodiff.core import Tensor, data_of, record
 
 __all__ = ["VERSIONS", "construct_kernel", "dcls_conv", "from_dcls_positions",
            "position_limits"]
@@ -280,20 +280,15 @@ def construct_kernel(weight, P, SIG, dilated_kernel_size, version="gauss", check
     need_w = isinstance(weight, Tensor) and weight.requires_grad
     need_p = isinstance(P, Tensor) and P.requires_grad
     need_sig = uses_sig and isinstance(SIG, Tensor) and SIG.requires_grad
-    differentiate = is_grad_enabled() and (need_w or need_p or need_sig)
 
     cout, cin_g, kc = (int(s) for s in w.shape)
     d_axes = len(sizes)
     b = cout * cin_g
     w2 = w.reshape(b, kc)
-    profiles, dq, dsig = [], [], []
-    for d, n in enumerate(sizes):
-        q = p[d].reshape(b, kc) + (n // 2)
-        s = sig[d].reshape(b, kc) if uses_sig else None
-        h, h_q, h_s = _profile(q, s, n, version, xp, differentiate and (need_p or need_sig))
-        profiles.append(h)
-        dq.append(h_q)
-        dsig.append(h_s)
+    positions = [p[d].reshape(b, kc) + (n // 2) for d, n in enumerate(sizes)]
+    spreads = [sig[d].reshape(b, kc) if uses_sig else None for d in range(len(sizes))]
+    profiles = [_profile(q, s, n, version, xp, False)[0]
+                for q, s, n in zip(positions, spreads, sizes)]
     normalised = version != "v0"
     if normalised:
         sums = [h.sum(axis=-1) for h in profiles]                     # (B, KC) each
@@ -335,6 +330,13 @@ def construct_kernel(weight, P, SIG, dilated_kernel_size, version="gauss", check
                 others = _product_of(sums, skip=d)
                 grad_sum = grad_z if others is None else grad_z * others
                 grad_h[d] = grad_h[d] + grad_sum[..., None]
+        # the profiles' derivatives, recomputed here: less memory held across the
+        # convolution that usually follows
+        dq, dsig = [], []
+        for q, s, n in zip(positions, spreads, sizes):
+            _, h_q, h_s = _profile(q, s, n, version, xp, True)
+            dq.append(h_q)
+            dsig.append(h_s)
         if need_p:
             grads[1] = xp.stack([(gh * h_q).sum(axis=-1) for gh, h_q in zip(grad_h, dq)]
                                 ).reshape(p.shape)

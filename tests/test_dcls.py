@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -595,10 +596,42 @@ def test_dcls2d_on_the_gpu_is_the_cpus(gpu_device, rng):
         layer(backend.to_device(x, gpu_device))
 
 
+def _emulator():
+    return sys.modules["cupy_emulator"] if getattr(sys.modules["cupy"], "emulated", False) \
+        else None
+
+
+def test_gpu_host_reads(gpu_device, rng):
+    """Only the range check reads the device (one flag); unchecked, a training step of a
+    layer waits for nothing."""
+    emulator = _emulator()
+    if emulator is None:
+        pytest.skip("host reads are counted by the emulator")
+    weight, P, SIG = [backend.to_device(a, gpu_device)
+                      for a in random_parameters(rng, (7, 5), "gauss")]
+    emulator.syncs.clear()
+    dcls.construct_kernel(weight, P, SIG, (7, 5))
+    assert len(emulator.syncs) == 1
+    layer = nn.Dcls2d(4, 6, 5, padding=(3, 2), dilated_kernel_size=(7, 5)).to(gpu_device)
+    layer.check_range = False
+    x = ad.Tensor(backend.to_device(rng.standard_normal((2, 4, 9, 8)).astype(np.float32),
+                                    gpu_device), requires_grad=True)
+    emulator.syncs.clear()
+    out = layer(x)
+    out.backward(ad.Tensor(out.data * 0 + 1))
+    layer.clamp_parameters()
+    assert emulator.syncs == []
+    assert backend.is_cupy_array(layer.P.grad) and backend.is_cupy_array(x.grad)
+
+
 def test_gpu_refuses_mixed_devices(gpu_device, rng):
     weight, P, SIG = random_parameters(rng, (5, 5), "gauss")
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="different libraries"):
         dcls.construct_kernel(backend.to_device(weight, gpu_device), P, SIG, 5)
+    with pytest.raises(TypeError, match="different libraries"):
+        dcls.dcls_conv(np.ones((1, 2, 6, 6)), backend.to_device(weight, gpu_device),
+                       backend.to_device(P, gpu_device), backend.to_device(SIG, gpu_device),
+                       None, 5)
 
 
 # -- bad input ----------------------------------------------------------------------------------
