@@ -42,10 +42,18 @@ one batched GEMM ``(a h_1)^T (n_1, KC) @ (h_2 (x) ... (x) h_D) (KC, n_2 ... n_D)
 filter, vectorised over every (Cout, Cin/groups) filter at once, with no scatter (hence
 deterministic on the GPU) and no ``(KC, n_1, ..., n_D)`` interpolation array. The
 backward pass is two GEMMs of the same size and per-axis reductions.
+
+The construct-free path (:func:`dcls_conv` ``method='construct_free'``, bilinear versions):
+every tap's ``2^D`` integer corners and coefficients, grouped by kernel cell; one
+denseconv GEMM per distinct touched cell (:func:`touched_offsets`) instead of one per
+cell of the dilated kernel; the same results to rounding. ``method='auto'`` takes it when
+at most :data:`AUTO_TOUCHED_FRACTION` of the cells are touched ('gauss' / 'max' touch
+every cell: always constructed).
 """
 
 from __future__ import annotations
 
+import copy
 import numbers
 
 import numpy as np
@@ -53,8 +61,8 @@ import numpy as np
 from . import backend, denseconv
 from .autodiff.core import Tensor, data_of, record
 
-__all__ = ["VERSIONS", "construct_kernel", "dcls_conv", "from_dcls_positions",
-           "position_limits"]
+__all__ = ["METHODS", "VERSIONS", "construct_kernel", "dcls_conv", "from_dcls_positions",
+           "position_limits", "touched_offsets"]
 
 #: The interpolations of :func:`construct_kernel`.
 VERSIONS = ("v0", "v1", "gauss", "max")
@@ -63,6 +71,13 @@ GAUSS_SIG_OFFSET = 0.27      # 'gauss': standard deviation |SIG| + 0.27
 MAX_SIG_OFFSET = 1.0         # 'max': half-width |SIG| + 1
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _SPREAD_VERSIONS = ("gauss", "max")
+#: ``dcls_conv``'s ways to compute: build the dense kernel, or convolve per touched offset.
+METHODS = ("auto", "construct", "construct_free")
+#: The versions the construct-free path computes (the bilinear ones: 2^D corners a tap).
+CONSTRUCT_FREE_VERSIONS = ("v0", "v1")
+#: ``method='auto'`` convolves construct-free when at most this fraction of the dilated
+#: kernel's cells is touched by some tap.
+AUTO_TOUCHED_FRACTION = 0.5
 
 
 # -- argument checks -------------------------------------------------------------------------
@@ -370,9 +385,10 @@ def _split_outer(grad_rest, profiles, b, kc):
 
 # -- the convolution -------------------------------------------------------------------------
 def dcls_conv(x, weight, P, SIG, bias, dilated_kernel_size, stride=1, padding=0, groups=1,
-              version="gauss", check_range=True, layout="NCHW"):
-    """DCLS convolution: :func:`construct_kernel`, then :func:`sparsegrid.denseconv.conv`
-    with dilation 1 (PyTorch's cross-correlation).
+              version="gauss", check_range=True, layout="NCHW", method="auto"):
+    """DCLS convolution: PyTorch's cross-correlation of ``x`` with the DCLS kernel, either
+    constructed (:func:`construct_kernel`, then :func:`sparsegrid.denseconv.conv` with
+    dilation 1) or construct-free (one GEMM per integer kernel offset some tap touches).
 
     Parameters
     ----------
@@ -386,6 +402,17 @@ def dcls_conv(x, weight, P, SIG, bias, dilated_kernel_size, stride=1, padding=0,
     stride, padding, groups
         As :func:`~sparsegrid.denseconv.conv` (``padding`` ints, ``'same'`` or
         ``'valid'``; DCLS layers usually pad ``dilated_kernel_size // 2``).
+    method : {'auto', 'construct', 'construct_free'}
+        ``'construct'`` builds the dense ``(Cout, Cin/g, *n)`` kernel and convolves with
+        all ``prod(n)`` of its cells. ``'construct_free'`` (bilinear versions ``'v0'`` /
+        ``'v1'`` only) spreads each tap onto its ``2^D`` integer corners, groups the (tap,
+        corner) pairs by kernel offset and runs one GEMM per distinct offset touched by
+        some filter, on shifted views of the padded input: the cost follows the number of
+        touched offsets (:func:`touched_offsets`), not ``prod(n)``; same result to
+        rounding, same gradients. ``'auto'`` (default) takes construct-free when the
+        version is bilinear and at most :data:`AUTO_TOUCHED_FRACTION` of the cells are
+        touched, else construct (``'gauss'`` / ``'max'`` touch every cell: always
+        construct). Deciding costs one host read of the touched offsets (bilinear only).
 
     Returns
     -------
@@ -395,9 +422,12 @@ def dcls_conv(x, weight, P, SIG, bias, dilated_kernel_size, stride=1, padding=0,
     Raises
     ------
     The errors of :func:`construct_kernel` and of :func:`~sparsegrid.denseconv.conv`
-    (channels not matching ``groups``, a dilated kernel larger than the padded input, ...).
+    (channels not matching ``groups``, a dilated kernel larger than the padded input, ...);
+    ValueError for an unknown ``method`` or ``'construct_free'`` with 'gauss' / 'max'.
     """
     where = "dcls_conv"
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"{where}: method must be one of {METHODS}; got {method!r}")
     xd = _array(x, "x", where)
     pd, wd = data_of(P), data_of(weight)
     if getattr(pd, "ndim", None) == 4 and xd.ndim != int(pd.shape[0]) + 2:
@@ -407,9 +437,229 @@ def dcls_conv(x, weight, P, SIG, bias, dilated_kernel_size, stride=1, padding=0,
     if hasattr(wd, "dtype") and xd.dtype != wd.dtype:
         raise TypeError(f"{where}: x's dtype {xd.dtype} differs from weight's {wd.dtype}; "
                         f"convert one (astype)")
-    kernel = construct_kernel(weight, P, SIG, dilated_kernel_size, version, check_range)
+    w, p, _, sizes, version, xp = _check_inputs(weight, P, SIG, dilated_kernel_size,
+                                                version, check_range, where)
+    if method == "construct_free" and version not in CONSTRUCT_FREE_VERSIONS:
+        raise ValueError(f"{where}: method='construct_free' computes the bilinear versions "
+                         f"{CONSTRUCT_FREE_VERSIONS}; version {version!r} touches every cell "
+                         f"of the kernel (use 'construct' or 'auto')")
+    if method != "construct" and version in CONSTRUCT_FREE_VERSIONS:
+        corners = _Corners(w, p, sizes, version, xp)
+        if method == "construct_free" or \
+                len(corners.touched) <= AUTO_TOUCHED_FRACTION * corners.cells:
+            backend.require_same_device("x", xd, "weight", w)
+            kernel = _compact_kernel(weight, P, corners)
+            return _offset_conv(x, kernel, corners.taps, sizes, bias, stride, padding,
+                                groups, layout)
+    kernel = construct_kernel(weight, P, SIG, dilated_kernel_size, version, False)
     return denseconv.conv(x, kernel, bias, stride=stride, padding=padding, dilation=1,
                           groups=groups, layout=layout)
+
+
+def touched_offsets(P, dilated_kernel_size, version="v1"):
+    """The integer kernel offsets (cells of the dilated kernel, as a ``(S, D)`` int array,
+    row-major order) that some tap of a bilinear version touches: the cells the
+    construct-free path of :func:`dcls_conv` runs one GEMM for. ``P`` as
+    :func:`construct_kernel`'s (a ``'v1'`` tap at an integer position touches one cell, a
+    ``'v0'`` tap also the next one: its position gradient lives there)."""
+    where = "touched_offsets"
+    version = _version(version, where)
+    if version not in CONSTRUCT_FREE_VERSIONS:
+        raise ValueError(f"{where}: version must be one of {CONSTRUCT_FREE_VERSIONS}; got "
+                         f"{version!r}")
+    p = _array(P, "P", where)
+    if p.ndim != 4:
+        raise ValueError(f"{where}: P must be (ndim, Cout, Cin/groups, kernel_count); got "
+                         f"shape {tuple(p.shape)}")
+    xp = backend.array_namespace(p)
+    sizes = _kernel_size(dilated_kernel_size, int(p.shape[0]), where)
+    corners = _Corners(xp.ones(p.shape[1:], p.dtype), p, sizes, version, xp)
+    return np.array(corners.taps, dtype=np.int64).reshape(-1, len(sizes))
+
+
+class _Corners:
+    """Every (filter, tap, corner) of a bilinear version: its kernel cell, coefficient and
+    position derivative, and the distinct cells touched (one host read)."""
+
+    def __init__(self, w, p, sizes, version, xp):
+        d_axes = len(sizes)
+        self.sizes, self.version, self.xp = sizes, version, xp
+        self.shape = tuple(int(s) for s in w.shape)
+        cout, cin_g, kc = self.shape
+        b = self.b = cout * cin_g
+        self.cells = int(np.prod(sizes))
+        self.normalised = version == "v1"
+        bits = xp.asarray(np.array([0, 1], dtype=p.dtype))
+        self.coef, self.dcoef, valid, cell = [], [], [], []
+        for d, n in enumerate(sizes):
+            q = p[d].reshape(b, kc) + (n // 2)
+            f = xp.floor(q)
+            r = (q - f)[..., None]                                   # (B, KC, 1)
+            c = f[..., None] + bits                                  # (B, KC, 2) cells
+            ok = (c >= 0) & (c <= n - 1)
+            sign = 2 * bits - 1                                      # -1, +1
+            if version == "v1":
+                # relu(1 - |t|): zero derivative at integer positions (PyTorch's kinks);
+                # the upper corner of an integer position carries neither mass nor gradient
+                moving = (r > 0)
+                ok = ok & ((bits == 0) | moving)
+                dc = sign * moving
+            else:
+                dc = sign + 0 * r
+            self.coef.append(xp.where(ok, (1 - bits) * (1 - r) + bits * r, 0))
+            self.dcoef.append(xp.where(ok, dc, 0))
+            valid.append(ok)
+            cell.append(xp.where(ok, c, 0).astype(np.int64))
+        # corners: (B, KC, 2, ..., 2) -> (B, KC, 2^D), axis 0's bit slowest
+        lin = xp.zeros((b, kc) + (1,) * d_axes, np.int64)
+        keep = xp.ones((b, kc) + (1,) * d_axes, bool)
+        pitch = 1
+        for d in range(d_axes - 1, -1, -1):
+            shape = (b, kc) + tuple(2 if e == d else 1 for e in range(d_axes))
+            lin = lin + cell[d].reshape(shape) * pitch
+            keep = keep & valid[d].reshape(shape)
+            pitch *= sizes[d]
+        corners = 2 ** d_axes
+        lin = xp.broadcast_to(lin, (b, kc) + (2,) * d_axes).reshape(b, kc, corners)
+        self.keep = xp.broadcast_to(keep, (b, kc) + (2,) * d_axes).reshape(b, kc, corners)
+        touched = backend.to_numpy(xp.unique(lin[self.keep])).astype(np.int64)
+        if touched.size == 0:           # every tap off the kernel: one zero GEMM
+            touched = np.zeros(1, np.int64)
+        self.touched = touched
+        self.taps = [tuple(int(v) for v in np.unravel_index(t, sizes)) for t in touched]
+        slot = xp.searchsorted(xp.asarray(touched), lin)
+        slot = xp.minimum(slot, touched.size - 1)
+        rows = xp.arange(b, dtype=np.int64).reshape(b, 1, 1) * touched.size
+        self.key = (rows + slot)[self.keep]                          # (kept,)
+
+    def expand(self, per_axis, d_skip=None, replace=None):
+        """The product over axes of ``per_axis[d]`` (B, KC, 2), as (B, KC, 2^D); axis
+        ``d_skip`` takes ``replace`` instead."""
+        xp, b, kc = self.xp, self.b, self.shape[2]
+        d_axes = len(self.sizes)
+        out = None
+        for d in range(d_axes):
+            v = replace if d == d_skip else per_axis[d]
+            shape = (b, kc) + tuple(2 if e == d else 1 for e in range(d_axes))
+            v = v.reshape(shape)
+            out = v if out is None else out * v
+        return xp.broadcast_to(out, (b, kc) + (2,) * d_axes).reshape(b, kc, -1)
+
+
+def _compact_kernel(weight, P, corners):
+    """The kernel restricted to the touched cells, ``(Cout, Cin/g, S)``: each tap's weight
+    times its corner coefficients, summed per cell (a Tensor when an input is one)."""
+    xp = corners.xp
+    w = data_of(weight)
+    cout, cin_g, kc = corners.shape
+    b, s = corners.b, len(corners.touched)
+    w2 = w.reshape(b, kc)
+    sums = [c.sum(axis=-1) for c in corners.coef] if corners.normalised else None
+    if corners.normalised:
+        scale = 1 / (_product_of(sums) + NORMALISER_EPS)
+        a = w2 * scale
+    else:
+        a = w2
+    profile = corners.expand(corners.coef)                           # (B, KC, 2^D)
+    values = (a[..., None] * profile)[corners.keep]
+    kernel = xp.bincount(corners.key, weights=values, minlength=b * s).astype(w.dtype)
+    kernel = kernel.reshape(cout, cin_g, s)
+    inputs = (weight, P)
+    if not any(isinstance(v, Tensor) for v in inputs):
+        return kernel
+    need_w = isinstance(weight, Tensor) and weight.requires_grad
+    need_p = isinstance(P, Tensor) and P.requires_grad
+
+    def vjp(g):
+        g = g.astype(w.dtype, copy=False).reshape(-1)
+        gv = xp.zeros(corners.keep.shape, w.dtype)
+        gv[corners.keep] = g[corners.key]                            # (B, KC, 2^D)
+        grad_a = (gv * profile).sum(axis=-1)                         # (B, KC)
+        grads = [None, None]
+        if need_w:
+            grads[0] = (grad_a * scale if corners.normalised else grad_a).reshape(w.shape)
+        if need_p:
+            grad_z = -grad_a * a * scale if corners.normalised else None
+            ga = gv * a[..., None]
+            per_axis = []
+            for d in range(len(corners.sizes)):
+                part = (ga * corners.expand(corners.coef, d, corners.dcoef[d])).sum(axis=-1)
+                if corners.normalised:
+                    others = _product_of(sums, skip=d)
+                    grad_sum = grad_z if others is None else grad_z * others
+                    part = part + grad_sum * corners.dcoef[d].sum(axis=-1)
+                per_axis.append(part)
+            grads[1] = xp.stack(per_axis).reshape(data_of(P).shape)
+        return tuple(grads)
+
+    return record(kernel, inputs, vjp)
+
+
+class _KernelShape:
+    """What :class:`sparsegrid.denseconv._Plan` reads of a weight: shape, ndim, dtype."""
+
+    def __init__(self, shape, dtype):
+        self.shape, self.ndim, self.dtype = tuple(shape), len(shape), dtype
+
+
+def _offset_conv(x, kernel, taps, sizes, bias, stride, padding, groups, layout):
+    """The convolution with a kernel of size ``sizes`` that is zero outside the cells
+    ``taps``: ``kernel`` ``(Cout, Cin/g, len(taps))`` holds those cells. denseconv's plan
+    and GEMMs, over the listed taps only (forward by its shift or gather path, backward by
+    its gather path, which takes any set of taps)."""
+    xd = data_of(x)
+    kd = data_of(kernel)
+    bd = None if bias is None else _array(bias, "bias", "dcls_conv")
+    xp = backend.array_namespace(xd, kd, bd)
+    if bd is not None:
+        backend.require_same_device("bias", bd, "x", xd)
+    cout, cin_g, s = (int(v) for v in kd.shape)
+    plan = denseconv._Plan(xd, _KernelShape((cout, cin_g) + tuple(sizes), kd.dtype), bd,
+                           stride, padding, 1, groups, layout, None)
+    plan.taps = list(taps)
+    plan.offsets = [sum(t * pt for t, pt in zip(tap, plan.pitch)) for tap in plan.taps]
+    padded = denseconv._padded_input(xd, plan, xp)
+    w_taps = xp.ascontiguousarray(
+        kd.reshape(plan.groups, plan.cout_g, cin_g, s).transpose(3, 0, 2, 1))
+    out = denseconv._forward(padded, w_taps, plan, xp)
+    if plan.channels_last and plan.method == "gather":
+        if bd is not None:
+            out += bd
+    else:
+        out = denseconv._emit(out, plan.channels_last, xp, bd)
+    inputs = (x, kernel) if bias is None else (x, kernel, bias)
+    if not any(isinstance(v, Tensor) for v in inputs):
+        return out
+    need_x, need_w, need_b = (isinstance(v, Tensor) and v.requires_grad
+                              for v in (x, kernel, bias))
+    saved_input = padded if need_w else None
+    saved_weight = w_taps if need_x else None
+    back = copy.copy(plan)
+    back.method = "gather"
+    del padded, w_taps
+
+    def vjp(g):
+        g = g.astype(xd.dtype, copy=False)
+        grad_padded = grad_w_taps = None
+        if need_x or need_w:
+            grad_padded, grad_w_taps = denseconv._backward(g, saved_input, saved_weight,
+                                                           back, need_x, need_w, xp)
+        grads = [None, None]
+        if need_x:
+            grad_x = xp.zeros(xd.shape, xd.dtype)
+            target = denseconv._to_channels_last(grad_x, plan.channels_last, xp)
+            target[plan.used_region()] = grad_padded[plan.input_region()]
+            grads[0] = grad_x
+        if need_w:
+            grads[1] = xp.ascontiguousarray(
+                grad_w_taps.transpose(1, 3, 2, 0)).reshape(kd.shape)
+        if bias is not None:
+            axes = tuple(a for a in range(g.ndim) if a != (g.ndim - 1 if plan.channels_last
+                                                           else 1))
+            grads.append(g.sum(axis=axes) if need_b else None)
+        return tuple(grads)
+
+    return record(out, inputs, vjp)
 
 
 # -- dcls 0.1.1's positions -----------------------------------------------------------------

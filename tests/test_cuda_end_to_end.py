@@ -210,3 +210,11 @@ def test_dropout_on_the_gpu_draws_its_mask_on_the_device(gpu_device):
     assert set(np.unique(y)) <= {0.0, 1 / 0.75}
     assert abs((y == 0).mean() - 0.25) < 0.02
     np.testing.assert_array_equal(g, y)
+
+
+def test_concatenate_gradient_on_the_gpu(gpu_device):
+    a = ad.Tensor(backend.to_device(np.ones((2, 3)), gpu_device), requires_grad=True)
+    b = ad.Tensor(backend.to_device(np.ones((4, 3)), gpu_device), requires_grad=True)
+    ad.sum(ad.concatenate([a, b]) * 2.0).backward()
+    np.testing.assert_array_equal(backend.to_numpy(a.grad), np.full((2, 3), 2.0))
+    np.testing.assert_array_equal(backend.to_numpy(b.grad), np.full((4, 3), 2.0))

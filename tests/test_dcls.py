@@ -725,3 +725,297 @@ def test_bad_module_input(rng):
     with pytest.raises(ValueError, match="'reflect' needs padding < the input size"):
         nn.Dcls1d(1, 1, 2, padding=4, dilated_kernel_size=5,
                   padding_mode="reflect")(np.ones((1, 1, 4), np.float32))
+
+
+# -- the construct-free path ------------------------------------------------------------------
+FREE_CASES = {
+    "1d": dict(sizes=(9,), x=(2, 4, 13), groups=1, stride=1, padding=4),
+    "1d-stride": dict(sizes=(8,), x=(1, 2, 17), groups=2, stride=3, padding=2),
+    "2d": dict(sizes=(7, 5), x=(2, 4, 9, 8), groups=1, stride=1, padding=(3, 2)),
+    "2d-groups-stride": dict(sizes=(6, 9), x=(1, 4, 11, 12), groups=2, stride=(2, 1),
+                             padding=(1, 4)),
+    "2d-depthwise": dict(sizes=(11, 11), x=(2, 3, 12, 12), groups=3, stride=1,
+                         padding=5, cout=6),
+    "3d": dict(sizes=(5, 4, 3), x=(1, 2, 6, 5, 5), groups=1, stride=(1, 2, 1),
+               padding=(2, 1, 1)),
+}
+
+
+def _free_case(rng, case, version, fractional=False, dtype=np.float64):
+    c = FREE_CASES[case]
+    cin, groups = c["x"][1], c["groups"]
+    cout = c.get("cout", 4)
+    weight, P, _ = random_parameters(rng, c["sizes"], version, cout=cout,
+                                     cin_g=cin // groups, kc=3, fractional=fractional)
+    x = rng.standard_normal(c["x"])
+    bias = rng.standard_normal(cout)
+    args = (c["sizes"], c["stride"], c["padding"], groups, version)
+    return [a.astype(dtype) for a in (x, weight, P, bias)], args
+
+
+@pytest.mark.parametrize("version", ("v0", "v1"))
+@pytest.mark.parametrize("case", list(FREE_CASES))
+def test_construct_free_equals_construct(case, version, rng):
+    (x, weight, P, bias), (sizes, stride, padding, groups, version) = _free_case(
+        rng, case, version)
+    P[:, 0, 0, 0] = np.round(P[:, 0, 0, 0])           # an integer position too
+    outs, grads = [], []
+    for method in ("construct", "construct_free"):
+        ts = [ad.Tensor(a, requires_grad=True) for a in (x, weight, P, bias)]
+        out = dcls.dcls_conv(ts[0], ts[1], ts[2], None, ts[3], sizes, stride, padding,
+                             groups, version, method=method)
+        g = np.cos(np.arange(out.data.size)).reshape(out.shape)
+        out.backward(g)
+        outs.append(out.data)
+        grads.append([t.grad for t in ts])
+    scale = np.abs(outs[0]).max()
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-12, atol=1e-12 * scale)
+    for free, built in zip(grads[1], grads[0]):
+        np.testing.assert_allclose(free, built, rtol=1e-10, atol=1e-10 * np.abs(built).max())
+    plain = dcls.dcls_conv(x, weight, P, None, bias, sizes, stride, padding, groups, version,
+                           method="construct_free")          # arrays in, array out
+    assert not isinstance(plain, ad.Tensor)
+    np.testing.assert_allclose(plain, outs[0], rtol=1e-12, atol=1e-12 * scale)
+
+
+@pytest.mark.parametrize("version", ("v0", "v1"))
+@pytest.mark.parametrize("case", ["1d-stride", "2d-groups-stride", "3d"])
+def test_construct_free_gradients(case, version, rng):
+    (x, weight, P, bias), (sizes, stride, padding, groups, version) = _free_case(
+        rng, case, version, fractional=True)
+
+    def fn(x, w, p, b):
+        return dcls.dcls_conv(x, w, p, None, b, sizes, stride, padding, groups, version,
+                              method="construct_free")
+
+    ad.check_gradients(fn, [x, weight, P, bias], rtol=1e-6, atol=1e-8)
+
+
+def test_construct_free_channels_last_float32_and_off_kernel_taps(rng):
+    (x, weight, P, bias), (sizes, stride, padding, groups, version) = _free_case(
+        rng, "2d", "v1", dtype=np.float32)
+    x_cl = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    built = dcls.dcls_conv(x_cl, weight, P, None, bias, sizes, stride, padding, groups,
+                           version, layout="NHWC", method="construct")
+    free = dcls.dcls_conv(x_cl, weight, P, None, bias, sizes, stride, padding, groups,
+                          version, layout="NHWC", method="construct_free")
+    assert free.dtype == np.float32
+    np.testing.assert_allclose(free, built, rtol=1e-5, atol=1e-5 * np.abs(built).max())
+    far = P + 100                                        # every tap off the kernel
+    out = dcls.dcls_conv(x, weight, far, None, bias, sizes, stride, padding, groups, "v0",
+                         check_range=False, method="construct_free")
+    np.testing.assert_allclose(out, np.broadcast_to(bias.reshape(1, -1, 1, 1), out.shape))
+
+
+def test_auto_takes_construct_free_when_few_offsets_are_touched(rng, monkeypatch):
+    sizes = (31, 31)
+    weight = rng.standard_normal((2, 2, 3))
+    P = np.zeros((2, 2, 2, 3))
+    P[0, ..., 1], P[1, ..., 2] = 7, -9                   # 3 cells of 961
+    assert dcls.touched_offsets(P, sizes, "v1").tolist() == [[15, 6], [15, 15], [22, 15]]
+    assert len(dcls.touched_offsets(P, sizes, "v0")) == 12    # + the next cells (gradient)
+    x = rng.standard_normal((1, 2, 33, 33))
+    calls = []
+    real = dcls._offset_conv
+    monkeypatch.setattr(dcls, "_offset_conv", lambda *a: calls.append(1) or real(*a))
+    auto = dcls.dcls_conv(x, weight, P, None, None, sizes, padding=15, version="v1")
+    assert calls == [1]
+    built = dcls.dcls_conv(x, weight, P, None, None, sizes, padding=15, version="v1",
+                           method="construct")
+    np.testing.assert_allclose(auto, built, rtol=1e-12, atol=1e-12)
+    dense = rng.uniform(-15, 15, (2, 8, 8, 40))          # touches most cells: construct
+    dcls.dcls_conv(rng.standard_normal((1, 8, 33, 33)), rng.standard_normal((8, 8, 40)),
+                   dense, None, None, sizes, padding=15, version="v1")
+    assert calls == [1]
+    SIG = np.full_like(P, 0.2)
+    dcls.dcls_conv(x, weight, P, SIG, None, sizes, padding=15, version="gauss")
+    assert calls == [1]                                  # gauss: always construct
+
+
+def test_method_errors(rng):
+    weight, P, SIG = random_parameters(rng, (5, 5), "gauss")
+    x = rng.standard_normal((1, 2, 6, 6))
+    with pytest.raises(ValueError, match="method must be one of"):
+        dcls.dcls_conv(x, weight, P, SIG, None, 5, method="im2col")
+    with pytest.raises(ValueError, match="touches every cell"):
+        dcls.dcls_conv(x, weight, P, SIG, None, 5, version="gauss", method="construct_free")
+    with pytest.raises(ValueError, match="outside the dilated kernel"):
+        dcls.dcls_conv(x, weight, P * 10, None, None, 5, version="v1",
+                       method="construct_free")
+
+
+@pytest.mark.parametrize("version", ("v0", "v1"))
+def test_construct_free_on_the_gpu_is_the_cpus(version, gpu_device, rng):
+    (x, weight, P, bias), (sizes, stride, padding, groups, version) = _free_case(
+        rng, "2d-groups-stride", version, dtype=np.float32)
+    results = []
+    for device in ("cpu", gpu_device):
+        ts = [ad.Tensor(backend.to_device(a, device), requires_grad=True)
+              for a in (x, weight, P, bias)]
+        out = dcls.dcls_conv(ts[0], ts[1], ts[2], None, ts[3], sizes, stride, padding,
+                             groups, version, method="construct_free")
+        assert backend.device_of(out.data) == backend.device_of(ts[0].data)
+        out.backward(backend.to_device(np.ones(out.shape, np.float32), device))
+        results.append([backend.to_numpy(out.data)] + [backend.to_numpy(t.grad) for t in ts])
+    for cpu, gpu in zip(*results):
+        np.testing.assert_allclose(gpu, cpu, rtol=1e-5, atol=1e-5 * np.abs(cpu).max())
+
+
+# -- the older API (sparsegrid.nn.dcls_legacy) -------------------------------------------------
+from sparsegrid.nn import dcls_legacy  # noqa: E402
+
+SEED_CALLS = [
+    dict(kernel_size=3, dilation=4, stride=2),
+    dict(kernel_size=(3, 5), dilation=4, stride=(2, 1), padding=(4, 2)),
+    dict(kernel_size=(3, 5), stride=(2, 1), padding=(4, 2), dilation=(3, 2)),
+    dict(kernel_size=3, dilation=4, stride=2, gain=10),
+]
+
+
+@pytest.mark.parametrize("kwargs", SEED_CALLS, ids=str)
+@pytest.mark.parametrize("cls", [dcls_legacy.Dcls2d, dcls_legacy.DclsConstruct2d])
+def test_seed_calls_construct_and_train(cls, kwargs, rng):
+    m = cls(16, 33, **kwargs)
+    k = m.kernel_size
+    assert m.weight.shape == (33, 16) + k and m.bias.shape == (33,)
+    positions = (16,) + k if cls is dcls_legacy.Dcls2d else (33, 16) + k
+    assert m.P_h.shape == m.P_w.shape == positions and m.P_h.data.dtype == np.float32
+    assert sorted(m.state_dict()) == ["P_h", "P_w", "bias", "weight"]
+    x = rng.standard_normal((2, 16, 20, 30)).astype(np.float32)
+    out = m(x)
+    expected = [(s + 2 * p - dl * (kk - 1) - 1) // st + 1 for s, p, dl, kk, st in zip(
+        (20, 30), m.padding, m.dilation, k, m.stride)]
+    assert out.shape == (2, 33) + tuple(expected) and out.data.dtype == np.float32
+    # positions 0: exactly nn.Conv2d with this dilation
+    plain = denseconv.conv(x, m.weight.data, m.bias.data, stride=m.stride,
+                           padding=m.padding, dilation=m.dilation)
+    np.testing.assert_allclose(out.data, plain, rtol=1e-5, atol=1e-5 * np.abs(plain).max())
+    ad.mean(out * out).backward()
+    assert m.P_h.grad.shape == positions and np.abs(m.P_w.grad).max() > 0
+    SGD(m.parameters(), lr=0.1).step()
+    m.clamp_parameters()
+    assert np.abs(m(x).data - plain).max() > 0           # the taps moved
+
+
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_dilation_one_is_a_plain_convolution(d, rng):
+    kernel = (3, 5, 2)[:d]
+    x = rng.standard_normal((2, 4) + (7, 8, 6)[:d]).astype(np.float32)
+    for cls in (getattr(dcls_legacy, f"DclsConstruct{d}d"),
+                getattr(dcls_legacy, f"DclsIm2col{d}d")):
+        m = cls(4, 6, kernel, padding=1, groups=2)
+        ref = denseconv.conv(x, m.weight.data, m.bias.data, padding=1, groups=2)
+        np.testing.assert_allclose(m(x).data, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+        np.testing.assert_allclose(m(x[0]).data, ref[0], rtol=1e-5,
+                                   atol=1e-5 * np.abs(ref).max())
+
+
+def test_legacy_positions_gain_and_the_two_methods_agree(rng):
+    m = dcls_legacy.DclsIm2col2d(4, 6, (3, 2), dilation=(3, 4), padding=(3, 2), gain=2.5)
+    c = dcls_legacy.DclsConstruct2d(4, 6, (3, 2), dilation=(3, 4), padding=(3, 2),
+                                    gain=2.5)
+    assert m.dilated_kernel_size == (7, 5)
+    m.P_h.data[...] = rng.uniform(-0.5, 0.5, m.P_h.shape)
+    m.P_w.data[...] = rng.uniform(-0.5, 0.5, m.P_w.shape)
+    c.load_state_dict({"weight": m.weight.data, "bias": m.bias.data,
+                       "P_h": np.broadcast_to(m.P_h.data, c.P_h.shape).copy(),
+                       "P_w": np.broadcast_to(m.P_w.data, c.P_w.shape).copy()})
+    x = rng.standard_normal((2, 4, 9, 10)).astype(np.float32)
+    np.testing.assert_allclose(m(x).data, c(x).data, rtol=1e-5, atol=1e-5)
+    # tap (i, j) of filter (o, c) at (3 i + 2.5 P_h, 4 j + 2.5 P_w): the reference kernel
+    kernel = c.construct_kernel().data.astype(np.float64)
+    cout, cin = 6, 4
+    P = np.stack([(np.arange(3).reshape(3, 1) * 3 + 2.5 * c.P_h.data - 3),
+                  (np.arange(2).reshape(1, 2) * 4 + 2.5 * c.P_w.data - 2)])
+    ref = reference_kernel(c.weight.data.reshape(cout, cin, 6), P.reshape(2, cout, cin, 6),
+                           None, (7, 5), "v0")
+    np.testing.assert_allclose(kernel, ref, rtol=1e-5, atol=1e-6)
+    c.P_h.data[...] = 100
+    c.clamp_parameters()
+    rows = np.arange(3).reshape(3, 1) * 3 + 2.5 * c.P_h.data
+    np.testing.assert_allclose(rows, 6, rtol=1e-6)       # the last cell, n - 1
+
+
+def test_legacy_position_gradients(rng):
+    m = dcls_legacy.DclsIm2col2d(2, 3, 2, dilation=3, padding=1, gain=2.0).double()
+    x = rng.standard_normal((1, 2, 6, 7))
+    base = rng.uniform(0.1, 0.2, m.P_h.shape)               # fractional positions
+
+    def fn(p_h, p_w):
+        m.P_h.data[...], m.P_w.data[...] = p_h, p_w
+        return ad.sum(m(x) * np.cos(np.arange(90.0)).reshape(1, 3, 5, 6))
+
+    def loss(p_h, p_w):
+        return float(fn(p_h, p_w).data)
+
+    out = fn(base, -base)
+    out.backward()
+    numeric = []
+    for which in (0, 1):
+        grad = np.zeros_like(base)
+        for i in np.ndindex(base.shape):
+            step = np.zeros_like(base)
+            step[i] = 1e-6
+            args = [base, -base]
+            plus = list(args); plus[which] = args[which] + step
+            minus = list(args); minus[which] = args[which] - step
+            grad[i] = (loss(*plus) - loss(*minus)) / 2e-6
+        numeric.append(grad)
+    np.testing.assert_allclose(m.P_h.grad, numeric[0], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(m.P_w.grad, numeric[1], rtol=1e-5, atol=1e-7)
+
+
+def test_upstream_shaped_state_dict_loads(rng):
+    m = dcls_legacy.DclsConstruct2d(16, 33, 3, dilation=4, stride=2)
+    state = {"weight": rng.standard_normal((33, 16, 3, 3)).astype(np.float32),
+             "bias": rng.standard_normal(33).astype(np.float32),
+             "P_h": rng.uniform(-1, 1, (33, 16, 3, 3)).astype(np.float32),
+             "P_w": rng.uniform(-1, 1, (33, 16, 3, 3)).astype(np.float32)}
+    m.load_state_dict(state)
+    np.testing.assert_array_equal(m.P_w.data, state["P_w"])
+    im = dcls_legacy.Dcls2d(16, 33, 3, dilation=4, stride=2, gain=10)
+    stacked = rng.uniform(-1, 1, (2, 16, 3, 3)).astype(np.float32)
+    im.load_dcls_state_dict({"weight": state["weight"], "bias": state["bias"],
+                             "P": stacked})
+    np.testing.assert_array_equal(im.P_h.data, stacked[0])
+    im.load_dcls_state_dict({"weight": state["weight"], "bias": state["bias"],
+                             "P1": stacked[1], "P2": stacked[0]})
+    np.testing.assert_array_equal(im.P_w.data, stacked[0])
+    with pytest.raises((KeyError, ValueError)):
+        im.load_state_dict({"weight": state["weight"], "bias": state["bias"],
+                            "P_h": state["P_h"], "P_w": state["P_w"]})   # construct shapes
+
+
+def test_legacy_names_and_bad_arguments():
+    assert dcls_legacy.Dcls2d is dcls_legacy.DclsIm2col2d
+    assert nn.DclsConstruct2d is dcls_legacy.DclsConstruct2d
+    assert nn.Dcls2d is not dcls_legacy.Dcls2d                # dcls 0.1.1's stays
+    assert dcls_legacy.DclsConstruct3d(2, 2, 3).state_dict().keys() >= {"P_d", "P_h", "P_w"}
+    assert "P" in dcls_legacy.DclsIm2col1d(2, 2, 3).state_dict()
+    assert dcls_legacy.Dcls2d(2, 2, 3, bias=False).bias is None
+    with pytest.raises(ValueError, match="gain"):
+        dcls_legacy.Dcls2d(2, 2, 3, gain=0)
+    with pytest.raises(ValueError, match="divisible"):
+        dcls_legacy.Dcls2d(3, 2, 3, groups=2)
+    with pytest.raises(ValueError, match="kernel_size"):
+        dcls_legacy.Dcls2d(2, 2, (3, 3, 3))
+
+
+def test_legacy_on_the_gpu_is_the_cpus(gpu_device, rng):
+    nn.manual_seed(3)
+    m = dcls_legacy.Dcls2d(4, 6, (3, 2), dilation=(2, 3), padding=1, groups=2)
+    m.P_h.data[...] = rng.uniform(-0.4, 0.4, m.P_h.shape)
+    m.clamp_parameters()                             # the first row cannot move up
+    x = rng.standard_normal((2, 4, 8, 9)).astype(np.float32)
+    results = []
+    for device in ("cpu", gpu_device):
+        m.to(device)
+        out = m(backend.to_device(x, device))
+        ad.sum(out * out).backward()
+        results.append([backend.to_numpy(out.data)] +
+                       [backend.to_numpy(p.grad) for p in m.parameters()])
+        m.clamp_parameters()
+        m.zero_grad()
+        m.to("cpu")
+    for cpu, gpu in zip(*results):
+        np.testing.assert_allclose(gpu, cpu, rtol=1e-4, atol=1e-5 * np.abs(cpu).max())

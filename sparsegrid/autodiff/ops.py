@@ -117,7 +117,7 @@ def transpose(a, axes=None):
 def concatenate(values, axis=0):
     arrays = [data_of(v) for v in values]
     xp = _xp(*values)
-    bounds = np.cumsum([a.shape[axis] for a in arrays])[:-1]
+    bounds = np.cumsum([a.shape[axis] for a in arrays])[:-1].tolist()  # ints: CuPy too
     return record(xp.concatenate(arrays, axis=axis), tuple(values),
                   lambda g: tuple(xp.split(g, bounds, axis=axis)))
 
