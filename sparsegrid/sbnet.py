@@ -83,12 +83,17 @@ def _indices(indices, n_images=None):
                          f"{data.shape}")
     if data.dtype.kind not in "iu":
         raise TypeError(f"indices must be integers; got dtype {data.dtype}")
-    if len(data):
-        low = int(data.min())
+    if len(data):               # one host read for every bound
+        xp = backend.array_namespace(data)
+        low, n_max, bh_max, bw_max = (int(v) for v in backend.to_numpy(xp.stack(
+            [data.min(), data[:, 0].max(), data[:, 1].max(), data[:, 2].max()])))
         if low < 0:
             raise ValueError(f"indices must be >= 0; got {low}")
-        if n_images is not None and int(data[:, 0].max()) >= n_images:
-            raise ValueError(f"indices name image {int(data[:, 0].max())} of {n_images}")
+        if n_images is not None and n_max >= n_images:
+            raise ValueError(f"indices name image {n_max} of {n_images}")
+        if max(bh_max, bw_max) >= 2**31 - 1:
+            raise ValueError(f"indices must be below 2**31 - 1 (int32 block numbers); got "
+                             f"{max(bh_max, bw_max)}")
     return data.astype(np.int32, copy=False)
 
 
@@ -97,10 +102,8 @@ def _distinct(indices):
     if len(indices) < 2:
         return
     xp = backend.array_namespace(indices)
-    key = (indices[:, 0].astype(np.int64) << 42) + (indices[:, 1].astype(np.int64) << 21) + \
-        indices[:, 2].astype(np.int64)
-    ordered = xp.sort(key)
-    if bool((ordered[1:] == ordered[:-1]).any()):
+    ordered = indices[xp.lexsort(indices.T[::-1])]        # rows sorted by (n, bh, bw)
+    if bool((ordered[1:] == ordered[:-1]).all(axis=1).any()):
         raise ValueError("indices must name each block once (a block listed twice would be "
                          "scattered twice)")
 
@@ -272,15 +275,17 @@ def calc_block_params(in_size, bsize, ksize, strides=1, padding="SAME"):
     "VALID"); the counts ``ceil(out / tile)`` cover every output pixel (SBNet's own formula
     can leave the last rows out).
 
-    ``ksize``: (kh, kw) or a kernel shape (kh, kw, Cin, Cout); ``strides``: int, pair, or
-    SBNet's (1, sh, sw, 1).
+    ``ksize``: int or (kh, kw); ``strides``: int, pair, or SBNet's (1, sh, sw, 1).
     """
     if len(in_size) != 4:
         raise ValueError(f"in_size must be (N, H, W, C); got {in_size!r}")
     height, width = int(in_size[1]), int(in_size[2])
     size = _pair("bsize", bsize, 1)
-    kernel = _pair("ksize", tuple(ksize)[:2] if not isinstance(ksize, (int, np.integer))
-                   else ksize, 1)
+    if not isinstance(ksize, (int, np.integer)) and len(tuple(ksize)) != 2:
+        raise ValueError(f"ksize must be an int or (kh, kw); got {tuple(ksize)} (a weight's "
+                         "shape is ambiguous: SBNet's is (kh, kw, Cin, Cout), sparsegrid's "
+                         "(Cout, Cin, kh, kw))")
+    kernel = _pair("ksize", ksize, 1)
     if not isinstance(strides, (int, np.integer)) and len(tuple(strides)) == 4:
         strides = tuple(strides)[1:3]
     stride = _pair("strides", strides, 1)
@@ -330,6 +335,11 @@ def sparse_conv2d(x, indices, weight, bias, params, strides=1, padding="SAME", y
     if not isinstance(padding, str) or padding.upper() not in ("SAME", "VALID"):
         raise ValueError(f"padding must be 'SAME' or 'VALID'; got {padding!r}")
     kernel = data_of(weight).shape[2:4]
+    expected = calc_block_params(data.shape, params.bsize, kernel, stride, padding)
+    if tuple(params) != tuple(expected):
+        raise ValueError(f"params {params} were not made for this convolution (kernel "
+                         f"{tuple(kernel)}, strides {stride}, padding {padding!r} on "
+                         f"{data.shape}: calc_block_params gives {expected})")
     blocks = sparse_gather(x, indices, params.bsize, params.boffset, params.bstrides)
     out = denseconv.conv(blocks, weight, bias, stride=stride, padding=0, layout="NHWC")
     if ybase is None:

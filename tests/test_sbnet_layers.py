@@ -50,7 +50,7 @@ def _dense_block(block, x):
 @pytest.mark.parametrize("image", [(2, 13, 11), (1, 16, 16), (3, 5, 7)])
 def test_res_block_equals_the_dense_block_on_active_tiles(rng, kind, block_size, image):
     nn.manual_seed(1)
-    block = nn.SparseResBlock(6, 3, kind=kind, block_size=block_size).double()
+    block = nn.SparseResBlock(6, 3 if kind == "bottleneck" else None, kind=kind, block_size=block_size).double()
     _randomise_norms(block, rng)
     block.eval()
     x = rng.standard_normal((*image, 6))
@@ -110,7 +110,7 @@ def test_res_block_gradients(rng):
     (batch statistics over the gathered pixels) and evaluation mode."""
     nn.manual_seed(3)
     for kind in ("bottleneck", "basic"):
-        block = nn.SparseResBlock(3, 4, kind=kind, block_size=6).double()
+        block = nn.SparseResBlock(3, 4 if kind == "bottleneck" else None, kind=kind, block_size=6).double()
         _randomise_norms(block, rng)
         x = rng.standard_normal((1, 7, 6, 3))
         indices = block.active_blocks(rng.random((1, 7, 6)) < 0.3, x.shape)
@@ -181,7 +181,7 @@ def test_calc_block_params_covers_every_output_pixel():
         assert all(c * t >= o for c, t, o in zip(p.bcount, p.bsize_out, out))
         assert all((c - 1) * t < o for c, t, o in zip(p.bcount, p.bsize_out, out))
         assert p.bstrides == tuple(t * s for t in p.bsize_out)
-    assert sbnet.calc_block_params((1, 10, 10, 1), 6, (3, 3, 8, 8), (1, 1, 1, 1)) == \
+    assert sbnet.calc_block_params((1, 10, 10, 1), 6, (3, 3), (1, 1, 1, 1)) == \
         sbnet.BlockParams((6, 6), (4, 4), (-1, -1), (3, 3), (4, 4))
 
 
@@ -292,3 +292,27 @@ def test_sbnet_layers_between_submanifold_layers(rng):
         sbnet.from_sparse(dense_map)
     with pytest.raises(ValueError, match="dense must be"):
         sbnet.to_sparse(np.zeros((1, 5, 5, 8)), h)
+
+
+def test_review_regressions(rng):
+    """Mismatched params, an ambiguous ksize, a mask of the wrong shape, out-of-range
+    block numbers, far-apart distinct blocks, a kernel larger than the block."""
+    x = rng.standard_normal((1, 8, 8, 2))
+    w = rng.standard_normal((4, 2, 3, 3))
+    valid = sbnet.calc_block_params(x.shape, 6, 3, 1, "VALID")
+    idx = np.array([[0, 0, 0]], np.int32)
+    with pytest.raises(ValueError, match="were not made for this convolution"):
+        sbnet.sparse_conv2d(x, idx, w, None, valid, 1, "SAME")
+    with pytest.raises(ValueError, match="ksize must be an int or"):
+        sbnet.calc_block_params(x.shape, 6, w.shape)
+    block = nn.SparseResBlock(2, 1, block_size=6)
+    with pytest.raises(ValueError, match="mask must have shape"):
+        block(x.astype(np.float32), mask=np.ones((1, 5, 5), bool))
+    with pytest.raises(ValueError, match="below 2\\*\\*31"):
+        sbnet.sparse_gather(x, np.array([[0, 2**32, 0]], np.int64), 2, 0, 2)
+    far = np.array([[0, 0, 2**21], [0, 1, 0]], np.int64)      # distinct: no false alarm
+    assert sbnet.sparse_gather(x, far, 2, 0, 2).shape == (2, 2, 2, 2)
+    with pytest.raises(ValueError, match="at least the kernel size"):
+        nn.BlockSparseConv2d(2, 2, 5, block_size=4)
+    with pytest.raises(ValueError, match="has no mid_channels"):
+        nn.SparseResBlock(4, 2, kind="basic")

@@ -81,7 +81,14 @@ class _BlockLayer(Module):
         if (indices is None) == (mask is None):
             raise ValueError(f"{type(self).__name__} needs exactly one of indices (from "
                              "active_blocks) or mask")
-        return self.active_blocks(mask, data_of(x).shape) if indices is None else indices
+        if indices is not None:
+            return indices
+        shape, mask_shape = data_of(x).shape, data_of(mask).shape
+        if tuple(mask_shape[:3]) != tuple(shape[:3]) or len(mask_shape) not in (3, 4):
+            raise ValueError(f"{type(self).__name__} mask must have shape {tuple(shape[:3])} "
+                             f"(or with a trailing 1) for input {tuple(shape)}; got "
+                             f"{tuple(mask_shape)}")
+        return self.active_blocks(mask, shape)
 
 
 class BlockSparseConv2d(_BlockLayer):
@@ -105,6 +112,9 @@ class BlockSparseConv2d(_BlockLayer):
             raise ValueError(f"{owner} padding must be 'SAME' or 'VALID'; got {padding!r}")
         self.padding = padding.upper()
         self._setup(block_size, tol, avgpool)
+        if any(b < k for b, k in zip(self.block_size, self.kernel_size)):
+            raise ValueError(f"{owner} block_size {self.block_size} must be at least the "
+                             f"kernel size {self.kernel_size}")
         self.weight = Parameter(_conv_weight(self.out_channels, self.in_channels,
                                              *self.kernel_size))
         bound = 1.0 / math.sqrt(self.in_channels * math.prod(self.kernel_size))
@@ -147,8 +157,13 @@ class SparseResBlock(_BlockLayer):
         if kind not in ("bottleneck", "basic"):
             raise ValueError(f"{owner} kind must be 'bottleneck' or 'basic'; got {kind!r}")
         self.kind = kind
+        if kind == "basic" and mid_channels is not None:
+            raise ValueError(f"{owner}(kind='basic') has no mid_channels (both 3x3 "
+                             f"convolutions are {self.channels} -> {self.channels}); got "
+                             f"{mid_channels}")
         self.mid_channels = _int_arg(owner, "mid_channels", mid_channels if mid_channels
-                                     is not None else max(self.channels // 4, 1))
+                                     is not None else max(self.channels // 4, 1)) \
+            if kind == "bottleneck" else self.channels
         self._setup(block_size, tol, avgpool)
         self.inplace = _flag_arg(owner, "inplace", inplace)
         halo = 1 if kind == "bottleneck" else 2
