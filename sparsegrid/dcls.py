@@ -45,7 +45,7 @@ backward pass is two GEMMs of the same size and per-axis reductions.
 
 The construct-free path (:func:`dcls_conv` ``method='construct_free'``, bilinear versions):
 every tap's ``2^D`` integer corners and coefficients, grouped by kernel cell; one
-denseconv GEMM per distinct touched cell (:func:`touched_offsets`) instead of one per
+denseconv GEMM per distinct touched cell (:func:`touched_kernel_cells`) instead of one per
 cell of the dilated kernel; the same results to rounding. ``method='auto'`` takes it when
 at most :data:`AUTO_TOUCHED_FRACTION` of the cells are touched ('gauss' / 'max' touch
 every cell: always constructed).
@@ -62,7 +62,7 @@ from . import backend, denseconv
 from .autodiff.core import Tensor, data_of, record
 
 __all__ = ["METHODS", "VERSIONS", "construct_kernel", "dcls_conv", "from_dcls_positions",
-           "position_limits", "touched_offsets"]
+           "position_limits", "touched_kernel_cells"]
 
 #: The interpolations of :func:`construct_kernel`.
 VERSIONS = ("v0", "v1", "gauss", "max")
@@ -408,11 +408,13 @@ def dcls_conv(x, weight, P, SIG, bias, dilated_kernel_size, stride=1, padding=0,
         ``'v1'`` only) spreads each tap onto its ``2^D`` integer corners, groups the (tap,
         corner) pairs by kernel offset and runs one GEMM per distinct offset touched by
         some filter, on shifted views of the padded input: the cost follows the number of
-        touched offsets (:func:`touched_offsets`), not ``prod(n)``; same result to
+        touched offsets (:func:`touched_kernel_cells`), not ``prod(n)``; same result to
         rounding, same gradients. ``'auto'`` (default) takes construct-free when the
         version is bilinear and at most :data:`AUTO_TOUCHED_FRACTION` of the cells are
         touched, else construct (``'gauss'`` / ``'max'`` touch every cell: always
-        construct). Deciding costs one host read of the touched offsets (bilinear only).
+        construct). Deciding costs one host read of the touched offsets (bilinear only); the
+        construct-free path itself reads a few sizes back on a GPU (the touched cells,
+        boolean selections), so it pays off on large kernels, not tiny ones.
 
     Returns
     -------
@@ -456,13 +458,13 @@ def dcls_conv(x, weight, P, SIG, bias, dilated_kernel_size, stride=1, padding=0,
                           groups=groups, layout=layout)
 
 
-def touched_offsets(P, dilated_kernel_size, version="v1"):
+def touched_kernel_cells(P, dilated_kernel_size, version="v1"):
     """The integer kernel offsets (cells of the dilated kernel, as a ``(S, D)`` int array,
     row-major order) that some tap of a bilinear version touches: the cells the
     construct-free path of :func:`dcls_conv` runs one GEMM for. ``P`` as
     :func:`construct_kernel`'s (a ``'v1'`` tap at an integer position touches one cell, a
     ``'v0'`` tap also the next one: its position gradient lives there)."""
-    where = "touched_offsets"
+    where = "touched_kernel_cells"
     version = _version(version, where)
     if version not in CONSTRUCT_FREE_VERSIONS:
         raise ValueError(f"{where}: version must be one of {CONSTRUCT_FREE_VERSIONS}; got "
@@ -562,7 +564,11 @@ def _compact_kernel(weight, P, corners):
         a = w2
     profile = corners.expand(corners.coef)                           # (B, KC, 2^D)
     values = (a[..., None] * profile)[corners.keep]
-    kernel = xp.bincount(corners.key, weights=values, minlength=b * s).astype(w.dtype)
+    # per cell, the sum of its (tap, corner) terms: a segment sum in float64, in term order
+    # (deterministic on every backend; CuPy's bincount with weights adds with atomics)
+    kernel, _ = backend.kernels(values).segment_reduce(
+        values.astype(np.float64).reshape(-1, 1), corners.key, b * s, "sum")
+    kernel = kernel.reshape(-1).astype(w.dtype)
     kernel = kernel.reshape(cout, cin_g, s)
     inputs = (weight, P)
     if not any(isinstance(v, Tensor) for v in inputs):

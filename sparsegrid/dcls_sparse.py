@@ -92,8 +92,10 @@ def touched_cells(P, SIG, dilated_kernel_size, version="v1"):
     if version == "gauss":
         return np.arange(total, dtype=np.int64)
     d = len(sizes)
-    q = p.reshape(d, -1).astype(np.float64) + np.array([n // 2 for n in sizes],
-                                                       np.float64)[:, None]
+    # the tap positions in P's own dtype, as construct_kernel computes them (a float32 P
+    # just below an integer rounds onto it there), then widened
+    q = (p.reshape(d, -1) + np.array([n // 2 for n in sizes], p.dtype)[:, None]).astype(
+        np.float64)
     if not np.isfinite(q).all():
         raise ValueError(f"{where}: P holds NaN or inf")
     if version == "max":
@@ -227,7 +229,7 @@ def submanifold_dcls(x, weight, P, SIG, bias, dilated_kernel_size, version="v1",
     else:
         flat = kernel.reshape(shape).transpose(axes)
         sliced = xp.ascontiguousarray(flat if rows is None else flat[rows])
-    rulebook = x.grid.lattice(x.sites, offsets, "dcls", op=where)
+    rulebook = x.grid.lattice(x.sites, offsets, "dcls", op=where, keep_latest=True)
     from .functional import _convolve
     return x.with_features(_convolve(x, sliced, bias, rulebook))
 

@@ -175,13 +175,20 @@ class Grid:
 
         return self._cached((sites.uid, "strided", filter_size, stride), build)
 
-    def lattice(self, sites, offsets, name, *, op="Grid.lattice"):
+    def lattice(self, sites, offsets, name, *, op="Grid.lattice", keep_latest=False):
         """Rulebook of a submanifold convolution over an explicit offset list (K, D).
 
         ``input = output + offsets[k]``; ``name`` identifies the offset set in the cache
-        (for example ``'permutohedral'``).
+        (for example ``'permutohedral'``). ``keep_latest``: the grid keeps one offset list
+        per (sites, name) -- a new list replaces the previous one's rulebook, so offsets
+        that change during training (learnable positions) do not accumulate rulebooks.
         """
         offsets = tuple(tuple(int(v) for v in row) for row in offsets)
+        if keep_latest:
+            stale = [key for key in self._rulebooks if key[:3] == (sites.uid, "lattice", name)
+                     and key[3] != offsets]
+            for key in stale:
+                del self._rulebooks[key]
 
         def build():
             check_rulebook_size(op, len(offsets), len(sites))

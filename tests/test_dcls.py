@@ -812,8 +812,8 @@ def test_auto_takes_construct_free_when_few_offsets_are_touched(rng, monkeypatch
     weight = rng.standard_normal((2, 2, 3))
     P = np.zeros((2, 2, 2, 3))
     P[0, ..., 1], P[1, ..., 2] = 7, -9                   # 3 cells of 961
-    assert dcls.touched_offsets(P, sizes, "v1").tolist() == [[15, 6], [15, 15], [22, 15]]
-    assert len(dcls.touched_offsets(P, sizes, "v0")) == 12    # + the next cells (gradient)
+    assert dcls.touched_kernel_cells(P, sizes, "v1").tolist() == [[15, 6], [15, 15], [22, 15]]
+    assert len(dcls.touched_kernel_cells(P, sizes, "v0")) == 12    # + the next cells (gradient)
     x = rng.standard_normal((1, 2, 33, 33))
     calls = []
     real = dcls._offset_conv

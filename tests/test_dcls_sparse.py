@@ -199,7 +199,12 @@ def test_rulebook_cache_reused_while_offsets_unchanged(rng):
     assert next(iter(x.grid._rulebooks.values())) is next(iter(cached.values()))
     layer.P.data[...] = 2.5                     # the taps moved to other cells
     layer(x)
-    assert len(x.grid._rulebooks) == 2
+    assert len(x.grid._rulebooks) == 1          # the new offsets replaced the old ones
+    assert next(iter(x.grid._rulebooks.values())) is not next(iter(cached.values()))
+    for step in range(5):                       # moving taps never pile up rulebooks
+        layer.P.data[...] = -3.5 + step
+        layer(x)
+        assert len(x.grid._rulebooks) == 1
 
 
 def test_gpu_matches_cpu(gpu_device, rng):
@@ -276,3 +281,26 @@ def test_example_learns_the_positions(tmp_path):
     assert np.abs(learned - true).max() < 1.0, result.stdout
     data = png.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and b"IEND" in data
+
+
+def test_float32_position_just_below_an_integer_touches_the_cells_it_uses(rng):
+    """A float32 P of -1e-8 rounds onto 0 in float32 (as construct_kernel computes it):
+    the touched cells must be those of the rounded position, or the 'v0' position gradient
+    (carried by the next cell up) is lost."""
+    sizes = (15,)
+    x = random_sparse(rng, (31,), 1, 12, batch=1, dtype=np.float32)
+    weight = np.ones((1, 1, 1), np.float32)
+    P = np.full((1, 1, 1, 1), -1e-8, np.float32)
+    grads = []
+    for sparse in (True, False):
+        p = ad.Tensor(P.copy(), requires_grad=True)
+        if sparse:
+            out = submanifold_dcls(x, weight, p, None, None, sizes, "v0").features
+        else:
+            dense = dcls.dcls_conv(x.to_dense(), weight, p, None, None, sizes, padding=7,
+                                   version="v0")
+            idx = np.asarray(x.indices)
+            out = ad.getitem(dense, (idx[:, 0], slice(None), idx[:, 1]))
+        ad.sum(out * out).backward()
+        grads.append(np.asarray(p.grad))
+    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)

@@ -170,7 +170,7 @@ class _DclsNd(Module):
     # -- DCLS's methods ---------------------------------------------------------------------
     def clamp_parameters(self):
         """Keep the parameters where DCLS keeps them (call after each optimizer step):
-        ``P[d]`` clamped into ``[-n_d // 2, n_d // 2]`` (:func:`sparsegrid.dcls.position_
+        ``P[d]`` clamped into ``[-(n_d // 2), n_d // 2]`` (:func:`sparsegrid.dcls.position_
         limits`), and ``SIG`` replaced by ``|SIG|`` -- the constructions use ``|SIG|``
         (plus 0.27 or 1), so the spread stays positive and no kernel changes. In place;
         returns self."""

@@ -93,7 +93,7 @@ class SubmanifoldDcls(Module):
             if has_bias else None
 
     def clamp_parameters(self):
-        """``P[d]`` clamped into ``[-n_d // 2, n_d // 2]`` and ``SIG`` made ``|SIG|``, in
+        """``P[d]`` clamped into ``[-(n_d // 2), n_d // 2]`` and ``SIG`` made ``|SIG|``, in
         place (as DCLS, after each optimizer step); returns self."""
         p = self.P.data
         xp = backend.array_namespace(p)
