@@ -113,8 +113,30 @@ def _geometry(block_size, block_offset, block_stride):
             _pair("bstride", block_stride, 1))
 
 
+_LONG_NAMES = {"block_size": "bsize", "block_offset": "boffset", "block_stride": "bstride",
+               "base": "ybase"}
+
+
+def _long_names(function):
+    """Accept the spelled-out keywords (``block_size``, ``block_offset``, ``block_stride``,
+    ``base``) beside SBNet's (``bsize``, ``boffset``, ``bstride``, ``ybase``)."""
+    import functools
+
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        for long, short in _LONG_NAMES.items():
+            if long in kwargs:
+                if short in kwargs:
+                    raise TypeError(f"{function.__name__}() got both {long} and {short} (the "
+                                    "same argument)")
+                kwargs[short] = kwargs.pop(long)
+        return function(*args, **kwargs)
+    return call
+
+
 # -- reduce_mask ---------------------------------------------------------------------------
 
+@_long_names
 def reduce_mask(mask, block_count, bsize, boffset, bstride, tol=0.5, avgpool=False):
     """Active blocks of a mask: int32 (n_blocks, 3) of (n, bh, bw), n-major, bh, bw.
 
@@ -177,6 +199,7 @@ def _from_blocks_layout(blocks, transpose):
     return xp.ascontiguousarray(blocks.transpose(0, 3, 1, 2)) if transpose else blocks
 
 
+@_long_names
 def sparse_gather(x, indices, bsize, boffset, bstride, transpose=False):
     """The blocks of NHWC ``x`` named by ``indices``: (nb, BH, BW, C), or (nb, C, BH, BW)
     with ``transpose``. Out-of-image pixels are zero; blocks may overlap.
@@ -199,6 +222,7 @@ def sparse_gather(x, indices, bsize, boffset, bstride, transpose=False):
     return _differentiable(out, (x,), vjp)
 
 
+@_long_names
 def sparse_scatter(blocks, indices, ybase, bsize, boffset, bstride, add=False,
                    transpose=False, inplace=False):
     """A copy of ``ybase`` (N, H, W, C) with the blocks (nb, BH, BW, C) -- (nb, C, BH, BW)

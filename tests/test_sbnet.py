@@ -210,3 +210,18 @@ def test_block_ops_on_the_gpu_are_the_cpus(rng, gpu_device):
             np.testing.assert_allclose(outs[1], outs[0], rtol=1e-12)   # same order: same bits
             np.testing.assert_allclose(backend.to_numpy(xg.grad), xc.grad, rtol=1e-12)
             xg.grad = xc.grad = None
+
+
+def test_spelled_out_keywords_are_sbnets():
+    x = np.arange(32.0).reshape(1, 4, 4, 2)
+    idx = np.array([[0, 1, 1]], np.int32)
+    short = sbnet.sparse_gather(x, idx, bsize=2, boffset=0, bstride=2)
+    long_ = sbnet.sparse_gather(x, idx, block_size=2, block_offset=0, block_stride=2)
+    np.testing.assert_array_equal(short, long_)
+    y = sbnet.sparse_scatter(short, idx, base=x, block_size=2, block_offset=0,
+                             block_stride=2, add=True)
+    np.testing.assert_array_equal(y, sbnet.sparse_scatter(short, idx, x, 2, 0, 2, add=True))
+    assert sbnet.reduce_mask(np.ones((1, 4, 4)), (2, 2), block_size=2, block_offset=0,
+                             block_stride=2).shape == (4, 3)
+    with pytest.raises(TypeError, match="both block_size and bsize"):
+        sbnet.sparse_gather(x, idx, bsize=2, block_size=2, boffset=0, bstride=2)
