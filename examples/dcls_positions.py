@@ -18,10 +18,7 @@ the last rows.
 from __future__ import annotations
 
 import argparse
-import pathlib
-import struct
 import time
-import zlib
 
 import numpy as np
 
@@ -29,25 +26,11 @@ import sparsegrid.nn as nn
 from sparsegrid import autodiff as ad
 from sparsegrid import denseconv
 from sparsegrid.nn.optim import Adam
+from png import write_png  # examples/png.py
 
 SIZE = 31
 TRUE_CELLS = (4, 18, 27)
 TRUE_WEIGHTS = (1.0, -0.8, 0.6)
-
-
-def write_png(path, rgb):
-    """An 8-bit RGB PNG of an (H, W, 3) uint8 array (as examples/sbnet_lidar.py)."""
-    height, width, _ = rgb.shape
-    raw = b"".join(b"\x00" + rgb[row].tobytes() for row in range(height))
-
-    def chunk(kind, data):
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2,
-                                                            0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
-    pathlib.Path(path).write_bytes(png)
 
 
 def picture(rows, scale=8):

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import struct
 import sys
 import time
-import zlib
 
 import numpy as np
 
@@ -26,6 +24,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchma
 
 import sparsegrid.nn as nn  # noqa: E402
 from sparsegrid import denseconv  # noqa: E402
+from png import write_png  # noqa: E402 - examples/png.py
 
 
 def bird_eye_mask(cell=0.2):
@@ -44,21 +43,6 @@ def bird_eye_mask(cell=0.2):
         for dx in range(3):
             grown |= padded[dy:dy + height, dx:dx + width]
     return grown[None]
-
-
-def write_png(path, rgb):
-    """An 8-bit RGB PNG of an (H, W, 3) uint8 array."""
-    height, width, _ = rgb.shape
-    raw = b"".join(b"\x00" + rgb[row].tobytes() for row in range(height))
-
-    def chunk(kind, data):
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2,
-                                                            0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
-    pathlib.Path(path).write_bytes(png)
 
 
 def picture(mask, indices, params):

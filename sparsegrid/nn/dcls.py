@@ -47,6 +47,52 @@ def _version_arg(owner, version):
     return version
 
 
+def dcls_parameters(out_channels, cin_per_group, kernel_count, dilated_kernel_size, version,
+                    bias=True):
+    """dcls 0.1.1's initial parameters, float32: ``(weight, P, SIG, bias)`` Parameters (SIG
+    None for 'v0'/'v1', bias None without one). weight (Cout, Cin/g, KC) kaiming-uniform
+    (a = sqrt(5)): U(-b, b), b = 1 / sqrt(Cin/g * KC), the bias the same bound (PyTorch's
+    convolution bias); P (D, Cout, Cin/g, KC) ~ N(0, 0.5) clamped into the kernel; SIG
+    0.23 ('gauss') or 0 ('max'). Shared by the dense and the sparse DCLS layers."""
+    d = len(dilated_kernel_size)
+    shape = (out_channels, cin_per_group, kernel_count)
+    rng = default_rng()
+    bound = 1.0 / math.sqrt(cin_per_group * kernel_count)
+    weight = Parameter(rng.uniform(-bound, bound, shape).astype(np.float32))
+    positions = rng.standard_normal((d,) + shape) * P_INIT_STD
+    for axis, lim in enumerate(dcls.position_limits(dilated_kernel_size)):
+        positions[axis] = np.clip(positions[axis], -lim, lim)
+    P = Parameter(positions.astype(np.float32))
+    SIG = Parameter(np.full((d,) + shape, SIG_INIT[version], np.float32)) \
+        if version in SIG_INIT else None
+    b = Parameter(rng.uniform(-bound, bound, out_channels).astype(np.float32)) if bias \
+        else None
+    return weight, P, SIG, b
+
+
+def batched_input(module, x, padding, padding_mode):
+    """``(x as a batched Tensor, unbatched, padding left for the convolution)`` for the
+    DCLS layers' ``(N, C, S...)`` or unbatched ``(C, S...)`` input; non-zero padding modes
+    are applied here."""
+    data = data_of(x)
+    owner = type(module).__name__
+    if not hasattr(data, "ndim"):
+        raise TypeError(f"{owner}: x must be a NumPy/CuPy array or a Tensor; got "
+                        f"{type(x).__name__}")
+    module._check_device(backend.device_of(data), "x")
+    d = module._ndim
+    if data.ndim not in (d + 1, d + 2):
+        raise ValueError(f"{owner}: x must be (N, C, S1, ..., S{d}) or (C, S1, ..., S{d}); "
+                         f"got shape {tuple(data.shape)}")
+    x = x if isinstance(x, Tensor) else Tensor(x)
+    unbatched = data.ndim == d + 1
+    if unbatched:
+        x = ops.reshape(x, (1,) + tuple(data.shape))
+    if padding_mode != "zeros":
+        return _pad(x, padding, padding_mode), unbatched, 0
+    return x, unbatched, padding
+
+
 class _ConstructKernelNd(Module):
     """dcls's ``ConstructKernel{1,2,3}d(out_channels, in_channels, groups, kernel_count,
     dilated_kernel_size, version)``: ``forward(W, P, SIG)`` is
@@ -147,23 +193,9 @@ class _DclsNd(Module):
         #: per forward; set False to skip it, e.g. on a GPU once training is trusted)
         self.check_range = True
 
-        cin_g = self.in_channels // self.groups
-        shape = (self.out_channels, cin_g, self.kernel_count)
-        rng = default_rng()
-        # kaiming_uniform(a=sqrt(5)) on (Cout, Cin/g, KC): U(-b, b), b = 1 / sqrt(fan_in),
-        # fan_in = Cin/g * KC; the bias: the same bound (PyTorch's convolution bias)
-        bound = 1.0 / math.sqrt(cin_g * self.kernel_count)
-        self.weight = Parameter(rng.uniform(-bound, bound, shape).astype(np.float32))
-        positions = rng.standard_normal((d,) + shape) * P_INIT_STD
-        for axis, lim in enumerate(dcls.position_limits(self.dilated_kernel_size)):
-            positions[axis] = np.clip(positions[axis], -lim, lim)
-        self.P = Parameter(positions.astype(np.float32))
-        if self.version in SIG_INIT:
-            self.SIG = Parameter(np.full((d,) + shape, SIG_INIT[self.version], np.float32))
-        else:
-            self.SIG = None
-        self.bias = Parameter(rng.uniform(-bound, bound, self.out_channels).astype(
-            np.float32)) if has_bias else None
+        self.weight, self.P, self.SIG, self.bias = dcls_parameters(
+            self.out_channels, self.in_channels // self.groups, self.kernel_count,
+            self.dilated_kernel_size, self.version, has_bias)
         self.DCK = self._construct(self.out_channels, self.in_channels, self.groups,
                                    self.kernel_count, self.dilated_kernel_size, self.version)
 
@@ -190,23 +222,7 @@ class _DclsNd(Module):
     def forward(self, x):
         """``x``: ``(N, Cin, S1, ..., SD)`` or, unbatched, ``(Cin, S1, ..., SD)`` (array
         or Tensor); returns the convolution as a Tensor."""
-        data = data_of(x)
-        if not hasattr(data, "ndim"):
-            raise TypeError(f"{type(self).__name__}: x must be a NumPy/CuPy array or a "
-                            f"Tensor; got {type(x).__name__}")
-        self._check_device(backend.device_of(data), "x")
-        d = self._ndim
-        if data.ndim not in (d + 1, d + 2):
-            raise ValueError(f"{type(self).__name__}: x must be (N, C, S1, ..., S{d}) or "
-                             f"(C, S1, ..., S{d}); got shape {tuple(data.shape)}")
-        x = x if isinstance(x, Tensor) else Tensor(x)
-        unbatched = data.ndim == d + 1
-        if unbatched:
-            x = ops.reshape(x, (1,) + tuple(data.shape))
-        padding = self.padding
-        if self.padding_mode != "zeros":
-            x = _pad(x, self.padding, self.padding_mode)
-            padding = 0
+        x, unbatched, padding = batched_input(self, x, self.padding, self.padding_mode)
         out = dcls.dcls_conv(x, self.weight, self.P, self.SIG, self.bias,
                              self.dilated_kernel_size, self.stride, padding, self.groups,
                              self.version, self.check_range)

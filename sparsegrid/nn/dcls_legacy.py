@@ -42,8 +42,7 @@ import numpy as np
 
 from .. import backend, dcls
 from ..autodiff import ops
-from ..autodiff.core import Tensor, data_of
-from .dcls import PADDING_MODES, _host_array, _pad, _per_axis
+from .dcls import PADDING_MODES, _host_array, _per_axis, batched_input
 from .layers import _flag_arg, _int_arg
 from .module import Module, Parameter, default_rng
 
@@ -157,24 +156,7 @@ class _LegacyDclsNd(Module):
 
     def forward(self, x):
         """``x``: ``(N, Cin, S1, ..., SD)`` or unbatched ``(Cin, S1, ..., SD)``."""
-        data = data_of(x)
-        owner = type(self).__name__
-        if not hasattr(data, "ndim"):
-            raise TypeError(f"{owner}: x must be a NumPy/CuPy array or a Tensor; got "
-                            f"{type(x).__name__}")
-        self._check_device(backend.device_of(data), "x")
-        d = self._ndim
-        if data.ndim not in (d + 1, d + 2):
-            raise ValueError(f"{owner}: x must be (N, C, S1, ..., S{d}) or (C, S1, ..., "
-                             f"S{d}); got shape {tuple(data.shape)}")
-        x = x if isinstance(x, Tensor) else Tensor(x)
-        unbatched = data.ndim == d + 1
-        if unbatched:
-            x = ops.reshape(x, (1,) + tuple(data.shape))
-        padding = self.padding
-        if self.padding_mode != "zeros":
-            x = _pad(x, self.padding, self.padding_mode)
-            padding = 0
+        x, unbatched, padding = batched_input(self, x, self.padding, self.padding_mode)
         cout, cin_g = self.out_channels, self.in_channels // self.groups
         w = ops.reshape(self.weight, (cout, cin_g, -1))
         out = dcls.dcls_conv(x, w, self.dcls_positions(), None, self.bias,

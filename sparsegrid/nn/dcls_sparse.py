@@ -9,20 +9,17 @@ N(0, 0.5) clamped into the kernel, ``SIG`` (as P; 'gauss' 0.23, 'max' 0, None fo
 
 from __future__ import annotations
 
-import math
 
-import numpy as np
 
 from .. import backend, dcls
 from ..dcls_sparse import submanifold_dcls, touched_offsets
 from ..tensor import SparseTensor
+from .dcls import dcls_parameters
 from .layers import _dimension, _flag_arg, _int_arg
-from .module import Module, Parameter, default_rng
+from .module import Module
 
 __all__ = ["SubmanifoldDcls"]
 
-P_INIT_STD = 0.5                               # as sparsegrid.nn.dcls (dcls 0.1.1)
-SIG_INIT = {"gauss": 0.23, "max": 0.0}
 
 
 def _sizes(owner, value, ndim):
@@ -75,22 +72,9 @@ class SubmanifoldDcls(Module):
         has_bias = _flag_arg(owner, "bias", bias, none_is_false=True)
         #: construct_kernel's range check of P (one host read per forward)
         self.check_range = True
-        d = self.dimension
-        cin_g = self.nIn // self.groups
-        shape = (self.nOut, cin_g, self.kernel_count)
-        rng = default_rng()
-        bound = 1.0 / math.sqrt(cin_g * self.kernel_count)
-        self.weight = Parameter(rng.uniform(-bound, bound, shape).astype(np.float32))
-        positions = rng.standard_normal((d,) + shape) * P_INIT_STD
-        for axis, lim in enumerate(dcls.position_limits(self.dilated_kernel_size)):
-            positions[axis] = np.clip(positions[axis], -lim, lim)
-        self.P = Parameter(positions.astype(np.float32))
-        if self.version in SIG_INIT:
-            self.SIG = Parameter(np.full((d,) + shape, SIG_INIT[self.version], np.float32))
-        else:
-            self.SIG = None
-        self.bias = Parameter(rng.uniform(-bound, bound, self.nOut).astype(np.float32)) \
-            if has_bias else None
+        self.weight, self.P, self.SIG, self.bias = dcls_parameters(
+            self.nOut, self.nIn // self.groups, self.kernel_count, self.dilated_kernel_size,
+            self.version, has_bias)
 
     def clamp_parameters(self):
         """``P[d]`` clamped into ``[-(n_d // 2), n_d // 2]`` and ``SIG`` made ``|SIG|``, in
