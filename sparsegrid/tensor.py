@@ -213,6 +213,22 @@ class SparseTensor:
         """This tensor with NumPy arrays (``self`` when it is on the CPU); see :meth:`to`."""
         return self.to("cpu")
 
+    # -- files ------------------------------------------------------------------------------
+    def save(self, path):
+        """Write this tensor to an ``.npz`` file (atomically; CuPy arrays saved as NumPy,
+        autodiff features as their values): :func:`sparsegrid.io.save_tensor`."""
+        from .io import save_tensor
+        save_tensor(path, self)
+
+    @classmethod
+    def load(cls, path, device=None):
+        """A tensor read from a file of :meth:`save` (NumPy, or on ``device``), validated
+        as the constructor does; foreign, truncated or malformed files raise
+        :class:`sparsegrid.io.FileFormatError` (a ValueError):
+        :func:`sparsegrid.io.load_tensor`."""
+        from .io import load_tensor
+        return load_tensor(path, device)
+
     # -- SparseConvNet compatibility ------------------------------------------------------
     @property
     def spatial_size(self):

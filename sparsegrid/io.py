@@ -1,0 +1,627 @@
+"""Files: PLY point clouds (read and write, no dependency) and SparseTensor ``.npz`` files.
+
+PLY (:func:`write_ply`, :func:`read_ply`)
+    Binary little-endian, binary big-endian (read only) and ASCII; vertex ``x y z``,
+    ``red green blue`` (uchar), ``label`` (int) and any other scalar vertex property;
+    comments and ``obj_info`` lines; other elements (faces, edges, ...) skipped. Written
+    as MeshLab and CloudCompare expect: ``x y z`` float (float32 by default, double on
+    request), ``red green blue`` uchar, ``label`` int.
+
+SparseTensor files (:func:`save_tensor`, :func:`load_tensor`)
+    An uncompressed ``.npz`` that plain ``numpy.load(path)`` reads (no pickle), members
+    ``format`` (the string ``"sparsegrid.SparseTensor"``), ``version`` (int64, 1),
+    ``indices`` (int32 (N, 1 + D)), ``features`` ((N, C) float32 or float64),
+    ``spatial_shape`` (int64 (D,)) and ``batch_size`` (int64 scalar).
+
+Every file is written atomically (a hidden temporary in the destination folder, flushed
+to disk, then :func:`os.replace`), so an interrupted write leaves the previous file (or
+none), never a truncated one. Every malformed, truncated or foreign file is refused with
+a :class:`FileFormatError` (a ValueError) naming the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+
+import numpy as np
+
+from . import backend
+from .autodiff.core import data_of
+
+__all__ = ["FileFormatError", "write_ply", "read_ply", "tensor_to_points", "save_tensor",
+           "load_tensor", "TENSOR_FORMAT", "TENSOR_VERSION"]
+
+TENSOR_FORMAT = "sparsegrid.SparseTensor"
+TENSOR_VERSION = 1
+
+
+class FileFormatError(ValueError):
+    """A file that is malformed, truncated, of another kind or of a newer version."""
+
+
+# -- atomic writes -------------------------------------------------------------------------
+def _umask():
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def _atomic_write(path, write):
+    """Call ``write(binary_file)`` on a temporary next to ``path``, flush and fsync it,
+    then rename it over ``path`` (the old file's permissions are kept)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.sparsegrid-",
+                               suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            mode = os.stat(path).st_mode & 0o7777
+        except OSError:
+            mode = 0o666 & ~_umask()
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename durable (POSIX)
+        dir_fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def _host(value, name):
+    """A NumPy array from a NumPy/CuPy array, an autodiff Tensor or array-like."""
+    value = data_of(value)
+    if backend.is_cupy_array(value):
+        return backend.to_numpy(value)
+    try:
+        return np.asarray(value)
+    except Exception as exc:
+        raise TypeError(f"{name} must be an array; got {type(value).__name__}") from exc
+
+
+# -- PLY -----------------------------------------------------------------------------------
+# PLY type name -> NumPy dtype (native-endian; byte order added per file)
+_PLY_TYPES = {
+    "char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1",
+    "short": "i2", "int16": "i2", "ushort": "u2", "uint16": "u2",
+    "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4",
+    "float": "f4", "float32": "f4", "double": "f8", "float64": "f8",
+}
+# NumPy dtype -> the PLY name written (the classic names every reader knows)
+_WRITE_NAMES = {"i1": "char", "u1": "uchar", "i2": "short", "u2": "ushort", "i4": "int",
+                "u4": "uint", "f4": "float", "f8": "double"}
+_FORMATS = {"ascii": None, "binary_little_endian": "<", "binary_big_endian": ">"}
+_RESERVED = ("x", "y", "z", "red", "green", "blue", "label")
+_NAME = re.compile(r"^[^\s]+$")
+_MAX_HEADER = 1 << 20
+
+
+def _ascii_format(code):
+    return {"f4": "%.9g", "f8": "%.17g"}.get(code, "%d")
+
+
+def _check_property_name(name):
+    if not isinstance(name, str) or not _NAME.match(name) or not name.isascii():
+        raise ValueError(f"PLY property names must be non-empty ASCII without whitespace; "
+                         f"got {name!r}")
+
+
+def _integer_column(values, name, n):
+    """An integer column narrowed to a PLY type (int64 must fit int32 / uint32)."""
+    if values.dtype == bool:
+        return values.astype(np.uint8)
+    code = values.dtype.str[1:]
+    if code in _WRITE_NAMES:
+        return values
+    target = np.int32 if np.issubdtype(values.dtype, np.signedinteger) else np.uint32
+    info = np.iinfo(target)
+    if not n or (info.min <= int(values.min()) and int(values.max()) <= info.max):
+        return values.astype(target)
+    raise ValueError(f"{name} holds values outside PLY's 32-bit integer types")
+
+
+def write_ply(path, points, colors=None, labels=None, properties=None, binary=True,
+              dtype=np.float32, comments=()):
+    """Write a point cloud as a PLY file (atomically; no dependency).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Destination, used exactly as given.
+    points : (N, 3) float array (NumPy, CuPy or an autodiff Tensor)
+        Written as ``x y z`` of type ``float`` (``dtype=np.float32``) or ``double``
+        (``dtype=np.float64``).
+    colors : (N, 3) integer array in [0, 255], optional
+        ``red green blue`` as ``uchar``. Floats are refused (scale and cast them first).
+    labels : (N,) integer array, optional
+        ``label`` as ``int`` (values must fit int32).
+    properties : mapping of name to (N,) array, optional
+        More scalar vertex properties, in the given order, each typed after its array:
+        int8..uint32 and float32/float64 as themselves, bool as uchar, int64/uint64 as
+        int/uint when the values fit (else ValueError). Names are ASCII without
+        whitespace and none of x, y, z, red, green, blue, label.
+    binary : bool
+        ``binary_little_endian`` (default) or ``ascii`` (floats written with enough
+        digits to read back exactly).
+    dtype : np.float32 or np.float64
+    comments : sequence of str
+        ``comment`` lines of the header (one line each).
+
+    Raises
+    ------
+    TypeError, ValueError
+        For wrong kinds, shapes, value ranges or names (naming the argument).
+    """
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be float32 or float64; got {dtype}")
+    points = _host(points, "points")
+    if points.ndim != 2 or points.shape[1] != 3:
+        raise ValueError(f"points must have shape (N, 3); got {points.shape}")
+    if not (np.issubdtype(points.dtype, np.floating) or np.issubdtype(points.dtype, np.integer)):
+        raise TypeError(f"points must be a float array; got dtype {points.dtype}")
+    n = len(points)
+    columns = [(axis, points[:, i].astype(dtype)) for i, axis in enumerate("xyz")]
+    if colors is not None:
+        colors = _host(colors, "colors")
+        if colors.ndim != 2 or colors.shape != (n, 3):
+            raise ValueError(f"colors must have shape ({n}, 3); got {colors.shape}")
+        if colors.dtype == bool or not np.issubdtype(colors.dtype, np.integer):
+            raise TypeError(f"colors must be an integer array in [0, 255] (uint8); got dtype "
+                            f"{colors.dtype} (scale floats and cast them first)")
+        if n and (int(colors.min()) < 0 or int(colors.max()) > 255):
+            raise ValueError("colors must lie in [0, 255]")
+        columns += [(c, colors[:, i].astype(np.uint8)) for i, c in
+                    enumerate(("red", "green", "blue"))]
+    if labels is not None:
+        labels = _host(labels, "labels")
+        if labels.shape != (n,):
+            raise ValueError(f"labels must have shape ({n},); got {labels.shape}")
+        if labels.dtype == bool or not np.issubdtype(labels.dtype, np.integer):
+            raise TypeError(f"labels must be an integer array; got dtype {labels.dtype}")
+        if n and (int(labels.min()) < np.iinfo(np.int32).min
+                  or int(labels.max()) > np.iinfo(np.int32).max):
+            raise ValueError("labels must fit int32 (PLY's 'int')")
+        columns.append(("label", labels.astype(np.int32)))
+    for name, values in dict(properties or {}).items():
+        _check_property_name(name)
+        if name in _RESERVED:
+            raise ValueError(f"property {name!r} is reserved (use points / colors / labels)")
+        if name in (c[0] for c in columns):
+            raise ValueError(f"property {name!r} given twice")
+        values = _host(values, f"properties[{name!r}]")
+        if values.shape != (n,):
+            raise ValueError(f"properties[{name!r}] must have shape ({n},); got "
+                             f"{values.shape}")
+        if np.issubdtype(values.dtype, np.floating):
+            values = values.astype(np.float64 if values.dtype == np.float64 else np.float32)
+        elif np.issubdtype(values.dtype, np.integer) or values.dtype == bool:
+            values = _integer_column(values, f"properties[{name!r}]", n)
+        else:
+            raise TypeError(f"properties[{name!r}] must be an integer, bool or float array; "
+                            f"got dtype {values.dtype}")
+        columns.append((name, values))
+    lines = ["ply", "format " + ("binary_little_endian" if binary else "ascii") + " 1.0"]
+    for comment in comments:
+        comment = str(comment)
+        if "\n" in comment or "\r" in comment or not comment.isascii():
+            raise ValueError(f"comments must be single ASCII lines; got {comment!r}")
+        lines.append(("comment " + comment).rstrip())
+    lines.append(f"element vertex {n}")
+    lines += [f"property {_WRITE_NAMES[v.dtype.str[1:]]} {name}" for name, v in columns]
+    lines.append("end_header")
+    header = ("\n".join(lines) + "\n").encode("ascii")
+
+    def write(f):
+        f.write(header)
+        if binary:
+            record = np.empty(n, dtype=[(name, "<" + v.dtype.str[1:]) for name, v in columns])
+            for name, v in columns:
+                record[name] = v
+            f.write(record.tobytes())
+        else:
+            fmt = " ".join(_ascii_format(v.dtype.str[1:]) for _, v in columns) + "\n"
+            lists = [v.tolist() for _, v in columns]
+            chunk = []
+            for row in zip(*lists):
+                chunk.append(fmt % row)
+                if len(chunk) == 65536:
+                    f.write("".join(chunk).encode("ascii"))
+                    chunk = []
+            f.write("".join(chunk).encode("ascii"))
+
+    _atomic_write(path, write)
+
+
+class _Element:
+    def __init__(self, name, count):
+        self.name, self.count, self.properties = name, count, []  # (name, type, count type)
+
+    @property
+    def has_lists(self):
+        return any(p[2] is not None for p in self.properties)
+
+
+def _parse_header(data, where):
+    """``(format, elements, comments, obj_info, data offset)`` of a PLY file's bytes."""
+    if not data.startswith(b"ply"):
+        raise FileFormatError(f"{where!r} is not a PLY file: it does not start with 'ply' "
+                              f"(found {data[:16]!r})")
+    end = re.search(rb"(?m)^end_header[ \t]*\r?\n", data[:_MAX_HEADER])
+    if end is None:
+        if len(data) < _MAX_HEADER and b"end_header" not in data:
+            raise FileFormatError(f"{where!r}: PLY header has no 'end_header' line "
+                                  "(truncated or not a PLY file)")
+        raise FileFormatError(f"{where!r}: PLY header has no 'end_header' line in its first "
+                              f"{_MAX_HEADER} bytes")
+    try:
+        text = data[:end.start()].decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise FileFormatError(f"{where!r}: PLY header is not ASCII ({exc})") from exc
+    lines = text.splitlines()
+    if lines[0].strip() != "ply":
+        raise FileFormatError(f"{where!r}: the first PLY header line must be 'ply'; got "
+                              f"{lines[0]!r}")
+    fmt, elements, comments, obj_info = None, [], [], []
+    for number, line in enumerate(lines[1:], start=2):
+        words = line.split()
+
+        def bad(why):
+            return FileFormatError(f"{where!r}: PLY header line {number} ({line!r}): {why}")
+
+        if not words:
+            continue
+        key = words[0]
+        if key == "comment":
+            comments.append(line.split(None, 1)[1] if len(words) > 1 else "")
+        elif key == "obj_info":
+            obj_info.append(line.split(None, 1)[1] if len(words) > 1 else "")
+        elif key == "format":
+            if fmt is not None:
+                raise bad("a second 'format' line")
+            if len(words) != 3 or words[1] not in _FORMATS:
+                raise bad("expected 'format ascii|binary_little_endian|binary_big_endian 1.0'")
+            if words[2] not in ("1.0", "1"):
+                raise bad(f"unsupported PLY version {words[2]}")
+            fmt = words[1]
+        elif key == "element":
+            if len(words) != 3 or not words[2].isdigit():
+                raise bad("expected 'element <name> <count>' with a count >= 0")
+            if any(e.name == words[1] for e in elements):
+                raise bad(f"element {words[1]!r} declared twice")
+            elements.append(_Element(words[1], int(words[2])))
+        elif key == "property":
+            if not elements:
+                raise bad("a property before any element")
+            if len(words) == 5 and words[1] == "list":
+                count_type, item_type, name = words[2], words[3], words[4]
+                if count_type not in _PLY_TYPES or item_type not in _PLY_TYPES:
+                    raise bad("unknown list type")
+                if _PLY_TYPES[count_type][0] == "f":
+                    raise bad("a list's count type must be an integer type")
+                prop = (name, _PLY_TYPES[item_type], _PLY_TYPES[count_type])
+            elif len(words) == 3 and words[1] != "list":
+                if words[1] not in _PLY_TYPES:
+                    raise bad(f"unknown property type {words[1]!r}")
+                prop = (words[2], _PLY_TYPES[words[1]], None)
+            else:
+                raise bad("expected 'property <type> <name>' or "
+                          "'property list <count type> <item type> <name>'")
+            if any(p[0] == prop[0] for p in elements[-1].properties):
+                raise bad(f"property {prop[0]!r} declared twice")
+            elements[-1].properties.append(prop)
+        else:
+            raise bad(f"unknown keyword {key!r}")
+    if fmt is None:
+        raise FileFormatError(f"{where!r}: PLY header has no 'format' line")
+    return fmt, elements, comments, obj_info, end.end()
+
+
+def _binary_skip_lists(data, offset, element, order, where):
+    """The offset after a binary element with list properties (walked row by row)."""
+    for row in range(element.count):
+        for name, code, count_code in element.properties:
+            if count_code is None:
+                offset += int(code[1])
+                continue
+            size = int(count_code[1])
+            if offset + size > len(data):
+                raise FileFormatError(f"{where!r}: PLY data truncated in element "
+                                      f"{element.name!r} row {row}")
+            count = int(np.frombuffer(data, order + count_code, 1, offset)[0])
+            if count < 0:
+                raise FileFormatError(f"{where!r}: element {element.name!r} row {row}: "
+                                      f"list {name!r} has a negative length {count}")
+            offset += size + count * int(code[1])
+        if offset > len(data):
+            raise FileFormatError(f"{where!r}: PLY data truncated in element "
+                                  f"{element.name!r} row {row}")
+    return offset
+
+
+def _read_binary(data, offset, elements, order, where):
+    for element in elements:
+        if element.name == "vertex":
+            if element.has_lists:
+                raise FileFormatError(f"{where!r}: list properties in the vertex element are "
+                                      "not supported")
+            dtype = np.dtype([(p[0], order + p[1]) for p in element.properties])
+            need = dtype.itemsize * element.count
+            if len(data) - offset < need:
+                raise FileFormatError(
+                    f"{where!r}: PLY data truncated: the {element.count} vertices need "
+                    f"{need} bytes at offset {offset}; the file has {len(data) - offset}")
+            record = np.frombuffer(data, dtype, element.count, offset)
+            return {p[0]: record[p[0]].astype(p[1]) for p in element.properties}
+        if element.has_lists:
+            offset = _binary_skip_lists(data, offset, element, order, where)
+        else:
+            offset += sum(int(p[1][1]) for p in element.properties) * element.count
+            if offset > len(data):
+                raise FileFormatError(f"{where!r}: PLY data truncated in element "
+                                      f"{element.name!r}")
+    raise FileFormatError(f"{where!r}: PLY file has no 'vertex' element")
+
+
+def _read_ascii(data, offset, elements, where):
+    try:
+        text = data[offset:].decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise FileFormatError(f"{where!r}: ASCII PLY body holds non-ASCII bytes ({exc})") from exc
+    lines = [line for line in text.splitlines() if line.strip()]
+    cursor = 0
+    vertex = None
+    for element in elements:
+        rows = lines[cursor:cursor + element.count]
+        if len(rows) < element.count:
+            raise FileFormatError(f"{where!r}: PLY data truncated: element {element.name!r} "
+                                  f"declares {element.count} rows, the file holds "
+                                  f"{len(rows)}")
+        first_line = cursor
+        cursor += element.count
+        if element.has_lists:
+            for i, row in enumerate(rows):
+                words, at = row.split(), 0
+                for name, code, count_code in element.properties:
+                    if count_code is not None:
+                        try:
+                            at += 1 + int(words[at])
+                        except (ValueError, IndexError):
+                            raise FileFormatError(
+                                f"{where!r}: element {element.name!r} row {i}: bad length "
+                                f"of list {name!r} in {row!r}") from None
+                    else:
+                        at += 1
+                if at != len(words):
+                    raise FileFormatError(f"{where!r}: element {element.name!r} row {i}: "
+                                          f"expected {at} values, found {len(words)} "
+                                          f"({row!r})")
+            if element.name == "vertex":
+                raise FileFormatError(f"{where!r}: list properties in the vertex element are "
+                                      "not supported")
+            continue
+        if element.name != "vertex":
+            continue
+        width = len(element.properties)
+        table = [row.split() for row in rows]
+        for i, words in enumerate(table):
+            if len(words) != width:
+                raise FileFormatError(f"{where!r}: vertex row {i} (data line "
+                                      f"{first_line + i + 1}) has {len(words)} values, "
+                                      f"expected {width}: {rows[i]!r}")
+        table = np.array(table, dtype=str).reshape(element.count, width)
+        vertex = {}
+        for j, (name, code, _) in enumerate(element.properties):
+            column = table[:, j]
+            try:
+                if code[0] == "f":
+                    vertex[name] = column.astype(np.float64).astype(code)
+                else:
+                    values = column.astype(np.int64)
+                    info = np.iinfo(code)
+                    if len(values) and (values.min() < info.min or values.max() > info.max):
+                        raise ValueError(f"values outside [{info.min}, {info.max}]")
+                    vertex[name] = values.astype(code)
+            except (ValueError, OverflowError) as exc:
+                raise FileFormatError(f"{where!r}: vertex property {name!r} "
+                                      f"({np.dtype(code).name}): {exc}") from None
+    if vertex is None:
+        raise FileFormatError(f"{where!r}: PLY file has no 'vertex' element")
+    return vertex
+
+
+def read_ply(path):
+    """Read a PLY point cloud (ASCII, binary little- or big-endian).
+
+    Returns
+    -------
+    dict
+        ``'points'``: (N, 3) float array from ``x y z`` (their type: float32 for
+        ``float``, float64 for ``double``; float64 when they differ or are integers);
+        ``'colors'``: (N, 3) uint8 when ``red green blue`` are all ``uchar`` (else they
+        stay in ``'properties'``); ``'labels'``: (N,) ``label`` in its integer type;
+        ``'properties'``: every other scalar vertex property, name -> (N,) array in
+        the file's type (native byte order), in the file's order; ``'comments'``,
+        ``'obj_info'``: lists of str; ``'format'``: ``'ascii'``,
+        ``'binary_little_endian'`` or ``'binary_big_endian'``; ``'elements'``: name ->
+        row count, every element of the header.
+
+    Other elements are skipped: in ASCII every row is parsed (list properties included)
+    and checked; in binary the elements before the vertices are walked (list rows one
+    by one) and those after them are not read at all, so damage there goes unnoticed.
+    List properties of the vertex element itself are refused.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    FileFormatError
+        (a ValueError) for a file that is not PLY, a malformed header, truncated data,
+        rows of the wrong length, values outside their type, or no vertex ``x y z``.
+    """
+    where = os.fspath(path)
+    with open(where, "rb") as f:
+        data = f.read()
+    fmt, elements, comments, obj_info, offset = _parse_header(data, where)
+    if fmt == "ascii":
+        vertex = _read_ascii(data, offset, elements, where)
+    else:
+        vertex = _read_binary(data, offset, elements, _FORMATS[fmt], where)
+    missing = [a for a in "xyz" if a not in vertex]
+    if missing:
+        raise FileFormatError(f"{where!r}: the vertex element has no {' '.join(missing)} "
+                              "property")
+    axes = [vertex.pop(a) for a in "xyz"]
+    kinds = {a.dtype for a in axes}
+    point_dtype = kinds.pop() if len(kinds) == 1 and axes[0].dtype.kind == "f" else np.float64
+    points = np.empty((len(axes[0]), 3), point_dtype)
+    for i, a in enumerate(axes):
+        points[:, i] = a
+    result = {"points": points}
+    if all(c in vertex and vertex[c].dtype == np.uint8 for c in ("red", "green", "blue")):
+        result["colors"] = np.stack([vertex.pop(c) for c in ("red", "green", "blue")], axis=1)
+    if "label" in vertex and vertex["label"].dtype.kind in "iu":
+        result["labels"] = vertex.pop("label")
+    result["properties"] = vertex
+    result["comments"] = comments
+    result["obj_info"] = obj_info
+    result["format"] = fmt
+    result["elements"] = {e.name: e.count for e in elements}
+    return result
+
+
+def tensor_to_points(x, voxel_size=1, origin=0):
+    """Voxel centres of a SparseTensor as float64 points ``origin + (i + 0.5) * size``.
+
+    ``voxel_size`` and ``origin``: one number or D numbers (as :func:`voxelize`
+    returns them). Returns an (N, D) float64 array in the tensor's array library, row
+    aligned with ``x.indices`` (all samples; select one with ``x.indices[:, 0] == b``).
+    """
+    d = x.dimension
+    size = np.broadcast_to(np.asarray(voxel_size, np.float64), (d,))
+    start = np.broadcast_to(np.asarray(origin, np.float64), (d,))
+    if not np.all(np.isfinite(size)) or np.any(size <= 0):
+        raise ValueError(f"voxel_size must be finite and > 0; got {voxel_size!r}")
+    if not np.all(np.isfinite(start)):
+        raise ValueError(f"origin must be finite; got {origin!r}")
+    indices = x.indices
+    xp = backend.array_namespace(indices)
+    coords = indices[:, 1:].astype(np.float64)
+    return xp.asarray(start) + (coords + 0.5) * xp.asarray(size)
+
+
+# -- SparseTensor files --------------------------------------------------------------------
+def save_tensor(path, x):
+    """Write a SparseTensor to an ``.npz`` file (atomically; see the module notes).
+
+    ``path`` is used exactly as given (no ``.npz`` is appended). CuPy arrays are saved
+    as NumPy arrays; autodiff Tensor features are saved as their values (no graph).
+    """
+    from .tensor import SparseTensor
+    if not isinstance(x, SparseTensor):
+        raise TypeError(f"x must be a SparseTensor; got {type(x).__name__}")
+    arrays = {
+        "format": np.array(TENSOR_FORMAT),
+        "version": np.array(TENSOR_VERSION, np.int64),
+        "indices": np.ascontiguousarray(backend.to_numpy(x.indices), np.int32),
+        "features": np.ascontiguousarray(backend.to_numpy(data_of(x.features))),
+        "spatial_shape": np.asarray(x.spatial_shape, np.int64),
+        "batch_size": np.array(x.batch_size, np.int64),
+    }
+    _atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+_TENSOR_KEYS = ("format", "version", "indices", "features", "spatial_shape", "batch_size")
+
+
+def load_tensor(path, device=None):
+    """Read a SparseTensor written by :func:`save_tensor` (NumPy arrays, or on
+    ``device`` when given: ``'cpu'``, ``'cuda'``, ``'cuda:N'``).
+
+    The indices are validated as the constructor does (ranges, duplicates).
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    FileFormatError
+        (a ValueError) for a file that is not an ``.npz``, a truncated or damaged one,
+        another program's ``.npz``, a newer format version, members of the wrong shape
+        or dtype, or indices the constructor refuses.
+    """
+    from .tensor import SparseTensor
+    where = os.fspath(path)
+    with open(where, "rb") as f:
+        head = f.read(4)
+    if head[:2] != b"PK":
+        raise FileFormatError(f"{where!r} is not a sparsegrid tensor file: not an .npz "
+                              f"(zip) archive (starts with {head!r})")
+    try:
+        with np.load(where, allow_pickle=False) as npz:
+            names = list(npz.files)
+            if "format" not in names:
+                raise FileFormatError(f"{where!r} is not a sparsegrid tensor file: an .npz "
+                                      f"without a 'format' member (members: {names})")
+            arrays = {name: npz[name] for name in _TENSOR_KEYS if name in names}
+    except FileFormatError:
+        raise
+    except Exception as exc:
+        raise FileFormatError(f"{where!r} could not be read as an .npz file (truncated or "
+                              f"damaged?): {type(exc).__name__}: {exc}") from exc
+    marker = arrays["format"]
+    if marker.shape != () or marker.dtype.kind != "U" or str(marker) != TENSOR_FORMAT:
+        raise FileFormatError(f"{where!r} is not a sparsegrid tensor file: its 'format' "
+                              f"member is {marker!r}")
+    missing = [k for k in _TENSOR_KEYS if k not in arrays]
+    if missing:
+        raise FileFormatError(f"{where!r}: sparsegrid tensor file lacks {missing}")
+
+    def bad(why):
+        return FileFormatError(f"{where!r}: invalid sparsegrid tensor file: {why}")
+
+    version, indices, features = arrays["version"], arrays["indices"], arrays["features"]
+    shape, batch = arrays["spatial_shape"], arrays["batch_size"]
+    if version.shape != () or version.dtype.kind not in "iu":
+        raise bad(f"'version' must be an integer scalar; got {version.dtype} {version.shape}")
+    if int(version) > TENSOR_VERSION or int(version) < 1:
+        raise bad(f"format version {int(version)} (this sparsegrid reads 1 to "
+                  f"{TENSOR_VERSION})")
+    if shape.ndim != 1 or shape.dtype.kind not in "iu" or not 1 <= len(shape) <= 10:
+        raise bad(f"'spatial_shape' must be 1..10 integers; got {shape.dtype} {shape.shape}")
+    if batch.shape != () or batch.dtype.kind not in "iu":
+        raise bad(f"'batch_size' must be an integer scalar; got {batch.dtype} {batch.shape}")
+    d = len(shape)
+    if indices.dtype.kind not in "iu" or indices.ndim != 2 or indices.shape[1] != d + 1:
+        raise bad(f"'indices' must be integer (N, {d + 1}); got {indices.dtype} "
+                  f"{indices.shape}")
+    if features.dtype not in (np.float32, np.float64) or features.ndim != 2 \
+            or features.shape[0] != indices.shape[0]:
+        raise bad(f"'features' must be float32/float64 ({indices.shape[0]}, C); got "
+                  f"{features.dtype} {features.shape}")
+    try:
+        x = SparseTensor(np.ascontiguousarray(features), indices,
+                         tuple(int(s) for s in shape), int(batch))
+    except (TypeError, ValueError) as exc:
+        raise bad(str(exc)) from exc
+    return x if device is None else x.to(device)
