@@ -31,3 +31,6 @@ __all__ = sorted(_layers + [
 
 from .dcls_sparse import SubmanifoldDcls  # noqa: E402 - submanifold DCLS
 __all__ = sorted(__all__ + ["SubmanifoldDcls"])
+
+from .generative import Cat, GenerativeConvolutionTranspose, Pruning, Union  # noqa: E402
+__all__ = sorted(__all__ + ["Cat", "GenerativeConvolutionTranspose", "Pruning", "Union"])
