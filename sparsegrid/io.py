@@ -27,7 +27,7 @@ import tempfile
 
 import numpy as np
 
-from . import backend
+from . import _files, backend
 from .autodiff.core import data_of
 
 __all__ = ["FileFormatError", "write_ply", "read_ply", "tensor_to_points", "save_tensor",
@@ -42,17 +42,6 @@ class FileFormatError(ValueError):
 
 
 # -- atomic writes -------------------------------------------------------------------------
-def _umask():
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    return 0o022
-
-
 def _atomic_write(path, write):
     """Call ``write(binary_file)`` on a temporary next to ``path``, flush and fsync it,
     then rename it over ``path`` (the old file's permissions are kept)."""
@@ -65,28 +54,14 @@ def _atomic_write(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        try:
-            mode = os.stat(path).st_mode & 0o7777
-        except OSError:
-            mode = 0o666 & ~_umask()
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        _files.replace_keeping_mode(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)
         except OSError:
             pass
         raise
-    try:  # make the rename durable (POSIX)
-        dir_fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+    _files.fsync_folder(folder)
 
 
 def _host(value, name):

@@ -59,7 +59,7 @@ except ImportError:  # Windows: stale temporaries are recognised by age alone
 
 import numpy as np
 
-from .. import backend
+from .. import _files, backend
 from ..autodiff.core import Tensor
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "save_state_dict",
@@ -191,17 +191,6 @@ def _import_safetensors():
         raise ImportError("writing or reading .safetensors files needs the 'safetensors' "
                           "package: pip install safetensors") from exc
     return safetensors.numpy
-
-
-def _umask():
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    return 0o022
 
 
 _TEMP_MARK = ".sparsegrid-"          # in every temporary's name: ``.<name>.sparsegrid-...``
@@ -399,12 +388,7 @@ def _write_arrays(path, arrays):
         finally:
             f.close()
         os.fsync(fd)
-        try:
-            mode = os.stat(path).st_mode & 0o7777
-        except OSError:
-            mode = 0o666 & ~_umask()
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        _files.replace_keeping_mode(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -413,16 +397,7 @@ def _write_arrays(path, arrays):
         raise
     finally:
         os.close(fd)
-    try:  # make the rename itself durable (POSIX); harmless to skip elsewhere
-        dir_fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+    _files.fsync_folder(folder)
 
 
 def _describe_content(head, size):
