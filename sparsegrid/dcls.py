@@ -624,48 +624,11 @@ def _offset_conv(x, kernel, taps, sizes, bias, stride, padding, groups, layout):
                            stride, padding, 1, groups, layout, None)
     plan.taps = list(taps)
     plan.offsets = [sum(t * pt for t, pt in zip(tap, plan.pitch)) for tap in plan.taps]
-    padded = denseconv._padded_input(xd, plan, xp)
     w_taps = xp.ascontiguousarray(
         kd.reshape(plan.groups, plan.cout_g, cin_g, s).transpose(3, 0, 2, 1))
-    out = denseconv._forward(padded, w_taps, plan, xp)
-    if plan.channels_last and plan.method == "gather":
-        if bd is not None:
-            out += bd
-    else:
-        out = denseconv._emit(out, plan.channels_last, xp, bd)
-    inputs = (x, kernel) if bias is None else (x, kernel, bias)
-    if not any(isinstance(v, Tensor) for v in inputs):
-        return out
-    need_x, need_w, need_b = (isinstance(v, Tensor) and v.requires_grad
-                              for v in (x, kernel, bias))
-    saved_input = padded if need_w else None
-    saved_weight = w_taps if need_x else None
     back = copy.copy(plan)
-    back.method = "gather"
-    del padded, w_taps
-
-    def vjp(g):
-        g = g.astype(xd.dtype, copy=False)
-        grad_padded = grad_w_taps = None
-        if need_x or need_w:
-            grad_padded, grad_w_taps = denseconv._backward(g, saved_input, saved_weight,
-                                                           back, need_x, need_w, xp)
-        grads = [None, None]
-        if need_x:
-            grad_x = xp.zeros(xd.shape, xd.dtype)
-            target = denseconv._to_channels_last(grad_x, plan.channels_last, xp)
-            target[plan.used_region()] = grad_padded[plan.input_region()]
-            grads[0] = grad_x
-        if need_w:
-            grads[1] = xp.ascontiguousarray(
-                grad_w_taps.transpose(1, 3, 2, 0)).reshape(kd.shape)
-        if bias is not None:
-            axes = tuple(a for a in range(g.ndim) if a != (g.ndim - 1 if plan.channels_last
-                                                           else 1))
-            grads.append(g.sum(axis=axes) if need_b else None)
-        return tuple(grads)
-
-    return record(out, inputs, vjp)
+    back.method = "gather"           # the gather backward takes any subset of the taps
+    return denseconv._run(x, kernel, bias, xd, bd, plan, w_taps, kd.shape, xp, back)
 
 
 # -- dcls 0.1.1's positions -----------------------------------------------------------------

@@ -437,8 +437,16 @@ def _conv(x, weight, bias, stride, padding, dilation, groups, layout, method):
     if bd is not None:
         backend.require_same_device("bias", bd, "x", xd)
     plan = _Plan(xd, wd, bd, stride, padding, dilation, groups, layout, method)
+    return _run(x, weight, bias, xd, bd, plan, _weight_taps(wd, plan, xp), wd.shape, xp)
+
+
+def _run(x, weight, bias, xd, bd, plan, w_taps, weight_shape, xp, backward_plan=None):
+    """The convolution of a prepared plan with its weight taps ``w_taps``, differentiable
+    in ``x``, ``weight`` (whose gradient is reshaped to ``weight_shape``) and ``bias``;
+    ``backward_plan`` (default: the plan) runs the backward GEMMs (DCLS's construct-free
+    path uses it with a subset of the taps)."""
+    back = plan if backward_plan is None else backward_plan
     padded = _padded_input(xd, plan, xp)
-    w_taps = _weight_taps(wd, plan, xp)
     out = _forward(padded, w_taps, plan, xp)
     if plan.channels_last and plan.method == "gather":    # already a new contiguous array
         if bd is not None:
@@ -458,7 +466,7 @@ def _conv(x, weight, bias, stride, padding, dilation, groups, layout, method):
         g = g.astype(xd.dtype, copy=False)
         grad_padded = grad_w_taps = None
         if need_x or need_w:
-            grad_padded, grad_w_taps = _backward(g, saved_input, saved_weight, plan, need_x,
+            grad_padded, grad_w_taps = _backward(g, saved_input, saved_weight, back, need_x,
                                                  need_w, xp)
         grads = [None, None]
         if need_x:
@@ -468,7 +476,7 @@ def _conv(x, weight, bias, stride, padding, dilation, groups, layout, method):
             grads[0] = grad_x
         if need_w:
             grads[1] = xp.ascontiguousarray(
-                grad_w_taps.transpose(1, 3, 2, 0)).reshape(wd.shape)
+                grad_w_taps.transpose(1, 3, 2, 0)).reshape(weight_shape)
         if bias is not None:
             axes = tuple(a for a in range(g.ndim) if a != (g.ndim - 1 if plan.channels_last
                                                            else 1))

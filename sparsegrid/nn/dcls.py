@@ -70,6 +70,17 @@ def dcls_parameters(out_channels, cin_per_group, kernel_count, dilated_kernel_si
     return weight, P, SIG, b
 
 
+def clamp_dcls_parameters(P, SIG, dilated_kernel_size):
+    """In place: ``P[d]`` clamped into ``[-(n_d // 2), n_d // 2]``, ``SIG`` made ``|SIG|``
+    (the layers' ``clamp_parameters``)."""
+    p = P.data
+    xp = backend.array_namespace(p)
+    for axis, lim in enumerate(dcls.position_limits(dilated_kernel_size)):
+        p[axis] = xp.clip(p[axis], -lim, lim)
+    if SIG is not None:
+        SIG.data[...] = xp.abs(SIG.data)
+
+
 def batched_input(module, x, padding, padding_mode):
     """``(x as a batched Tensor, unbatched, padding left for the convolution)`` for the
     DCLS layers' ``(N, C, S...)`` or unbatched ``(C, S...)`` input; non-zero padding modes
@@ -206,12 +217,7 @@ class _DclsNd(Module):
         limits`), and ``SIG`` replaced by ``|SIG|`` -- the constructions use ``|SIG|``
         (plus 0.27 or 1), so the spread stays positive and no kernel changes. In place;
         returns self."""
-        p = self.P.data
-        xp = backend.array_namespace(p)
-        for axis, lim in enumerate(dcls.position_limits(self.dilated_kernel_size)):
-            p[axis] = xp.clip(p[axis], -lim, lim)
-        if self.SIG is not None:
-            self.SIG.data[...] = xp.abs(self.SIG.data)
+        clamp_dcls_parameters(self.P, self.SIG, self.dilated_kernel_size)
         return self
 
     def construct_kernel(self):

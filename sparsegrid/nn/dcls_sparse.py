@@ -14,7 +14,7 @@ from __future__ import annotations
 from .. import backend, dcls
 from ..dcls_sparse import submanifold_dcls, touched_offsets
 from ..tensor import SparseTensor
-from .dcls import dcls_parameters
+from .dcls import clamp_dcls_parameters, dcls_parameters
 from .layers import _dimension, _flag_arg, _int_arg
 from .module import Module
 
@@ -79,12 +79,7 @@ class SubmanifoldDcls(Module):
     def clamp_parameters(self):
         """``P[d]`` clamped into ``[-(n_d // 2), n_d // 2]`` and ``SIG`` made ``|SIG|``, in
         place (as DCLS, after each optimizer step); returns self."""
-        p = self.P.data
-        xp = backend.array_namespace(p)
-        for axis, lim in enumerate(dcls.position_limits(self.dilated_kernel_size)):
-            p[axis] = xp.clip(p[axis], -lim, lim)
-        if self.SIG is not None:
-            self.SIG.data[...] = xp.abs(self.SIG.data)
+        clamp_dcls_parameters(self.P, self.SIG, self.dilated_kernel_size)
         return self
 
     def construct_kernel(self):
