@@ -50,27 +50,6 @@ from .tensor import SparseTensor
 __all__ = ["submanifold_dcls", "touched_cells", "touched_offsets"]
 
 
-def _sizes(dilated_kernel_size, ndim, where):
-    if isinstance(dilated_kernel_size, (bool, np.bool_)):
-        raise TypeError(f"{where}: dilated_kernel_size must be an int or {ndim} ints; got "
-                        f"{dilated_kernel_size!r}")
-    if isinstance(dilated_kernel_size, (int, np.integer)):
-        sizes = (int(dilated_kernel_size),) * ndim
-    elif isinstance(dilated_kernel_size, (tuple, list)) and all(
-            isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-            for v in dilated_kernel_size):
-        if len(dilated_kernel_size) != ndim:
-            raise ValueError(f"{where}: dilated_kernel_size must be an int or {ndim} ints (one "
-                             f"per spatial axis); got {tuple(dilated_kernel_size)!r}")
-        sizes = tuple(int(v) for v in dilated_kernel_size)
-    else:
-        raise TypeError(f"{where}: dilated_kernel_size must be an int or {ndim} ints; got "
-                        f"{type(dilated_kernel_size).__name__} {dilated_kernel_size!r}")
-    if any(n < 1 for n in sizes):
-        raise ValueError(f"{where}: dilated_kernel_size must be positive; got {sizes!r}")
-    return sizes
-
-
 def touched_cells(P, SIG, dilated_kernel_size, version="v1"):
     """The flat (row-major) indices, sorted, of the dilated kernel's cells that some tap
     touches: an int64 NumPy array (a host decision; a GPU ``P`` is copied to the host).
@@ -87,7 +66,7 @@ def touched_cells(P, SIG, dilated_kernel_size, version="v1"):
     if p.ndim != 4:
         raise ValueError(f"{where}: P must be (ndim, Cout, Cin/groups, kernel_count); got "
                          f"shape {tuple(p.shape)}")
-    sizes = _sizes(dilated_kernel_size, p.shape[0], where)
+    sizes = dcls._kernel_size(dilated_kernel_size, p.shape[0], where)
     total = math.prod(sizes)
     if version == "gauss":
         return np.arange(total, dtype=np.int64)
@@ -129,8 +108,9 @@ def touched_offsets(P, SIG, dilated_kernel_size, version="v1"):
     """The touched cells of :func:`touched_cells` as integer offsets ``(K, D)`` relative to
     the kernel centre ``dilated_kernel_size // 2`` (int64, row-major order)."""
     p = data_of(P)
-    sizes = _sizes(dilated_kernel_size, int(p.shape[0]) if getattr(p, "ndim", 0) == 4 else 1,
-                   "touched_offsets")
+    sizes = dcls._kernel_size(dilated_kernel_size,
+                              int(p.shape[0]) if getattr(p, "ndim", 0) == 4 else 1,
+                              "touched_offsets")
     cells = touched_cells(P, SIG, sizes, version)
     return _offsets_of(cells, sizes)
 
@@ -199,7 +179,7 @@ def submanifold_dcls(x, weight, P, SIG, bias, dilated_kernel_size, version="v1",
         raise TypeError(f"{where}: weight's dtype {w.dtype} differs from the features' "
                         f"{x.dtype}; convert one (astype, or module.float() / .double())")
     backend.require_same_device("weight", w, "the input tensor", x.indices)
-    sizes = _sizes(dilated_kernel_size, x.dimension, where)
+    sizes = dcls._kernel_size(dilated_kernel_size, x.dimension, where)
     # the dense kernel first: construct_kernel validates shapes, dtypes, version, range
     kernel = dcls.construct_kernel(weight, P, SIG, sizes, version, check_range)
     if bias is not None:

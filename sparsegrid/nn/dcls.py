@@ -81,6 +81,17 @@ def clamp_dcls_parameters(P, SIG, dilated_kernel_size):
         SIG.data[...] = xp.abs(SIG.data)
 
 
+def repr_options(module):
+    """The ``, groups=..., bias=False, padding_mode=...`` tail of a DCLS layer's repr
+    (only what differs from the defaults)."""
+    s = f", groups={module.groups}" if module.groups != 1 else ""
+    if module.bias is None:
+        s += ", bias=False"
+    if module.padding_mode != "zeros":
+        s += f", padding_mode={module.padding_mode}"
+    return s
+
+
 def batched_input(module, x, padding, padding_mode):
     """``(x as a batched Tensor, unbatched, padding left for the convolution)`` for the
     DCLS layers' ``(N, C, S...)`` or unbatched ``(C, S...)`` input; non-zero padding modes
@@ -261,13 +272,7 @@ class _DclsNd(Module):
         if self.padding != (0,) * self._ndim:
             s += f", padding={self.padding}"
         s += f", dilated_kernel_size={self.dilated_kernel_size}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        if self.bias is None:
-            s += ", bias=False"
-        if self.padding_mode != "zeros":
-            s += f", padding_mode={self.padding_mode}"
-        return s
+        return s + repr_options(self)
 
 
 def _host_array(value):

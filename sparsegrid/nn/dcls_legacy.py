@@ -42,7 +42,7 @@ import numpy as np
 
 from .. import backend, dcls
 from ..autodiff import ops
-from .dcls import PADDING_MODES, _host_array, _per_axis, batched_input
+from .dcls import PADDING_MODES, _host_array, _per_axis, batched_input, repr_options
 from .layers import _flag_arg, _int_arg
 from .module import Module, Parameter, default_rng
 
@@ -191,13 +191,7 @@ class _LegacyDclsNd(Module):
         s += f", dilation={self.dilation} (learnable positions), method={self.method}"
         if self.gain != 1.0:
             s += f", gain={self.gain}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        if self.bias is None:
-            s += ", bias=False"
-        if self.padding_mode != "zeros":
-            s += f", padding_mode={self.padding_mode}"
-        return s
+        return s + repr_options(self)
 
 
 def _make(name, ndim, shared, method, doc):

@@ -14,21 +14,12 @@ from __future__ import annotations
 from .. import backend, dcls
 from ..dcls_sparse import submanifold_dcls, touched_offsets
 from ..tensor import SparseTensor
-from .dcls import clamp_dcls_parameters, dcls_parameters
+from .dcls import _per_axis, clamp_dcls_parameters, dcls_parameters
 from .layers import _dimension, _flag_arg, _int_arg
 from .module import Module
 
 __all__ = ["SubmanifoldDcls"]
 
-
-
-def _sizes(owner, value, ndim):
-    if isinstance(value, (tuple, list)):
-        if len(value) != ndim:
-            raise ValueError(f"{owner}: dilated_kernel_size must be an int or {ndim} ints; got "
-                             f"{tuple(value)!r}")
-        return tuple(_int_arg(owner, "dilated_kernel_size", v, 1) for v in value)
-    return (_int_arg(owner, "dilated_kernel_size", value, 1),) * ndim
 
 
 class SubmanifoldDcls(Module):
@@ -64,7 +55,8 @@ class SubmanifoldDcls(Module):
         self.groups = _int_arg(owner, "groups", groups)
         if self.nIn % self.groups or self.nOut % self.groups:
             raise ValueError(f"{owner}: groups={groups} must divide nIn={nIn} and nOut={nOut}")
-        self.dilated_kernel_size = _sizes(owner, dilated_kernel_size, self.dimension)
+        self.dilated_kernel_size = _per_axis(owner, "dilated_kernel_size",
+                                             dilated_kernel_size, self.dimension, 1)
         if not isinstance(version, str) or version not in dcls.VERSIONS:
             raise ValueError(f"{owner}: version must be one of {dcls.VERSIONS}; got "
                              f"{version!r}")
