@@ -451,6 +451,9 @@ def test_host_synchronisations_per_kernel(rng):
         _, order = _order(x.indices, x.spatial_shape, 2)
         keys = dev(pack_keys(x.indices, x.spatial_shape, 2)[0])
         rows = dev(np.arange(rb.n_in))
+        image = dev(rng.standard_normal((2, 9, 8, 3)))
+        blocks = dev(np.array([[0, 0, 0], [0, 1, 2], [1, 2, 1]], np.int32))
+        stack = dev(rng.standard_normal((3, 4, 4, 3)))
 
         def count(call):
             cupy_emulator.syncs.clear()
@@ -472,6 +475,9 @@ def test_host_synchronisations_per_kernel(rng):
             "segment_reduce_backward": lambda: cuda.segment_reduce_backward(
                 grad, rows, rb.n_in, "mean", None, rb.n_in),
             "rows_product": lambda: cuda.rows_product(features, grad),
+            "block_gather": lambda: cuda.block_gather(image, blocks, (4, 4), (-1, -1), (3, 3)),
+            "block_scatter": lambda: cuda.block_scatter(
+                stack, blocks, image, (4, 4), (-1, -1), (3, 3), True),
         }
         for name, call in layer_kernels.items():
             assert count(call) == [], name
