@@ -75,17 +75,18 @@ def cache_dir():
     return path
 
 
-def _find_archive(folder, name, version):
-    """The downloaded wheel or sdist of ``name==version`` in ``folder``, or None."""
+def _find_archive(folder, name, version, sdist=False):
+    """The downloaded wheel (or, with ``sdist``, source archive) of ``name==version``."""
     stem = f"{name.replace('-', '_')}-{version}"
-    for pattern in (f"{stem}-*.whl", f"{stem}.tar.gz", f"{stem}.zip"):
+    patterns = (f"{stem}.tar.gz", f"{stem}.zip") if sdist else (f"{stem}-*.whl",)
+    for pattern in patterns:
         found = sorted(folder.glob(pattern))
         if found:
             return found[0]
     return None
 
 
-def _pip_download(name, version, what):
+def _pip_download(name, version, what, sdist=False):
     """Fetch the archive of ``name==version`` from PyPI with pip; reuse it if present.
 
     Parameters
@@ -94,6 +95,10 @@ def _pip_download(name, version, what):
         The PyPI package and its exact version.
     what : str
         What the package is fetched for, for the message printed to stderr.
+    sdist : bool
+        Fetch the source distribution (``.tar.gz``) instead of a wheel -- for data that
+        only the sdist carries (laspy's test files). pip prepares an sdist's metadata,
+        nothing is installed.
 
     Returns
     -------
@@ -107,16 +112,18 @@ def _pip_download(name, version, what):
     """
     dest = cache_dir() / "downloads"
     dest.mkdir(parents=True, exist_ok=True)
-    archive = _find_archive(dest, name, version)
+    archive = _find_archive(dest, name, version, sdist)
     if archive is not None:
         return archive
     spec = f"{name}=={version}"
-    print(f"sparsegrid: fetching {what} from the {spec} wheel on PyPI into {dest} "
+    kind = "source distribution" if sdist else "wheel"
+    print(f"sparsegrid: fetching {what} from the {spec} {kind} on PyPI into {dest} "
           "with pip (once; later runs use the cache)", file=sys.stderr, flush=True)
-    # Both packages publish a pure-Python wheel; --only-binary keeps pip from ever
-    # building an sdist (which could run arbitrary setup code).
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary",
-               ":all:", "--disable-pip-version-check", "--dest", str(dest), spec]
+    # For wheels, --only-binary keeps pip from ever building an sdist (which could run
+    # arbitrary setup code); an sdist is only fetched where the data lives only there.
+    binary = ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", *binary,
+               "--disable-pip-version-check", "--dest", str(dest), spec]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         output = "\n".join(part.strip() for part in (result.stdout, result.stderr)
@@ -127,7 +134,7 @@ def _pip_download(name, version, what):
             f"Hint: pip needs access to PyPI (pip honours PIP_INDEX_URL and HTTPS_PROXY). "
             f"Alternatively download {spec} elsewhere (`pip download --no-deps {spec}`) "
             f"and copy the file into {dest}.")
-    archive = _find_archive(dest, name, version)
+    archive = _find_archive(dest, name, version, sdist)
     if archive is None:
         raise RuntimeError(f"pip reported success but left no {name}-{version} archive "
                            f"in {dest}; pip said:\n{result.stdout}{result.stderr}")
