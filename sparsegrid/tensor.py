@@ -18,8 +18,10 @@ class SparseTensor:
     Parameters
     ----------
     features : array (N, C), float32 or float64, or an autodiff Tensor around one
-        (then every sparse op on the tensor is differentiable)
-    indices : integer array (N, 1 + D)
+        (then every sparse op on the tensor is differentiable). NumPy, CuPy, or any
+        DLPack-capable array (torch, JAX, ...), viewed without a copy: a CPU tensor as
+        NumPy, a CUDA tensor as CuPy (:func:`sparsegrid.interop.asarray`).
+    indices : integer array (N, 1 + D), NumPy, CuPy or DLPack-capable
         Column 0 the batch index, columns 1..D the coordinates, each in
         ``[0, spatial_shape[d])``. Each site at most once.
     spatial_shape : sequence of D ints (D = 1..10)
@@ -54,6 +56,10 @@ class SparseTensor:
     __array_priority__ = 1000
 
     def __init__(self, features, indices, spatial_shape, batch_size=None):
+        from .interop import asarray
+        if not isinstance(features, Tensor):
+            features = asarray(features, "features")
+        indices = asarray(indices, "indices")
         spatial_shape = normalize_spatial_shape(spatial_shape)
         indices, batch_size = validate_indices(indices, spatial_shape, batch_size)
         if isinstance(features, Tensor):
@@ -103,7 +109,11 @@ class SparseTensor:
         TypeError (type, dtype) or ValueError (shape) naming ``features``. The array is
         kept without copying, and its values are not rescanned for NaN/inf (that would
         cost a host synchronisation per layer on the GPU; see the class notes).
+        DLPack-capable arrays (torch, JAX) are viewed as NumPy/CuPy without a copy.
         """
+        if not isinstance(features, Tensor):
+            from .interop import asarray
+            features = asarray(features, "features")
         self._check_new_features(features, " to replace this tensor's features")
         return SparseTensor._on(features, self._sites, self._grid)
 

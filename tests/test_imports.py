@@ -18,13 +18,35 @@ def _run(code):
                           check=True).stdout.split()
 
 
+#: Modules that are bridges to a framework, importing it at the top (and only these).
+BRIDGES = {"sparsegrid.interop.torch": "torch", "sparsegrid.interop.jax": "jax"}
+
+#: Optional dependencies no other module may import at import time.
+OPTIONAL = ("scipy", "cupy", "numba", "threadpoolctl", "torch", "jax", "laspy", "lazrs",
+            "matplotlib", "tqdm", "safetensors", "open3d", "dask", "mpi4py")
+
+
 def test_importing_every_module_loads_neither_numba_nor_cupy():
     names = sorted(m.name for m in pkgutil.walk_packages(sparsegrid.__path__, "sparsegrid."))
     assert "sparsegrid.cpu.conv" in names and "sparsegrid.nn.layers" in names
+    assert set(BRIDGES) <= set(names)
     loaded = _run("import importlib, sys\n"
-                  f"for name in {names!r}: importlib.import_module(name)\n"
-                  "print(int('numba' in sys.modules), int('cupy' in sys.modules))")
-    assert loaded == ["0", "0"], "numba or cupy was imported"
+                  f"for name in {names!r}:\n"
+                  f"    if name not in {sorted(BRIDGES)!r}: importlib.import_module(name)\n"
+                  f"print(*(int(m in sys.modules) for m in {OPTIONAL!r}))")
+    allowed = {"scipy", "threadpoolctl", "safetensors"}   # SciPy kernels, thread control
+    imported = [m for m, flag in zip(OPTIONAL, loaded) if flag == "1" and m not in allowed]
+    assert imported == [], f"importing sparsegrid's modules imported {imported}"
+
+
+@pytest.mark.parametrize("name", sorted(BRIDGES))
+def test_the_bridges_import_only_their_framework(name):
+    framework = BRIDGES[name]
+    pytest.importorskip(framework)
+    loaded = _run(f"import sys, {name}\n"
+                  f"print(*(int(m in sys.modules) for m in ('cupy', 'torch', 'jax')))")
+    expected = {m: "1" if m == framework else "0" for m in ("cupy", "torch", "jax")}
+    assert loaded == list(expected.values())
 
 
 def test_import_sparsegrid_is_light():

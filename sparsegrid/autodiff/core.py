@@ -96,12 +96,21 @@ class Tensor:
     def zero_grad(self):
         self.grad = None
 
+    # -- DLPack: the data leaves zero-copy (torch.from_dlpack(t), jax.dlpack.from_dlpack(t))
+    def __dlpack__(self, *args, **kwargs):
+        return self.data.__dlpack__(*args, **kwargs)
+
+    def __dlpack_device__(self):
+        return self.data.__dlpack_device__()
+
     # -- gradients ----------------------------------------------------------------------
-    def backward(self, grad=None):
+    def backward(self, grad=None, retain_graph=False):
         """Accumulate d(self)/d(leaf) * grad into every leaf's ``.grad``.
 
         ``grad`` defaults to 1 for a scalar (one-element) tensor and is required otherwise.
-        Intermediate tensors do not keep gradients; the graph is released afterwards.
+        Intermediate tensors do not keep gradients; the graph is released afterwards
+        unless ``retain_graph`` (then ``backward`` may run again on it, as the torch
+        bridge needs for ``torch.autograd.gradcheck`` and ``retain_graph=True``).
         """
         if not self.requires_grad:
             raise RuntimeError("backward() on a tensor that does not require a gradient: no "
@@ -137,7 +146,8 @@ class Tensor:
                                        f"{parent.data.shape}")
                 key = id(parent)
                 grads[key] = parent_grad if key not in grads else grads[key] + parent_grad
-            node._inputs, node._vjp = (), None  # release the graph as we go
+            if not retain_graph:
+                node._inputs, node._vjp = (), None  # release the graph as we go
 
 
 def _topological_order(root):
