@@ -212,3 +212,34 @@ def test_bad_arguments():
         model(x, features=torch.ones(3, 1))
     with pytest.raises(TypeError, match="requires a gradient"):
         sg.SparseTensor(torch.ones(2, 1, requires_grad=True), [[0, 0, 0], [0, 1, 1]], (3, 3))
+
+
+def _gpu():
+    from sparsegrid import backend
+    return torch.cuda.is_available() and backend.cuda_available()
+
+
+@pytest.mark.skipif(not _gpu(), reason="needs a GPU seen by both torch and CuPy")
+def test_on_a_gpu_as_on_the_cpu(rng):
+    """model.cuda(): the shared parameters move, CUDA tensors become CuPy arrays, the CUDA
+    kernels run; values and gradients match the CPU's (float32 tolerances)."""
+    import cupy
+    idx, feat = cloud(rng, n=400, size=12, dtype=np.float32)
+    net = backbone(3)
+    model = SparseModule(net)
+    results = []
+    for device in ("cpu", "cuda"):
+        model.to(device)
+        model.zero_grad()
+        f = torch.tensor(feat, device=device, requires_grad=True)
+        out = model(f, torch.tensor(idx, device=device), (12, 12, 12))
+        assert out.features.device.type == device
+        if device == "cuda":
+            assert isinstance(net[0].weight.data, cupy.ndarray)
+        (out.features ** 2).sum().backward()
+        results.append([out.features.detach().cpu().numpy(), f.grad.cpu().numpy(),
+                        *(p.grad.cpu().numpy() for p in model.parameters())])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(b, a, rtol=2e-4, atol=2e-4)
+    with pytest.raises((TypeError, ValueError), match="cpu"):
+        model(torch.tensor(feat), torch.tensor(idx), (12, 12, 12))
