@@ -1,20 +1,21 @@
 """A small classification training loop shared by the examples (NumPy + sparsegrid only;
 the model and its inputs may live on a GPU, labels stay NumPy arrays).
 
-``fit`` runs epochs of SGD-style training on batches a caller generates, prints a progress
-bar (when stderr is a terminal) and one summary line per epoch: training loss and
-accuracy, held-out accuracy, wall time, and the mean forward / backward time per batch.
+``fit`` runs epochs of SGD-style training on batches a caller generates, shows a progress
+bar per epoch (``sparsegrid.progress``: tqdm when stderr is a terminal, nothing otherwise)
+and logs one summary line per epoch: training loss and accuracy, held-out accuracy, wall
+time, and the mean forward / backward time per batch.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 
 import numpy as np
 
 from sparsegrid import autodiff as ad
 from sparsegrid import backend
+from sparsegrid.progress import progress
 
 
 def add_device_argument(parser):
@@ -31,32 +32,6 @@ def chosen_device(parser, args):
         parser.error("--device cuda needs CuPy and a visible NVIDIA GPU; none is available "
                      "here")
     return args.device
-
-
-class Progress:
-    """A one-line progress bar on stderr; silent when stderr is not a terminal."""
-
-    def __init__(self, total, desc, width=28, stream=None):
-        self.total, self.desc, self.width = max(int(total), 1), desc, width
-        self.stream = sys.stderr if stream is None else stream
-        self.enabled = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.start = time.perf_counter()
-
-    def update(self, done, note=""):
-        if not self.enabled:
-            return
-        filled = int(self.width * done / self.total)
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / max(done, 1) * (self.total - done)
-        bar = "#" * filled + "." * (self.width - filled)
-        self.stream.write(f"\r{self.desc} [{bar}] {done}/{self.total} {note} "
-                          f"{elapsed:5.1f}s eta {eta:4.0f}s ")
-        self.stream.flush()
-
-    def close(self):
-        if self.enabled:
-            self.stream.write("\r" + " " * (self.width + len(self.desc) + 60) + "\r")
-            self.stream.flush()
 
 
 def evaluate(model, batches):
@@ -86,18 +61,19 @@ def fit(model, optimizer, train_batches, test_batches, epochs, scheduler=None, l
 
     Returns
     -------
-    list of dict, one per epoch: loss, train_accuracy, test_accuracy, seconds,
-    forward_ms, backward_ms (means per training batch).
+    list of dict, one per epoch: epoch (1-based), loss, train_accuracy, test_accuracy,
+    seconds, forward_ms, backward_ms (means per training batch), lr (the epoch's learning
+    rate). ``sparsegrid.plot.curve(history, keys=[...])`` draws it.
     """
     history = []
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
         batches = train_batches(epoch)
-        bar = Progress(len(batches), f"epoch {epoch:2d}/{epochs}")
+        bar = progress(batches, desc=f"epoch {epoch:2d}/{epochs}", unit="batch")
         loss_sum = correct = seen = 0
         forward_s = backward_s = 0.0
         model.train()
-        for i, (inputs, labels) in enumerate(batches, 1):
+        for inputs, labels in bar:
             optimizer.zero_grad()
             t0 = time.perf_counter()
             logits = model(inputs)
@@ -111,7 +87,7 @@ def fit(model, optimizer, train_batches, test_batches, epochs, scheduler=None, l
             loss_sum += float(loss.item()) * len(labels)
             correct += int((backend.to_numpy(logits.data.argmax(axis=1)) == labels).sum())
             seen += len(labels)
-            bar.update(i, f"loss {loss_sum / seen:.4f}")
+            bar.set_postfix_str(f"loss {loss_sum / seen:.4f}", refresh=False)
         bar.close()
         seconds = time.perf_counter() - start
         test_accuracy = evaluate(model, test_batches())

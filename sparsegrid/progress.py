@@ -20,10 +20,14 @@ __all__ = ["progress"]
 class _Silent:
     """What :func:`progress` returns when no bar is shown: tqdm's methods, doing nothing."""
 
-    def __init__(self, iterable=None, total=None):
+    disable = True   # as a disabled tqdm bar
+
+    def __init__(self, iterable=None, total=None, initial=0):
         self.iterable = iterable
+        if total is None and hasattr(iterable, "__len__"):
+            total = len(iterable)    # as tqdm does
         self.total = total
-        self.n = 0
+        self.n = initial
 
     def __iter__(self):
         for item in self.iterable:
@@ -54,8 +58,23 @@ class _Silent:
     def set_description(self, desc=None, refresh=True):
         pass
 
-    def write(self, s, file=None, end="\n"):
-        print(s, file=sys.stderr if file is None else file, end=end)
+    def set_description_str(self, desc=None, refresh=True):
+        pass
+
+    def refresh(self, nolock=False, lock_args=None):
+        pass
+
+    def clear(self, nolock=False):
+        pass
+
+    def reset(self, total=None):
+        self.n = 0
+        if total is not None:
+            self.total = total
+
+    def write(self, s, file=None, end="\n", nolock=False):
+        # tqdm.write prints to stdout unless told otherwise; so does the stand-in
+        print(s, file=sys.stdout if file is None else file, end=end)
 
     def close(self):
         pass
@@ -93,8 +112,10 @@ def progress(iterable=None, total=None, desc=None, unit="it", enable=None, file=
 
     Returns
     -------
-    tqdm.tqdm or a silent object with the same methods (``update``, ``set_postfix_str``,
-    ``set_description``, ``write``, ``close``, context manager, iteration).
+    tqdm.tqdm or a silent object with the same methods (``update``, ``set_postfix``,
+    ``set_postfix_str``, ``set_description``, ``set_description_str``, ``refresh``,
+    ``clear``, ``reset``, ``write`` (to stdout unless ``file`` is given, as tqdm's),
+    ``close``, context manager, iteration) and attributes (``n``, ``total``, ``disable``).
     """
     stream = sys.stderr if file is None else file
     show = _is_terminal(stream) if enable is None else bool(enable)
@@ -104,6 +125,7 @@ def progress(iterable=None, total=None, desc=None, unit="it", enable=None, file=
         except ImportError:
             show = False
     if not show:
-        return _Silent(iterable, total)
+        return _Silent(iterable, total, kwargs.get("initial", 0))
+    kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, total=total, desc=desc, unit=unit, file=stream, leave=leave,
-                dynamic_ncols=True, **kwargs)
+                **kwargs)
