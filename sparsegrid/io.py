@@ -13,6 +13,14 @@ SparseTensor files (:func:`save_tensor`, :func:`load_tensor`)
     ``indices`` (int32 (N, 1 + D)), ``features`` ((N, C) float32 or float64),
     ``spatial_shape`` (int64 (D,)) and ``batch_size`` (int64 scalar).
 
+LAS and LAZ (:func:`write_las`, :func:`read_las`; needs ``pip install sparsegrid[las]``)
+    Through laspy (imported only when called), LAZ through its ``lazrs`` backend. Read:
+    real float64 coordinates, 16-bit colour, classification, intensity, every other
+    dimension and the extra bytes, in chunks (with a progress bar on a terminal).
+    Write: LAS 1.1-1.4, point formats 0-10 (chosen from what is given by default),
+    millimetre scale and an offset at the data's floor by default, int32 overflow
+    refused; ``.laz`` names are compressed.
+
 Every file is written atomically (a hidden temporary in the destination folder, flushed
 to disk, then :func:`os.replace`), so an interrupted write leaves the previous file (or
 none), never a truncated one. Every malformed, truncated or foreign file is refused with
@@ -31,7 +39,8 @@ from . import _files, backend
 from .autodiff.core import data_of
 
 __all__ = ["FileFormatError", "write_ply", "read_ply", "tensor_to_points", "save_tensor",
-           "load_tensor", "TENSOR_FORMAT", "TENSOR_VERSION"]
+           "load_tensor", "TENSOR_FORMAT", "TENSOR_VERSION", "read_las", "write_las",
+           "LasCloud"]
 
 TENSOR_FORMAT = "sparsegrid.SparseTensor"
 TENSOR_VERSION = 1
@@ -600,3 +609,473 @@ def load_tensor(path, device=None):
     except (TypeError, ValueError) as exc:
         raise bad(str(exc)) from exc
     return x if device is None else x.to(device)
+
+
+# -- LAS / LAZ (through laspy) -------------------------------------------------------------
+# The point formats each LAS version allows (the LAS specifications 1.1 to 1.4).
+_LAS_VERSIONS = {"1.1": (0, 1), "1.2": (0, 1, 2, 3), "1.3": (0, 1, 2, 3, 4, 5),
+                 "1.4": tuple(range(11))}
+# Dimensions that write_las takes from its own arguments, not from ``properties``.
+_LAS_RESERVED = ("x", "y", "z", "X", "Y", "Z", "red", "green", "blue", "classification")
+_LAS_EXTRA_TYPES = ("u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8", "f4", "f8")
+_INT32 = np.iinfo(np.int32)
+
+
+def _import_laspy(caller):
+    try:
+        import laspy
+    except ImportError as exc:
+        raise ImportError(f"{caller} needs laspy, which is not installed: pip install "
+                          f"sparsegrid[las]  (laspy with the lazrs LAZ backend)") from exc
+    return laspy
+
+
+def _require_laz_backend(laspy, what, where):
+    if not laspy.LazBackend.detect_available():
+        raise ImportError(f"{what} {where!r} needs a LAZ backend for laspy and none is "
+                          "installed: pip install sparsegrid[las]  (or pip install lazrs)")
+
+
+class LasCloud:
+    """What :func:`read_las` returns: a LAS/LAZ file's points and attributes.
+
+    Attributes (also readable as ``cloud["points"]`` etc., like :func:`read_ply`'s dict)
+    ----------
+    points : float64 (N, 3)
+        Real coordinates ``X * scale + offset`` (the file's integers, scaled and offset).
+    colors : uint16 (N, 3) or None
+        ``red green blue`` as stored (16-bit; files written from 8-bit colour may hold
+        ``c * 257`` or, as some producers do, the 8-bit value itself); None when the
+        point format has no colour (formats 0, 1, 4, 6, 9).
+    labels : uint8 (N,)
+        The classification (0..31 in formats 0-5, 0..255 in formats 6-10).
+    intensity : uint16 (N,)
+    properties : dict of name -> array
+        Every other dimension of the point format, in the file's order (``return_number``,
+        ``gps_time``, ``scan_angle_rank`` or ``scan_angle``, ... as laspy names them; bit
+        fields as uint8), then the extra-bytes dimensions (scaled to float64 when the file
+        gives them a scale or offset; (N, k) for array-typed ones).
+    header : dict
+        ``version`` (str, ``"1.2"``), ``point_format`` (int), ``point_count``,
+        ``compressed`` (bool: LAZ), ``scales``, ``offsets``, ``mins``, ``maxs`` (float64
+        (3,) each), ``wkt`` (the WKT coordinate system string, or None when the file has
+        no WKT record; GeoTIFF keys are not decoded), ``extra_dimensions`` (list of
+        names), ``generating_software``, ``system_identifier`` (str).
+    """
+
+    __slots__ = ("points", "colors", "labels", "intensity", "properties", "header")
+    _fields = __slots__
+
+    def __init__(self, points, colors, labels, intensity, properties, header):
+        self.points, self.colors, self.labels = points, colors, labels
+        self.intensity, self.properties, self.header = intensity, properties, header
+
+    def __getitem__(self, key):
+        if key not in self._fields:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def keys(self):
+        return list(self._fields)
+
+    def get(self, key, default=None):
+        return getattr(self, key) if key in self._fields else default
+
+    def __len__(self):
+        return len(self.points)
+
+    def __repr__(self):
+        return (f"LasCloud({len(self.points)} points, LAS {self.header['version']} format "
+                f"{self.header['point_format']}, colors={self.colors is not None}, "
+                f"properties={list(self.properties)})")
+
+
+def _las_wkt(laspy, header):
+    for record in list(header.vlrs or []) + list(getattr(header, "evlrs", None) or []):
+        if isinstance(record, laspy.vlrs.known.WktCoordinateSystemVlr):
+            text = record.string
+            if isinstance(text, bytes):
+                text = text.decode("utf-8", "replace")
+            return text.rstrip("\0") or None
+    return None
+
+
+def read_las(path, progress=None, chunk_size=1_000_000):
+    """Read a LAS or LAZ point cloud through laspy (``pip install sparsegrid[las]``).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A LAS file, or a LAZ file (compressed: recognised by its header, not its name;
+        decompressing needs laspy's ``lazrs`` or ``laszip`` backend).
+    progress : bool or None
+        A progress bar over the points (:func:`sparsegrid.progress.progress`): None (the
+        default) shows one when stderr is a terminal and tqdm is installed, True whenever
+        tqdm is installed, False never.
+    chunk_size : int
+        Points decoded per chunk (laspy's chunk iterator): memory beyond the result is
+        about one chunk.
+
+    Returns
+    -------
+    LasCloud
+        ``points`` float64 (N, 3) real coordinates, ``colors`` uint16 (N, 3) or None,
+        ``labels`` uint8 (N,) classification, ``intensity`` uint16 (N,), ``properties``
+        (every other dimension, extra bytes included) and ``header`` (a dict: version,
+        point format, scales, offsets, bounds, WKT, ...). See :class:`LasCloud`.
+
+    Raises
+    ------
+    ImportError
+        When laspy is not installed, or a LAZ file is given and no LAZ backend is.
+    FileNotFoundError
+        If ``path`` does not exist.
+    FileFormatError
+        (a ValueError) for a file that is not LAS/LAZ, a damaged header, or point data
+        that is truncated or cannot be decoded; the message names the file.
+    """
+    from .progress import progress as progress_bar
+    laspy = _import_laspy("read_las")
+    where = os.fspath(path)
+    if progress is not None and not isinstance(progress, (bool, np.bool_)):
+        raise TypeError(f"progress must be None, True or False; got {progress!r}")
+    if isinstance(chunk_size, (bool, np.bool_)) or not isinstance(chunk_size, (int, np.integer)) \
+            or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
+    with open(where, "rb") as f:
+        head = f.read(4)
+        if head != b"LASF":
+            raise FileFormatError(f"{where!r} is not a LAS/LAZ file: it does not start with "
+                                  f"'LASF' (found {head!r})")
+        f.seek(0)
+        try:
+            reader = laspy.open(f, closefd=False)
+        except Exception as exc:
+            raise FileFormatError(f"{where!r}: unreadable LAS header: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+        with reader:
+            header = reader.header
+            if header.are_points_compressed:
+                _require_laz_backend(laspy, "reading the LAZ file", where)
+            n = int(header.point_count)
+            pf = header.point_format
+            size = os.fstat(f.fileno()).st_size
+            need = int(header.offset_to_point_data) + n * int(pf.size)
+            if not header.are_points_compressed and need > size:
+                # checked before allocating: a damaged count must not ask for terabytes
+                raise FileFormatError(f"{where!r}: LAS point data truncated: the header "
+                                      f"declares {n} points of {pf.size} bytes from offset "
+                                      f"{header.offset_to_point_data} ({need} bytes); the "
+                                      f"file has {size}")
+            names = list(pf.dimension_names)
+            extra = list(pf.extra_dimension_names)
+            # dtypes and shapes of every dimension as laspy returns them (scaled extra
+            # bytes come back as float64)
+            empty = laspy.ScaleAwarePointRecord.zeros(0, header=header)
+            has_rgb = all(c in names for c in ("red", "green", "blue"))
+            skip = {"X", "Y", "Z", "classification", "intensity"}
+            if has_rgb:
+                skip |= {"red", "green", "blue"}
+            points = np.empty((n, 3), np.float64)
+            colors = np.empty((n, 3), np.uint16) if has_rgb else None
+            columns = {name: np.empty((n,) + np.asarray(empty[name]).shape[1:],
+                                      np.asarray(empty[name]).dtype)
+                       for name in names if name not in skip}
+            labels = np.empty(n, np.asarray(empty["classification"]).dtype)
+            intensity = np.empty(n, np.asarray(empty["intensity"]).dtype)
+            done = 0
+            bar = progress_bar(total=n, desc=f"reading {os.path.basename(where)}",
+                               unit="pt", enable=progress, unit_scale=True)
+            try:
+                for chunk in reader.chunk_iterator(int(chunk_size)):
+                    m = len(chunk)
+                    if done + m > n:
+                        raise FileFormatError(f"{where!r}: holds more points than the "
+                                              f"{n} its header declares")
+                    rows = slice(done, done + m)
+                    for i, axis in enumerate("xyz"):
+                        points[rows, i] = chunk[axis]
+                    if has_rgb:
+                        for i, c in enumerate(("red", "green", "blue")):
+                            colors[rows, i] = chunk[c]
+                    labels[rows] = chunk["classification"]
+                    intensity[rows] = chunk["intensity"]
+                    for name, column in columns.items():
+                        column[rows] = np.asarray(chunk[name])
+                    done += m
+                    bar.update(m)
+            except (FileFormatError, MemoryError, KeyboardInterrupt):
+                raise
+            except Exception as exc:
+                raise FileFormatError(f"{where!r}: LAS point data could not be decoded "
+                                      f"after {done} of {n} points (truncated or damaged?): "
+                                      f"{type(exc).__name__}: {exc}") from exc
+            finally:
+                bar.close()
+            if done != n:
+                raise FileFormatError(f"{where!r}: LAS point data truncated: the header "
+                                      f"declares {n} points, the file holds {done}")
+            info = {
+                "version": str(header.version),
+                "point_format": int(pf.id),
+                "point_count": n,
+                "compressed": bool(header.are_points_compressed),
+                "scales": np.array(header.scales, np.float64),
+                "offsets": np.array(header.offsets, np.float64),
+                "mins": np.array(header.mins, np.float64),
+                "maxs": np.array(header.maxs, np.float64),
+                "wkt": _las_wkt(laspy, header),
+                "extra_dimensions": extra,
+                "generating_software": str(header.generating_software).rstrip("\0"),
+                "system_identifier": str(header.system_identifier).rstrip("\0"),
+            }
+    return LasCloud(points, colors, labels, intensity, columns, info)
+
+
+def _las_vector(name, value, positive=False):
+    """One number or 3 numbers -> float64 (3,), finite (and > 0 with ``positive``)."""
+    value = _host(value, name)
+    if value.dtype == bool or value.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must be a number or 3 numbers; got dtype {value.dtype}")
+    if value.ndim > 1 or value.size not in (1, 3):
+        raise ValueError(f"{name} must be a number or 3 numbers (x, y, z); got shape "
+                         f"{value.shape}")
+    value = np.broadcast_to(value.astype(np.float64).reshape(-1), (3,)).copy()
+    if not np.all(np.isfinite(value)) or (positive and np.any(value <= 0)):
+        raise ValueError(f"{name} must be finite{' and > 0' if positive else ''}; got "
+                         f"{value.tolist()}")
+    return value
+
+
+def _las_point_format(version, colors, names, point_format):
+    """The point format: the one given (checked against the version and colours), else
+    the smallest of the version that holds the colours and gps_time / nir when given."""
+    allowed = _LAS_VERSIONS[version]
+    if point_format is not None:
+        if isinstance(point_format, (bool, np.bool_)) or \
+                not isinstance(point_format, (int, np.integer)):
+            raise TypeError(f"point_format must be None or an int; got {point_format!r}")
+        point_format = int(point_format)
+        if point_format not in allowed:
+            raise ValueError(f"point_format {point_format} is not allowed in LAS {version} "
+                             f"(it allows {list(allowed)})")
+        if colors and point_format not in (2, 3, 5, 7, 8, 10):
+            raise ValueError(f"colors were given but point format {point_format} has no "
+                             "colour (use 2, 3, 5, 7, 8 or 10, or point_format=None)")
+        return point_format
+    if "nir" in names and not colors:
+        raise ValueError("properties['nir'] needs colors too (point format 8 stores RGB and "
+                         "NIR together)")
+    if version == "1.4":
+        return 8 if "nir" in names else 7 if colors else 6
+    gps = "gps_time" in names
+    return (3 if gps else 2) if colors else (1 if gps else 0)
+
+
+def _las_dimension_range(info):
+    """``(low, high)`` of an integer standard dimension (bit fields by their bits)."""
+    if info.kind.name == "BitField":
+        return 0, 2 ** info.num_bits - 1
+    bits = info.num_bits
+    if info.kind.name == "SignedInteger":
+        return -2 ** (bits - 1), 2 ** (bits - 1) - 1
+    return 0, 2 ** bits - 1
+
+
+def write_las(path, points, colors=None, labels=None, properties=None, scale=0.001,
+              offset=None, point_format=None, version="1.4"):
+    """Write a point cloud as LAS, or LAZ when ``path`` ends in ``.laz`` (atomically).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Destination, used exactly as given. A name ending in ``.laz`` (any case) is
+        compressed (needs laspy's ``lazrs`` or ``laszip`` backend).
+    points : (N, 3) float (or integer) array (NumPy, CuPy or an autodiff Tensor)
+        Real coordinates, finite. Stored as int32 ``round((p - offset) / scale)`` per
+        axis, so reading back gives them within ``scale / 2``.
+    colors : (N, 3) integer array, optional
+        LAS colour is 16-bit: a **uint8** array is scaled to 16 bits (``c * 257``, so 255
+        becomes 65535, the convention of PDAL and LAStools); any other integer dtype is
+        stored as it is and must lie in [0, 65535]. Floats are refused.
+    labels : (N,) integer array, optional
+        The classification: 0..31 in point formats 0-5, 0..255 in formats 6-10.
+        Default: zeros.
+    properties : mapping of name -> array, optional
+        A name of a standard dimension of the point format (``intensity``, ``gps_time``,
+        ``return_number``, ``user_data``, ``point_source_id``, ``scan_angle_rank`` /
+        ``scan_angle``, ``nir``, ...) sets that dimension (integers that must fit it:
+        bit fields by their bit count; ``gps_time`` finite floats). Any other name
+        becomes an extra-bytes dimension typed after its array: (N,) or (N, 2) / (N, 3)
+        of uint8..int64, float32, float64 (bool as uint8); names are ASCII, at most 32
+        characters. A standard dimension of another point format only (``gps_time`` for
+        an explicit format 0, say) is a ValueError.
+    scale : float or 3 floats
+        Metres (file units) per integer step, per axis; > 0. Default 0.001 (millimetres).
+    offset : 3 floats, optional
+        Subtracted before scaling. Default: the floor of each axis's minimum (0 for no
+        points), so UTM-sized coordinates keep millimetres.
+    point_format : int, optional
+        Default: chosen from what is given. LAS 1.4: 6, 7 with colours, 8 with colours
+        and ``nir``. Earlier versions: 0, 1 with ``gps_time``, 2 with colours, 3 with
+        both.
+    version : str
+        ``"1.1"``, ``"1.2"``, ``"1.3"`` or ``"1.4"`` (default).
+
+    Raises
+    ------
+    ImportError
+        When laspy is not installed, or for ``.laz`` when no LAZ backend is.
+    TypeError, ValueError
+        For wrong kinds, shapes or values (naming the argument): non-finite points,
+        colours outside [0, 65535], labels outside the point format's range, coordinates
+        that do not fit int32 at the given scale and offset (never wrapped), a format the
+        version does not allow, or a property that does not fit its dimension.
+    """
+    laspy = _import_laspy("write_las")
+    where = os.fspath(path)
+    compress = where.lower().endswith(".laz")
+    if compress:
+        _require_laz_backend(laspy, "writing the LAZ file", where)
+    if not isinstance(version, str):
+        raise TypeError(f"version must be a str such as '1.4'; got {version!r}")
+    if version not in _LAS_VERSIONS:
+        raise ValueError(f"version must be one of {list(_LAS_VERSIONS)}; got {version!r}")
+
+    points = _host(points, "points")
+    if points.ndim != 2 or points.shape[1] != 3:
+        raise ValueError(f"points must have shape (N, 3); got {points.shape}")
+    if points.dtype == bool or points.dtype.kind not in "iuf":
+        raise TypeError(f"points must be a float array; got dtype {points.dtype}")
+    points = points.astype(np.float64)
+    n = len(points)
+    if not np.all(np.isfinite(points)):
+        row = int(np.flatnonzero(~np.isfinite(points).all(axis=1))[0])
+        raise ValueError(f"points must be finite; row {row} is {points[row].tolist()}")
+
+    if colors is not None:
+        colors = _host(colors, "colors")
+        if colors.shape != (n, 3):
+            raise ValueError(f"colors must have shape ({n}, 3); got {colors.shape}")
+        if colors.dtype == bool or colors.dtype.kind not in "iu":
+            raise TypeError(f"colors must be an integer array (uint8, scaled to 16 bits, or "
+                            f"0..65535); got dtype {colors.dtype}")
+        if colors.dtype == np.uint8:
+            colors = colors.astype(np.uint16) * np.uint16(257)
+        else:
+            if n and (int(colors.min()) < 0 or int(colors.max()) > 65535):
+                raise ValueError(f"colors must lie in [0, 65535] (LAS stores 16-bit colour); "
+                                 f"got [{int(colors.min())}, {int(colors.max())}]")
+            colors = colors.astype(np.uint16)
+
+    if labels is not None:
+        labels = _host(labels, "labels")
+        if labels.shape != (n,):
+            raise ValueError(f"labels must have shape ({n},); got {labels.shape}")
+        if labels.dtype == bool or labels.dtype.kind not in "iu":
+            raise TypeError(f"labels must be an integer array; got dtype {labels.dtype}")
+
+    props = {}
+    for name, values in dict(properties or {}).items():
+        if not isinstance(name, str) or not name or not name.isascii() or len(name) > 32 \
+                or "\0" in name:
+            raise ValueError(f"LAS property names must be ASCII strings of 1..32 "
+                             f"characters; got {name!r}")
+        if name in _LAS_RESERVED:
+            raise ValueError(f"property {name!r} is reserved (use points / colors / labels)")
+        values = _host(values, f"properties[{name!r}]")
+        if values.shape[:1] != (n,) or values.ndim > 2:
+            raise ValueError(f"properties[{name!r}] must have shape ({n},) or ({n}, k); got "
+                             f"{values.shape}")
+        props[name] = values
+
+    fmt = _las_point_format(version, colors is not None, props, point_format)
+    format_info = laspy.PointFormat(fmt)
+    standard = set(format_info.dimension_names)
+    every_standard = {d for i in range(11) for d in laspy.PointFormat(i).dimension_names}
+    if labels is not None and n:
+        high = 31 if fmt <= 5 else 255
+        if int(labels.min()) < 0 or int(labels.max()) > high:
+            raise ValueError(f"labels must lie in [0, {high}] for LAS point format {fmt}; "
+                             f"got [{int(labels.min())}, {int(labels.max())}]"
+                             + (" (formats 6-10 of LAS 1.4 allow 0..255)" if fmt <= 5
+                                else ""))
+    extra_params = []
+    for name, values in props.items():
+        if name in standard:
+            info = format_info.dimension_by_name(name)
+            if values.ndim != 1:
+                raise ValueError(f"properties[{name!r}] must have shape ({n},); got "
+                                 f"{values.shape}")
+            if info.kind.name == "FloatingPoint":
+                if values.dtype == bool or values.dtype.kind not in "iuf":
+                    raise TypeError(f"properties[{name!r}] must be a number array; got "
+                                    f"dtype {values.dtype}")
+                if not np.all(np.isfinite(values)):
+                    raise ValueError(f"properties[{name!r}] must be finite")
+                continue
+            if values.dtype.kind not in "iub":
+                raise TypeError(f"properties[{name!r}] (LAS dimension {name}) must be an "
+                                f"integer array; got dtype {values.dtype}")
+            low, high = _las_dimension_range(info)
+            if n and (int(values.min()) < low or int(values.max()) > high):
+                raise ValueError(f"properties[{name!r}] must lie in [{low}, {high}] (LAS "
+                                 f"point format {fmt}); got [{int(values.min())}, "
+                                 f"{int(values.max())}]")
+        elif name in every_standard:
+            holders = [i for i in range(11) if name in laspy.PointFormat(i).dimension_names]
+            raise ValueError(f"properties[{name!r}] is a standard dimension of LAS point "
+                             f"formats {holders}, not of format {fmt} (LAS {version}); "
+                             "choose another point_format / version, or rename it to store "
+                             "it as extra bytes")
+        else:
+            if values.dtype == bool:
+                values = props[name] = values.astype(np.uint8)
+            code = values.dtype.str[1:]
+            if code not in _LAS_EXTRA_TYPES:
+                raise TypeError(f"properties[{name!r}]: extra bytes must be uint8..int64, "
+                                f"float32 or float64; got dtype {values.dtype}")
+            if values.ndim == 2 and values.shape[1] not in (2, 3):
+                raise ValueError(f"properties[{name!r}]: array-typed extra bytes hold 2 or 3 "
+                                 f"values per point; got shape {values.shape}")
+            kind = code if values.ndim == 1 else f"{values.shape[1]}{code}"
+            extra_params.append(laspy.ExtraBytesParams(name=name, type=kind))
+
+    scale = _las_vector("scale", scale, positive=True)
+    if offset is None:
+        offset = np.floor(points.min(axis=0)) if n else np.zeros(3)
+    else:
+        offset = _las_vector("offset", offset)
+    integers = np.rint((points - offset) / scale)
+    if n:
+        low, high = integers.min(axis=0), integers.max(axis=0)
+        for i, axis in enumerate("xyz"):
+            if low[i] < _INT32.min or high[i] > _INT32.max:
+                raise ValueError(
+                    f"points {axis} in [{float(points[:, i].min())!r}, "
+                    f"{float(points[:, i].max())!r}] does not fit LAS's int32 at scale "
+                    f"{float(scale[i])!r} and offset {float(offset[i])!r} "
+                    f"(it needs integers in [{low[i]:.0f}, {high[i]:.0f}]); use a coarser "
+                    "scale or an offset nearer the data")
+    integers = integers.astype(np.int32)
+
+    header = laspy.LasHeader(point_format=fmt, version=version)
+    header.scales = scale
+    header.offsets = offset
+    header.generating_software = "sparsegrid"
+    if extra_params:
+        header.add_extra_dims(extra_params)
+    las = laspy.LasData(header, points=laspy.ScaleAwarePointRecord.zeros(n, header=header))
+    las.X, las.Y, las.Z = integers[:, 0], integers[:, 1], integers[:, 2]
+    if colors is not None:
+        las.red, las.green, las.blue = colors[:, 0], colors[:, 1], colors[:, 2]
+    if labels is not None:
+        las.classification = labels.astype(np.uint8)
+    for name, values in props.items():
+        if name in standard:
+            dtype = np.asarray(las[name]).dtype
+            las[name] = values.astype(dtype)
+        else:
+            las[name] = values
+
+    _atomic_write(where, lambda f: las.write(f, do_compress=compress))

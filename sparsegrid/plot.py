@@ -421,7 +421,11 @@ def _point_colors(colors, n):
     if colors.dtype == np.uint8:
         return colors / 255.0
     if colors.dtype == np.uint16:
-        return colors / 65535.0
+        # LAS stores 16-bit colour, but many files (Autzen among them) hold 8-bit values
+        # in those fields: as CloudCompare does, a uint16 cloud whose values all fit in
+        # 0..255 is read as 8-bit, otherwise as 16-bit.
+        scale = 255.0 if n and int(colors.max()) <= 255 else 65535.0
+        return colors / scale
     if colors.dtype.kind != "f":
         raise TypeError(f"colors must be uint8 (0..255), uint16 (0..65535) or float in "
                         f"[0, 1]; got dtype {colors.dtype} (cast it, e.g. "
@@ -513,7 +517,9 @@ def points(points, values=None, labels=None, label_names=None, ax=None, title=No
     cmap : str or Colormap
         For ``values``.
     colors : array (N, 3), optional
-        uint8 (0..255), uint16 (0..65535, as LAS files store them) or float in [0, 1].
+        uint8 (0..255), uint16 (0..65535, as LAS files store them; a uint16 cloud whose
+        values all fit in 0..255 is read as 8-bit, as many LAS files hold) or float in
+        [0, 1].
     seed : int
         The subsample's seed.
     colorbar_label : str, optional
