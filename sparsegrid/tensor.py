@@ -6,10 +6,23 @@ from __future__ import annotations
 import numpy as np
 
 from . import backend
-from .coords import normalize_spatial_shape, validate_features, validate_indices
+from .coords import normalize_size, normalize_spatial_shape, validate_features, validate_indices
 from .autodiff import ops
-from .autodiff.core import Tensor, data_of
+from .autodiff.core import Tensor, data_of, record
 from .grid import Grid, Sites
+
+
+class _BatchSize(int):
+    """An int that can also be called: ``x.batch_size`` (sparsegrid's property) and
+    ``x.batch_size()`` (SparseConvNet's method) both give the number of samples.
+
+    Arithmetic and comparisons are plain ``int``'s (their results are plain ints)."""
+
+    __slots__ = ()
+
+    def __call__(self):
+        """The batch size as a plain int (SparseConvNet's ``batch_size()``)."""
+        return int(self)
 
 
 class SparseTensor:
@@ -140,7 +153,9 @@ class SparseTensor:
 
     @property
     def batch_size(self):
-        return self._sites.batch_size
+        """The number of samples, an int; also callable, ``x.batch_size()``, as
+        SparseConvNet's method (both forms give the same int)."""
+        return _BatchSize(self._sites.batch_size)
 
     @property
     def dimension(self):
@@ -181,7 +196,10 @@ class SparseTensor:
 
     def to(self, device):
         """This tensor on ``device`` (``'cpu'``, ``'cuda'`` (the current GPU), ``'cuda:N'``,
-        a GPU number or a ``cupy.cuda.Device``).
+        a GPU number or a ``cupy.cuda.Device``); or, given a dtype (``np.float32``,
+        ``np.float64``, ``float``, a ``np.dtype``, ``torch.float32``), the same sites and
+        grid with features of that dtype (as SparseConvNet's ``to`` passes a dtype on to
+        its features; see :meth:`type`).
 
         Already there: returns ``self`` (nothing is copied). Otherwise the features and
         indices are copied to the device and the result lives on a NEW :class:`Grid`: the
@@ -202,6 +220,9 @@ class SparseTensor:
         RuntimeError
             For a GPU when CuPy or a visible GPU is missing (naming the device).
         """
+        if isinstance(device, (type, np.dtype)) or (
+                not isinstance(device, (str, int)) and str(device) in _TORCH_FEATURE_TYPES):
+            return self.type(device)              # a dtype (torch's dtype objects too)
         target = backend.resolve_device(device)
         if self.device == target:
             return self
@@ -245,12 +266,68 @@ class SparseTensor:
         """SCN's name: the spatial shape as an int64 array (D,)."""
         return np.asarray(self.spatial_shape, np.int64)
 
-    def get_spatial_locations(self):
+    @property
+    def metadata(self):
+        """SparseConvNet's ``metadata``: a :class:`Metadata` view of this tensor's grid,
+        shared (equal) by every tensor derived from one input. Pass it to
+        ``SparseConvNetTensor(features, metadata, spatial_size)``."""
+        return Metadata(self)
+
+    def get_spatial_locations(self, spatial_size=None):
         """SCN's coordinate form: int64 (N, D + 1), spatial coordinates then the batch
-        index LAST, row-aligned with :attr:`features`."""
-        indices = self.indices
-        xp = backend.array_namespace(indices)
-        return xp.concatenate([indices[:, 1:], indices[:, :1]], axis=1).astype(np.int64)
+        index LAST.
+
+        Without ``spatial_size``: this tensor's sites, row-aligned with :attr:`features`.
+        With one (an int or D ints): the sites of that spatial size on this tensor's grid,
+        as SparseConvNet's ``metadata.getSpatialLocations(spatial_size)``: see
+        :meth:`Metadata.sites` (ValueError when the grid holds no or several site sets
+        of that size). On the GPU the array is CuPy.
+        """
+        sites = self._sites if spatial_size is None else self.metadata.sites(spatial_size)
+        return _scn_locations(sites.indices)
+
+    @property
+    def requires_grad(self):
+        """Whether the features record a gradient (SparseConvNet's property)."""
+        return isinstance(self._features, Tensor) and self._features.requires_grad
+
+    def type(self, dtype=None):
+        """SparseConvNet's ``type``: without an argument, the features' type as torch
+        names it (``'torch.FloatTensor'``, ``'torch.DoubleTensor'``, with ``.cuda`` on a
+        GPU); with one, this tensor with features of that type.
+
+        ``dtype``: ``np.float32`` / ``np.float64`` (or ``float``, a ``np.dtype``, their
+        names), or torch's names: ``'torch.FloatTensor'``, ``'torch.DoubleTensor'``,
+        ``'torch.cuda.FloatTensor'``, ``'torch.cuda.DoubleTensor'`` (these two also move
+        the tensor to the current GPU, see :meth:`to`), ``'torch.float32'`` ...
+
+        Unlike SparseConvNet, which converts its features in place, this returns a tensor
+        on the same sites and grid (``self`` when nothing changes) and leaves ``self``
+        as it is: write ``x = x.type(...)``. Autodiff features convert differentiably
+        (the gradient comes back in the original dtype).
+
+        Raises
+        ------
+        TypeError
+            For other types: sparse features are float32 or float64 (float16, integer
+            and boolean features are refused, naming the type given).
+        """
+        if dtype is None:
+            name = {np.dtype(np.float32): "FloatTensor",
+                    np.dtype(np.float64): "DoubleTensor"}[np.dtype(self.dtype)]
+            return f"torch.{'cuda.' if self.device != 'cpu' else ''}{name}"
+        target, device = _feature_type(dtype)
+        tensor = self if device is None else self.to(device)
+        if tensor.dtype == target:
+            return tensor
+        features = tensor._features
+        if isinstance(features, Tensor):
+            source = features.dtype
+            features = record(features.data.astype(target), (features,),
+                              lambda g: (g.astype(source),))
+        else:
+            features = features.astype(target)
+        return SparseTensor._on(features, tensor._sites, tensor._grid)
 
     def detach(self):
         """The same sites and grid with features cut from the autodiff graph."""
@@ -283,3 +360,197 @@ class SparseTensor:
         return (f"SparseTensor(n_active={self.n_active}, n_channels={self.n_channels}, "
                 f"spatial_shape={self.spatial_shape}, batch_size={self.batch_size}, "
                 f"dtype={self.dtype}, backend={lib})")
+
+
+# -- SparseConvNet's tensor surface --------------------------------------------------------
+def _scn_locations(indices):
+    """Batch-first int32 indices (N, 1 + D) -> SCN's int64 (N, D + 1), batch last."""
+    xp = backend.array_namespace(indices)
+    return xp.concatenate([indices[:, 1:], indices[:, :1]], axis=1).astype(np.int64)
+
+
+_TORCH_FEATURE_TYPES = {
+    "torch.FloatTensor": (np.float32, "cpu"), "torch.DoubleTensor": (np.float64, "cpu"),
+    "torch.cuda.FloatTensor": (np.float32, "cuda"),
+    "torch.cuda.DoubleTensor": (np.float64, "cuda"),
+    "torch.float32": (np.float32, None), "torch.float": (np.float32, None),
+    "torch.float64": (np.float64, None), "torch.double": (np.float64, None),
+}
+
+
+def _feature_type(dtype):
+    """``(numpy float dtype, device or None)`` of a type given to ``type`` / ``to``."""
+    given = dtype
+    if not isinstance(dtype, (str, type, np.dtype)):
+        dtype = str(dtype)              # a torch dtype object prints as 'torch.float32'
+    if isinstance(dtype, str) and dtype.strip() in _TORCH_FEATURE_TYPES:
+        target, device = _TORCH_FEATURE_TYPES[dtype.strip()]
+        return np.dtype(target), device
+    try:
+        target = np.dtype(dtype)
+    except TypeError:
+        target = None
+    if target is None or target not in (np.float32, np.float64):
+        raise TypeError(f"sparse features are float32 or float64: give np.float32, "
+                        f"np.float64, 'torch.FloatTensor' or 'torch.DoubleTensor'; got "
+                        f"{given!r}")
+    return target, None
+
+
+def _spatial_key(spatial_size, dimension):
+    """A spatial size (an int, D ints, an int array or a torch LongTensor) as a tuple."""
+    value = spatial_size
+    if hasattr(value, "detach"):                       # a torch tensor
+        value = value.detach().cpu().numpy()
+    if hasattr(value, "tolist") and not isinstance(value, (int, np.integer)):
+        value = backend.to_numpy(value).tolist() if backend.is_cupy_array(value) \
+            else value.tolist()
+    return normalize_size(value, dimension, "spatial_size")
+
+
+class Metadata:
+    """SparseConvNet's ``metadata`` of a tensor: which sites its grid holds per spatial
+    size (``x.metadata``).
+
+    SparseConvNet keeps one site set per spatial size in one ``Metadata`` object shared by
+    every tensor of a batch. sparsegrid's :class:`Grid` does the same job without keying
+    by size (two paths may reach one size with different sites), so this view answers
+    SparseConvNet's questions by search: the tensor's own sites, then the site sets it was
+    derived from (its strided ancestors, back to the input layer), then the site sets the
+    grid made from it by strided ops so far.
+
+    Two views are equal when they belong to the same grid (the same input batch).
+    ``Metadata`` is not built directly (SparseConvNet's ``Metadata(dimension)`` creates an
+    empty one for its own layers to fill); take it from a tensor.
+    """
+
+    __slots__ = ("_grid", "_sites")
+
+    def __init__(self, tensor):
+        if not isinstance(tensor, SparseTensor):
+            raise TypeError(f"Metadata is taken from a SparseTensor (x.metadata); got "
+                            f"{type(tensor).__name__}")
+        self._grid = tensor.grid
+        self._sites = tensor.sites
+
+    @property
+    def grid(self):
+        """The :class:`Grid` shared by every tensor derived from the same input."""
+        return self._grid
+
+    @property
+    def dimension(self):
+        return self._sites.dimension
+
+    def sites(self, spatial_size=None):
+        """The :class:`Sites` of spatial size ``spatial_size`` (an int or D ints; default:
+        the tensor's own).
+
+        Searched in order: the tensor's own sites and its strided ancestors (a unique
+        chain back to the input layer), then the outputs of strided ops cached on the
+        grid. Raises ValueError naming the sizes found when none has that size, or when
+        several different site sets of that size exist (then ask a tensor on the one
+        wanted); TypeError / ValueError for a malformed size.
+        """
+        if spatial_size is None:
+            return self._sites
+        target = _spatial_key(spatial_size, self.dimension)
+        known = []
+        sites = self._sites
+        while sites is not None:
+            if sites.spatial_shape == target:
+                return sites
+            known.append(sites.spatial_shape)
+            sites = sites.producer[0] if sites.producer is not None else None
+        found = {}
+        for key, value in list(self._grid._rulebooks.items()):
+            if isinstance(value, tuple) and key[1] in ("strided", "transposed"):
+                for item in value:
+                    if isinstance(item, Sites):
+                        known.append(item.spatial_shape)
+                        if item.spatial_shape == target:
+                            found[item.uid] = item
+        if len(found) == 1:
+            return next(iter(found.values()))
+        sizes = sorted(set(known))
+        if found:
+            raise ValueError(f"spatial_size {target}: this grid holds {len(found)} different "
+                             "site sets of that size (made by different strided ops); call "
+                             "get_spatial_locations() on a tensor on the one you want")
+        raise ValueError(f"spatial_size {target}: no site set of that size on this tensor's "
+                         f"grid (its ancestors and the outputs of strided ops so far have "
+                         f"sizes {sizes})")
+
+    def getSpatialLocations(self, spatial_size=None):
+        """SCN's name: int64 (N, D + 1) coordinates of the sites of ``spatial_size``,
+        batch index last (see :meth:`sites`)."""
+        return _scn_locations(self.sites(spatial_size).indices)
+
+    def getBatchSize(self, spatial_size=None):
+        """SCN's name: the number of samples (an int)."""
+        return int(self.sites(spatial_size).batch_size)
+
+    def getNActive(self, spatial_size=None):
+        """SCN's name: the number of active sites of ``spatial_size`` (an int)."""
+        return len(self.sites(spatial_size))
+
+    def __eq__(self, other):
+        return isinstance(other, Metadata) and other._grid is self._grid
+
+    def __hash__(self):
+        return id(self._grid)
+
+    def __repr__(self):
+        return (f"Metadata(dimension={self.dimension}, tensor sites={self._sites.spatial_shape}"
+                f", {len(self._sites)} active)")
+
+
+class _SparseConvNetTensorType(type):
+    """``isinstance(x, SparseConvNetTensor)`` is ``isinstance(x, SparseTensor)``, and
+    calling the class builds a SparseTensor."""
+
+    def __instancecheck__(cls, instance):
+        return isinstance(instance, SparseTensor)
+
+    def __subclasscheck__(cls, subclass):
+        return isinstance(subclass, type) and issubclass(subclass, SparseTensor)
+
+    def __call__(cls, features=None, metadata=None, spatial_size=None):
+        if features is None or metadata is None:
+            raise TypeError(
+                "SparseConvNetTensor(features, metadata, spatial_size=None) needs features "
+                "and the metadata of a tensor of the same batch (x.metadata): sparsegrid's "
+                "tensors are built whole, not field by field (SCN's empty "
+                "SparseConvNetTensor() with .features / .metadata assigned later); for new "
+                "features on x's sites write x.with_features(features)")
+        if not isinstance(metadata, Metadata):
+            raise TypeError(f"SparseConvNetTensor: metadata must be a tensor's .metadata; "
+                            f"got {type(metadata).__name__}")
+        if not isinstance(features, Tensor):
+            from .interop import asarray
+            features = asarray(features, "features")
+        tensor = SparseTensor._on(None, metadata.sites(spatial_size), metadata.grid)
+        tensor._check_new_features(features, " of SparseConvNetTensor(features, metadata, "
+                                             "spatial_size)")
+        tensor._features = features
+        return tensor
+
+
+class SparseConvNetTensor(metaclass=_SparseConvNetTensorType):
+    """SparseConvNet's tensor type, as sparsegrid provides it: every nn layer returns a
+    :class:`SparseTensor`, and ``isinstance(x, SparseConvNetTensor)`` holds for it.
+
+    ``SparseConvNetTensor(features, metadata, spatial_size=None)`` returns a SparseTensor
+    with ``features`` (N, C) on the sites of ``spatial_size`` in ``metadata`` (a tensor's
+    ``.metadata``; default: that tensor's own sites), on the same grid. The features are
+    checked as :meth:`SparseTensor.with_features` checks them (type, dtype, shape; not
+    rescanned for NaN/inf).
+
+    SparseConvNet's surface on a SparseTensor: ``features``, ``metadata``,
+    ``spatial_size``, ``batch_size()`` (also the int ``batch_size``),
+    ``get_spatial_locations(spatial_size=None)``, ``type``, ``to``, ``cuda``, ``cpu``,
+    ``requires_grad``, ``detach()``. The differences: ``to`` / ``cuda`` / ``cpu`` /
+    ``type`` return a tensor instead of changing this one, and an empty
+    ``SparseConvNetTensor()`` filled in field by field is not supported (TypeError; use
+    ``x.with_features``). See docs/differences_from_scn.md.
+    """

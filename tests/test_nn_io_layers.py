@@ -96,7 +96,8 @@ def test_input_layer_1d_and_3d():
     ([[0, 0, -1]], ValueError, "batch index is -1"),
     ([[0, 0, 0, 0]], ValueError, r"\(N, 2\) or \(N, 3\)"),
     ([[0]], ValueError, r"\(N, 2\) or \(N, 3\)"),
-    ([[0.0, 1.0, 0.0]], TypeError, "integer"),
+    ([[0.0, 1.5, 0.0]], ValueError, r"row 0 has 1.5"),     # whole floats are accepted (SCN)
+    ([[True, False, False]], TypeError, "integer"),
 ])
 def test_input_layer_rejects_bad_coordinates(coords, error, match):
     with pytest.raises(error, match=match):

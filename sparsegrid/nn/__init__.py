@@ -34,3 +34,36 @@ __all__ = sorted(__all__ + ["SubmanifoldDcls"])
 
 from .generative import Cat, GenerativeConvolutionTranspose, Pruning, Union  # noqa: E402
 __all__ = sorted(__all__ + ["Cat", "GenerativeConvolutionTranspose", "Pruning", "Union"])
+
+# torch.nn.functional -> sparsegrid.nn.functional; torch.nn's losses (issue 13)
+from . import functional  # noqa: E402
+from .losses import (BCELoss, BCEWithLogitsLoss, CrossEntropyLoss, L1Loss,  # noqa: E402
+                     MSELoss, NLLLoss, SmoothL1Loss)
+__all__ = sorted(__all__ + ["functional", "BCELoss", "BCEWithLogitsLoss", "CrossEntropyLoss",
+                            "L1Loss", "MSELoss", "NLLLoss", "SmoothL1Loss"])
+
+# SparseConvNet's tensor surface, sparseconvnet.utils, ClassificationTrainValidate and its
+# counters (which the layers add to through this module: ``scn.<counter> = 0`` resets them)
+from ..tensor import Metadata, SparseConvNetTensor  # noqa: E402
+from . import utils  # noqa: E402
+from .utils import (SCN, AddCoords, batch_location_tensors, checkpoint101,  # noqa: E402
+                    checkpoint_restore, checkpoint_save, checkpointFunction,
+                    has_only_one_nonzero_digit, is_power2, is_square, matplotlib_cubes,
+                    matplotlib_planes, optionalTensor, optionalTensorReturn,
+                    pad_with_batch_idx, ply_scatter, prepare_BLInput, random_rotation,
+                    spectral_norm_svd, squareroot_rotation, threadDatasetIterator,
+                    toLongTensor, visdom_scatter, voxelize_pointcloud)
+from .trainer import ClassificationTrainValidate  # noqa: E402
+
+forward_pass_multiplyAdd_count = 0
+forward_pass_hidden_states = 0
+
+__all__ = sorted(set(__all__) | {
+    "ClassificationTrainValidate", "Metadata", "SCN", "SparseConvNetTensor",
+    "batch_location_tensors", "checkpoint101", "checkpoint_restore", "checkpoint_save",
+    "checkpointFunction", "forward_pass_hidden_states", "forward_pass_multiplyAdd_count",
+    "has_only_one_nonzero_digit", "is_power2", "is_square", "matplotlib_cubes",
+    "matplotlib_planes", "optionalTensor", "optionalTensorReturn", "pad_with_batch_idx",
+    "ply_scatter", "prepare_BLInput", "random_rotation", "spectral_norm_svd",
+    "squareroot_rotation", "threadDatasetIterator", "toLongTensor", "utils",
+    "visdom_scatter", "voxelize_pointcloud"})

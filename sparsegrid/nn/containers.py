@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from ..autodiff import ops
 from ..autodiff.core import Tensor, record
 from ..tensor import SparseTensor
@@ -10,16 +12,35 @@ from .module import Module
 
 
 class _Numbered(Module):
-    """Children named "0", "1", ... (PyTorch/SCN keys), added by ``add``/``append``."""
+    """Children named "0", "1", ... (PyTorch/SCN keys), added by ``add``/``append``; or,
+    built from one ``OrderedDict`` (or dict) of names to modules, named by its keys, as
+    ``torch.nn.Sequential(OrderedDict(...))``."""
 
     def __init__(self, *modules):
         super().__init__()
+        if len(modules) == 1 and isinstance(modules[0], Mapping):
+            for name, module in modules[0].items():
+                if not isinstance(name, str) or not name or "." in name:
+                    raise ValueError(f"{type(self).__name__}: module names must be non-empty "
+                                     f"strings without '.'; got {name!r}")
+                if name in self.__dict__ or hasattr(type(self), name):
+                    raise ValueError(f"{type(self).__name__}: module name {name!r} is taken "
+                                     "by an attribute or method")
+                self.add_module(name, module)
+            return
         for module in modules:
             self.add(module)
 
     def add(self, module):
-        """Append ``module``; returns self (SCN's chaining style)."""
-        return self.add_module(str(len(self._modules)), module)
+        """Append ``module``, named by its position; returns self (SCN's chaining style).
+
+        ValueError if that name is taken (a container built from a dict with such a key):
+        nothing is replaced silently."""
+        name = str(len(self._modules))
+        if name in self._modules:
+            raise ValueError(f"{type(self).__name__}.add: the name {name!r} is taken by "
+                             "another child; use add_module(name, module)")
+        return self.add_module(name, module)
 
     append = add
 

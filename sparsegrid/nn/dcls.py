@@ -145,6 +145,8 @@ class _ConstructKernelNd(Module):
             raise ValueError(f"{type(self).__name__}: W must have shape {shape} (out_channels, "
                              f"in_channels // groups, kernel_count); got "
                              f"{tuple(data_of(W).shape)}")
+        # A module returns an autodiff Tensor whatever its inputs (one return type).
+        W = W if isinstance(W, Tensor) else Tensor(W)
         return dcls.construct_kernel(W, P, SIG, self.dilated_kernel_size, self.version,
                                      check_range=self.check_range)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import sys
 import weakref
 
 import numpy as np
@@ -97,6 +98,22 @@ def _map_features(x, fn):
 
 def _normal(shape, std):
     return (default_rng().standard_normal(shape) * std).astype(np.float32)
+
+
+def _count(multiply_adds, hidden_states):
+    """Add to SparseConvNet's counters, the module attributes
+    ``sparsegrid.nn.forward_pass_multiplyAdd_count`` and
+    ``sparsegrid.nn.forward_pass_hidden_states``: read and written through the package
+    object, so a script's ``scn.forward_pass_multiplyAdd_count = 0`` resets what the
+    layers add to. Counted as SCN counts, in every forward pass (training, evaluation,
+    under ``no_grad()``), by the layers SCN counts in: the convolutions (a rulebook pair
+    costs ``nIn * nOut / groups`` multiply-adds) and NetworkInNetwork (``nIn * nOut`` per
+    site); the hidden states are the output's ``N * nOut`` values."""
+    package = sys.modules[__package__]
+    package.forward_pass_multiplyAdd_count = \
+        getattr(package, "forward_pass_multiplyAdd_count", 0) + int(multiply_adds)
+    package.forward_pass_hidden_states = \
+        getattr(package, "forward_pass_hidden_states", 0) + int(hidden_states)
 
 
 # -- argument checks (every constructor runs these before any work or allocation) -----------
@@ -219,8 +236,7 @@ def _scn_coordinates(coords, dimension):
         raise ValueError(f"coords must have shape (N, {dimension}) or (N, {dimension + 1}) "
                          f"(SCN form: spatial coordinates, then the batch index); got "
                          f"{coords.shape}")
-    if coords.dtype.kind not in "iu":
-        raise TypeError(f"coords must be an integer array; got dtype {coords.dtype}")
+    coords = _integral_coordinates(coords)
     if coords.shape[1] == dimension:
         batch = xp.zeros((len(coords), 1), coords.dtype)
         return xp.concatenate([batch, coords], axis=1)
@@ -228,10 +244,40 @@ def _scn_coordinates(coords, dimension):
 
 
 def _coordinate_array(coords):
-    """Coordinates as an array of their own library (NumPy or CuPy; torch via NumPy)."""
-    if hasattr(coords, "detach"):
-        return coords.detach().cpu().numpy()
+    """Coordinates as an array of their own library: NumPy or CuPy as they are, an
+    autodiff Tensor's data, and torch/JAX/... arrays viewed through DLPack (a CPU tensor
+    as NumPy, a CUDA tensor as CuPy: never a copy between host and device)."""
+    from ..interop import asarray
+    if isinstance(coords, Tensor):
+        coords = coords.data
+    elif hasattr(coords, "detach") and hasattr(coords, "__dlpack__"):
+        coords = coords.detach()                    # a torch tensor: a view, no graph
+    coords = asarray(coords, "coords")
     return coords if backend.is_cupy_array(coords) else np.asarray(coords)
+
+
+def _integral_coordinates(coords, name="coords"):
+    """Integer coordinates as they are; floating ones whose values are all whole numbers
+    (SCN calls ``.long()`` on its coordinates) as int64. A non-integral or non-finite
+    value raises ValueError naming its row (its (sample, row) position for 3-D arrays)
+    and value; other dtypes raise TypeError."""
+    kind = coords.dtype.kind
+    if kind in "iu":
+        return coords
+    if kind != "f":
+        raise TypeError(f"{name} must be an integer array (or floats with whole-number "
+                        f"values); got dtype {coords.dtype}")
+    xp = backend.array_namespace(coords)
+    # whole numbers small enough for int64 (2**62 leaves room for any spatial size)
+    good = xp.isfinite(coords) & (coords == xp.floor(coords)) & (xp.abs(coords) < 2.0 ** 62)
+    if not bool(good.all()):
+        flat = int(xp.flatnonzero(~good.reshape(-1))[0])
+        position = tuple(int(i) for i in np.unravel_index(flat, coords.shape))
+        row = position[:-1] if len(position) > 2 else position[0]
+        value = coords.reshape(-1)[flat].item()
+        raise ValueError(f"{name} must hold whole numbers (integer coordinates); row {row} "
+                         f"has {value!r} (round or floor the coordinates first)")
+    return coords.astype(np.int64)
 
 
 class _InputRecord:
@@ -264,19 +310,49 @@ def _shape_of_input(input):
 
 
 class InputLayerInput(list):
-    """SCN's ``InputLayerInput(coords, features)``: a two-item sequence."""
+    """SCN's ``InputLayerInput(coords, features)``: a two-item sequence.
+
+    ``to(device)`` / ``cuda()`` / ``cpu()`` move its coordinates and features (both: they
+    must share a device) in place and return it, as SCN's ``cuda()`` (which moves only
+    the features, SCN's coordinates staying on the host)."""
 
     def __init__(self, coords, features, batch_size=None):
         if batch_size is not None:
             batch_size = _batch_size_arg("InputLayerInput", batch_size)
         super().__init__([coords, features] + ([] if batch_size is None else [batch_size]))
 
+    def to(self, device):
+        """Move the coordinates and features to ``device`` (in place); returns self."""
+        target = backend.resolve_device(device)
+        self[0] = backend.to_device(_coordinate_array(self[0]), target)
+        self[1] = _features_to(self[1], target)
+        return self
+
+    def cuda(self, device=None):
+        """Move the coordinates and features to a GPU (in place); returns self."""
+        return self.to(backend.cuda_device_argument(device))
+
+    def cpu(self):
+        """Move the coordinates and features to the CPU (in place); returns self."""
+        return self.to("cpu")
+
+
+def _features_to(features, device):
+    """Dense features (array, Tensor or torch tensor) on ``device``; a Tensor moves
+    differentiably."""
+    if isinstance(features, Tensor):
+        return ops.to_device(features, device)
+    return backend.to_device(_dense_input(features).data, device)
+
 
 class InputLayer(Module):
     """Coordinates and features of a batch -> a SparseTensor (SCN InputLayer).
 
     ``forward([coords, features(, batch_size)])`` takes SCN's form: ``coords`` (N, D + 1)
-    with the batch index in the LAST column, or (N, D) for a single sample. Duplicate
+    with the batch index in the LAST column, or (N, D) for a single sample; integers, or
+    floats with whole-number values (SCN calls ``.long()``; a fractional or non-finite
+    value is a ValueError naming its row). ``to(device)`` makes the layer move each batch
+    there (see :meth:`to`). Duplicate
     sites are merged by ``mode``: 0 none allowed (an error, not SCN's corruption), 1 keep
     the first row, 2 keep the last row (SCN's measured behaviour), 3 sum, 4 mean, or a name
     ('unique', 'first', 'last', 'sum', 'mean', 'max'). Coordinates are validated. Output
@@ -289,6 +365,29 @@ class InputLayer(Module):
         self.dimension = _dimension(owner, dimension)
         self.spatial_size = _spatial(spatial_size, self.dimension, f"{owner}: spatial_size")
         self.mode = self._mode_name(mode)
+        self.device = None
+
+    def to(self, device):
+        """SCN's ``inputLayer.to(device)``: from now on, move each batch's coordinates and
+        features to ``device`` (``'cpu'``, ``'cuda'``, ``'cuda:N'``, a GPU number) before
+        building the tensor, so its output lives there. (SCN moves only the features, its
+        coordinates staying on the host; here both move, as a tensor's features and
+        indices share one device.) Without it the coordinates and features must already
+        share a device. ``cuda()`` / ``cpu()`` do the same. A parent module's ``to`` does
+        not set this (as in SCN, where ``model.to`` leaves its input layer's device
+        alone). Returns self.
+
+        Raises ValueError / TypeError for a malformed device, RuntimeError for a GPU when
+        CuPy or a visible GPU is missing."""
+        super().to(device)
+        self.device = backend.resolve_device(device)
+        return self
+
+    def _on_device(self, coords, features):
+        """Coordinates and features moved to the device set by :meth:`to` (if any)."""
+        if self.device is None:
+            return coords, features
+        return backend.to_device(coords, self.device), _features_to(features, self.device)
 
     @staticmethod
     def _mode_name(mode):
@@ -310,8 +409,9 @@ class InputLayer(Module):
                             f"batch_size]; got {_shape_of_input(input)}")
         batch_size = None if len(input) == 2 else _batch_size_arg(
             f"{type(self).__name__} input", input[2])
-        indices = _scn_coordinates(input[0], self.dimension)
-        features = _dense_input(input[1])
+        coords, features = self._on_device(_coordinate_array(input[0]), input[1])
+        indices = _scn_coordinates(coords, self.dimension)
+        features = _dense_input(features)
         backend.require_same_device("features", features.data, "coords", indices)
         if batch_size is not None and len(indices):
             batch_size = max(batch_size, int(indices[:, 0].max()) + 1)  # SCN: a lower bound
@@ -373,13 +473,14 @@ class BLInputLayer(InputLayer):
         if not isinstance(input, (list, tuple)) or len(input) != 2:
             raise TypeError("BLInputLayer expects [coords (B, L, D), features (B, L, C)] (the "
                             f"batch size is B); got {_shape_of_input(input)}")
-        coords = _coordinate_array(input[0])
-        feats = _dense_input(input[1])
+        coords, feats = self._on_device(_coordinate_array(input[0]), input[1])
+        feats = _dense_input(feats)
         backend.require_same_device("features", feats.data, "coords", coords)
         xp = backend.array_namespace(coords)
         if coords.ndim != 3 or coords.shape[2] != self.dimension:
             raise ValueError(f"coords must have shape (B, L, {self.dimension}); got "
                              f"{coords.shape}")
+        coords = _integral_coordinates(coords)
         if feats.ndim != 3 or feats.shape[:2] != coords.shape[:2]:
             raise ValueError(f"features must have shape {coords.shape[:2] + ('C',)}; got "
                              f"{feats.shape}")
@@ -456,6 +557,13 @@ class _Convolution(Module):
                              f"{x.dimension} spatial dimensions")
         return x
 
+    def _counted(self, out, rulebook):
+        """``out`` after adding this convolution to SCN's counters: each rulebook pair
+        costs (nIn / groups) * (nOut / groups) * groups multiply-adds (SCN's count)."""
+        _count(rulebook.n_pairs * self.nIn * self.nOut // self.groups,
+               out.n_active * self.nOut)
+        return out
+
 
 def _short(size):
     return size[0] if len(set(size)) == 1 else size
@@ -469,7 +577,8 @@ class SubmanifoldConvolution(_Convolution):
 
     def forward(self, x):
         x = self._check(x)
-        return F.submanifold_conv(x, self.weight, self.bias, self.filter_size)
+        out = F.submanifold_conv(x, self.weight, self.bias, self.filter_size)
+        return self._counted(out, x.grid.submanifold(x.sites, self.filter_size))  # cached
 
 
 ValidConvolution = SubmanifoldConvolution
@@ -483,7 +592,8 @@ class Convolution(_Convolution):
 
     def forward(self, x):
         x = self._check(x)
-        return F.conv(x, self.weight, self.bias, self.filter_size, self.filter_stride)
+        out = F.conv(x, self.weight, self.bias, self.filter_size, self.filter_stride)
+        return self._counted(out, out.sites.producer[3])
 
     def input_spatial_size(self, out_size):
         return (_as_size_array(out_size, self.dimension) - 1) * np.array(self.filter_stride) \
@@ -498,8 +608,9 @@ class RandomizedStrideConvolution(Convolution):
         if not self.training:
             return super().forward(x)
         x = self._check(x)
-        return F.randomized_conv(x, self.weight, self.bias, self.filter_size,
-                                 self.filter_stride, default_rng())
+        out = F.randomized_conv(x, self.weight, self.bias, self.filter_size,
+                                self.filter_stride, default_rng())
+        return self._counted(out, out.sites.producer[3])
 
 
 def _transposed_input_size(out_size, filter_size, stride):
@@ -525,7 +636,8 @@ class Deconvolution(_Transposed):
 
     def forward(self, x):
         x = self._check(x)
-        return F.deconv(x, self.weight, self.bias, self.filter_size, self.filter_stride)
+        out = F.deconv(x, self.weight, self.bias, self.filter_size, self.filter_stride)
+        return self._counted(out, x.sites.producer[3])   # the strided op it inverts
 
 
 class FullConvolution(_Transposed):
@@ -536,7 +648,9 @@ class FullConvolution(_Transposed):
 
     def forward(self, x):
         x = self._check(x)
-        return F.full_conv(x, self.weight, self.bias, self.filter_size, self.filter_stride)
+        out = F.full_conv(x, self.weight, self.bias, self.filter_size, self.filter_stride)
+        return self._counted(out, x.grid.full(x.sites, self.filter_size,
+                                              self.filter_stride)[0])   # cached
 
 
 TransposeConvolution = FullConvolution
@@ -558,7 +672,9 @@ class PermutohedralSubmanifoldConvolution(_Convolution):
 
     def forward(self, x):
         x = self._check(x)
-        return F.permutohedral_conv(x, self.weight, self.bias)
+        out = F.permutohedral_conv(x, self.weight, self.bias)
+        return self._counted(out, x.grid.lattice(x.sites, permutohedral_offsets(self.dimension),
+                                                 "permutohedral"))   # cached
 
 
 class NetworkInNetwork(Module):
@@ -579,7 +695,9 @@ class NetworkInNetwork(Module):
 
     def forward(self, x):
         x = _check_planes(self, x, self.nIn)
-        return F.network_in_network(x, self.weight, self.bias)
+        out = F.network_in_network(x, self.weight, self.bias)
+        _count(x.n_active * self.nIn * self.nOut, x.n_active * self.nOut)   # as SCN
+        return out
 
 
 class ShapeContext(Module):

@@ -175,7 +175,35 @@ class Module:
         return self
 
     def double(self):
+        """Parameters and floating buffers to float64 (in place); returns self."""
         return self.astype(np.float64)
+
+    def half(self):
+        """Parameters and floating buffers to float16 (in place); returns self.
+
+        Caveat: sparse features are float32 or float64 (a SparseTensor refuses float16),
+        so the sparse layers of a half-precision model raise a TypeError naming the
+        dtypes when called; only dense layers (``Linear``, ``Flatten``) run in float16.
+        Use it to store or inspect a model in half precision, and ``float()`` to run it.
+        """
+        return self.astype(np.float16)
+
+    def requires_grad_(self, requires_grad=True):
+        """Set ``requires_grad`` of every parameter of this module and its descendants
+        (freeze with ``False``), as ``torch.nn.Module.requires_grad_``; returns self.
+
+        A parameter that does not require a gradient gets no ``.grad`` from
+        ``backward()``, and optimizers skip it. Raises TypeError unless the flag is a
+        bool (or 0 / 1)."""
+        if isinstance(requires_grad, (bool, np.bool_)) or \
+                (isinstance(requires_grad, (int, np.integer)) and requires_grad in (0, 1)):
+            flag = bool(requires_grad)
+        else:
+            raise TypeError(f"requires_grad_: requires_grad must be a bool; got "
+                            f"{requires_grad!r} ({type(requires_grad).__name__})")
+        for param in self.parameters():
+            param.requires_grad = flag
+        return self
 
     # -- devices ----------------------------------------------------------------------------
     def to(self, device):
@@ -246,6 +274,7 @@ class Module:
                     f" (model.to({device!r}) moves the model; x.to({mine!r}) the input)")
 
     def float(self):
+        """Parameters and floating buffers to float32 (in place); returns self."""
         return self.astype(np.float32)
 
     # -- state ----------------------------------------------------------------------------
