@@ -763,3 +763,26 @@ def test_safetensors_save_does_not_copy_the_checkpoint(tmp_path):
     assert peak < 4 << 20, f"saving allocated {peak / 2**20:.1f} MiB at once"
     assert os.path.getsize(path) > 50 << 20
     assert np.array_equal(load_state_dict(path)["big"], big)
+
+
+def test_save_and_load_like_torch(tmp_path):
+    """nn.save / nn.load: torch.save's values (an epoch, a state dict, nested) round-trip;
+    objects and checkpoints of another kind are refused with a message."""
+    import sparsegrid.nn as scn
+    model = scn.Sequential(scn.SubmanifoldConvolution(2, 1, 2, 3, True))
+    scn.save(7, tmp_path / "epoch.pth")
+    assert scn.load(tmp_path / "epoch.pth") == 7
+    scn.save(model.state_dict(), tmp_path / "model.pth")
+    other = scn.Sequential(scn.SubmanifoldConvolution(2, 1, 2, 3, True))
+    other.load_state_dict(scn.load(tmp_path / "model.pth", map_location="cpu"))
+    for a, b in zip(model.state_dict().values(), other.state_dict().values()):
+        np.testing.assert_array_equal(a, b)
+    scn.save({"epoch": 3, "losses": [1.5, 0.5], "w": np.arange(3)}, tmp_path / "mix.pth")
+    got = scn.load(tmp_path / "mix.pth")
+    assert got["epoch"] == 3 and got["losses"] == [1.5, 0.5]
+    np.testing.assert_array_equal(got["w"], np.arange(3))
+    with pytest.raises(TypeError, match="state_dict"):
+        scn.save(model, tmp_path / "m.pth")
+    scn.checkpoint.save_checkpoint(tmp_path / "ck.npz", model=model)
+    with pytest.raises(scn.checkpoint.CheckpointError, match="not by save"):
+        scn.load(tmp_path / "ck.npz")

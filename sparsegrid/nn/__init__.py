@@ -67,3 +67,7 @@ __all__ = sorted(set(__all__) | {
     "ply_scatter", "prepare_BLInput", "random_rotation", "spectral_norm_svd",
     "squareroot_rotation", "threadDatasetIterator", "toLongTensor", "utils",
     "visdom_scatter", "voxelize_pointcloud"})
+
+# torch.save / torch.load's counterparts (the port rule maps them here)
+from .checkpoint import load, save  # noqa: E402
+__all__ = sorted(__all__ + ["load", "save"])

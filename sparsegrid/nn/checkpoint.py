@@ -63,7 +63,7 @@ from .. import _files, backend
 from ..autodiff.core import Tensor
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "save_state_dict",
-           "load_state_dict"]
+           "load_state_dict", "save", "load"]
 
 META_KEY = "__sparsegrid_checkpoint__"
 FORMAT = "sparsegrid.checkpoint"
@@ -713,3 +713,32 @@ def load_state_dict(path):
     if "model" not in sections:
         raise KeyError(f"checkpoint {os.fspath(path)!r} holds no model state")
     return _decode(sections["model"], arrays, os.fspath(path))
+
+
+# -- torch.save / torch.load's shape ---------------------------------------------------------
+def save(obj, f):
+    """``torch.save(obj, f)``'s counterpart: write ``obj`` to the file ``f`` atomically.
+
+    ``obj`` may be anything a checkpoint's extra values may be: arrays (NumPy, CuPy or
+    autodiff Tensors, stored as NumPy), NumPy scalars, ints, floats, strings, bools, None,
+    and lists, tuples and dicts of them -- so a ``state_dict()`` (of a module, optimizer
+    or schedule), an epoch number or a dict of both. Objects are not pickled: a module
+    itself is refused (save its ``state_dict()``). The file is a sparsegrid checkpoint
+    (``.npz``, or ``.safetensors`` for that suffix) whatever its name (``epoch.pth``).
+    Ported SCN scripts use it for their ``torch.save(...)`` lines.
+    """
+    if hasattr(obj, "state_dict") and hasattr(obj, "parameters"):
+        raise TypeError("save() stores values, not objects: save model.state_dict() and "
+                        "load it with model.load_state_dict(load(f))")
+    save_checkpoint(f, object=obj)
+
+
+def load(f, map_location=None):
+    """``torch.load(f)``'s counterpart: the value :func:`save` wrote to ``f`` (arrays
+    come back as NumPy arrays; ``map_location`` is accepted for torch's signature and
+    ignored: a module's ``load_state_dict`` puts arrays on its own device)."""
+    extra = load_checkpoint(f)
+    if "object" not in extra:
+        raise CheckpointError(f"{os.fspath(f)!r} is a checkpoint written by "
+                              "save_checkpoint, not by save(); read it with load_checkpoint")
+    return extra["object"]

@@ -7,7 +7,9 @@ tests (``is_power2`` ...), gradient checkpointing (``checkpoint101``), plots and
 Scripts call them as ``scn.<name>`` (``import sparsegrid.nn as scn``) or import them from
 ``sparsegrid.nn.utils`` as from ``sparseconvnet.utils``. Arguments are NumPy or CuPy
 arrays (torch tensors are viewed through DLPack); results are NumPy/CuPy arrays where SCN
-returns torch tensors. Differences are listed in docs/differences_from_scn.md.
+returns torch tensors, except ``prepare_BLInput``'s features, an autodiff Tensor (scripts
+call torch methods such as ``.to(device)`` on them). Differences are listed in
+docs/differences_from_scn.md.
 """
 
 from __future__ import annotations
@@ -243,7 +245,10 @@ def prepare_BLInput(batch):
     row) and ``F`` (B, n, C) padded with 0, n the largest n_b.
 
     ``F`` is float32 (SCN's type) unless every sample's features are float64. Locations
-    may be whole-number floats. NumPy or CuPy, as the inputs.
+    may be whole-number floats. NumPy or CuPy, as the inputs. ``L`` is an array and ``F``
+    an autodiff Tensor that records nothing (SCN builds both under ``no_grad``), so the
+    torch methods scripts call on SCN's features (``F.to(device)``, ``F.cuda()``,
+    ``F.type(...)``) work on it.
 
     Raises ValueError for an empty batch, mismatched row counts or column counts."""
     batch = list(batch)
@@ -277,7 +282,7 @@ def prepare_BLInput(batch):
                                                               counts))
     L[sample, row] = xp.concatenate(locations, axis=0)
     F[sample, row] = xp.concatenate([f.astype(dtype) for f in features], axis=0)
-    return [L, F]
+    return [L, _Tensor(F)]
 
 
 # -- checkpoints ----------------------------------------------------------------------------
