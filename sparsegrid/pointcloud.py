@@ -2,8 +2,11 @@
 
 Written once with the points' array namespace (NumPy or CuPy) and the kernel contract's
 ``unique_inverse`` / ``segment_reduce`` / ``build_index`` / ``query_index``, so the same
-code runs on the CPU and the GPU, deterministically. Semantics and choices:
-docs/pointcloud.md.
+code runs on the CPU and the GPU, deterministically. On NumPy, :func:`voxelize` sorts
+its own keys (each point's row packed below its voxel's key: one ``np.sort``, no
+argsort) and reduces 'mean' / 'sum' / 'first' / 'last' itself, with the bits of
+``segment_reduce`` (see "the NumPy path" below). Semantics and choices:
+docs/pointcloud.md; speed: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -347,21 +350,26 @@ def voxelize(points, voxel_size, features=None, reduce="mean", origin=None, boun
     if batch_size > 1:
         batch = xp.repeat(xp.arange(batch_size, dtype=np.int64), sizes)
 
-    # 1. invalid points: NaN / inf, outside bounds
+    # 1. invalid points: NaN / inf, outside bounds. One min and one max per axis decide the
+    # common case (NaN and inf show in them); the per-point masks are built only when they
+    # say some point is invalid.
     valid = None
     n_non_finite = n_out = 0
     finite = None
-    if n:
-        finite = xp.isfinite(coords).all(axis=1) if coords.dtype.kind == "f" else None
-        if finite is not None and not bool(finite.all()):
-            if not drop_invalid:
-                row = int(xp.flatnonzero(~finite)[0])
-                raise ValueError(f"{_locate(row, sizes, is_list)} has a NaN or inf coordinate: "
-                                 f"{coords[row].tolist()} (pass drop_invalid=True to drop "
-                                 "such points)")
-            n_non_finite = int(n - int(finite.sum()))
-            valid = finite
-    if bounds is not None and n:
+    column_range = _column_range(xp, coords, None) if n else None
+    if n and coords.dtype.kind == "f" and not all(map(math.isfinite, column_range[0] +
+                                                      column_range[1])):
+        finite = xp.isfinite(coords).all(axis=1)
+        if not drop_invalid:
+            row = int(xp.flatnonzero(~finite)[0])
+            raise ValueError(f"{_locate(row, sizes, is_list)} has a NaN or inf coordinate: "
+                             f"{coords[row].tolist()} (pass drop_invalid=True to drop "
+                             "such points)")
+        n_non_finite = int(n - int(finite.sum()))
+        valid = finite
+    if bounds is not None and n and (valid is not None or not all(
+            lower[d] <= column_range[0][d] and column_range[1][d] < upper[d]
+            for d in range(ndim))):
         inside = xp.ones(n, bool)
         for d in range(ndim):
             column = coords[:, d]
@@ -377,46 +385,47 @@ def voxelize(points, voxel_size, features=None, reduce="mean", origin=None, boun
                                  "drop_invalid=True to drop such points)")
             n_out += int(outside.sum())
             valid = inside
+    if valid is not None:
+        column_range = _column_range(xp, coords, valid)
 
     # 2. origin: the batch minimum floored to the voxel grid
     floating_origin = origin is None
     if origin is None:
-        if n and (valid is None or bool(valid.any())):
-            origin = []
-            for d in range(ndim):
-                column = coords[:, d] if valid is None else coords[:, d][valid]
-                low = float(column.min())
-                origin.append(math.floor(low / voxel_size[d]) * voxel_size[d])
-            origin = tuple(origin)
+        if column_range is not None:
+            origin = tuple(math.floor(low / size) * size
+                           for low, size in zip(column_range[0], voxel_size))
         else:
             origin = (0.0,) * ndim
 
-    # 3. integer voxel coordinates: (p - origin) / size in float64, floored
-    grid = xp.zeros((n, ndim), np.int64)
-    below = None
+    # 3. integer voxel coordinates: (p - origin) / size in float64, floored. floor((p - o) /
+    # s) is monotonic in p (each step is correctly rounded), so the smallest and largest
+    # voxel index of an axis are those of its smallest and largest coordinate.
     limit = None if bounds is None else [max(1, math.ceil((upper[d] - origin[d]) /
                                                           voxel_size[d])) for d in range(ndim)]
-    for d in range(ndim):
-        column = coords[:, d].astype(np.float64, copy=False)
-        cells = xp.floor((column - origin[d]) / voxel_size[d])
+    low_cells = high_cells = None
+    if column_range is not None:
+        low_cells, high_cells = [], []
+        for d in range(ndim):
+            low, high = column_range[0][d], column_range[1][d]
+            low_cell = _cell(low, origin[d], voxel_size[d])
+            if floating_origin and low_cell < 0:
+                # the floored origin rounded above the minimum: one voxel lower
+                origin = origin[:d] + (origin[d] - voxel_size[d],) + origin[d + 1:]
+                low_cell = _cell(low, origin[d], voxel_size[d])
+            high_cell = _cell(high, origin[d], voxel_size[d])
+            if high_cell > _INT32_LIMIT - 1:
+                raise ValueError(f"voxel_size {voxel_size[d]} on axis {d} makes the grid "
+                                 f"{high_cell + 1:.0f} voxels long, more than 2**31 - 1 "
+                                 "(coordinates are int32): use a larger voxel_size or bounds")
+            low_cells.append(low_cell)
+            high_cells.append(high_cell)
+    if low_cells is not None and min(low_cells) < 0:   # only with an explicit origin, no bounds
+        below = xp.zeros(n, bool)
+        for d in range(ndim):
+            if low_cells[d] < 0:
+                below |= _cells(xp, coords[:, d], origin[d], voxel_size[d], None) < 0
         if valid is not None:
-            cells = xp.where(valid, cells, 0.0)
-        if floating_origin and n and float(cells.min()) < 0:
-            # the floored origin rounded above the minimum: one voxel lower
-            origin = origin[:d] + (origin[d] - voxel_size[d],) + origin[d + 1:]
-            cells = xp.floor((column - origin[d]) / voxel_size[d])
-            if valid is not None:
-                cells = xp.where(valid, cells, 0.0)
-        if n and float(cells.max()) > _INT32_LIMIT - 1:
-            raise ValueError(f"voxel_size {voxel_size[d]} on axis {d} makes the grid "
-                             f"{float(cells.max()) + 1:.0f} voxels long, more than 2**31 - 1 "
-                             "(coordinates are int32): use a larger voxel_size or bounds")
-        if limit is not None:
-            cells = xp.minimum(cells, limit[d] - 1)    # p < upper, rounded up to the edge
-        negative = cells < 0
-        below = negative if below is None else (below | negative)
-        grid[:, d] = cells.astype(np.int64)
-    if n and bool(below.any()):   # only with an explicit origin and no bounds
+            below &= valid
         if not drop_invalid:
             row = int(xp.flatnonzero(below)[0])
             raise ValueError(f"{_locate(row, sizes, is_list)} = {coords[row].tolist()} lies "
@@ -424,12 +433,13 @@ def voxelize(points, voxel_size, features=None, reduce="mean", origin=None, boun
                              "such points)")
         n_out += int(below.sum())
         valid = ~below if valid is None else (valid & ~below)
-        grid[below] = 0
+        column_range = _column_range(xp, coords, valid)
+        high_cells = None if column_range is None else [
+            _cell(high, origin[d], voxel_size[d]) for d, high in enumerate(column_range[1])]
     if limit is not None:
         spatial_shape = tuple(limit)
     else:
-        use = grid if valid is None else grid[valid]
-        spatial_shape = tuple(int(v) + 1 for v in use.max(axis=0).tolist()) if len(use) \
+        spatial_shape = tuple(int(h) + 1 for h in high_cells) if high_cells is not None \
             else (1,) * ndim
     for d, s in enumerate(spatial_shape):
         if s > _INT32_LIMIT:
@@ -438,21 +448,26 @@ def voxelize(points, voxel_size, features=None, reduce="mean", origin=None, boun
 
     # 4. keys -> sorted distinct voxels and the point -> voxel inverse
     kernels = backend.kernels(coords) if clouds else backend.kernels(np.zeros(0))
-    strides = packing_strides(spatial_shape, batch_size, "the voxel grid")
-    keys = xp.zeros(n, np.int64)
-    for d in range(ndim):
-        keys += grid[:, d] * int(strides[d + 1])
-    if batch is not None:
-        keys += batch * int(strides[0])
     kept_rows = None if valid is None else xp.flatnonzero(valid)
-    sub_keys = keys if kept_rows is None else keys[kept_rows]
-    unique_keys, first_rows, sub_inverse = kernels.unique_inverse(sub_keys)
+    n_kept = n if kept_rows is None else len(kept_rows)
+    packing = _packing(spatial_shape, batch_size, n_kept if xp is np else None)
+    strides = packing.strides
+    grid = _Grid(coords, batch, origin, voxel_size, limit, packing)
+    sub_keys = _voxel_keys(xp, grid, kept_rows)
+    grouping = None
+    if xp is np:
+        unique_keys, sub_inverse, grouping = _group_numpy(sub_keys, packing.row_bits)
+        first_rows = None   # taken from the grouping below where a cap needs them
+    else:
+        unique_keys, first_rows, sub_inverse = kernels.unique_inverse(sub_keys)
+    del sub_keys
     m = len(unique_keys)
-    first_rows = first_rows if kept_rows is None else kept_rows[first_rows]
 
     # 5. caps
     n_voxel_cap_points = n_voxels_capped = n_point_cap = 0
     if max_voxels is not None and m:
+        if first_rows is None:
+            first_rows = _grouped_rows(grouping, grouping.starts)
         voxel_batch = unique_keys // int(strides[0])
         order = xp.argsort(first_rows)         # distinct values: any sort gives this order
         per_batch = xp.bincount(voxel_batch, minlength=max(batch_size, 1))
@@ -468,17 +483,21 @@ def voxelize(points, voxel_size, features=None, reduce="mean", origin=None, boun
             n_voxel_cap_points = int(len(sub_inverse) - int(point_keep.sum()))
             sub_inverse = xp.where(point_keep, new_id[sub_inverse], -1)
             unique_keys = unique_keys[keep_voxel]
-            first_rows = first_rows[keep_voxel]
             m = n_kept
     if max_points_per_voxel is not None and len(sub_inverse):
         k = len(sub_inverse)
         live = sub_inverse >= 0
-        ids = xp.where(live, sub_inverse, m)
-        order = xp.argsort(ids * k + xp.arange(k, dtype=np.int64))   # distinct composite
-        counts = xp.bincount(ids, minlength=m + 1)
-        starts = xp.cumsum(counts) - counts
-        rank = xp.empty(k, np.int64)
-        rank[order] = xp.arange(k, dtype=np.int64) - starts[ids[order]]
+        rank = xp.empty(k, np.int64)    # of each point within its voxel, in row order
+        if grouping is not None:   # NumPy: the voxels' rows in order, from the sort
+            starts = grouping.starts
+            rank[_grouped_rows(grouping)] = np.arange(k) - np.repeat(
+                starts, np.diff(np.append(starts, k)))
+        else:
+            ids = xp.where(live, sub_inverse, m)
+            order = xp.argsort(ids * k + xp.arange(k, dtype=np.int64))   # distinct composite
+            counts = xp.bincount(ids, minlength=m + 1)
+            starts = xp.cumsum(counts) - counts
+            rank[order] = xp.arange(k, dtype=np.int64) - starts[ids[order]]
         over = live & (rank >= max_points_per_voxel)
         n_point_cap = int(over.sum())
         if n_point_cap:
@@ -494,17 +513,20 @@ def voxelize(points, voxel_size, features=None, reduce="mean", origin=None, boun
         warnings.warn("voxelize: " + "; ".join(parts) + " (counts in result.dropped)",
                       UserWarning, stacklevel=2)
 
-    inverse = xp.full(n, -1, np.int64)
     if kept_rows is None:
-        inverse = sub_inverse.astype(np.int64, copy=False) if n else inverse
+        inverse = sub_inverse.astype(np.int64, copy=False)
     else:
+        inverse = xp.full(n, -1, np.int64)
         inverse[kept_rows] = sub_inverse
 
     # 6. features
     used = None if (n_voxels_capped == 0 and n_point_cap == 0 and valid is None) else \
         xp.flatnonzero(inverse >= 0)
     ids = inverse if used is None else inverse[used]
-    out = _reduce(xp, kernels, values, ids, used, n, m, reduce)
+    if n_voxels_capped or n_point_cap:
+        grouping = None   # made for the points before the caps
+    out = _reduce(xp, kernels, values, ids, used, n, m, reduce, grouping)
+    del grouping
 
     # 7. labels
     voxel_labels = None
@@ -512,14 +534,17 @@ def voxelize(points, voxel_size, features=None, reduce="mean", origin=None, boun
         voxel_labels = _vote(xp, kernels, point_labels if used is None else point_labels[used],
                              ids, m, ignore_label, label_conflict)
 
-    indices = unpack_keys(unique_keys, spatial_shape)
+    indices = _unpack(xp, unique_keys, packing, spatial_shape)
     tensor = SparseTensor._on(out, Sites(indices, spatial_shape, batch_size), Grid())
     dropped = Dropped(n_non_finite, n_out, n_voxel_cap_points, n_voxels_capped, n_point_cap)
     return VoxelizeResult(tensor, inverse, voxel_labels, dropped, tuple(origin), voxel_size)
 
 
-def _reduce(xp, kernels, values, ids, used, n, m, reduce):
-    """Per-voxel features: (m, C); differentiable when ``values`` is a Tensor."""
+def _reduce(xp, kernels, values, ids, used, n, m, reduce, grouping=None):
+    """Per-voxel features: (m, C); differentiable when ``values`` is a Tensor.
+
+    ``grouping``: NumPy only, optional: the :data:`_Grouping` of the points ``ids``
+    numbers."""
     from .functional import _differentiable
     if values is None or reduce == "count":
         dtype = np.float32 if values is None else data_of(values).dtype
@@ -532,13 +557,16 @@ def _reduce(xp, kernels, values, ids, used, n, m, reduce):
             return Tensor(out)
         return out
     data = data_of(values)
-    picked = data if used is None else data[used]
     mode = "max" if reduce == "min" else reduce
-    if reduce == "min":
-        picked = -picked
-    out, chosen = kernels.segment_reduce(xp.ascontiguousarray(picked), ids, m, mode)
-    if reduce == "min":
-        out = -out
+    if xp is np and mode != "max" and len(ids):
+        out, chosen = _segment_reduce_numpy(data, ids, used, m, mode, grouping)
+    else:
+        picked = data if used is None else data[used]
+        if reduce == "min":
+            picked = -picked
+        out, chosen = kernels.segment_reduce(xp.ascontiguousarray(picked), ids, m, mode)
+        if reduce == "min":
+            out = -out
     n_used = len(ids)
 
     def vjp(g):
@@ -551,6 +579,316 @@ def _reduce(xp, kernels, values, ids, used, n, m, reduce):
 
     return _differentiable(out, (values,), vjp)
 
+
+# -- the voxel grid: keys of points -----------------------------------------------------------
+#: Rows per unit of work of the passes over points: their temporaries stay in cache, and
+#: on NumPy the units run on sparsegrid's thread pool (each writes only its own rows, or
+#: returns a part combined exactly, so the thread count never changes a result).
+_CHUNK = 1 << 16
+#: Keys per piece of the sort when several threads run (one piece below twice this).
+_SORT_PIECE = 1 << 18
+
+#: How voxels are packed into int64 keys. Each axis takes a bit field wide enough for its
+#: extent (and the batch index one above them), so keys sort in (batch, x1, ..., xD) order
+#: and unpack with shifts and masks; ``shifts`` is None when the fields do not fit 63 bits,
+#: then the strides are the exact ones (``coords.packing_strides``). ``row_bits``: on
+#: NumPy, the low bits that hold each point's row below its key (None: they do not fit).
+_Packing = namedtuple("_Packing", "strides shifts bits row_bits")
+
+#: What maps a point to its voxel: the (N, D) coordinates, the batch index of each point
+#: (None: one cloud), the origin, voxel size and bounds' cell limit per axis, the packing.
+_Grid = namedtuple("_Grid", "coords batch origin voxel_size limit packing")
+
+
+def _on_chunks(xp, work, n):
+    """``[work(start, stop) for each chunk of n rows]``: on the thread pool for NumPy, in
+    one piece for CuPy (its kernels are parallel already)."""
+    if xp is not np:
+        return [work(0, n)] if n else []
+    from .cpu.threads import parallel_map
+    spans = [(start, min(start + _CHUNK, n)) for start in range(0, n, _CHUNK)]
+    return parallel_map(lambda span: work(*span), spans,
+                        sizes=[stop - start for start, stop in spans])
+
+
+def _column_range(xp, coords, valid):
+    """``(lows, highs)``: each axis' minimum and maximum (floats) over the rows ``valid``
+    marks (all rows for None), or None when there is no such row. NaN and inf show."""
+    rows = None if valid is None else xp.flatnonzero(valid)
+    n = coords.shape[0] if rows is None else len(rows)
+    if n == 0:
+        return None
+
+    def work(start, stop):
+        part = coords[start:stop] if rows is None else coords.take(rows[start:stop], axis=0)
+        return ([part[:, d].min() for d in range(part.shape[1])],
+                [part[:, d].max() for d in range(part.shape[1])])
+
+    parts = _on_chunks(xp, work, n)
+    # min / max of the parts' results: exact, and NaN propagates as in one reduction
+    lows = np.min(np.array([[float(v) for v in p[0]] for p in parts]), axis=0)
+    highs = np.max(np.array([[float(v) for v in p[1]] for p in parts]), axis=0)
+    return lows.tolist(), highs.tolist()
+
+
+def _cells(xp, column, origin, size, limit):
+    """Voxel index along one axis, as float64: ``floor((p - origin) / size)``, widened to
+    float64 before the subtraction, at most ``limit - 1`` (the bounds' last cell)."""
+    cells = xp.subtract(column.astype(np.float64, copy=False), origin)
+    xp.divide(cells, size, out=cells)
+    xp.floor(cells, out=cells)
+    if limit is not None:
+        xp.minimum(cells, limit - 1, out=cells)
+    return cells
+
+
+def _cell(value, origin, size):
+    """:func:`_cells` of one coordinate (without the limit), as a Python float."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return float(np.floor((np.float64(value) - origin) / size))
+
+
+def _packing(spatial_shape, batch_size, n_rows):
+    """The :data:`_Packing` of a grid; ``n_rows``: the points whose rows go below the keys
+    (None: no rows). ValueError when even the exact strides overflow int64."""
+    exact = packing_strides(spatial_shape, batch_size, "the voxel grid")
+    bits = [(int(e) - 1).bit_length() for e in spatial_shape]
+    batch_bits = (max(int(batch_size), 1) - 1).bit_length()
+    key_bits = batch_bits + sum(bits)
+    if key_bits > 63:
+        return _Packing([int(s) for s in exact], None, None, None)
+    shifts = [0] * len(bits)
+    for d in range(len(bits) - 2, -1, -1):
+        shifts[d] = shifts[d + 1] + bits[d + 1]
+    strides = [1 << (shifts[0] + bits[0])] + [1 << s for s in shifts]
+    row_bits = None
+    if n_rows is not None and key_bits + (max(n_rows, 1) - 1).bit_length() <= 63:
+        row_bits = (max(n_rows, 1) - 1).bit_length()
+    return _Packing(strides, shifts, bits, row_bits)
+
+
+def _voxel_keys(xp, grid, rows):
+    """int64 packed voxel keys of the points ``rows`` (all for None), chunk by chunk (no
+    (N, D) integer grid, only cache-sized float64 temporaries). With ``row_bits``: ``key <<
+    row_bits | i`` for the i-th of those points, all distinct."""
+    n = grid.coords.shape[0] if rows is None else len(rows)
+    keys = xp.empty(n, np.int64)
+    row_bits = grid.packing.row_bits or 0
+    strides = [int(s) << row_bits for s in grid.packing.strides]
+
+    def work(start, stop):
+        part = grid.coords[start:stop] if rows is None else \
+            grid.coords.take(rows[start:stop], axis=0)
+        out = keys[start:stop]
+        scaled = xp.empty(stop - start, np.float64)
+        cells = xp.empty(stop - start, np.int64)
+        for d in range(part.shape[1]):
+            # (p - origin) / size >= 0 at every point kept: truncation is the floor
+            xp.subtract(part[:, d].astype(np.float64, copy=False), grid.origin[d], out=scaled)
+            xp.divide(scaled, grid.voxel_size[d], out=scaled)
+            target = out if d == 0 else cells
+            xp.copyto(target, scaled, casting="unsafe")
+            if grid.limit is not None:
+                xp.minimum(target, grid.limit[d] - 1, out=target)
+            if strides[d + 1] != 1:
+                target *= strides[d + 1]
+            if d:
+                out += cells
+        if grid.batch is not None:
+            batch = grid.batch[start:stop] if rows is None else grid.batch.take(rows[start:stop])
+            out += batch * strides[0]
+        if row_bits:
+            out += xp.arange(start, stop, dtype=np.int64)
+
+    _on_chunks(xp, work, n)
+    return keys
+
+
+def _unpack(xp, keys, packing, spatial_shape):
+    """int64 keys -> int32 ``(M, 1 + D)`` (batch, voxel) indices."""
+    if packing.shifts is None:
+        return unpack_keys(keys, spatial_shape)
+    ndim = len(packing.shifts)
+    indices = xp.empty((len(keys), ndim + 1), np.int32)
+
+    def work(start, stop):
+        part, out = keys[start:stop], indices[start:stop]
+        for d in range(ndim):
+            out[:, d + 1] = (part >> packing.shifts[d]) & ((1 << packing.bits[d]) - 1)
+        out[:, 0] = part >> (packing.shifts[0] + packing.bits[0])
+
+    _on_chunks(xp, work, len(keys))
+    return indices
+
+
+# -- the NumPy path: distinct keys and per-voxel reductions -----------------------------------
+# The contract's unique_inverse and segment_reduce serve any keys and rows; a voxelization
+# runs on millions of points and can put each point's row below its key: the keys are then
+# distinct, one np.sort (in place, no permutation to gather with) orders them, and the
+# order within a voxel is the row order, so the sort also groups each voxel's points in
+# input order. Every result (the sorted distinct keys, each point's rank, sums in input row
+# order, first and last rows) is a function of the keys alone, never of a thread count.
+def _sort_distinct(keys):
+    """Sort distinct int64 keys in place. With several threads, ``np.partition`` first
+    puts every key in its piece of the sorted order, and the pieces sort on the thread
+    pool: the keys are distinct, so the result is the one sorted array either way."""
+    from .cpu.threads import get_num_threads, parallel_map
+    n = len(keys)
+    pieces = max(1, min(get_num_threads(), n // _SORT_PIECE))
+    if pieces == 1:
+        keys.sort()
+        return
+    cuts = [n * i // pieces for i in range(pieces + 1)]
+    keys.partition(cuts[1:-1])
+    spans = list(zip(cuts[:-1], cuts[1:]))
+    parallel_map(lambda span: keys[span[0]:span[1]].sort(), spans,
+                 sizes=[stop - start for start, stop in spans])
+
+
+#: Each voxel's points in increasing row order, voxel after voxel, as the sort left them:
+#: ``order`` (None: the rows are the low bits of the sorted keys, ``ordered & mask``),
+#: ``ordered`` the sorted keys (with the rows below them when ``mask``), ``starts`` where
+#: each voxel's points begin.
+_Grouping = namedtuple("_Grouping", "order ordered mask starts")
+
+
+def _grouped_rows(grouping, positions=None):
+    """The rows at ``positions`` of the grouping's order (all of them for None)."""
+    if grouping.order is not None:
+        return grouping.order if positions is None else grouping.order.take(positions)
+    if positions is None:
+        return grouping.ordered & grouping.mask
+    rows = grouping.ordered.take(positions)
+    rows &= grouping.mask
+    return rows
+
+
+def _group_numpy(keys, row_bits):
+    """``(unique_keys, inverse, grouping)`` of voxel keys, which it consumes.
+
+    ``keys``: ``key << row_bits | row`` (``row_bits`` None: plain keys). ``unique_keys``:
+    the sorted distinct keys; ``inverse``: each row's position among them; ``grouping``:
+    a :data:`_Grouping`. Besides the results, only chunk-sized temporaries (and, for plain
+    keys, the argsort's permutation and the sorted copy).
+    """
+    n = len(keys)
+    if row_bits is None:   # keys and rows do not fit one int64: a stable argsort
+        order = np.argsort(keys, kind="stable")
+        ordered, mask = keys.take(order), 0
+    else:
+        _sort_distinct(keys)
+        order, ordered, mask = None, keys, (1 << row_bits) - 1
+    new = np.empty(n, bool)
+
+    def compare(start, stop):   # a new voxel where the keys above the row bits change
+        if start == 0:
+            new[:1] = True
+        low = max(start, 1)
+        np.greater(ordered[low:stop] ^ ordered[low - 1:stop - 1], mask, out=new[low:stop])
+        return int(np.count_nonzero(new[start:stop]))
+
+    offsets = np.cumsum([0] + _on_chunks(np, compare, n)).tolist()
+    inverse = np.empty(n, np.int64)
+
+    def scatter(start, stop):   # the rows are a permutation: the chunks write disjoint rows
+        ranks = np.cumsum(new[start:stop])
+        ranks += offsets[start // _CHUNK] - 1
+        rows = order[start:stop] if order is not None else ordered[start:stop] & mask
+        inverse[rows] = ranks
+
+    _on_chunks(np, scatter, n)
+    starts = np.flatnonzero(new)
+    unique_keys = ordered.take(starts)
+    if mask:
+        unique_keys >>= row_bits
+    return unique_keys, inverse, _Grouping(order, ordered, mask, starts)
+
+
+def _row_view(data):
+    """``data`` (k, C) as a 1-D array of one element per row when a row is 4, 8 or 16
+    bytes (gathering single elements is several times faster than gathering rows), else
+    None. Only copied, never computed on: the bits stay."""
+    width = data.shape[1] * data.itemsize
+    kind = {4: np.int32, 8: np.int64, 16: np.complex128}.get(width)
+    if kind is None or not data.flags.c_contiguous or data.ctypes.data % 16:
+        return None
+    return data.view(kind).reshape(-1)
+
+
+def _take_rows(data, rows):
+    """``data.take(rows, axis=0)``, chunk by chunk on the thread pool."""
+    view = _row_view(data)
+    source = data if view is None else view
+    out = np.empty((len(rows),) + source.shape[1:], source.dtype)
+
+    def work(start, stop):
+        source.take(rows[start:stop], axis=0, out=out[start:stop])
+
+    _on_chunks(np, work, len(rows))
+    return out if view is None else out.view(data.dtype).reshape(len(rows), -1)
+
+
+def _scatter_sums(data, ids, used, m):
+    """``out[v] = sum of data[used][r] over the rows r with ids[r] == v``, each voxel's
+    rows added one after another in row order in the data's dtype: the additions of
+    segment_reduce's CSR product (and of bincount for float64). SciPy's compiled CSC
+    product with one column per point walks the points in input order and adds each into
+    its voxel's row of the output (no grouping, no gather of the rows), one chunk of
+    points after the other, through chunk-sized index buffers."""
+    channels = data.shape[1]
+    k = len(ids)
+    try:
+        from scipy.sparse._sparsetools import csc_matvecs
+    except ImportError:   # pragma: no cover - other SciPy layouts: the public matrix
+        from scipy.sparse import csc_matrix
+        matrix = csc_matrix((np.ones(k, data.dtype), ids, np.arange(k + 1)), shape=(m, k))
+        return np.asarray(matrix @ (data if used is None else data[used]), data.dtype)
+    out = np.zeros((m, channels), data.dtype)
+    size = min(k, _CHUNK)
+    pointers = np.arange(size + 1, dtype=ids.dtype)
+    ones = np.ones(size, data.dtype)
+    contiguous = used is None and data.flags.c_contiguous
+    for start in range(0, k, _CHUNK):
+        stop = min(start + _CHUNK, k)
+        if contiguous:
+            part = data[start:stop]
+        else:
+            part = np.ascontiguousarray(data[start:stop] if used is None else
+                                        data.take(used[start:stop], axis=0))
+        csc_matvecs(m, stop - start, channels, pointers, ids[start:stop], ones,
+                    part.reshape(-1), out.reshape(-1))
+    return out
+
+
+def _segment_reduce_numpy(data, ids, used, m, mode, grouping=None):
+    """``segment_reduce(data[used], ids, m, mode)`` for 'sum', 'mean', 'first', 'last' and
+    ids covering every voxel, with the same bits (sums and means in row order, in the
+    data's dtype), without gathering ``data[used]`` first. ``grouping``: see
+    :func:`_reduce` (without it, 'first' / 'last' group the rows by a counting sort)."""
+    if mode in ("sum", "mean"):
+        counts = np.bincount(ids, minlength=m)
+        if int(counts.max()) <= 1:   # one point per voxel: the point itself, as segment_reduce
+            rows = np.empty(m, np.int64)
+            rows[ids] = np.arange(len(ids)) if used is None else used
+            return _take_rows(data, rows), None
+        out = _scatter_sums(data, ids, used, m)
+        if mode == "mean":
+            # float32 / count rounds once, as in float32 (double rounding is harmless for
+            # a quotient when the wider format has 2p + 2 bits or more)
+            np.divide(out, counts[:, None], out=out)
+        return out, None
+    if grouping is None:
+        from .cpu.index import group_rows
+        order, indptr = group_rows(ids, m)
+        order = np.arange(len(ids)) if order is None else order.astype(np.int64)
+        chosen = order.take(indptr[:-1] if mode == "first" else indptr[1:] - 1)
+    elif mode == "first":
+        chosen = _grouped_rows(grouping, grouping.starts)
+    else:
+        ends = np.append(grouping.starts[1:], len(ids))
+        ends -= 1
+        chosen = _grouped_rows(grouping, ends)
+    return _take_rows(data, chosen if used is None else used.take(chosen)), chosen
 
 def _vote(xp, kernels, labels, ids, m, ignore_label, label_conflict):
     """Per-voxel labels: majority (ties: smallest), or ignore_label on conflict."""

@@ -412,3 +412,141 @@ def test_gpu_caps_and_gradients(gpu_device, rng):
     ref = ad.Tensor(cpu.tensor.features, requires_grad=True)
     ad.sum(devoxelize(cpu.tensor.with_features(ref), cpu.inverse) ** 2).backward()
     np.testing.assert_allclose(backend.to_numpy(feats.grad), ref.grad, rtol=1e-12)
+
+
+# -- the NumPy fast path: packed keys with rows below them, chunked passes, threads ------------
+def _voxelize_bits(res):
+    x = res.tensor
+    return (x.indices.tobytes(), np.asarray(x.features).tobytes(), res.inverse.tobytes(),
+            None if res.labels is None else res.labels.tobytes(), tuple(res.dropped),
+            res.origin, x.spatial_shape)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("channels", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("reduce", ["mean", "sum", "first", "last", "max", "min"])
+def test_reductions_have_segment_reduce_bits(reduce, channels, dtype, rng):
+    """The fast path's sums (CSR in row order for float32 and wide float64, bincount for
+    narrow float64) and picks are those of the contract's segment_reduce, bit for bit,
+    also with dropped points (only the kept rows reduce) and signed zeros."""
+    from sparsegrid import cpu
+    p = np.round(rng.random((3000, 3)) * 6, 1)
+    p[::97] = np.nan
+    f = rng.standard_normal((3000, channels)).astype(dtype)
+    f[::13] = -0.0
+    res = voxelize(p, 0.5, f, reduce, drop_invalid=True)
+    used = np.flatnonzero(res.inverse >= 0)
+    mode = "max" if reduce == "min" else reduce
+    picked = -f[used] if reduce == "min" else f[used]
+    ref, _ = cpu.segment_reduce(np.ascontiguousarray(picked), res.inverse[used],
+                                res.tensor.n_active, mode)
+    if reduce == "min":
+        ref = -ref
+    assert res.tensor.features.dtype == dtype
+    assert res.tensor.features.tobytes() == ref.tobytes()
+
+
+@pytest.mark.parametrize("reduce", ["mean", "sum", "first", "last", "max", "count"])
+def test_thread_and_chunk_counts_give_the_same_bits(reduce, rng, monkeypatch):
+    import sparsegrid
+    from sparsegrid import pointcloud
+    clouds = [np.round(rng.random((n, 3)) * 8, 1) + 1e5 for n in (40_000, 0, 25_000)]
+    clouds[0][5] = np.inf
+    feats = [rng.standard_normal((len(c), 4)).astype(np.float32) for c in clouds]
+    labels = [rng.integers(0, 5, len(c)) for c in clouds]
+    kwargs = dict(labels=labels, drop_invalid=True, bounds=([1e5] * 3, [1e5 + 7.5] * 3))
+    before = sparsegrid.get_num_threads()
+    results = []
+    try:
+        for chunk, piece, threads in ((1 << 16, 1 << 18, 1), (1 << 16, 1 << 18, 2),
+                                      (997, 5000, 1), (997, 5000, 2), (4096, 7919, 3)):
+            monkeypatch.setattr(pointcloud, "_CHUNK", chunk)
+            monkeypatch.setattr(pointcloud, "_SORT_PIECE", piece)   # sorted in pieces
+            sparsegrid.set_num_threads(threads)
+            results.append(_voxelize_bits(voxelize(clouds, 0.25, feats, reduce, **kwargs)))
+    finally:
+        sparsegrid.set_num_threads(before)
+    assert all(r == results[0] for r in results[1:])
+    dropped = results[0][4]
+    assert dropped[0] == 1 and dropped[1] > 0      # the inf point, points outside bounds
+
+
+def test_keys_too_wide_for_rows_fall_back_to_a_stable_argsort(rng):
+    """20 bits per axis leave no room for 12 bits of rows below the key: the other path
+    (a stable argsort of plain keys) gives the reference result."""
+    from sparsegrid import pointcloud
+    p = np.round(rng.random((3000, 3)) * 1000, 2)
+    p[1000:1500] = p[:500]
+    f = rng.standard_normal((3000, 2))
+    packing = pointcloud._packing((10**6,) * 3, 1, 3000)
+    assert packing.shifts is not None and packing.row_bits is None
+    for reduce in ("mean", "first", "last"):
+        res = voxelize(p, 1e-3, f, reduce)
+        keys, out, inverse = _reference([p], 1e-3, f, reduce, res.origin)
+        np.testing.assert_array_equal(res.tensor.indices, keys)
+        np.testing.assert_array_equal(res.inverse, inverse)
+        np.testing.assert_allclose(res.tensor.features, out, rtol=1e-12)
+
+
+def test_grids_too_wide_for_bit_fields_use_exact_strides():
+    """Extents 2**21 + 1, 2**21 + 1, 2**20 need 65 bits of fields but fit the exact
+    strides (about 2**62 cells): keys and indices are then the exact packing's."""
+    from sparsegrid import pointcloud
+    p = np.array([[0.5, 0.5, 0.5], [2**21 + 0.5, 2**21 + 0.5, 2**20 - 0.5],
+                  [3.5, 2.5, 1.5], [0.7, 0.2, 0.9], [2**21 + 0.1, 7.5, 9.5]])
+    packing = pointcloud._packing((2**21 + 1, 2**21 + 1, 2**20), 1, len(p))
+    assert packing.shifts is None
+    res = voxelize(p, 1.0, np.arange(5.0)[:, None], "sum")
+    assert res.tensor.spatial_shape == (2**21 + 1, 2**21 + 1, 2**20)
+    assert res.tensor.indices.tolist() == [[0, 0, 0, 0], [0, 3, 2, 1],
+                                           [0, 2**21, 7, 9], [0, 2**21, 2**21, 2**20 - 1]]
+    assert res.inverse.tolist() == [0, 3, 1, 0, 2]
+    assert res.tensor.features[:, 0].tolist() == [3.0, 2.0, 4.0, 1.0]
+
+
+def test_packing_sorts_like_the_exact_strides(rng):
+    """The bit-field keys order voxels as the exact strides do: (batch, x1, ..., xD)."""
+    from sparsegrid import pointcloud
+    from sparsegrid.coords import pack_keys
+    shape = (5, 300, 7)
+    packing = pointcloud._packing(shape, 3, 1000)
+    assert packing.bits == [3, 9, 3] and packing.row_bits == 10
+    idx = np.column_stack([rng.integers(0, 3, 500)] + [rng.integers(0, s, 500) for s in shape])
+    ours = idx @ np.array(packing.strides)
+    exact, _ = pack_keys(idx, shape, 3)
+    np.testing.assert_array_equal(np.argsort(ours, kind="stable"),
+                                  np.argsort(exact, kind="stable"))
+    unpacked = pointcloud._unpack(np, np.unique(ours), packing, shape)
+    np.testing.assert_array_equal(unpacked, np.unique(idx, axis=0))
+
+
+def test_row_gathers_copy_bits(rng):
+    """The 4-, 8- and 16-byte row gathers (one element per row) copy every bit."""
+    from sparsegrid import pointcloud
+    for dtype, channels in ((np.float32, 1), (np.float32, 2), (np.float32, 4),
+                            (np.float64, 1), (np.float64, 2), (np.float32, 3)):
+        data = rng.standard_normal((5000, channels)).astype(dtype)
+        data.reshape(-1)[::7] = -0.0
+        data.reshape(-1)[::11] = np.finfo(dtype).tiny / 4     # subnormal
+        rows = rng.integers(0, 5000, 7000)
+        got = pointcloud._take_rows(data, rows)
+        assert got.dtype == dtype and got.tobytes() == data.take(rows, axis=0).tobytes()
+    strided = rng.standard_normal((100, 8))[:, ::2]        # not contiguous: rows as rows
+    assert pointcloud._row_view(strided) is None
+    np.testing.assert_array_equal(pointcloud._take_rows(strided, [3, 1]), strided[[3, 1]])
+
+
+@pytest.mark.parametrize("reduce", ["mean", "first"])
+def test_peak_memory_within_three_times_the_input(reduce, rng):
+    """tracemalloc's peak (NumPy's buffers) of one call: at most 3x points + features."""
+    import tracemalloc
+    p = rng.random((300_000, 3)) * 40
+    f = rng.random((300_000, 4)).astype(np.float32)
+    voxelize(p, 0.1, f, reduce)     # imports what the call needs (counted otherwise)
+    tracemalloc.start()
+    try:
+        voxelize(p, 0.1, f, reduce)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= 3 * (p.nbytes + f.nbytes), peak / (p.nbytes + f.nbytes)
