@@ -7,8 +7,8 @@ the analytic estimate, and peak memory per worker against a whole-scene run.
 A synthetic airborne survey (ground with slopes, box buildings, vegetation; about 10 points
 per square metre) is voxelized at --voxel metres and run through a three-level U-Net
 (total stride 4) in tiles of --tile voxels (x/y), on a LocalCluster of 1 and 2 worker
-processes (one thread each, SPARSEGRID_NUM_THREADS=1). Each worker's peak RSS is read with
-getrusage after the run; the whole scene is run once in a fresh worker for comparison, and
+processes (one thread each, SPARSEGRID_NUM_THREADS=1). Each worker's peak RSS is its
+VmHWM after the run, its mark reset just before (a forked worker inherits the client's); the whole scene is run once in a fresh worker for comparison, and
 the tiled result is checked against it (float32: to rounding, see docs/distributed.md).
 """
 
@@ -55,12 +55,34 @@ def model():
     return net.eval()
 
 
+def _reset_peak_rss():
+    """Restart the process's peak-RSS mark (Linux: ``echo 5 > /proc/self/clear_refs``).
+
+    A worker forked from this process inherits its high-water mark (the survey held here
+    counts as the worker's), so getrusage alone would report the client's memory."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _peak_rss_mb():
+    """The peak RSS since :func:`_reset_peak_rss` (VmHWM), else getrusage's lifetime peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _whole_scene(points, features, voxel):
     from sparsegrid.distributed import predict_scene
+    _reset_peak_rss()
     start = time.perf_counter()
     out = predict_scene(model(), points, voxel, features=features)
     return out, time.perf_counter() - start, _peak_rss_mb()
@@ -90,6 +112,7 @@ def main():
         with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
                           dashboard_address=None, memory_limit=0) as cluster, \
                 Client(cluster) as client:
+            client.run(_reset_peak_rss)
             start = time.perf_counter()
             out, info = predict_tiled(net, points, args.voxel, args.tile,
                                       features=features, client=client, return_info=True)

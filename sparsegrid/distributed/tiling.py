@@ -958,21 +958,38 @@ def _on_cluster(client, network, plan, setup, is_file, source, tile_points, name
         raise ImportError("predict_tiled with a client needs dask.distributed: pip install "
                           "\"sparsegrid[dask]\"") from exc
     model_future = client.scatter(network, broadcast=True)
-    futures = {}
-    for i, tile in enumerate(plan):
+    # A sliding window of tiles in flight (two per worker thread): tiles are submitted
+    # as earlier ones finish, so no worker (nor the scheduler) ever holds more than a few
+    # tiles' points, whatever the scene's size.
+    window = max(2 * sum(client.nthreads().values()), 2)
+
+    def submit(i):
+        tile = plan[i]
         if is_file:
-            f = client.submit(_file_tile, model_future, os.fspath(source), tile, setup,
-                              names, chunk_size, scene, pure=False)
-        else:
-            points, feats, rows = tile_points(tile)
-            f = client.submit(_run_tile, model_future, points, feats, rows, tile, setup,
-                              pure=False)
-        futures[f] = i
+            return client.submit(_file_tile, model_future, os.fspath(source), tile, setup,
+                                 names, chunk_size, scene, pure=False)
+        points, feats, rows = tile_points(tile)
+        return client.submit(_run_tile, model_future, points, feats, rows, tile, setup,
+                             pure=False)
+
+    futures, pending, following = {}, as_completed(), 0
+
+    def launch():
+        nonlocal following
+        future = submit(following)
+        futures[future] = following
+        pending.add(future)
+        following += 1
+
+    while following < min(window, len(plan)):
+        launch()
     results = [None] * len(plan)
-    for future in as_completed(list(futures)):
-        results[futures[future]] = future.result()
+    for future in pending:
+        results[futures.pop(future)] = future.result()
         future.release()
         bar.update(1)
+        if following < len(plan):
+            launch()
     return results
 
 
