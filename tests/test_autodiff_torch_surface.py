@@ -649,3 +649,13 @@ def test_a_model_output_means_the_same_in_training_and_evaluation(rng):
         np.testing.assert_array_equal(predictions.numpy(), out.numpy().argmax(1))
     assert train.requires_grad and not evaluation.requires_grad
     np.testing.assert_array_equal(evaluation.data, evaluation_again.data)
+
+
+def test_detach_shares_the_version_counter():
+    """An in-place change through a detached view is seen by backward (as in torch)."""
+    w = Tensor(np.ones(3), requires_grad=True)
+    c = Tensor(np.array([1.0, 2.0, 3.0]))
+    y = (w * c).sum()
+    c.detach().index_add_(0, np.array([0]), Tensor(np.array([10.0])))
+    with pytest.raises(RuntimeError, match="in-place"):
+        y.backward()

@@ -243,3 +243,82 @@ def test_on_a_gpu_as_on_the_cpu(rng):
         np.testing.assert_allclose(b, a, rtol=2e-4, atol=2e-4)
     with pytest.raises((TypeError, ValueError), match="cpu"):
         model(torch.tensor(feat), torch.tensor(idx), (12, 12, 12))
+
+
+# -- regressions found in review ------------------------------------------------------------
+
+def _small(rng):
+    idx, feat = cloud(rng, n=40, size=6)
+    return idx, feat, scn.Sequential(scn.SubmanifoldConvolution(3, 3, 4, 3, True)).double()
+
+
+def test_a_weight_shared_by_two_layers_is_one_torch_parameter(rng):
+    idx, feat, _ = _small(rng)
+    a = scn.SubmanifoldConvolution(3, 3, 3, 3, False)
+    b = scn.SubmanifoldConvolution(3, 3, 3, 3, False)
+    b.weight = a.weight
+    net = scn.Sequential(a, b).double()
+    ref = copy.deepcopy(net)
+    model = SparseModule(net)
+    assert len(list(model.parameters())) == 1
+    f = torch.tensor(feat)
+    out = model(f, torch.tensor(idx), (6, 6, 6))
+    out.features.sum().backward()
+    x = sg.SparseTensor(feat, idx, (6, 6, 6))
+    ref(x).features.sum().backward()
+    (param,) = model.parameters()
+    np.testing.assert_allclose(param.grad.numpy(), ref[0].weight.grad, rtol=1e-12)
+    before = param.detach().clone()
+    torch.optim.SGD(model.parameters(), lr=1.0).step()
+    np.testing.assert_allclose((before - param.detach()).numpy(), ref[0].weight.grad,
+                               rtol=1e-12)          # one step of the true gradient
+
+
+def test_a_parameter_changed_between_forward_and_backward_is_caught(rng):
+    idx, feat, net = _small(rng)
+    model = SparseModule(net)
+    out = model(torch.tensor(feat, requires_grad=True), torch.tensor(idx), (6, 6, 6))
+    with torch.no_grad():
+        next(model.parameters()).mul_(3)
+    with pytest.raises(RuntimeError, match="inplace"):
+        out.features.sum().backward()
+
+
+def test_changes_on_the_sparsegrid_side_are_kept(rng):
+    idx, feat, net = _small(rng)
+    model = SparseModule(net)
+    state = {k: np.full_like(v, 0.5) for k, v in net.state_dict().items()}
+    net.load_state_dict(state)                         # rebinds the sparsegrid arrays
+    model(torch.tensor(feat), torch.tensor(idx), (6, 6, 6))
+    np.testing.assert_array_equal(net[0].weight.data, 0.5)
+    np.testing.assert_array_equal(model.sparse.state_dict()["0.weight"].numpy(), 0.5)
+
+
+def test_no_graph_under_no_grad_and_the_graph_is_freed_after_backward(rng):
+    import gc
+    import weakref
+    from sparsegrid.interop import torch as bridge
+    idx, feat, net = _small(rng)
+    model = SparseModule(net)
+    calls = []
+    original = bridge._Call.__init__
+
+    def spy(self, *args):
+        original(self, *args)
+        calls.append(weakref.ref(self))
+
+    bridge._Call.__init__ = spy
+    try:
+        with torch.no_grad():
+            out = model(torch.tensor(feat), torch.tensor(idx), (6, 6, 6))
+        assert not out.features.requires_grad
+        gc.collect()
+        assert calls[-1]() is None                     # nothing kept
+        out = model(torch.tensor(feat, requires_grad=True), torch.tensor(idx), (6, 6, 6))
+        assert calls[-1]().output.requires_grad          # a graph, while torch needs it
+        out.features.sum().backward()
+        gc.collect()
+        assert calls[-1]() is None                       # freed, output still alive
+        assert out.features.shape[0] == len(idx)
+    finally:
+        bridge._Call.__init__ = original

@@ -112,7 +112,7 @@ class Tensor:
     ones are installed by :mod:`.ops`.
     """
 
-    __slots__ = ("data", "grad", "requires_grad", "_inputs", "_vjp", "_version",
+    __slots__ = ("data", "grad", "requires_grad", "_inputs", "_vjp", "_counter",
                  "_saved_versions", "__weakref__")
     # NumPy/CuPy binary operators defer to the Tensor's reflected operators; NumPy ufuncs
     # go through __array_ufunc__ (installed by .ops), so ``ndarray * t`` is a Tensor.
@@ -122,8 +122,10 @@ class Tensor:
     __hash__ = object.__hash__
 
     def __init__(self, data, requires_grad=False):
+        counter = None
         if isinstance(data, Tensor):
-            data = data.data
+            # the same memory: the same version counter (as torch's detach shares it)
+            data, counter = data.data, data._counter
         if isinstance(data, np.generic) or not hasattr(data, "dtype") or \
                 not hasattr(data, "shape"):
             data = np.asarray(data)
@@ -132,8 +134,18 @@ class Tensor:
         self.requires_grad = bool(requires_grad)
         self._inputs = ()
         self._vjp = None
-        self._version = 0             # bumped by in-place operations
+        # in-place operations bump the version, shared by every Tensor on the same data
+        # made by detach() / Tensor(t); a node remembers its inputs' versions
+        self._counter = [0] if counter is None else counter
         self._saved_versions = None   # the inputs' versions when this node was recorded
+
+    @property
+    def _version(self):
+        return self._counter[0]
+
+    @_version.setter
+    def _version(self, value):
+        self._counter[0] = value
 
     # -- basic properties ---------------------------------------------------------------
     @property
@@ -196,8 +208,8 @@ class Tensor:
     nelement = numel
 
     def detach(self):
-        """The same data (no copy), cut from the graph."""
-        return Tensor(self.data)
+        """The same data (no copy) and version counter, cut from the graph."""
+        return Tensor(self)
 
     def requires_grad_(self, requires_grad=True):
         """Set ``requires_grad`` in place and return the tensor. Only leaves can be

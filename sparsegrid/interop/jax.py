@@ -28,7 +28,9 @@ bridge. ``jax.vmap`` is not supported (the sites are fixed per function); forwar
 (``jax.jvp``, ``jax.jacfwd``) is not available (a custom VJP).
 
 Side effects: a module in training mode updates its batch-norm running statistics once
-per forward callback (the recomputation in the backward restores them). Layers that draw
+per eager forward call (the recomputation in the backward restores them); under
+``jax.jit`` JAX may drop a pure callback whose result only feeds a gradient, or repeat
+it, so the update is not guaranteed there (train statistics eagerly, or use ``eval()``). Layers that draw
 random numbers in training mode (Dropout) are refused, since the recomputed forward would
 draw a different mask; call ``net.eval()`` or remove them.
 """

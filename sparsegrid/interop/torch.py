@@ -30,9 +30,11 @@ How it works
   same GPU), recording sparsegrid's own autodiff graph when torch needs gradients; its
   backward feeds torch's output gradient into that graph and returns the gradients of
   every floating-point input tensor and of every parameter, again without copies.
-- The inputs and the output are saved for backward, so modifying them in place before
-  ``backward()`` raises torch's usual "modified by an inplace operation" error instead of
-  corrupting the gradients. Second derivatives are not available (once differentiable).
+- The versions of the inputs, the parameters and the output are checked in backward, so
+  modifying them in place before ``backward()`` raises torch's usual "modified by an
+  inplace operation" error instead of corrupting the gradients. The sparsegrid graph is
+  freed with torch's saved state (after a backward without ``retain_graph``); nothing is
+  recorded under ``torch.no_grad()``. Second derivatives are not available.
 
 Devices: a CPU model takes CPU tensors, a CUDA model (``.cuda()``) CUDA tensors with
 CuPy installed; a mix raises the ValueError/TypeError of
@@ -53,6 +55,8 @@ a dense one (``SparseToDense``, ``OutputLayer``, pooling to a vector) as a torch
 """
 
 from __future__ import annotations
+
+import weakref
 
 import numpy as np
 
@@ -164,6 +168,8 @@ class _Call:
     parameters to bind, and (after forward) the recorded graph."""
 
     def __init__(self, fn, structure, n_inputs, parameters, binder):
+        self.grad_enabled = torch.is_grad_enabled()   # torch's mode at the call
+        self.versions = ()                 # the saved torch tensors' versions at forward
         self.fn = fn
         self.structure = structure
         self.n_inputs = n_inputs
@@ -242,16 +248,48 @@ class _Bridge(torch.autograd.Function):
     def forward(ctx, call, *tensors):
         n = call.n_inputs
         inputs, params = tensors[:n], tensors[n:]
-        out = call.forward(inputs, params, ctx.needs_input_grad[1:])
-        ctx.call = call
-        ctx.save_for_backward(*inputs, out)
+        needs = ctx.needs_input_grad[1:] if call.grad_enabled else (False,) * len(tensors)
+        out = call.forward(inputs, params, needs)
+        # The inputs, the parameters and the output must not change before backward
+        # (the sparsegrid graph holds views of them): their versions are checked there.
+        call.saved = (*tensors, out)
+        call.versions = tuple(t._version for t in call.saved)
+        # The call (and the sparsegrid graph in it) lives exactly as long as torch keeps
+        # this node's saved state: a packed token holds it (see _keep_alive), ctx only a
+        # weak reference, so a backward without retain_graph frees the graph.
+        ctx.call = weakref.ref(call)
+        ctx.save_for_backward(torch.empty(0))
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        ctx.saved_tensors                 # raises if an input/output was modified in place
-        return (None, *ctx.call.backward(grad))
+        ctx.saved_tensors               # torch's own "backward a second time" check
+        call = ctx.call()
+        if call is None:                # pragma: no cover - torch raised above
+            raise RuntimeError("the sparsegrid graph of this call was already freed")
+        for t, version in zip(call.saved, call.versions):
+            if t._version != version:
+                raise RuntimeError(
+                    "one of the variables needed for gradient computation has been "
+                    f"modified by an inplace operation: a {tuple(t.shape)} tensor given to "
+                    f"or returned by a sparsegrid call is at version {t._version}; "
+                    f"expected version {version} (an optimizer step between forward and "
+                    "backward does this)")
+        return (None, *call.backward(grad))
+
+
+def _run(call, tensors):
+    """``_Bridge.apply`` with the call kept alive by torch's saved-tensor packing."""
+    def pack(t):
+        return (t, call)
+
+    def unpack(packed):
+        return packed[0]
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        out = _Bridge.apply(call, *tensors)
+    return out
 
 
 def apply(fn, *args):
@@ -264,22 +302,28 @@ def apply(fn, *args):
     tensors = []
     structure = _split(args, tensors)
     call = _Call(fn, structure, len(tensors), [], None)
-    out = _Bridge.apply(call, *tensors)
+    out = _run(call, tensors)
     return SparseOutput(out, call.sparse) if call.sparse is not None else out
 
 
-def _mirror(module):
-    """A torch module tree with ``module``'s parameters and buffers, sharing memory."""
+def _mirror(module, made=None):
+    """A torch module tree with ``module``'s parameters and buffers, sharing memory. A
+    sparsegrid Parameter registered in several places (a shared weight) becomes one torch
+    Parameter registered under each of its names, as torch shares parameters."""
+    made = {} if made is None else made
     mirror = torch.nn.Module()
     for name, param in module._parameters.items():
         if param is not None:
-            mirror.register_parameter(name, torch.nn.Parameter(
-                to_torch(param.data, f"parameter {name}"), requires_grad=param.requires_grad))
+            if id(param) not in made:
+                made[id(param)] = torch.nn.Parameter(
+                    to_torch(param.data, f"parameter {name}"),
+                    requires_grad=param.requires_grad)
+            mirror.register_parameter(name, made[id(param)])
     for name, buf in module._buffers.items():
         if buf is not None:
             mirror.register_buffer(name, to_torch(buf, f"buffer {name}"))
     for name, child in module._modules.items():
-        mirror.add_module(name, _mirror(child))
+        mirror.add_module(name, _mirror(child, made))
     return mirror
 
 
@@ -290,8 +334,10 @@ class SparseModule(torch.nn.Module):
     ----------
     module : sparsegrid.nn.Module
         The network to wrap. Its parameters and buffers are shared with this module's
-        (``self.sparse``, under the same dotted names); keep using either side, they are
-        the same memory.
+        (``self.sparse``, under the same dotted names; a shared weight is one torch
+        Parameter). Either side may change them: arrays the sparsegrid side replaces
+        (``load_state_dict``) are copied into torch's storage at the next call, cast to
+        torch's dtype and device, which torch's side owns.
 
     Calling
     -------
@@ -309,6 +355,12 @@ class SparseModule(torch.nn.Module):
                             f"{type(module).__name__}")
         self.sparse = _mirror(module)
         object.__setattr__(self, "module", module)   # not a torch submodule
+        object.__setattr__(self, "_bound", {})       # what each array was last bound to
+        # the mirror views the module's own arrays: they count as bound
+        for owner in self._torch_parameters()[1]:
+            self._bound[id(owner)] = _pointer(owner.data)
+        for m, name, _ in self._buffer_pairs():
+            self._bound[(id(m), name)] = _pointer(m._buffers[name])
         self.train(module.training)
 
     def _pairs(self):
@@ -317,37 +369,64 @@ class SparseModule(torch.nn.Module):
         return [(m, mirrors[path]) for path, m in self.module.named_modules()]
 
     def _torch_parameters(self):
-        params, owners = [], []
+        """(torch Parameters, their sparsegrid Parameters), each shared weight once."""
+        params, owners, seen = [], [], set()
         for m, mirror in self._pairs():
             for name, p in m._parameters.items():
-                if p is not None:
+                if p is not None and id(p) not in seen:
+                    seen.add(id(p))
                     params.append(mirror._parameters[name])
                     owners.append(p)
         return params, owners
+
+    def _buffer_pairs(self):
+        return [(m, name, buf) for m, mirror in self._pairs()
+                for name, buf in mirror._buffers.items() if buf is not None]
+
+    def _adopt_sparsegrid_changes(self, params, owners):
+        """Values the sparsegrid side replaced since the last call (``load_state_dict``,
+        an assignment to ``.data`` on the wrapped module) are copied into torch's storage
+        before the call re-points the module at it, so neither side's change is lost.
+        Torch's side owns the dtype and device: a replaced array is cast to them."""
+        bound = self._bound
+        with torch.no_grad():
+            for owner, tensor in zip(owners, params):
+                self._adopt(bound.get(id(owner)), owner.data, tensor, "parameter")
+            for m, name, buf in self._buffer_pairs():
+                self._adopt(bound.get((id(m), name)), m._buffers.get(name), buf, "buffer")
+
+    @staticmethod
+    def _adopt(last, current, tensor, what):
+        if last is None or current is None or _pointer(current) == last:
+            return
+        if tuple(current.shape) != tuple(tensor.shape):
+            raise ValueError(f"a {what} of the wrapped sparsegrid module was replaced by an "
+                             f"array of shape {tuple(current.shape)}; the torch side holds "
+                             f"{tuple(tensor.shape)}")
+        source = to_torch(_contiguous(current), what)
+        tensor.copy_(source.to(device=tensor.device, dtype=tensor.dtype))
 
     def _bind(self, owners):
         """Point the sparsegrid parameters (``owners``) and buffers at torch's storage."""
         def binder(params):
             for owner, tensor in zip(owners, params):
                 owner.data = _view(tensor)
-            for m, mirror in self._pairs():
-                for name, buf in mirror._buffers.items():
-                    if buf is not None:
-                        setattr(m, name, _view(buf))
+                self._bound[id(owner)] = _pointer(owner.data)
+            for m, name, buf in self._buffer_pairs():
+                setattr(m, name, _view(buf))
+                self._bound[(id(m), name)] = _pointer(m._buffers[name])
         return binder
 
     def _sync_buffers(self):
         """Copy back a buffer the module rebound instead of updating in place."""
-        for m, mirror in self._pairs():
-            for name, buf in mirror._buffers.items():
-                if buf is None:
-                    continue
-                mine = m._buffers.get(name)
-                if mine is None:
-                    continue
-                if _pointer(mine) != _pointer(_view(buf)):
-                    with torch.no_grad():
-                        buf.copy_(to_torch(_contiguous(mine), f"buffer {name}"))
+        for m, name, buf in self._buffer_pairs():
+            mine = m._buffers.get(name)
+            if mine is None:
+                continue
+            if _pointer(mine) != _pointer(_view(buf)):
+                with torch.no_grad():
+                    buf.copy_(to_torch(_contiguous(mine), f"buffer {name}"))
+            self._bound[(id(m), name)] = _pointer(m._buffers[name])
 
     def train(self, mode=True):
         super().train(mode)
@@ -371,8 +450,9 @@ class SparseModule(torch.nn.Module):
         tensors = []
         structure = _split(args, tensors)
         params, owners = self._torch_parameters()
+        self._adopt_sparsegrid_changes(params, owners)
         call = _Call(self.module, structure, len(tensors), owners, self._bind(owners))
-        out = _Bridge.apply(call, *tensors, *params)
+        out = _run(call, (*tensors, *params))
         self._sync_buffers()
         return SparseOutput(out, call.sparse) if call.sparse is not None else out
 
