@@ -372,8 +372,10 @@ def voxelize(points, voxel_size, features=None, reduce="mean", origin=None, boun
             for d in range(ndim))):
         inside = xp.ones(n, bool)
         for d in range(ndim):
-            column = coords[:, d]
-            inside &= (column >= lower[d]) & (column < upper[d])
+            # in float64 (the bounds' precision, as the range check above), never in a
+            # float32 column's precision: a point's fate must not depend on the others
+            column = coords[:, d].astype(np.float64, copy=False)
+            inside &= (column >= np.float64(lower[d])) & (column < np.float64(upper[d]))
         if finite is not None:
             inside &= finite
         outside = ~inside if valid is None else (valid & ~inside)
@@ -468,7 +470,10 @@ def voxelize(points, voxel_size, features=None, reduce="mean", origin=None, boun
     if max_voxels is not None and m:
         if first_rows is None:
             first_rows = _grouped_rows(grouping, grouping.starts)
-        voxel_batch = unique_keys // int(strides[0])
+        # One cloud: every voxel is in batch 0 (and the key may use all 63 bits, so its
+        # batch stride, 1 << 63, would not fit an int64 division).
+        voxel_batch = (xp.zeros(m, np.int64) if batch_size <= 1 else
+                       unique_keys // int(strides[0]))
         order = xp.argsort(first_rows)         # distinct values: any sort gives this order
         per_batch = xp.bincount(voxel_batch, minlength=max(batch_size, 1))
         starts = xp.cumsum(per_batch) - per_batch

@@ -355,6 +355,14 @@ class SparseTensor:
     def __len__(self):
         return len(self._sites)
 
+    def __reduce__(self):
+        """Pickling (multiprocessing, Dask, data-loader workers): the features' values (an
+        autodiff Tensor's data: the graph does not travel), the indices, the spatial shape
+        and the batch size, rebuilt -- and validated -- by the constructor on a new Grid
+        (cached rulebooks are not pickled; they are rebuilt on demand)."""
+        return (SparseTensor, (data_of(self._features), self._sites.indices,
+                               tuple(self.spatial_shape), int(self.batch_size)))
+
     def __repr__(self):
         lib = "cupy" if backend.is_cupy_array(data_of(self._features)) else "numpy"
         return (f"SparseTensor(n_active={self.n_active}, n_channels={self.n_channels}, "

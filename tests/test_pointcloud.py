@@ -550,3 +550,20 @@ def test_peak_memory_within_three_times_the_input(reduce, rng):
     finally:
         tracemalloc.stop()
     assert peak <= 3 * (p.nbytes + f.nbytes), peak / (p.nbytes + f.nbytes)
+
+
+def test_max_voxels_with_a_63_bit_key():
+    """A single cloud whose packed key uses all 63 bits (three 21-bit axes)."""
+    points = np.array([[0.0, 0, 0], [2000.0, 2000, 2000], [1.0, 1, 1]])
+    with pytest.warns(UserWarning):
+        result = voxelize(points, 1e-3, max_voxels=2)
+    assert result.tensor.n_active == 2 and result.dropped.voxels == 1
+
+
+def test_bounds_are_compared_in_float64_for_float32_points():
+    """Whether a float32 point is inside the bounds does not depend on the other points."""
+    alone = voxelize(np.array([[0.2], [0.7]], np.float32), 0.1, bounds=([0.0], [0.7]))
+    assert (alone.inverse >= 0).all()                     # float32(0.7) < 0.7 in float64
+    mixed = voxelize(np.array([[0.2], [0.7], [5.0]], np.float32), 0.1,
+                     bounds=([0.0], [0.7]), drop_invalid=True)
+    assert list(mixed.inverse >= 0) == [True, True, False]

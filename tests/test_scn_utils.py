@@ -402,3 +402,20 @@ def test_ply_scatter_writes_an_ascii_ply(tmp_path):
     np.testing.assert_array_equal(cloud["points"], xyz)
     # SCN's scaling: shift to 0, divide by max / 255 + 1e-10, floor
     np.testing.assert_array_equal(cloud["colors"], np.floor(rgb / (1 / 255 + 1e-10)))
+
+
+@pytest.mark.parametrize("n, d", [(100, 10), (60000, 4), (7, 1)])
+def test_voxelize_pointcloud_in_high_dimensions_matches_np_unique(n, d):
+    """Rows of many distinct values per axis (a rank grid of all axes would overflow
+    int64): the result is np.unique(axis=0)'s, features averaged per row."""
+    rng = np.random.default_rng(n + d)
+    xyz = rng.integers(0, 40, (n, d)).astype(np.float64) / 4
+    xyz[1::2] = xyz[0::2][: len(xyz[1::2])]                          # repeated rows
+    rgb = rng.random((n, 3)).astype(np.float32)
+    out_xyz, out_rgb = scn.voxelize_pointcloud(xyz, rgb)
+    rows, inverse = np.unique(xyz, axis=0, return_inverse=True)
+    np.testing.assert_array_equal(out_xyz, rows)
+    inverse = inverse.reshape(-1)
+    sums = np.zeros((len(rows), 3))
+    np.add.at(sums, inverse, rgb)
+    np.testing.assert_allclose(out_rgb, sums / np.bincount(inverse)[:, None], rtol=1e-5)

@@ -228,3 +228,16 @@ def test_import_is_fast():
                                     check=True).stdout) for _ in range(2))
     assert best < 1.0, f"import sparsegrid took {best:.2f} s"
 
+
+
+def test_a_sparse_tensor_pickles():
+    import pickle
+    from sparsegrid.autodiff import Tensor
+    x = sg.SparseTensor(np.arange(6, dtype=np.float32).reshape(3, 2),
+                     np.array([[0, 1, 2], [0, 3, 3], [2, 0, 0]]), (4, 4), batch_size=4)
+    y = pickle.loads(pickle.dumps(x))
+    np.testing.assert_array_equal(y.features, x.features)
+    np.testing.assert_array_equal(y.indices, x.indices)
+    assert y.spatial_shape == (4, 4) and y.batch_size == 4 and y.batch_size() == 4
+    z = pickle.loads(pickle.dumps(x.with_features(Tensor(x.features, requires_grad=True))))
+    assert isinstance(z.features, np.ndarray)          # values only: no graph travels

@@ -411,9 +411,11 @@ def voxelize_pointcloud(xyz, rgb, average=True, accumulate=False):
         sum (float32, or float64 for float64 features, as SCN's float32). Empty input is
         returned as it is.
 
-    Built on :func:`sparsegrid.voxelize`: each axis's distinct values are ranked, and the
-    points voxelized on the rank grid with one voxel per rank, so equal rows (and only
-    those) share a voxel whatever their values (negative, fractional, large).
+    Built on :func:`sparsegrid.voxelize`: every distinct row gets a dense rank in
+    lexicographic order (the axes' ranks combined one axis at a time, so keys stay below
+    N**2 in any dimension), and the points are voxelized on the 1-D grid of those ranks,
+    so equal rows (and only those) share a voxel whatever their values (negative,
+    fractional, large).
 
     Raises
     ------
@@ -437,25 +439,30 @@ def voxelize_pointcloud(xyz, rgb, average=True, accumulate=False):
                              f"{xyz[row].tolist()}")
     elif xyz.dtype.kind not in "iub":
         raise TypeError(f"voxelize_pointcloud: xyz must be numeric; got dtype {xyz.dtype}")
-    values, ranks = [], []
+    # One dense rank per distinct row, in lexicographic order, combined one axis at a
+    # time (rank * n_d + rank_d, re-ranked), so every key stays below N**2 whatever D is:
+    # a rank grid of all axes at once would overflow int64 (100 points in 10-D).
+    key = None
     for axis in range(xyz.shape[1]):                # one sort per axis (D <= 10)
         distinct, rank = xp.unique(xyz[:, axis], return_inverse=True)
-        values.append(distinct)
-        ranks.append(rank.reshape(-1))
-    points = xp.stack(ranks, axis=1).astype(np.float64)
-    zero = [0.0] * xyz.shape[1]
+        rank = rank.reshape(-1).astype(np.int64)
+        if key is None:
+            key = rank
+        else:
+            key = xp.unique(key * len(distinct) + rank, return_inverse=True)[1].reshape(-1)
+    points = key.astype(np.float64)[:, None]        # a 1-D cloud of row ranks, exact
     if average or accumulate:
         feats = rgb if rgb.dtype in (np.float32, np.float64) else rgb.astype(np.float32)
         tensor = voxelize(points, 1.0, features=feats, reduce="mean" if average else "sum",
-                          origin=zero)[0]
+                          origin=[0.0])[0]
         out_rgb = _data_of(tensor.features)
     else:
         rows = xp.arange(len(xyz), dtype=np.float64)[:, None]     # exact below 2**53
-        tensor = voxelize(points, 1.0, features=rows, reduce="first", origin=zero)[0]
+        tensor = voxelize(points, 1.0, features=rows, reduce="first", origin=[0.0])[0]
         out_rgb = rgb[_data_of(tensor.features)[:, 0].astype(np.int64)]
-    cells = tensor.indices[:, 1:].astype(np.int64)
-    out_xyz = xp.stack([values[axis][cells[:, axis]] for axis in range(xyz.shape[1])],
-                       axis=1).astype(xyz.dtype)
+    # the voxels are the ranks 0..M-1 in order; each row's location from its first point
+    first = xp.unique(key, return_index=True)[1]
+    out_xyz = xyz[first]
     return out_xyz, out_rgb
 
 
