@@ -28,9 +28,10 @@ bridge. ``jax.vmap`` is not supported (the sites are fixed per function); forwar
 (``jax.jvp``, ``jax.jacfwd``) is not available (a custom VJP).
 
 Side effects: a module in training mode updates its batch-norm running statistics once
-per eager forward call (the recomputation in the backward restores them); under
-``jax.jit`` JAX may drop a pure callback whose result only feeds a gradient, or repeat
-it, so the update is not guaranteed there (train statistics eagerly, or use ``eval()``). Layers that draw
+per forward call, eager or jitted: its forward is then an ordered ``io_callback``, which
+JAX neither drops nor repeats (a ``pure_callback`` otherwise); the recomputation in the
+backward restores them. The mode is read when JAX traces the function: re-trace (a new
+``jax.jit``) after ``train()``/``eval()``. Layers that draw
 random numbers in training mode (Dropout) are refused, since the recomputed forward would
 draw a different mask; call ``net.eval()`` or remove them.
 """
@@ -82,6 +83,13 @@ def load_parameters(module, params):
 def _check_module(module):
     if not isinstance(module, Module):
         raise TypeError(f"module must be a sparsegrid.nn.Module; got {type(module).__name__}")
+
+
+def _updates_state(module):
+    """Whether a forward changes the module's state: a layer in training mode with
+    buffers (batch norm's running statistics)."""
+    return any(m.training and any(b is not None for b in m._buffers.values())
+               for _, m in module.named_modules())
 
 
 def _buffers(module):
@@ -225,6 +233,12 @@ def function(module, sites):
     def f(params, features):
         check(params, features)
         values = [params[k] for k in state.names]
+        if _updates_state(module):
+            # running statistics change: an ordered io_callback, which JAX neither drops
+            # nor repeats (a pure_callback could be either under jit)
+            from jax.experimental import io_callback
+            return io_callback(host_forward, spec(features), features, *values,
+                               ordered=True)
         return jax.pure_callback(host_forward, spec(features), features, *values)
 
     def f_fwd(params, features):
