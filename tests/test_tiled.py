@@ -365,3 +365,15 @@ def test_file_points_outside_the_declared_extent_raise(tmp_path):
         predict_tiled(net, str(tmp_path / "x.xyz"), 0.5, 16)
     with pytest.raises(TypeError, match="list of field names"):
         predict_tiled(net, path, 0.5, 16, features="intensity")
+
+
+def test_tiles_on_the_gpu_are_the_cpus(gpu_device):
+    """device='cuda': each tile runs on the GPU (or the host emulator of CuPy) and the
+    stitched result, returned as NumPy, equals the CPU's tiling (float64)."""
+    import copy
+    points, features = _scene(n=3000)
+    net = _unet(2)
+    cpu = predict_tiled(copy.deepcopy(net), points, 0.5, 16, features=features)
+    gpu = predict_tiled(net, points, 0.5, 16, features=features, device=gpu_device)
+    assert isinstance(gpu, np.ndarray)
+    np.testing.assert_allclose(gpu, cpu, rtol=1e-10, atol=1e-10)
