@@ -402,11 +402,18 @@ class DataParallel:
                                  f"{param.data.shape}")
         self.check()
         # one small reduction: which parameters have a gradient anywhere, and the samples
-        counts = np.zeros(len(params) + 1, np.int64)
-        counts[:-1] = [p.grad is not None for p in params]
+        counts = np.zeros(len(params) + 2, np.int64)
+        counts[:-2] = [p.grad is not None for p in params]
+        counts[-2] = batch_size is not None            # how many ranks weight by samples
         counts[-1] = 0 if batch_size is None else batch_size
         self._comm.Allreduce(self._mpi.IN_PLACE, counts, op=self._mpi.SUM)
-        total = int(counts[-1])
+        weighted, total = int(counts[-2]), int(counts[-1])
+        if weighted not in (0, self.size):
+            # every rank sees the same counts, so every rank raises (no hang, no drift)
+            raise ValueError(f"allreduce_gradients: batch_size was given on {weighted} of "
+                             f"{self.size} ranks; give it on every rank or on none (mixing "
+                             "would average differently on different ranks)")
+        counts = counts[:-1]
         if batch_size is not None and total == 0:
             raise ValueError("allreduce_gradients: batch_size is 0 on every rank")
         scale = None if batch_size is None else batch_size / total
@@ -476,14 +483,28 @@ class DataParallel:
         """The sum over the ranks of a number or a NumPy array (metrics: correct
         predictions, losses, sample counts), with the health check. Collective.
 
-        Returns a Python int or float for a number, a NumPy array otherwise."""
+        Summed in int64 (bools, signed integers), uint64 (unsigned only) or float64 (if
+        any rank gives a float); shapes must agree on every rank (ValueError on every
+        rank otherwise). Returns a Python int or float for a number, a NumPy array
+        otherwise."""
         array = np.array(value, copy=True)
         if array.dtype.kind not in "biuf":
             raise TypeError(f"DataParallel.sum: value must be a number or a numeric "
                             f"array; got {type(value).__name__} of dtype {array.dtype}")
         self.check()
-        if array.dtype.kind == "b":
-            array = array.astype(np.int64)
+        # One wide type on every rank (an int 0 on one rank and a float on another must
+        # add as numbers; int8 must not wrap), and the same shape everywhere: checked
+        # collectively, so a mismatch raises on every rank instead of corrupting the sum
+        # or aborting the job.
+        wide = {"b": np.int64, "i": np.int64, "u": np.uint64, "f": np.float64}
+        kinds = self._comm.allgather((array.dtype.kind, array.shape))
+        kind = "f" if any(k == "f" for k, _ in kinds) else (
+            "i" if any(k in "bi" for k, _ in kinds) else "u")
+        shapes = {shape for _, shape in kinds}
+        if len(shapes) > 1:
+            raise ValueError(f"DataParallel.sum: the ranks' values have different shapes "
+                             f"{[shape for _, shape in kinds]} (rank order)")
+        array = array.astype(wide[kind])
         flat = np.ascontiguousarray(array).reshape(-1)     # (a 0-d array becomes 1-d)
         self._comm.Allreduce(self._mpi.IN_PLACE, flat, op=self._mpi.SUM)
         return flat.item() if array.ndim == 0 else flat.reshape(array.shape)

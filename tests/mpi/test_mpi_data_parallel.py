@@ -460,6 +460,23 @@ def test_sum_of_metrics(comm):
     assert dp.gather(rank * 10) == [10 * r for r in range(size)]
     with pytest.raises(TypeError, match="must be a number or a numeric array"):
         dp.sum("three")
+    # an int on one rank and a float on another add as numbers; small ints do not wrap
+    mixed = dp.sum(0 if rank == 0 else 3.5)
+    assert type(mixed) is float and mixed == 3.5 * (size - 1)
+    assert dp.sum(np.array([100], np.int8))[0] == 100 * size
+    with pytest.raises(ValueError, match="different shapes"):
+        dp.sum(np.zeros(3 + rank))
+    dp.close()
+
+
+def test_batch_size_given_on_some_ranks_only_raises_on_every_rank(comm):
+    rank = comm.Get_rank()
+    model = plain_model(0)
+    dp = DataParallel(model, comm)
+    for p in model.parameters():
+        p.grad = np.ones_like(p.data)
+    with pytest.raises(ValueError, match="on every rank or on none"):
+        dp.allreduce_gradients(batch_size=None if rank == 0 else 3)
     dp.close()
 
 
