@@ -759,6 +759,15 @@ def read_las(path, progress=None, chunk_size=1_000_000):
                 _require_laz_backend(laspy, "reading the LAZ file", where)
             n = int(header.point_count)
             pf = header.point_format
+            scales = np.array(header.scales, np.float64)
+            offsets = np.array(header.offsets, np.float64)
+            if not (np.all(np.isfinite(scales)) and np.all(scales != 0)
+                    and np.all(np.isfinite(offsets))):
+                # a damaged header would silently turn every coordinate into the offset
+                # (scale 0) or NaN
+                raise FileFormatError(f"{where!r}: damaged LAS header: scales "
+                                      f"{scales.tolist()} must be finite and non-zero and "
+                                      f"offsets {offsets.tolist()} finite")
             size = os.fstat(f.fileno()).st_size
             need = int(header.offset_to_point_data) + n * int(pf.size)
             if not header.are_points_compressed and need > size:
@@ -883,7 +892,7 @@ def _las_dimension_range(info):
 
 
 def write_las(path, points, colors=None, labels=None, properties=None, scale=0.001,
-              offset=None, point_format=None, version="1.4"):
+              offset=None, point_format=None, version="1.4", intensity=None):
     """Write a point cloud as LAS, or LAZ when ``path`` ends in ``.laz`` (atomically).
 
     Parameters
@@ -921,6 +930,13 @@ def write_las(path, points, colors=None, labels=None, properties=None, scale=0.0
         both.
     version : str
         ``"1.1"``, ``"1.2"``, ``"1.3"`` or ``"1.4"`` (default).
+    intensity : (N,) integer array in [0, 65535], optional
+        The intensity dimension (the same as ``properties={"intensity": ...}``; giving
+        both is an error). A :class:`LasCloud` read by :func:`read_las` is written back
+        whole by ``write_las(path, c.points, c.colors, c.labels, c.properties,
+        intensity=c.intensity, point_format=c.header["point_format"],
+        version=c.header["version"], scale=c.header["scales"],
+        offset=c.header["offsets"])``.
 
     Raises
     ------
@@ -975,8 +991,13 @@ def write_las(path, points, colors=None, labels=None, properties=None, scale=0.0
         if labels.dtype == bool or labels.dtype.kind not in "iu":
             raise TypeError(f"labels must be an integer array; got dtype {labels.dtype}")
 
+    properties = dict(properties or {})
+    if intensity is not None:
+        if "intensity" in properties:
+            raise ValueError("intensity was given both as intensity= and in properties")
+        properties["intensity"] = intensity
     props = {}
-    for name, values in dict(properties or {}).items():
+    for name, values in properties.items():
         if not isinstance(name, str) or not name or not name.isascii() or len(name) > 32 \
                 or "\0" in name:
             raise ValueError(f"LAS property names must be ASCII strings of 1..32 "
@@ -1013,6 +1034,11 @@ def write_las(path, points, colors=None, labels=None, properties=None, scale=0.0
                                     f"dtype {values.dtype}")
                 if not np.all(np.isfinite(values)):
                     raise ValueError(f"properties[{name!r}] must be finite")
+                if np.dtype(info.dtype) == np.float32 and values.size and \
+                        float(np.abs(values).max()) > float(np.finfo(np.float32).max):
+                    raise ValueError(f"properties[{name!r}]: LAS dimension {name} is float32; "
+                                     f"values up to {float(np.abs(values).max()):g} do not "
+                                     f"fit its range (+-{float(np.finfo(np.float32).max):g})")
                 continue
             if values.dtype.kind not in "iub":
                 raise TypeError(f"properties[{name!r}] (LAS dimension {name}) must be an "

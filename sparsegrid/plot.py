@@ -412,8 +412,10 @@ def _label_name(label_names, present):
     return [names[int(v)] for v in present]
 
 
-def _point_colors(colors, n):
+def _point_colors(colors, n, depth="auto"):
     """RGB colours (N, 3) uint8 / uint16 / float in [0, 1] as float RGB in [0, 1]."""
+    if depth not in ("auto", 8, 16):
+        raise ValueError(f"color_depth must be 'auto', 8 or 16; got {depth!r}")
     colors = _host(colors, "colors")
     if colors.shape != (n, 3):
         raise ValueError(f"colors must have shape ({n}, 3) (one RGB row per point); got "
@@ -424,8 +426,11 @@ def _point_colors(colors, n):
         # LAS stores 16-bit colour, but many files (Autzen among them) hold 8-bit values
         # in those fields: as CloudCompare does, a uint16 cloud whose values all fit in
         # 0..255 is read as 8-bit, otherwise as 16-bit.
-        scale = 255.0 if n and int(colors.max()) <= 255 else 65535.0
-        return colors / scale
+        if depth == "auto":
+            depth = 8 if n and int(colors.max()) <= 255 else 16
+        if depth == 8 and n and int(colors.max()) > 255:
+            raise ValueError(f"color_depth=8, but colors reach {int(colors.max())} (> 255)")
+        return colors / (255.0 if depth == 8 else 65535.0)
     if colors.dtype.kind != "f":
         raise TypeError(f"colors must be uint8 (0..255), uint16 (0..65535) or float in "
                         f"[0, 1]; got dtype {colors.dtype} (cast it, e.g. "
@@ -473,7 +478,8 @@ def _equal_aspect(ticker, ax, xyz):
 
 def points(points, values=None, labels=None, label_names=None, ax=None, title=None,
            path=None, max_points=200_000, elev=30, azim=-60, point_size=None,
-           cmap="viridis", colors=None, seed=0, colorbar_label=None, figsize=None):
+           cmap="viridis", colors=None, seed=0, colorbar_label=None, figsize=None,
+           color_depth="auto"):
     """A 3-D (or 2-D) point cloud as a scatter plot.
 
     At most one colouring: ``values`` (a scalar per point, with a colour bar), ``labels``
@@ -517,9 +523,12 @@ def points(points, values=None, labels=None, label_names=None, ax=None, title=No
     cmap : str or Colormap
         For ``values``.
     colors : array (N, 3), optional
-        uint8 (0..255), uint16 (0..65535, as LAS files store them; a uint16 cloud whose
-        values all fit in 0..255 is read as 8-bit, as many LAS files hold) or float in
-        [0, 1].
+        uint8 (0..255), uint16 (0..65535, as LAS files store them) or float in [0, 1].
+    color_depth : 'auto', 8 or 16
+        How uint16 ``colors`` are read: 16-bit, or 8-bit values in 16-bit fields (as
+        many LAS files hold). ``'auto'`` (default) reads a cloud whose values all fit in
+        0..255 as 8-bit (CloudCompare's rule), which misreads a genuinely 16-bit but
+        very dark cloud: pass 16 for those.
     seed : int
         The subsample's seed.
     colorbar_label : str, optional
@@ -583,7 +592,7 @@ def points(points, values=None, labels=None, label_names=None, ax=None, title=No
         legend = (present, present_rgba, _label_name(label_names, present))
         rgba = present_rgba[label_rows]
     if colors is not None:
-        rgb = _point_colors(colors, n)
+        rgb = _point_colors(colors, n, color_depth)
 
     rows = _subsample(n, max_points, seed)
     drawn = xyz if rows is None else xyz[rows]

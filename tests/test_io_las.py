@@ -405,3 +405,36 @@ def test_import_sparsegrid_io_does_not_import_laspy():
                           "print(int('laspy' in sys.modules), int('lazrs' in sys.modules))"],
                          capture_output=True, text=True, check=True).stdout.split()
     assert out == ["0", "0"]
+
+
+def test_review_regressions(tmp_path):
+    """A float32 standard dimension refuses values beyond float32 (no silent inf); a
+    damaged scale or offset is refused on reading; a cloud read is written back whole,
+    intensity included."""
+    import struct
+    require("laspy")
+    rng = np.random.default_rng(0)
+    pts = rng.uniform(0, 10, (5, 3))
+    with pytest.raises(ValueError, match="float32"):
+        write_las(tmp_path / "a.las", pts, properties={"x_t": np.full(5, 1e39)},
+                     point_format=9)
+    write_las(tmp_path / "b.las", pts, intensity=np.arange(5) + 100, version="1.2",
+                 colors=rng.integers(0, 65535, (5, 3)).astype(np.uint16))
+    c = read_las(tmp_path / "b.las")
+    np.testing.assert_array_equal(c.intensity, np.arange(5) + 100)
+    write_las(tmp_path / "c.las", c.points, c.colors, c.labels, c.properties,
+                 intensity=c.intensity, point_format=c.header["point_format"],
+                 version=c.header["version"], scale=c.header["scales"],
+                 offset=c.header["offsets"])
+    d = read_las(tmp_path / "c.las")
+    np.testing.assert_array_equal(d.points, c.points)
+    np.testing.assert_array_equal(d.intensity, c.intensity)
+    np.testing.assert_array_equal(d.colors, c.colors)
+    with pytest.raises(ValueError, match="both"):
+        write_las(tmp_path / "e.las", pts, intensity=np.ones(5, int),
+                     properties={"intensity": np.ones(5, int)})
+    raw = bytearray((tmp_path / "b.las").read_bytes())
+    raw[131:139] = struct.pack("<d", 0.0)                 # the x scale
+    (tmp_path / "bad.las").write_bytes(bytes(raw))
+    with pytest.raises(FileFormatError, match="damaged LAS header"):
+        read_las(tmp_path / "bad.las")

@@ -642,3 +642,14 @@ def test_drawing_in_threads_gives_the_serial_pictures(plot, rng):
         t.join()
     for a, b in zip(serial, results):
         np.testing.assert_array_equal(a, b)
+
+
+def test_color_depth_of_uint16_colours(tmp_path):
+    from sparsegrid.plot import _point_colors
+    dark = np.full((4, 3), 200, np.uint16)
+    np.testing.assert_allclose(_point_colors(dark, 4), 200 / 255)          # auto: 8-bit
+    np.testing.assert_allclose(_point_colors(dark, 4, 16), 200 / 65535)
+    with pytest.raises(ValueError, match="color_depth=8"):
+        _point_colors(np.full((4, 3), 300, np.uint16), 4, 8)
+    with pytest.raises(ValueError, match="color_depth"):
+        _point_colors(dark, 4, 12)
