@@ -392,3 +392,13 @@ def test_tensor_refusals(tmp_path, rng):
         load_tensor(tmp_path / "missing.npz")
     with pytest.raises(TypeError, match="SparseTensor"):
         save_tensor(tmp_path / "y.npz", np.ones(3))
+
+
+def test_writers_name_the_path_when_its_folder_is_missing_or_it_is_a_folder(tmp_path):
+    pts = np.zeros((2, 3))
+    with pytest.raises(FileNotFoundError, match="nope.*does not exist"):
+        write_ply(tmp_path / "nope" / "a.ply", pts)
+    with pytest.raises(IsADirectoryError, match="it is a folder"):
+        write_ply(tmp_path, pts)
+    with pytest.raises(IsADirectoryError, match="it is a folder"):
+        write_ply(str(tmp_path) + "/", pts)
