@@ -133,6 +133,11 @@ def _host(value, name):
         return backend.to_numpy(value)
     if isinstance(value, (str, bytes)) or value is None:
         raise TypeError(f"{name} must be an array; got {type(value).__name__}")
+    if isinstance(value, np.ma.MaskedArray) and np.ma.getmaskarray(value).any():
+        # np.asarray would draw the masked cells with their hidden values
+        raise ValueError(f"{name} is a masked array with masked entries, which would be "
+                         f"drawn with their hidden values; fill them (.filled(...)) or, "
+                         f"for an image with holes, pass a SparseTensor of the active sites")
     try:
         return np.asarray(value)
     except Exception as exc:

@@ -653,3 +653,10 @@ def test_color_depth_of_uint16_colours(tmp_path):
         _point_colors(np.full((4, 3), 300, np.uint16), 4, 8)
     with pytest.raises(ValueError, match="color_depth"):
         _point_colors(dark, 4, 12)
+
+
+def test_masked_arrays_are_refused_not_drawn_with_hidden_values(plot):
+    masked = np.ma.masked_array(np.ones((2, 2)), mask=[[1, 0], [0, 0]])
+    with pytest.raises(ValueError, match="masked"):
+        plot.image(masked)
+    plot.image(np.ma.masked_array(np.ones((2, 2)), mask=False))     # nothing masked: fine
