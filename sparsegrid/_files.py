@@ -5,6 +5,20 @@ from __future__ import annotations
 import os
 
 
+def destination_folder(path):
+    """The folder a file ``path`` is written into, after checking that ``path`` names a
+    file in an existing folder: IsADirectoryError / FileNotFoundError naming ``path``
+    (not the temporary a writer would otherwise fail on)."""
+    path = os.fspath(path)
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
+        raise IsADirectoryError(f"cannot write {path!r}: it is a folder; give a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"cannot write {path!r}: its folder {folder!r} does not "
+                                "exist")
+    return folder
+
+
 def umask():
     """The process's file-creation mask, read without changing it (Linux; 0o022 else)."""
     try:

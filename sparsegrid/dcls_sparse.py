@@ -94,10 +94,13 @@ def touched_cells(P, SIG, dilated_kernel_size, version="v1"):
     lo, hi = lo[:, inside].astype(np.int64), hi[:, inside].astype(np.int64)
     # the union of the taps' boxes [lo, hi]: a D-dimensional difference array, then one
     # cumulative sum per axis
-    marks = np.zeros(tuple(n + 1 for n in sizes), np.int64)
+    shape = tuple(n + 1 for n in sizes)
+    marks = np.zeros(math.prod(shape), np.int64)
     for corner in np.ndindex(*(2,) * d):
         index = tuple(np.where(c, hi[a] + 1, lo[a]) for a, c in enumerate(corner))
-        np.add.at(marks, index, (-1) ** sum(corner))
+        flat = np.ravel_multi_index(index, shape)
+        marks += (-1) ** sum(corner) * np.bincount(flat, minlength=marks.size)
+    marks = marks.reshape(shape)
     for axis in range(d):
         marks = np.cumsum(marks, axis=axis)
     covered = marks[tuple(slice(0, n) for n in sizes)] > 0

@@ -55,12 +55,7 @@ def _atomic_write(path, write):
     """Call ``write(binary_file)`` on a temporary next to ``path``, flush and fsync it,
     then rename it over ``path`` (the old file's permissions are kept)."""
     path = os.fspath(path)
-    if os.path.isdir(path) or path.endswith(("/", os.sep)):
-        raise IsADirectoryError(f"cannot write {path!r}: it is a folder; give a file name")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"cannot write {path!r}: its folder {folder!r} does not "
-                                "exist")
+    folder = _files.destination_folder(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.sparsegrid-",
                                suffix=".tmp", dir=folder)
     try:

@@ -786,3 +786,12 @@ def test_save_and_load_like_torch(tmp_path):
     scn.checkpoint.save_checkpoint(tmp_path / "ck.npz", model=model)
     with pytest.raises(scn.checkpoint.CheckpointError, match="not by save"):
         scn.load(tmp_path / "ck.npz")
+
+
+def test_a_checkpoint_into_a_missing_folder_names_the_path(tmp_path):
+    import sparsegrid.nn as scn
+    target = tmp_path / "nope" / "model.npz"
+    with pytest.raises(FileNotFoundError, match="model.npz.*does not exist"):
+        scn.checkpoint.save_checkpoint(target, epoch=1)
+    with pytest.raises(IsADirectoryError, match="it is a folder"):
+        scn.checkpoint.save_checkpoint(tmp_path, epoch=1)

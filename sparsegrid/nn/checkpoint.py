@@ -364,7 +364,7 @@ def _write_arrays(path, arrays):
     if _is_safetensors_path(path):
         _import_safetensors()   # the format is written here, but needs the package to read
         safetensors = _safetensors_layout(arrays)
-    folder = os.path.dirname(os.path.abspath(path))
+    folder = _files.destination_folder(path)
     basename = os.path.basename(path)
     for attempt in range(100):
         try:
