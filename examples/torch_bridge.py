@@ -55,11 +55,8 @@ def main():
 
     device = args.device
     if device is None:
-        try:
-            import cupy  # noqa: F401
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        except ImportError:
-            device = "cpu"
+        from sparsegrid import backend
+        device = "cuda" if torch.cuda.is_available() and backend.cuda_available() else "cpu"
     print(f"device: {device}; torch {torch.__version__}")
     torch.manual_seed(args.seed)
     scn.manual_seed(args.seed)

@@ -357,7 +357,7 @@ class ndarray:
     def _scalar(self, kind):
         syncs.append(f"ndarray.__{kind.__name__}__")
         if self._a.size != 1:
-            raise TypeError(f"only size-1 arrays can be converted to Python scalars")
+            raise TypeError("only size-1 arrays can be converted to Python scalars")
         return kind(self._a.reshape(-1)[0])
 
     def __int__(self):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import reference as ref
 from sparsegrid import autodiff as ad
 from sparsegrid import backend, sbnet
 

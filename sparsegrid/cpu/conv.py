@@ -168,7 +168,6 @@ def build_conv_plan(in_idx, out_idx, offset_ptr, n_out, identity_offset=-1,
     about 16 bytes per pair beyond its own 8.
     """
     block_pairs = _BLOCK_PAIRS if block_pairs is None else int(block_pairs)
-    n_offsets = len(offset_ptr) - 1
     ptr = np.asarray(offset_ptr, np.int64)
     counts = np.diff(ptr)
     # the offsets that have pairs (a huge filter has mostly empty ones: nothing below

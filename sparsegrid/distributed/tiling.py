@@ -29,7 +29,6 @@ Dask is imported only inside :func:`predict_tiled` when a client is given
 
 from __future__ import annotations
 
-import math
 import numbers
 import os
 import time
@@ -637,7 +636,6 @@ def _file_header(path):
 def _plan(analysis, extent, tiles, halo, align, occupied=None):
     """The tiles over a scene of ``extent`` voxels per axis (cores of ``tiles`` voxels on
     the cut axes), each read with the halo and its start rounded down to ``align``."""
-    d = analysis.dimension
     lower, upper = halo
     out_stride = analysis.output_stride
     counts = [1 if t is None else -(-int(extent[a]) // t) for a, t in enumerate(tiles)]

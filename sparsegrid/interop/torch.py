@@ -63,7 +63,7 @@ import numpy as np
 import torch
 
 from .. import backend
-from ..autodiff.core import Tensor, data_of, no_grad
+from ..autodiff.core import Tensor, no_grad
 from ..nn.module import Module
 from ..tensor import SparseTensor
 from . import asarray, to_torch

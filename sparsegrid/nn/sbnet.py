@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from .. import backend, sbnet
+from .. import sbnet
 from ..autodiff import ops
 from ..autodiff.core import Tensor, data_of
 from ..functional import batch_norm_rows
