@@ -63,6 +63,8 @@ import sys
 import tempfile
 import time
 
+import timing  # noqa: E402  (benchmarks/timing.py: this script's folder is on sys.path)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 INPUT_MODES = ("unique", "first", "last", "sum", "mean", "max")
@@ -81,13 +83,8 @@ SHORT = {"rulebook": "rulebook", "rulebook+subm fwd C32": "rb+fwd C32"}
 
 
 def median_time(fn, repeat):
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median seconds of ``fn()`` over ``repeat`` runs after one warm-up."""
+    return timing.median_ms(fn, repeat) / 1e3
 
 
 def digest(*arrays):
@@ -347,12 +344,7 @@ def child(args):
     print("JSON" + json.dumps(report))
 
 
-def _thread_env(n):
-    env = dict(os.environ)
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                "SPARSEGRID_NUM_THREADS"):
-        env[var] = str(n)
-    return env
+_thread_env = timing.thread_env
 
 
 def main():

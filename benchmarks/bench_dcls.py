@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
 
 import numpy as np
 
@@ -34,16 +33,7 @@ from sparsegrid import autodiff as ad
 from sparsegrid import backend, dcls, denseconv
 
 
-def best_ms(fn, repeat, sync):
-    fn()
-    sync()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
+from timing import best_ms  # noqa: E402  (best_ms(fn, repeat, sync))
 
 
 def main():

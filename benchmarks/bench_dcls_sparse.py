@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import statistics
 import sys
 import time
 
@@ -30,6 +29,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import scenes  # noqa: E402
+import timing  # noqa: E402
 
 import sparsegrid as sg  # noqa: E402
 import sparsegrid.nn as nn  # noqa: E402
@@ -37,12 +37,7 @@ from sparsegrid import autodiff as ad  # noqa: E402
 
 
 def median_ms(fn, repeat):
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return timing.median_ms(fn, repeat, warmup=False)
 
 
 def measure(layer, indices, shape, channels, repeat, rng):

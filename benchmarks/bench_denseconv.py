@@ -13,7 +13,6 @@ for ``torch.nn.functional.conv2d`` on the same arrays, with the ratio sparsegrid
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
@@ -21,14 +20,7 @@ from sparsegrid import autodiff as ad
 from sparsegrid import denseconv
 
 
-def best_ms(fn, repeat):
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
+from timing import best_ms  # noqa: E402
 
 
 def main():

@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import numpy as np
+
+import timing  # noqa: E402  (benchmarks/timing.py: this script's folder is on sys.path)
 
 import sparsegrid as sg
 import sparsegrid.nn as nn
@@ -45,15 +45,7 @@ SYNC = [lambda: None]      # the device's synchronize with --device cuda
 
 
 def median_ms(fn, repeat):
-    fn()
-    SYNC[0]()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        SYNC[0]()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return timing.median_ms(fn, repeat, sync=SYNC[0])
 
 
 def make_mask(kind, height, width, sparsity, rng):

@@ -114,9 +114,7 @@ def child(path, shape, repeat):
         "rss_before_bytes": before * 1024}))
 
 
-def _thread_env(n):
-    from bench_conv import _thread_env as env
-    return env(n)
+from timing import thread_env as _thread_env  # noqa: E402
 
 
 def _spread(values):

@@ -241,12 +241,7 @@ def run_worker(args):
 
 
 # -- driver -----------------------------------------------------------------------------------
-def thread_env(threads):
-    env = dict(os.environ)
-    for name in ("SPARSEGRID_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                 "MKL_NUM_THREADS"):
-        env[name] = str(threads)
-    return env
+from timing import thread_env  # noqa: E402
 
 
 def spawn(python, tool, paths, voxel, reduce, threads, args, extra=()):

@@ -42,13 +42,13 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
+
+import timing  # noqa: E402  (benchmarks/timing.py: this script's folder is on sys.path)
 
 __all__ = [
     "available",
@@ -114,13 +114,7 @@ def set_threads(n):
 
 def _median_time(fn, repeat):
     """Median wall time of ``fn()`` over ``repeat`` runs, after one warm-up."""
-    fn()
-    times = []
-    for _ in range(max(1, int(repeat))):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return timing.median_ms(fn, repeat) / 1e3
 
 
 def _indices_tensor(indices):
