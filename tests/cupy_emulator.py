@@ -3,6 +3,11 @@
 The CUDA backend's kernels are grid-stride loops with no shared memory, no block-level
 cooperation and no atomics (``sparsegrid/cuda/kernels/common.cuh``), so one host thread
 running each loop from start to end computes exactly what any launch on a GPU computes.
+Modules whose source uses ``__syncthreads`` (the fused implicit-GEMM convolution) run
+"cooperatively" instead: one host thread per CUDA thread of a block, blocks one after
+another (a function-static ``__shared__`` array is then the block's shared memory),
+sleeping barriers for ``__syncthreads`` and for warps, and ``mma.sync`` emulated lane by
+lane from the PTX ISA's fragment layouts (``sg_emu_mma``).
 This module compiles the very same sources with the host C++ compiler (``g++``), behind a
 small prelude that defines CUDA's keywords and built-in variables, and exposes them
 through a ``RawModule`` with CuPy's calling convention.
@@ -43,22 +48,139 @@ from cupy_names import MODULE_NAMES, NDARRAY_NAMES
 
 _PRELUDE = r"""
 #define SG_HOST_EMULATION 1
+#include <cmath>
+#include <condition_variable>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
+#include <vector>
 #define __global__
 #define __device__
 #define __forceinline__ inline
+#define __launch_bounds__(n)
+#define __align__(n) __attribute__((aligned(n)))
+#define __shared__ static
 struct sg_dim3 { unsigned int x, y, z; };
-static const sg_dim3 threadIdx = {0, 0, 0};
-static const sg_dim3 blockIdx = {0, 0, 0};
-static const sg_dim3 blockDim = {1, 1, 1};
-static const sg_dim3 gridDim = {1, 1, 1};
+// Grid-stride kernels run on the calling thread as one thread of one block; cooperative
+// kernels (shared memory, __syncthreads) on one host thread per CUDA thread, one block
+// after another (so a function-static __shared__ array is the block's shared memory).
+static thread_local sg_dim3 threadIdx = {0, 0, 0};
+static thread_local sg_dim3 blockIdx = {0, 0, 0};
+static thread_local sg_dim3 blockDim = {1, 1, 1};
+static thread_local sg_dim3 gridDim = {1, 1, 1};
 inline float sg_half_to_float(unsigned short h) {
     _Float16 v; std::memcpy(&v, &h, 2); return (float)v;
 }
 inline unsigned short sg_float_to_half(float f) {
     _Float16 v = (_Float16)f; unsigned short h; std::memcpy(&h, &v, 2); return h;
 }
+// A barrier that sleeps (no spinning: the host has far fewer cores than a block threads).
+struct sg_emu_barrier {
+    std::mutex mutex;
+    std::condition_variable wake;
+    unsigned count, waiting = 0, generation = 0;
+    explicit sg_emu_barrier(unsigned n) : count(n) {}
+    void arrive_and_wait() {
+        std::unique_lock<std::mutex> lock(mutex);
+        const unsigned mine = generation;
+        if (++waiting == count) {
+            waiting = 0;
+            ++generation;
+            wake.notify_all();
+        } else {
+            wake.wait(lock, [&] { return generation != mine; });
+        }
+    }
+};
+struct sg_emu_lane { unsigned a[4]; unsigned b[2]; };
+struct sg_emu_block {
+    sg_emu_barrier* block;
+    std::vector<std::unique_ptr<sg_emu_barrier>> warps;
+    std::vector<sg_emu_lane> lanes;
+};
+static thread_local sg_emu_block* sg_emu_current = nullptr;
+inline void __syncthreads() { sg_emu_current->block->arrive_and_wait(); }
+inline float sg_emu_value(int kind, unsigned short bits16, unsigned bits32) {
+    if (kind == 0) return sg_half_to_float(bits16);
+    unsigned u = kind == 1 ? ((unsigned)bits16 << 16) : bits32;
+    float f; std::memcpy(&f, &u, 4); return f;
+}
+// mma.sync.m16n8k16 (kind 0: f16, 1: bf16) or m16n8k8 (kind 2: tf32), f32 accumulators:
+// every lane publishes its fragments, then computes its own four outputs from the
+// warp's A (16 x K) and B (K x 8), with the fragment layouts of the PTX ISA
+// (g = lane / 4, t = lane % 4).
+inline void sg_emu_mma(int kind, float* d, const unsigned* a, const unsigned* b) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    sg_emu_lane* lanes = sg_emu_current->lanes.data() + warp * 32;
+    std::memcpy(lanes[lane].a, a, 16);
+    std::memcpy(lanes[lane].b, b, 8);
+    sg_emu_current->warps[warp]->arrive_and_wait();
+    const int kdim = kind == 2 ? 8 : 16;
+    float A[16][16], B[16][8];
+    for (int l = 0; l < 32; ++l) {
+        const int g = l >> 2, t = l & 3;
+        const unsigned* ra = lanes[l].a;
+        const unsigned* rb = lanes[l].b;
+        if (kind == 2) {
+            A[g][t] = sg_emu_value(2, 0, ra[0]);
+            A[g + 8][t] = sg_emu_value(2, 0, ra[1]);
+            A[g][t + 4] = sg_emu_value(2, 0, ra[2]);
+            A[g + 8][t + 4] = sg_emu_value(2, 0, ra[3]);
+            B[t][g] = sg_emu_value(2, 0, rb[0]);
+            B[t + 4][g] = sg_emu_value(2, 0, rb[1]);
+        } else {
+            for (int h = 0; h < 2; ++h) {
+                A[g][2 * t + h] = sg_emu_value(kind, (unsigned short)(ra[0] >> (16 * h)), 0);
+                A[g + 8][2 * t + h] = sg_emu_value(kind, (unsigned short)(ra[1] >> (16 * h)), 0);
+                A[g][2 * t + 8 + h] = sg_emu_value(kind, (unsigned short)(ra[2] >> (16 * h)), 0);
+                A[g + 8][2 * t + 8 + h] =
+                    sg_emu_value(kind, (unsigned short)(ra[3] >> (16 * h)), 0);
+                B[2 * t + h][g] = sg_emu_value(kind, (unsigned short)(rb[0] >> (16 * h)), 0);
+                B[2 * t + 8 + h][g] = sg_emu_value(kind, (unsigned short)(rb[1] >> (16 * h)), 0);
+            }
+        }
+    }
+    const int g = lane >> 2, t = lane & 3;
+    for (int q = 0; q < 4; ++q) {
+        const int row = g + (q >> 1) * 8, col = 2 * t + (q & 1);
+        float sum = 0.0f;
+        for (int k = 0; k < kdim; ++k) sum += A[row][k] * B[k][col];
+        d[q] += sum;
+    }
+    sg_emu_current->warps[warp]->arrive_and_wait();
+}
+static std::mutex sg_emu_launch_lock;
+template <auto F> struct sg_emu_launch;
+template <typename... A, void (*F)(A...)> struct sg_emu_launch<F> {
+    static void run(unsigned gx, unsigned gy, unsigned gz, unsigned bx, A... args) {
+        std::lock_guard<std::mutex> guard(sg_emu_launch_lock);  // one block's shared memory
+        sg_emu_barrier block(bx);
+        sg_emu_block context;
+        context.block = &block;
+        for (unsigned w = 0; w < (bx + 31) / 32; ++w)
+            context.warps.emplace_back(new sg_emu_barrier(bx - 32 * w < 32 ? bx - 32 * w : 32));
+        context.lanes.resize(((bx + 31) / 32) * 32);
+        std::vector<std::thread> threads;
+        for (unsigned t = 0; t < bx; ++t) {
+            threads.emplace_back([&, t]() {
+                sg_emu_current = &context;
+                threadIdx = {t, 0, 0};
+                blockDim = {bx, 1, 1};
+                gridDim = {gx, gy, gz};
+                for (unsigned z = 0; z < gz; ++z)
+                    for (unsigned y = 0; y < gy; ++y)
+                        for (unsigned x = 0; x < gx; ++x) {
+                            blockIdx = {x, y, z};
+                            F(args...);
+                            block.arrive_and_wait();
+                        }
+            });
+        }
+        for (auto& thread : threads) thread.join();
+    }
+};
 """
 
 _SIGNATURES = r"""
@@ -68,6 +190,9 @@ template <typename T> struct sg_code;
 SG_CODE(float, "f32") SG_CODE(double, "f64") SG_CODE(int, "i32") SG_CODE(long long, "i64")
 SG_CODE(unsigned short, "u16") SG_CODE(unsigned char, "u8") SG_CODE(signed char, "i8")
 SG_CODE(unsigned int, "u32") SG_CODE(bool, "b1")
+#ifdef SG_HAS_BF16
+SG_CODE(sg_bf16, "u16")
+#endif
 template <typename T> struct sg_code<const T> { static std::string get() { return sg_code<T>::get(); } };
 template <typename T> struct sg_code<T*> { static std::string get() { return sg_code<T>::get() + "*"; } };
 template <typename... A> std::string sg_signature(void (*)(A...)) {
@@ -104,10 +229,12 @@ def compiler():
 
 
 class EmulatedKernel:
-    def __init__(self, name, address, signature):
+    def __init__(self, name, address, signature, cooperative=False):
         self.name = name
         self._codes = [c for c in signature.split(",") if c]
-        self._function = ctypes.CFUNCTYPE(None, *[
+        self._cooperative = cooperative
+        launch = [ctypes.c_uint] * 4 if cooperative else []    # grid x, y, z, block x
+        self._function = ctypes.CFUNCTYPE(None, *launch, *[
             ctypes.c_void_p if c.endswith("*") else _CTYPES[c] for c in self._codes])(address)
 
     def __call__(self, grid, block, args, shared_mem=0, stream=None):
@@ -133,6 +260,14 @@ class EmulatedKernel:
                                     f"{type(arg).__name__} {arg!r}")
                 values.append(arg.item())
         launches.append((self.name, int(np.prod(grid)) * int(np.prod(block))))
+        if self._cooperative:
+            grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
+            block = tuple(int(b) for b in block)
+            if any(b != 1 for b in block[1:]) or not 1 <= block[0] <= 1024 or min(grid) < 1:
+                raise ValueError(f"{self.name}: the emulator runs blocks of x threads only "
+                                 f"(1-1024) on a non-empty grid; got grid {grid}, block {block}")
+            self._function(*grid, block[0], *values)
+            return
         self._function(*values)
 
 
@@ -141,12 +276,16 @@ class RawModule:
 
     def __init__(self, code, options=(), name_expressions=(), **kwargs):
         self._names = list(name_expressions)
+        # kernels with block-level cooperation run one host thread per CUDA thread
+        self._cooperative = "__syncthreads" in code
         table = []
         for i, name in enumerate(self._names):
-            table.append(f'extern "C" void* sg_emu_address_{i}() {{ return (void*)(&{name}); }}')
+            target = f"&sg_emu_launch<&{name}>::run" if self._cooperative else f"&{name}"
+            table.append(f'extern "C" void* sg_emu_address_{i}() {{ return (void*)({target}); }}')
             table.append(f'extern "C" const char* sg_emu_signature_{i}() {{ static std::string s'
                          f' = sg_signature(&{name}); return s.c_str(); }}')
-        text = _PRELUDE + code + "\n" + _SIGNATURES + "\n".join(table) + "\n"
+        bf16 = "#define SG_HAS_BF16 1\n" if "struct sg_bf16" in code else ""
+        text = (_PRELUDE + code + "\n" + bf16 + _SIGNATURES + "\n".join(table) + "\n")
         self._library = _compile(text)
         self._kernels = {}
 
@@ -159,7 +298,8 @@ class RawModule:
             signature = getattr(self._library, f"sg_emu_signature_{i}")
             signature.restype = ctypes.c_char_p
             kernel = self._kernels[name] = EmulatedKernel(name, address(),
-                                                          signature().decode())
+                                                          signature().decode(),
+                                                          self._cooperative)
         return kernel
 
 
@@ -176,7 +316,8 @@ def _compile(text):
             source.write_text(text)
             partial = _CACHE / f"{digest}.{os.getpid()}.so"
             result = subprocess.run([compiler(), "-std=c++17", "-O2", "-shared", "-fPIC",
-                                     "-Wall", "-Werror", "-Wno-unused-function",
+                                     "-pthread", "-Wall", "-Werror",
+                                     "-Wno-unused-function", "-Wno-unknown-pragmas",
                                      "-o", str(partial), str(source)],
                                     capture_output=True, text=True)
             source.unlink()
@@ -189,6 +330,10 @@ def _compile(text):
 
 class Device:
     """``cupy.cuda.Device``: one emulated GPU, number 0."""
+
+    #: the emulated GPU's compute capability, as CuPy spells it (sm_90: the fused
+    #: tensor-core kernels apply)
+    compute_capability = "90"
 
     def __init__(self, device=None):
         self.id = 0 if device is None else int(device)
@@ -284,6 +429,8 @@ class ndarray:
             raise AttributeError(f"'cupy.ndarray' object has no attribute '{name}'")
         if name == "device":
             return Device(0)
+        if name == "data":          # a MemoryPointer: tests of alignment read .ptr
+            return types.SimpleNamespace(ptr=self._a.ctypes.data)
         if name in ("get", "item", "tolist"):
             syncs.append(f"ndarray.{name}")
             if name == "get":

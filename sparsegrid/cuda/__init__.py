@@ -10,6 +10,10 @@ Host synchronisations (each a read of a size or a flag, never a per-offset round
 building an index (whether keys are already sorted), a rulebook (its pair count), a
 convolution plan (the offset pointers, once per rulebook), unique keys (their count),
 segment ids' bounds (one read), and the checks that raise on bad input.
+
+Convolutions run the fused implicit-GEMM tensor-core kernel or gather-GEMM-scatter, per
+layer (:mod:`sparsegrid.cuda.autotune`): :func:`set_conv_algorithm` /
+:func:`conv_algorithm` pin one, :func:`set_tf32` / :func:`tf32` let float32 run as TF32.
 """
 
 import functools as _functools
@@ -25,6 +29,8 @@ from .rules import (full_rules, offset_rules, strided_rules, submanifold_rules,
                     window_rules)
 from .segment import SEGMENT_MODES, segment_reduce, segment_reduce_backward
 from ._runtime import cp as _cp
+from .autotune import (conv_algorithm, get_conv_algorithm, get_tf32, set_conv_algorithm,
+                       set_tf32, tf32)
 
 
 def _argument_device(args, kwargs):
@@ -64,4 +70,7 @@ __all__ = [
     "prepare_conv", "query_index", "rows_product", "rule_sum", "scatter_to_dense",
     "SEGMENT_MODES", "segment_reduce", "segment_reduce_backward", "strided_rules",
     "submanifold_rules", "unique_inverse", "window_rules",
+    # algorithm settings (not part of the kernel contract)
+    "conv_algorithm", "get_conv_algorithm", "get_tf32", "set_conv_algorithm", "set_tf32",
+    "tf32",
 ]

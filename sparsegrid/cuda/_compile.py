@@ -52,6 +52,41 @@ SOURCES = {
     "blocks.cu": _typed("block_gather", *_T) + _typed("block_scatter", *_T_A),
 }
 
+#: The fused implicit-GEMM convolution (kernels/implicit_gemm.cu): the C type of each
+#: storage type it runs on (float32 data runs as TF32), its tile shapes (BM, BN, BK) with
+#: 16-byte copies, the tile of its generic variant (channels that do not allow 16-byte
+#: copies), and the weight gradient's tile (input channels, output channels, rows per
+#: chunk). BK: input channels per chunk.
+IG_TYPES = {"float16": "sg_half", "bfloat16": "sg_bf16", "float32": "float"}
+IG_TILES = {
+    "sg_half": ((64, 32, 32), (64, 64, 32), (128, 64, 32), (128, 128, 32)),
+    "sg_bf16": ((64, 32, 32), (64, 64, 32), (128, 64, 32), (128, 128, 32)),
+    "float": ((64, 32, 16), (64, 64, 16), (128, 64, 16), (128, 128, 16)),
+}
+IG_GENERIC_TILE = {"sg_half": (64, 64, 32), "sg_bf16": (64, 64, 32), "float": (64, 64, 16)}
+IG_WGRAD_TILE = {"sg_half": (64, 64, 32), "sg_bf16": (64, 64, 32), "float": (64, 64, 16)}
+
+
+def ig_conv_name(c_type, tile, vec):
+    """The name expression of one instantiation of ``implicit_gemm_conv``."""
+    bm, bn, bk = tile
+    return f"implicit_gemm_conv<{c_type}, {bm}, {bn}, {bk}, {'true' if vec else 'false'}>"
+
+
+def ig_wgrad_name(c_type, vec):
+    """The name expression of one instantiation of ``implicit_gemm_wgrad``."""
+    bm, bn, bk = IG_WGRAD_TILE[c_type]
+    return f"implicit_gemm_wgrad<{c_type}, {bm}, {bn}, {bk}, {'true' if vec else 'false'}>"
+
+
+# One module per storage type ("file:type" keys): a process compiles only what it runs.
+for _c in IG_TILES:
+    SOURCES[f"implicit_gemm.cu:{_c}"] = (
+        [ig_conv_name(_c, tile, True) for tile in IG_TILES[_c]]
+        + [ig_conv_name(_c, IG_GENERIC_TILE[_c], False)]
+        + [ig_wgrad_name(_c, vec) for vec in (True, False)]
+        + [f"wgrad_reduce<{_c}>"])
+
 #: Threads per block of every launch (the kernels are grid-stride loops, so the launch
 #: shape changes speed only, never results).
 BLOCK = 256
@@ -61,10 +96,17 @@ _modules = {}
 _lock = threading.Lock()
 
 
-def source_text(filename):
-    """The full text NVRTC compiles for ``filename``: the shared prelude, then the file."""
+def source_file(key):
+    """The file of a :data:`SOURCES` key (``'file.cu'``, or ``'file.cu:part'`` for a
+    module holding part of a file's instantiations)."""
+    return key.split(":", 1)[0]
+
+
+def source_text(key):
+    """The full text NVRTC compiles for a :data:`SOURCES` key: the shared prelude, then
+    the file."""
     prelude = (KERNEL_DIR / PRELUDE).read_text()
-    return prelude + "\n" + (KERNEL_DIR / filename).read_text()
+    return prelude + "\n" + (KERNEL_DIR / source_file(key)).read_text()
 
 
 def clear_cache():

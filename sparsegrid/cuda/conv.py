@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _compile
+from . import _compile, autotune, implicit_gemm
 from ._runtime import cp
 
 
@@ -120,13 +120,53 @@ def _scatter_add(products, rows, acc):
                     np.int64(len(rows)), np.int64(acc.shape[1]))
 
 
+def _choose(pass_name, features, weight, rulebook, cout, run):
+    """``'gather_gemm'`` or an ``'implicit_gemm:BMxBNxBK'`` candidate for one pass of one
+    layer (:mod:`sparsegrid.cuda.autotune`); ``run(candidate)`` performs the pass."""
+    setting = autotune.get_conv_algorithm()
+    if setting == "gather_gemm" or implicit_gemm.ineligible(features, weight, rulebook):
+        return "gather_gemm"
+    c_type = implicit_gemm.storage_type(features.dtype)
+    cin = features.shape[1]
+    vectorised = implicit_gemm._vectorised(c_type, cin, cout, features, weight)
+    if pass_name == "wgrad":
+        fused = ["implicit_gemm"]
+    else:
+        fused = [implicit_gemm.tile_name(t) for t in implicit_gemm.tiles(c_type, vectorised)]
+    if setting == "implicit_gemm":
+        if pass_name == "wgrad":
+            return "implicit_gemm"
+        return implicit_gemm.tile_name(implicit_gemm.default_tile(
+            c_type, vectorised, rulebook.n_out, cout))
+    if getattr(cp.cuda, "Event", None) is None:     # nothing to time with: no measuring
+        return fused[0] if pass_name == "wgrad" else implicit_gemm.tile_name(
+            implicit_gemm.default_tile(c_type, vectorised, rulebook.n_out, cout))
+    key = autotune.layer_key(pass_name, rulebook.n_out, rulebook.n_pairs, cin, cout,
+                             str(features.dtype), implicit_gemm.device_name())
+    return autotune.choose(key, ["gather_gemm", *fused],
+                           lambda candidate: implicit_gemm.measure(lambda: run(candidate)))
+
+
 def conv_forward(features, weight, rulebook, bias=None):
     """Sparse convolution over a rulebook: (n_out, Cout) of ``features.dtype``.
 
     ``weight`` (K, Cin, Cout) or grouped (K, G, Cin/G, Cout/G), ``bias`` (Cout,) or None.
+    Runs the fused implicit-GEMM kernel or gather-GEMM-scatter, as
+    :mod:`sparsegrid.cuda.autotune` decides for the layer.
     """
     _check_rows(features, rulebook.n_in, "features")
     _check_dtypes(features, weight, bias)
+
+    def run(candidate):
+        if candidate == "gather_gemm":
+            return _gather_gemm_forward(features, weight, rulebook, bias)
+        return implicit_gemm.forward(features, weight, rulebook, bias,
+                                     tile=implicit_gemm.parse_tile(candidate))
+
+    return run(_choose("forward", features, weight, rulebook, _output_channels(weight), run))
+
+
+def _gather_gemm_forward(features, weight, rulebook, bias=None):
     plan = prepare_conv(rulebook)
     dtype = features.dtype
     features = cp.ascontiguousarray(features)
@@ -155,14 +195,33 @@ def conv_backward(grad_out, features, weight, rulebook, need_features=True, need
     ``features[in_k].T @ grad_out[out_k]``, one GEMM each). Bias: left to the caller."""
     _check_rows(grad_out, rulebook.n_out, "grad_out")
     _check_rows(features, rulebook.n_in, "features")
+    _check_dtypes(features, weight, None)
+    if grad_out.dtype != features.dtype:
+        raise TypeError(f"grad_out must have the features' dtype {features.dtype}; got "
+                        f"{grad_out.dtype}")
     grad_out = cp.ascontiguousarray(grad_out)
+    features = cp.ascontiguousarray(features)
     grad_features = grad_weight = None
     if need_features:
-        grad_features = conv_forward(grad_out, cp.swapaxes(weight, -1, -2),
-                                     rulebook.transpose())
+        transposed = rulebook.transpose()
+        weight_t = cp.swapaxes(weight, -1, -2)
+
+        def run_features(candidate):
+            if candidate == "gather_gemm":
+                return _gather_gemm_forward(grad_out, weight_t, transposed)
+            return implicit_gemm.forward(grad_out, cp.ascontiguousarray(weight_t), transposed,
+                                         tile=implicit_gemm.parse_tile(candidate))
+
+        grad_features = run_features(_choose("dgrad", grad_out, weight_t, transposed,
+                                             features.shape[1], run_features))
     if need_weight:
-        grad_weight = _weight_gradient(cp.ascontiguousarray(features), grad_out, weight,
-                                       rulebook)
+        def run_weight(candidate):
+            if candidate == "gather_gemm":
+                return _weight_gradient(features, grad_out, weight, rulebook)
+            return implicit_gemm.weight_gradient(features, grad_out, weight, rulebook)
+
+        grad_weight = run_weight(_choose("wgrad", features, weight, rulebook,
+                                         _output_channels(weight), run_weight))
     return grad_features, grad_weight
 
 
