@@ -77,15 +77,16 @@ def _tile_union(present, tile_rows):
 
 
 def _pack_bits(bits):
-    """bool (n, K) -> int32 (n, ceil(K/32)) words, bit j of word w = column 32 w + j."""
+    """bool (n, K) -> int32 (n, ceil(K/32)) words, bit j of word w = column 32 w + j.
+    32 shift-or passes over uint32 words: no temporary larger than the words."""
     xp = backend.array_namespace(bits)
     n, k = bits.shape
     words = max(1, -(-k // 32))
-    padded = xp.zeros((n, words * 32), dtype=xp.int64)
-    padded[:, :k] = bits
-    weights = xp.left_shift(xp.ones(32, dtype=xp.int64), xp.arange(32, dtype=xp.int64))
-    packed = (padded.reshape(n, words, 32) * weights).sum(axis=2)   # < 2^32: exact
-    return packed.astype(xp.uint32).view(xp.int32)
+    packed = xp.zeros((n, words), dtype=xp.uint32)
+    for j in range(min(k, 32)):
+        column = bits[:, j::32].astype(xp.uint32)        # offsets j, j + 32, ...
+        packed[:, :column.shape[1]] |= column << xp.uint32(j)
+    return packed.view(xp.int32)
 
 
 def _mask_order(table):

@@ -102,6 +102,7 @@ struct sg_emu_block {
 };
 static thread_local sg_emu_block* sg_emu_current = nullptr;
 inline void __syncthreads() { sg_emu_current->block->arrive_and_wait(); }
+inline int __ffs(int v) { return __builtin_ffs(v); }
 inline float sg_emu_value(int kind, unsigned short bits16, unsigned bits32) {
     if (kind == 0) return sg_half_to_float(bits16);
     unsigned u = kind == 1 ? ((unsigned)bits16 << 16) : bits32;

@@ -79,6 +79,9 @@ def ig_wgrad_name(c_type, vec):
     return f"implicit_gemm_wgrad<{c_type}, {bm}, {bn}, {bk}, {'true' if vec else 'false'}>"
 
 
+# conv._choose relies on the generic tile being one of the tiles (the same name either way)
+assert all(IG_GENERIC_TILE[c] in IG_TILES[c] for c in IG_TILES)
+
 # One module per storage type ("file:type" keys): a process compiles only what it runs.
 for _c in IG_TILES:
     SOURCES[f"implicit_gemm.cu:{_c}"] = (

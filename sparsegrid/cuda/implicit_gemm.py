@@ -137,6 +137,27 @@ def _module_key(c_type):
     return f"implicit_gemm.cu:{c_type}"
 
 
+def _check_arguments(features, weight, rulebook, bias=None, grad_out=None):
+    """Shapes and dtypes the kernels rely on (CuPy would pass a wrong pointer type or a
+    short array to them silently): ValueError / TypeError naming the argument."""
+    if features.ndim != 2 or features.shape[0] != rulebook.n_in:
+        raise ValueError(f"features must have shape ({rulebook.n_in}, Cin) for this "
+                         f"rulebook; got {features.shape}")
+    if weight.ndim != 3 or weight.shape[0] != rulebook.n_offsets or \
+            weight.shape[1] != features.shape[1]:
+        raise ValueError(f"weight must have shape ({rulebook.n_offsets}, "
+                         f"{features.shape[1]}, Cout); got {weight.shape}")
+    for name, array, shape in (("weight", weight, None), ("bias", bias, (weight.shape[2],)),
+                               ("grad_out", grad_out, (rulebook.n_out, weight.shape[2]))):
+        if array is None:
+            continue
+        if array.dtype != features.dtype:
+            raise TypeError(f"{name} must have the features' dtype {features.dtype}; got "
+                            f"{array.dtype}")
+        if shape is not None and tuple(array.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}; got {tuple(array.shape)}")
+
+
 def forward(features, weight, rulebook, bias=None, *, tile=None, activation=None,
             slope=0.01):
     """``act(bias + conv(features, weight))`` on the rulebook by the fused kernel.
@@ -154,6 +175,7 @@ def forward(features, weight, rulebook, bias=None, *, tile=None, activation=None
     reason = ineligible(features, weight, rulebook)
     if reason is not None:
         raise TypeError(f"the fused implicit-GEMM kernel does not apply: {reason}")
+    _check_arguments(features, weight, rulebook, bias)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {list(ACTIVATIONS)}; got {activation!r}")
     c_type = storage_type(features.dtype)
@@ -223,6 +245,7 @@ def weight_gradient(features, grad_out, weight, rulebook):
     reason = ineligible(features, weight, rulebook)
     if reason is not None:
         raise TypeError(f"the fused implicit-GEMM kernel does not apply: {reason}")
+    _check_arguments(features, weight, rulebook, grad_out=grad_out)
     c_type = storage_type(features.dtype)
     features = cp.ascontiguousarray(features)
     grad_out = cp.ascontiguousarray(grad_out)

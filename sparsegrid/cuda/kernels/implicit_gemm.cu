@@ -16,8 +16,10 @@
 // threads, grid = (row tiles, channel tiles)). Still no atomics: every output element and
 // every partial sum is written by one thread, and each sum runs in a fixed order (offsets
 // increasing, channel chunks increasing; the weight gradient's slices are added in slice
-// order by wgrad_reduce), so results are the same bits run after run. They also do not
-// depend on BM / BN: a tile skips only offsets none of its rows uses, whose terms are 0.
+// order by wgrad_reduce), so results are the same bits run after run. For finite weights
+// they do not depend on BM / BN either: a tile skips only offsets none of its rows uses,
+// whose terms are 0. (A row without offset k multiplies a zero-filled input row by W[k]:
+// an Inf or NaN in W[k] then gives NaN there, as a GEMM over zero-padded rows would.)
 //
 // The host emulator of the test suite (tests/cupy_emulator.py) runs these kernels with one
 // host thread per CUDA thread and emulates mma.sync lane by lane with the fragment layouts
@@ -73,18 +75,21 @@ template <> __device__ __forceinline__ sg_bf16 sg_store<sg_bf16, float>(float v)
 }
 
 template <typename T> struct sg_ig;
+// KSTEP: the mma's k; VEC: elements per 16-byte copy; KPAD: the padding of a tile stored
+// k-major ([k][m or n], read at rows k0 + 2t or k0 + t and columns g): 8 elements puts the
+// four t of a fragment read on distinct banks for 16-bit and 32-bit data alike.
 template <> struct sg_ig<sg_half> {
-    static constexpr int KSTEP = 16, VEC = 8;
+    static constexpr int KSTEP = 16, VEC = 8, KPAD = 8;
     __device__ __forceinline__ static unsigned short bits(sg_half v) { return v; }
     __device__ __forceinline__ static sg_half zero() { return 0; }
 };
 template <> struct sg_ig<sg_bf16> {
-    static constexpr int KSTEP = 16, VEC = 8;
+    static constexpr int KSTEP = 16, VEC = 8, KPAD = 8;
     __device__ __forceinline__ static unsigned short bits(sg_bf16 v) { return v.bits; }
     __device__ __forceinline__ static sg_bf16 zero() { sg_bf16 z; z.bits = 0; return z; }
 };
 template <> struct sg_ig<float> {
-    static constexpr int KSTEP = 8, VEC = 4;
+    static constexpr int KSTEP = 8, VEC = 4, KPAD = 8;
     __device__ __forceinline__ static float zero() { return 0.0f; }
 };
 
@@ -239,7 +244,8 @@ __global__ void __launch_bounds__(SG_IG_THREADS) implicit_gemm_conv(
 #if SG_IG_ENABLED
     constexpr int KSTEP = sg_ig<T>::KSTEP, V = sg_ig<T>::VEC;
     constexpr int WM = BM / 2, WN = BN / 2, MI = WM / 16, NI = WN / 8;
-    constexpr int LDA = BK + V, LDB = BN + V;        // padded rows, 16-byte multiples
+    // padded rows (16-byte multiples) that keep the fragment reads free of bank conflicts
+    constexpr int LDA = BK + V, LDB = BN + sg_ig<T>::KPAD;
     static_assert(BK % KSTEP == 0 && BK % V == 0 && BN % V == 0 && MI >= 1 && NI >= 1,
                   "tile shape");
     __shared__ __align__(16) T a_tile[2][BM * LDA];
@@ -253,9 +259,12 @@ __global__ void __launch_bounds__(SG_IG_THREADS) implicit_gemm_conv(
 
     if (tid == 0) {
         int count = 0;
-        for (int k = 0; k < n_offsets; ++k) {
-            if ((tile_masks[(long long)tile * words + (k >> 5)] >> (k & 31)) & 1) {
-                offsets[count++] = k;
+        for (int word = 0; word < words; ++word) {
+            unsigned bits = (unsigned)tile_masks[(long long)tile * words + word];
+            while (bits) {
+                const int bit = __ffs((int)bits) - 1;
+                offsets[count++] = word * 32 + bit;
+                bits &= bits - 1;
             }
         }
         n_used = count;
@@ -373,7 +382,7 @@ __global__ void __launch_bounds__(SG_IG_THREADS) implicit_gemm_wgrad(
 #if SG_IG_ENABLED
     constexpr int KSTEP = sg_ig<T>::KSTEP, V = sg_ig<T>::VEC;
     constexpr int WM = BM / 2, WN = BN / 2, MI = WM / 16, NI = WN / 8;
-    constexpr int LDA = BM + V, LDB = BN + V;
+    constexpr int LDA = BM + sg_ig<T>::KPAD, LDB = BN + sg_ig<T>::KPAD;
     static_assert(BK % KSTEP == 0 && BM % V == 0 && BN % V == 0, "tile shape");
     __shared__ __align__(16) T a_tile[2][BK * LDA];    // [row][input channel]
     __shared__ __align__(16) T b_tile[2][BK * LDB];    // [row][output channel]
