@@ -36,6 +36,7 @@ import ctypes
 import hashlib
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -278,7 +279,8 @@ class RawModule:
     def __init__(self, code, options=(), name_expressions=(), **kwargs):
         self._names = list(name_expressions)
         # kernels with block-level cooperation run one host thread per CUDA thread
-        self._cooperative = "__syncthreads" in code
+        self._cooperative = re.search(r"__syncthreads\s*\(", re.sub(r"//[^\n]*", "", code)) \
+            is not None
         table = []
         for i, name in enumerate(self._names):
             target = f"&sg_emu_launch<&{name}>::run" if self._cooperative else f"&{name}"
