@@ -4,10 +4,11 @@ The CUDA backend's kernels are grid-stride loops with no shared memory, no block
 cooperation and no atomics (``sparsegrid/cuda/kernels/common.cuh``), so one host thread
 running each loop from start to end computes exactly what any launch on a GPU computes.
 Modules whose source uses ``__syncthreads`` (the fused implicit-GEMM convolution) run
-"cooperatively" instead: one host thread per CUDA thread of a block, blocks one after
-another (a function-static ``__shared__`` array is then the block's shared memory),
-sleeping barriers for ``__syncthreads`` and for warps, and ``mma.sync`` emulated lane by
-lane from the PTX ISA's fragment layouts (``sg_emu_mma``).
+"cooperatively" instead: one fiber (ucontext) per CUDA thread of a block, resumed
+round-robin on the calling thread, blocks one after another (a function-static
+``__shared__`` array is then the block's shared memory); ``__syncthreads`` and the
+warp-wide exchanges of ``mma.sync``, emulated lane by lane from the PTX ISA's fragment
+layouts (``sg_emu_mma``), yield to the scheduler. Deterministic; no OS threads.
 This module compiles the very same sources with the host C++ compiler (``g++``), behind a
 small prelude that defines CUDA's keywords and built-in variables, and exposes them
 through a ``RawModule`` with CuPy's calling convention.
@@ -49,13 +50,13 @@ from cupy_names import MODULE_NAMES, NDARRAY_NAMES
 
 _PRELUDE = r"""
 #define SG_HOST_EMULATION 1
+#include <ucontext.h>
 #include <cmath>
-#include <condition_variable>
+#include <functional>
 #include <cstring>
 #include <memory>
 #include <mutex>
 #include <string>
-#include <thread>
 #include <vector>
 #define __global__
 #define __device__
@@ -77,32 +78,28 @@ inline float sg_half_to_float(unsigned short h) {
 inline unsigned short sg_float_to_half(float f) {
     _Float16 v = (_Float16)f; unsigned short h; std::memcpy(&h, &v, 2); return h;
 }
-// A barrier that sleeps (no spinning: the host has far fewer cores than a block threads).
-struct sg_emu_barrier {
-    std::mutex mutex;
-    std::condition_variable wake;
-    unsigned count, waiting = 0, generation = 0;
-    explicit sg_emu_barrier(unsigned n) : count(n) {}
-    void arrive_and_wait() {
-        std::unique_lock<std::mutex> lock(mutex);
-        const unsigned mine = generation;
-        if (++waiting == count) {
-            waiting = 0;
-            ++generation;
-            wake.notify_all();
-        } else {
-            wake.wait(lock, [&] { return generation != mine; });
-        }
-    }
-};
+// Cooperative kernels run as fibers on the calling thread (ucontext): one fiber per CUDA
+// thread of the block, resumed round-robin in thread order. Every barrier (__syncthreads,
+// and the warp-wide exchanges of the emulated mma.sync) yields to the scheduler, which
+// resumes every fiber once per round; all threads of a block execute the same barriers in
+// the same order (the kernels' control flow is block-uniform), so a round ends exactly at
+// the next barrier. Deterministic, and no OS threads.
 struct sg_emu_lane { unsigned a[4]; unsigned b[2]; };
 struct sg_emu_block {
-    sg_emu_barrier* block;
-    std::vector<std::unique_ptr<sg_emu_barrier>> warps;
+    std::vector<ucontext_t> fibers;
+    ucontext_t scheduler;
+    std::vector<std::unique_ptr<char[]>> stacks;
+    std::vector<char> done;
+    unsigned current = 0;
+    std::function<void()> body;
     std::vector<sg_emu_lane> lanes;
 };
 static thread_local sg_emu_block* sg_emu_current = nullptr;
-inline void __syncthreads() { sg_emu_current->block->arrive_and_wait(); }
+inline void sg_emu_yield() {
+    sg_emu_block* b = sg_emu_current;
+    swapcontext(&b->fibers[b->current], &b->scheduler);
+}
+inline void __syncthreads() { sg_emu_yield(); }
 inline int __ffs(int v) { return __builtin_ffs(v); }
 inline float sg_emu_value(int kind, unsigned short bits16, unsigned bits32) {
     if (kind == 0) return sg_half_to_float(bits16);
@@ -118,7 +115,7 @@ inline void sg_emu_mma(int kind, float* d, const unsigned* a, const unsigned* b)
     sg_emu_lane* lanes = sg_emu_current->lanes.data() + warp * 32;
     std::memcpy(lanes[lane].a, a, 16);
     std::memcpy(lanes[lane].b, b, 8);
-    sg_emu_current->warps[warp]->arrive_and_wait();
+    sg_emu_yield();
     const int kdim = kind == 2 ? 8 : 16;
     float A[16][16], B[16][8];
     for (int l = 0; l < 32; ++l) {
@@ -151,36 +148,57 @@ inline void sg_emu_mma(int kind, float* d, const unsigned* a, const unsigned* b)
         for (int k = 0; k < kdim; ++k) sum += A[row][k] * B[k][col];
         d[q] += sum;
     }
-    sg_emu_current->warps[warp]->arrive_and_wait();
+    sg_emu_yield();                  // no lane overwrites its fragments before all read
 }
 static std::mutex sg_emu_launch_lock;
+inline void sg_emu_fiber_entry() {
+    sg_emu_block* b = sg_emu_current;
+    for (unsigned z = 0; z < gridDim.z; ++z)
+        for (unsigned y = 0; y < gridDim.y; ++y)
+            for (unsigned x = 0; x < gridDim.x; ++x) {
+                blockIdx = {x, y, z};
+                b->body();
+                sg_emu_yield();      // the block ends together: its shared memory is reused
+            }
+    b->done[b->current] = 1;
+}
 template <auto F> struct sg_emu_launch;
 template <typename... A, void (*F)(A...)> struct sg_emu_launch<F> {
     static void run(unsigned gx, unsigned gy, unsigned gz, unsigned bx, A... args) {
         std::lock_guard<std::mutex> guard(sg_emu_launch_lock);  // one block's shared memory
-        sg_emu_barrier block(bx);
-        sg_emu_block context;
-        context.block = &block;
-        for (unsigned w = 0; w < (bx + 31) / 32; ++w)
-            context.warps.emplace_back(new sg_emu_barrier(bx - 32 * w < 32 ? bx - 32 * w : 32));
-        context.lanes.resize(((bx + 31) / 32) * 32);
-        std::vector<std::thread> threads;
+        const std::size_t stack = 256 * 1024;
+        sg_emu_block block;
+        block.body = [&]() { F(args...); };
+        block.lanes.resize(((bx + 31) / 32) * 32);
+        block.fibers.resize(bx);
+        block.done.assign(bx, 0);
+        sg_emu_block* previous = sg_emu_current;
+        sg_emu_current = &block;
+        blockDim = {bx, 1, 1};
+        gridDim = {gx, gy, gz};
         for (unsigned t = 0; t < bx; ++t) {
-            threads.emplace_back([&, t]() {
-                sg_emu_current = &context;
-                threadIdx = {t, 0, 0};
-                blockDim = {bx, 1, 1};
-                gridDim = {gx, gy, gz};
-                for (unsigned z = 0; z < gz; ++z)
-                    for (unsigned y = 0; y < gy; ++y)
-                        for (unsigned x = 0; x < gx; ++x) {
-                            blockIdx = {x, y, z};
-                            F(args...);
-                            block.arrive_and_wait();
-                        }
-            });
+            block.stacks.emplace_back(new char[stack]);
+            getcontext(&block.fibers[t]);
+            block.fibers[t].uc_stack.ss_sp = block.stacks[t].get();
+            block.fibers[t].uc_stack.ss_size = stack;
+            block.fibers[t].uc_link = &block.scheduler;
+            makecontext(&block.fibers[t], sg_emu_fiber_entry, 0);
         }
-        for (auto& thread : threads) thread.join();
+        for (bool running = true; running;) {
+            running = false;
+            for (unsigned t = 0; t < bx; ++t) {
+                if (block.done[t]) continue;
+                running = true;
+                block.current = t;
+                threadIdx = {t, 0, 0};
+                swapcontext(&block.scheduler, &block.fibers[t]);
+            }
+        }
+        threadIdx = {0, 0, 0};
+        blockIdx = {0, 0, 0};
+        blockDim = {1, 1, 1};
+        gridDim = {1, 1, 1};
+        sg_emu_current = previous;
     }
 };
 """
