@@ -14,7 +14,10 @@ pen visits twice, as SCN's stroke renderer):
     -> Flatten -> Linear(864, n_classes)
 
     python examples/handwriting.py [--classes 200] [--epochs 8] [--per-class 24]
-                                   [--device {cpu,cuda}]
+                                   [--device {cpu,cuda}] [--dtype {float32,float16}]
+
+``--dtype float16`` trains in mixed precision as examples/mnist_sparse.py does (float16
+model, float32 loss and batch-norm statistics, GradScaler, float32 master weights).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from sparsegrid import backend
 from sparsegrid.nn.optim import SGD, ExponentialDecayLR
 
 from datasets import batch_sparse, kanjivg_classes, random_affine, render_strokes
+from mnist_sparse import add_dtype_argument, for_dtype, report_scaler
 from train_utils import add_device_argument, batches_of, chosen_device, fit
 
 OUTPUT_SIZE = 3
@@ -74,9 +78,10 @@ def main():
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     add_device_argument(parser)
+    add_dtype_argument(parser)
     args = parser.parse_args()
     device = chosen_device(parser, args)
-    print(f"device: {device}")
+    print(f"device: {device}, dtype: {args.dtype}")
     if args.threads:
         sparsegrid.set_num_threads(args.threads)
 
@@ -108,10 +113,12 @@ def main():
     optimizer = SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
                     weight_decay=1e-4)
     scheduler = ExponentialDecayLR(optimizer, decay=0.2)
+    model, optimizer, scaler = for_dtype(args.dtype, model, optimizer)
     start = time.perf_counter()
     history = fit(model, optimizer, train_batches, lambda: test_batches, args.epochs,
                   scheduler)
     minutes = (time.perf_counter() - start) / 60
+    report_scaler(scaler)
     print(f"final held-out accuracy {100 * history[-1]['test_accuracy']:.2f}% on "
           f"{len(test_labels)} freshly distorted samples of {len(characters)} characters, "
           f"{minutes:.1f} min of training")

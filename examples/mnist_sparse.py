@@ -11,7 +11,11 @@ Network (SCN's layers and builders):
     -> Flatten -> Linear(576, 10)
 
     python examples/mnist_sparse.py [--epochs 12] [--batch-size 64] [--threads N]
-                                    [--device {cpu,cuda}]
+                                    [--device {cpu,cuda}] [--dtype {float32,float16}]
+
+``--dtype float16`` trains in mixed precision (docs/mixed_precision.md): the model in
+float16 (``model.half()``; batch-norm statistics stay float32), the loss in float32, loss
+scaling by ``scn.GradScaler`` and float32 master weights in the optimizer.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import numpy as np
 
 import sparsegrid
 import sparsegrid.nn as scn
+from sparsegrid import autodiff as ad
 from sparsegrid import backend
 from sparsegrid.nn.optim import SGD, ExponentialDecayLR
 
@@ -60,6 +65,63 @@ def make_input(images, field, rng=None, device="cpu"):
             len(images)]
 
 
+class HalfModel(scn.Module):
+    """``model`` in float16 for train_utils.fit: each batch's features are cast to
+    float16, the logits back to float32 (the loss is computed in float32), and the logits'
+    gradient is multiplied by the scaler's loss scale -- what ``scaler.scale(loss)
+    .backward()`` does, one link later in the chain, so fit's own ``loss.backward()``
+    needs no change."""
+
+    def __init__(self, model, scaler):
+        super().__init__()
+        self.model = model.half()
+        self.scaler = scaler
+
+    def forward(self, inputs):
+        coords, features, *rest = inputs
+        logits = ad.cast(self.model([coords, features.astype(np.float16), *rest]), np.float32)
+        scale = np.float32(self.scaler.get_scale())
+        return ad.record(logits.data, (logits,), lambda g: (g * scale,))
+
+
+class ScaledSteps:
+    """The optimizer fit() sees in float16: ``step()`` is ``scaler.step(optimizer)``
+    (unscale in float32, skip the step on inf/NaN gradients) then ``scaler.update()``."""
+
+    def __init__(self, optimizer, scaler):
+        self.optimizer, self.scaler = optimizer, scaler
+        self.param_groups = optimizer.param_groups
+
+    def zero_grad(self):
+        self.optimizer.zero_grad()
+
+    def step(self):
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+
+def add_dtype_argument(parser):
+    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                        help="float16: mixed precision (float16 model, GradScaler, float32 "
+                             "master weights)")
+
+
+def for_dtype(dtype, model, optimizer):
+    """(model, optimizer, scaler) for fit(): as given for float32; for float16 the model
+    in half precision behind :class:`HalfModel` and the optimizer behind
+    :class:`ScaledSteps`, sharing one ``scn.GradScaler``."""
+    if dtype == "float32":
+        return model, optimizer, None
+    scaler = scn.GradScaler()
+    return HalfModel(model, scaler), ScaledSteps(optimizer, scaler), scaler
+
+
+def report_scaler(scaler):
+    if scaler is not None:
+        print(f"loss scale {scaler.get_scale():g}, {scaler.skipped_steps} step(s) skipped "
+              "for inf/NaN gradients")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=12)
@@ -69,9 +131,10 @@ def main():
                         help="sparsegrid threads (default: SPARSEGRID_NUM_THREADS or cores)")
     parser.add_argument("--seed", type=int, default=0)
     add_device_argument(parser)
+    add_dtype_argument(parser)
     args = parser.parse_args()
     device = chosen_device(parser, args)
-    print(f"device: {device}")
+    print(f"device: {device}, dtype: {args.dtype}")
     if args.threads:
         sparsegrid.set_num_threads(args.threads)
 
@@ -99,10 +162,12 @@ def main():
     optimizer = SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
                     weight_decay=1e-4)
     scheduler = ExponentialDecayLR(optimizer, decay=0.15)
+    model, optimizer, scaler = for_dtype(args.dtype, model, optimizer)
     start = time.perf_counter()
     history = fit(model, optimizer, train_batches, lambda: test_batches, args.epochs,
                   scheduler)
     minutes = (time.perf_counter() - start) / 60
+    report_scaler(scaler)
     best = history[-1]
     print(f"final held-out accuracy {100 * best['test_accuracy']:.2f}% on {len(test)} digits "
           f"after {args.epochs} epochs, {minutes:.1f} min of training")

@@ -18,11 +18,11 @@ import numpy as np
 
 from . import backend
 from .coords import (check_allocation, normalize_size, normalize_spatial_shape, pack_keys,
-                     validate_features, validate_indices)
+                     validate_indices)
 from .autodiff import ops
 from .autodiff.core import Tensor, data_of, is_grad_enabled, record
 from .grid import Grid, Sites
-from .tensor import SparseTensor
+from .tensor import SparseTensor, validate_sparse_features
 
 # SCN's InputLayer mode numbers (measured behaviour: 1 keeps the first row, 2 the last).
 INPUT_MODES = {0: "unique", 1: "first", 2: "last", 3: "sum", 4: "mean"}
@@ -102,35 +102,58 @@ def _is_array(value):
     return isinstance(value, np.ndarray) or backend.is_cupy_array(value)
 
 
+_MODULE_METHODS = {np.dtype(np.float32): "float", np.dtype(np.float64): "double",
+                   np.dtype(np.float16): "half"}
+
+
 def _float_dtype_hint(param_dtype, feature_dtype):
-    """How to make float32/float64 parameters and features agree (cast the input, or convert
-    the module), for a dtype TypeError; '' for other dtypes."""
-    floats = (np.float32, np.float64)
-    if param_dtype not in floats or feature_dtype not in floats:
+    """How to make float16/float32/float64 parameters and features agree (cast the input,
+    or convert the module), for a dtype TypeError; '' for other dtypes."""
+    if param_dtype not in _MODULE_METHODS or feature_dtype not in _MODULE_METHODS:
         return ""
-    method = "double" if feature_dtype == np.float64 else "float"
+    method = _MODULE_METHODS[np.dtype(feature_dtype)]
     return (f" (the parameters are {param_dtype}: cast the input features with "
             f".astype(np.{param_dtype}), or the parameters with .astype(np.{feature_dtype}); "
             f"for a Module, module.{method}())")
 
 
-def _check_channel_vector(x, name, value, op, writeable=False):
+def statistics_dtype(dtype):
+    """The dtype of batch-norm statistics (batch and running) for features of ``dtype``:
+    float32 for float16 features (mixed precision: variances of float16 data need
+    float32's range and precision), the features' own dtype otherwise."""
+    dtype = np.dtype(dtype)
+    return np.dtype(np.float32) if dtype == np.float16 else dtype
+
+
+def column_sum(g):
+    """``g.sum(axis=0)`` (a bias gradient); float16 summed in float32, rounded once."""
+    if g.dtype == np.float16:
+        return g.sum(axis=0, dtype=np.float32).astype(np.float16)
+    return g.sum(axis=0)
+
+
+def _check_channel_vector(x, name, value, op, writeable=False, statistics=False):
     """A per-channel parameter: None, or an array / autodiff Tensor of shape (C,) and the
-    features' dtype (same library as the tensor); ``writeable`` for buffers updated in
-    place. TypeError / ValueError naming ``name``."""
+    features' dtype (same library as the tensor) -- for ``statistics`` (running mean and
+    variance), the :func:`statistics_dtype` of the features' dtype; ``writeable`` for
+    buffers updated in place. TypeError / ValueError naming ``name``."""
     if value is None:
         return
     channels = x.n_channels
     data = data_of(value)
+    expected = statistics_dtype(x.dtype) if statistics else x.dtype
+    whose = "the features' dtype" if expected == x.dtype else \
+        f"the statistics' dtype (for {x.dtype} features)"
     if not _is_array(data):
         raise TypeError(f"{name} must be a NumPy/CuPy array or an autodiff Tensor of shape "
-                        f"({channels},) and the features' dtype {x.dtype}; got "
-                        f"{type(value).__name__}")
+                        f"({channels},) and {whose} {expected}; got {type(value).__name__}")
     if data.shape != (channels,):
         raise ValueError(f"{name} must have shape ({channels},); got {data.shape}")
-    if data.dtype != x.dtype:
-        raise TypeError(f"{name} must be an array of the features' dtype {x.dtype}; got "
-                        f"{data.dtype}" + _float_dtype_hint(data.dtype, x.dtype))
+    if data.dtype != expected:
+        hint = _float_dtype_hint(data.dtype, x.dtype) if expected == x.dtype else (
+            " (mixed precision keeps running statistics in float32; Module.half() does)")
+        raise TypeError(f"{name} must be an array of {whose} {expected}; got "
+                        f"{data.dtype}{hint}")
     backend.require_same_device(name, data, "the input tensor", x.indices)   # or TypeError/ValueError
     if writeable and isinstance(data, np.ndarray) and not data.flags.writeable:
         raise ValueError(f"{name} must be a writeable array: {op} updates it in place in "
@@ -166,9 +189,10 @@ def _check_dtype(x, value, name):
         raise TypeError(f"{name} must be an array; got {type(value).__name__}")
     if dtype != x.dtype:
         hint = ""
-        if dtype in (np.float32, np.float64):
+        if dtype in _MODULE_METHODS:
             hint = (f" (the parameters are {dtype}: cast the input features with "
-                    f".astype({str(dtype)!r}), or a Module with .float() / .double())")
+                    f".astype({str(dtype)!r}), or a Module with .float() / .double() / "
+                    f".half())")
         raise TypeError(f"{name} must be an array of the features' dtype {x.dtype}; got "
                         f"{dtype}{hint}")
     backend.require_same_device(name, data_of(value), "the input tensor", x.indices)
@@ -191,7 +215,7 @@ def _convolve(x, weight, bias, rulebook):
         grad_features, grad_weight = kernels.conv_backward(
             g, features, w, rulebook, need_features=_wants(x.features),
             need_weight=_wants(weight))
-        return grad_features, grad_weight, (g.sum(axis=0) if _wants(bias) else None)
+        return grad_features, grad_weight, (column_sum(g) if _wants(bias) else None)
 
     return _differentiable(out, (x.features, weight, bias), vjp)
 
@@ -288,7 +312,10 @@ def neighbour_features(x, filter_size=3, dilation=1):
         reader = back.derived("neighbor_map", back.neighbor_map)
         flat = xp.concatenate([g.reshape(n * k_total, c), xp.zeros((1, c), g.dtype)])
         cells = xp.where(reader >= 0, reader * k_total + xp.arange(k_total), n * k_total)
-        return (flat[cells].sum(axis=1),)
+        gathered = flat[cells]             # float16: summed over the K offsets in float32
+        if gathered.dtype == np.float16:
+            return (gathered.sum(axis=1, dtype=np.float32).astype(np.float16),)
+        return (gathered.sum(axis=1),)
 
     return x.with_features(_differentiable(out.reshape(n, k_total * c), (x.features,), vjp))
 
@@ -336,15 +363,15 @@ def network_in_network(x, weight, bias=None):
         raise ValueError(f"weight must have shape ({x.n_channels}, Cout); got {weight.shape}")
     _check_bias(x, bias, weight.shape[1])
     features, w, b = data_of(x.features), data_of(weight), data_of(bias)
-    out = features @ w
+    out = ops.matrix_product(features, w)
     if b is not None:
         out += b
     kernels = x.kernels
 
     def vjp(g):
-        return (g @ w.T if _wants(x.features) else None,
+        return (ops.matrix_product(g, w.T) if _wants(x.features) else None,
                 kernels.rows_product(features, g) if _wants(weight) else None,
-                g.sum(axis=0) if _wants(bias) else None)
+                column_sum(g) if _wants(bias) else None)
 
     return x.with_features(_differentiable(out, (x.features, weight, bias), vjp))
 
@@ -453,7 +480,9 @@ def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None, t
     ``eps`` finite and positive, ``leakiness`` finite; ``weight``, ``bias``,
     ``running_mean`` and ``running_var`` None or arrays (or autodiff Tensors) of shape
     (C,) and exactly the features' dtype (no silent casts), the running statistics
-    writeable in training (they are updated in place).
+    writeable in training (they are updated in place). float16 features (mixed precision)
+    take float16 ``weight`` / ``bias`` and float32 running statistics; the batch statistics
+    and the normalisation are computed in float32 (docs/mixed_precision.md).
     """
     _require_tensor(x)
     training = _check_flag("training", training)
@@ -463,7 +492,8 @@ def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None, t
     for name, value in (("weight", weight), ("bias", bias)):
         _check_channel_vector(x, name, value, "batch_norm")
     for name, value in (("running_mean", running_mean), ("running_var", running_var)):
-        _check_channel_vector(x, name, value, "batch_norm", writeable=training)
+        _check_channel_vector(x, name, value, "batch_norm", writeable=training,
+                              statistics=True)
     if not training and (running_mean is None or running_var is None):
         raise ValueError("batch_norm in evaluation mode needs running_mean and running_var")
     return x.with_features(batch_norm_rows(x.features, weight, bias, running_mean,
@@ -491,7 +521,8 @@ def batch_norm_rows(features, weight, bias, running_mean, running_var, training,
             running_var *= momentum
             running_var += (1 - momentum) * unbiased
     else:
-        mean, var = running_mean.astype(values.dtype), running_var.astype(values.dtype)
+        stats = statistics_dtype(values.dtype)
+        mean, var = running_mean.astype(stats), running_var.astype(stats)
     out = kernels.batch_norm_forward(values, mean, var, w, b, eps, leakiness)
 
     def vjp(g):
@@ -533,6 +564,9 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
     per = channels // g
     samples = x.indices[:, 0]
     xp = backend.array_namespace(features)
+    half = features.dtype == np.float16
+    if half:   # mixed precision: computed in float32, every result rounded once
+        features, w, b = (None if a is None else a.astype(np.float32) for a in (features, w, b))
     size = kernels.segment_reduce(xp.ones((n, 1), features.dtype), samples, x.batch_size,
                                   "sum")[0][:, 0] * per
     count = xp.maximum(size, 1)[:, None]                                  # (B, 1)
@@ -546,8 +580,16 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
     out = normed * w if w is not None else normed.copy()
     if b is not None:
         out += b
+    if half:
+        out = out.astype(np.float16)
 
     def vjp(grad):
+        if half:
+            return tuple(None if r is None else r.astype(np.float16)
+                         for r in vjp_values(grad.astype(np.float32)))
+        return vjp_values(grad)
+
+    def vjp_values(grad):
         gy = (grad * w if w is not None else grad).reshape(n, g, per)
         y = normed.reshape(n, g, per)
         s1 = kernels.segment_reduce(gy.sum(axis=2), samples, x.batch_size, "sum")[0] / count
@@ -673,7 +715,7 @@ def input_layer(indices, features, spatial_shape, batch_size=None, mode="sum"):
     mode = input_mode_name(mode)
     spatial_shape = normalize_spatial_shape(spatial_shape)
     indices, batch_size = validate_indices(indices, spatial_shape, batch_size)
-    values = validate_features(data_of(features), len(indices))
+    values = validate_sparse_features(data_of(features), len(indices))
     backend.require_same_device("features", values, "indices", indices)
     kernels = backend.kernels(indices, values)
     keys, _ = pack_keys(indices, spatial_shape, batch_size)
@@ -775,7 +817,7 @@ def from_dense(dense):
     kernels = backend.kernels(values)
     indices = kernels.dense_active_sites(values)
     spatial_shape = normalize_spatial_shape(values.shape[2:])
-    features = validate_features(kernels.gather_from_dense(values, indices), len(indices),
+    features = validate_sparse_features(kernels.gather_from_dense(values, indices), len(indices),
                                  "dense")
     sites = Sites(indices, spatial_shape, values.shape[0])
     features = _differentiable(features, (dense,), lambda g: (kernels.scatter_to_dense(

@@ -12,6 +12,45 @@ from .autodiff.core import Tensor, data_of, record
 from .grid import Grid, Sites
 
 
+#: The feature dtypes of a SparseTensor. float16 is mixed precision: the kernels compute
+#: in float32 and round once (docs/mixed_precision.md).
+FEATURE_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+_DTYPES_TEXT = "float32 or float64 array (or float16: mixed precision)"
+
+
+def _bfloat16_error(dtype, name):
+    """TypeError for bfloat16 features (ml_dtypes' or torch's): NumPy has no bfloat16
+    arithmetic, so no CPU kernel could run on it; say what to use instead."""
+    return TypeError(f"{name}: dtype {dtype} is not supported (NumPy has no bfloat16 "
+                     "arithmetic, so the CPU kernels cannot run on it); convert with "
+                     ".astype(np.float16) or .astype(np.float32)")
+
+
+def check_feature_dtype(dtype, name="features", context=""):
+    """TypeError naming ``name`` unless ``dtype`` is float16, float32 or float64."""
+    if str(dtype) == "bfloat16":
+        raise _bfloat16_error(dtype, name)
+    if dtype not in FEATURE_DTYPES:
+        raise TypeError(f"{name} must be a {_DTYPES_TEXT}{context}; got dtype {dtype}; "
+                        "convert with .astype(np.float32)")
+
+
+def validate_sparse_features(features, n_rows, name="features"):
+    """:func:`sparsegrid.coords.validate_features` for every feature dtype, float16
+    included: dtype, shape (n_rows, C), all values finite; returns the features.
+
+    float16 values are scanned through a float32 copy (the checks' own dtype), once, at
+    construction from user data; the tensor keeps the caller's float16 array.
+    """
+    if not hasattr(features, "dtype"):
+        features = np.asarray(features)
+    check_feature_dtype(features.dtype, name)
+    if features.dtype == np.float16:
+        validate_features(features.astype(np.float32), n_rows, name)
+        return features
+    return validate_features(features, n_rows, name)
+
+
 class _BatchSize(int):
     """An int that can also be called: ``x.batch_size`` (sparsegrid's property) and
     ``x.batch_size()`` (SparseConvNet's method) both give the number of samples.
@@ -30,7 +69,8 @@ class SparseTensor:
 
     Parameters
     ----------
-    features : array (N, C), float32 or float64, or an autodiff Tensor around one
+    features : array (N, C), float32 or float64 (or float16: mixed precision, computed in
+        float32 by the kernels, see docs/mixed_precision.md), or an autodiff Tensor around one
         (then every sparse op on the tensor is differentiable). NumPy, CuPy, or any
         DLPack-capable array (torch, JAX, ...), viewed without a copy: a CPU tensor as
         NumPy, a CUDA tensor as CuPy (:func:`sparsegrid.interop.asarray`).
@@ -76,9 +116,9 @@ class SparseTensor:
         spatial_shape = normalize_spatial_shape(spatial_shape)
         indices, batch_size = validate_indices(indices, spatial_shape, batch_size)
         if isinstance(features, Tensor):
-            validate_features(features.data, len(indices))
+            validate_sparse_features(features.data, len(indices))
         else:
-            features = validate_features(features, len(indices))
+            features = validate_sparse_features(features, len(indices))
         backend.require_same_device("features", data_of(features), "indices", indices)
         backend.kernels(indices, data_of(features))   # one library for both, or TypeError
         self._sites = Sites.from_indices(indices, spatial_shape, batch_size)
@@ -101,12 +141,14 @@ class SparseTensor:
         data = data_of(features)
         if not (isinstance(data, np.ndarray) or backend.is_cupy_array(data)):
             raise TypeError(f"features must be a NumPy/CuPy array or an autodiff Tensor of "
-                            f"shape ({n}, C) and dtype float32 or float64{context}; got "
+                            f"shape ({n}, C) and dtype float16, float32 or float64{context}; got "
                             f"{type(features).__name__}"
                             + (f" around {type(data).__name__}" if data is not features
                                else ""))
-        if data.dtype not in (np.float32, np.float64):
-            raise TypeError(f"features must be a float32 or float64 array{context}; got dtype "
+        if str(data.dtype) == "bfloat16":
+            raise _bfloat16_error(data.dtype, "features")
+        if data.dtype not in FEATURE_DTYPES:
+            raise TypeError(f"features must be a {_DTYPES_TEXT}{context}; got dtype "
                             f"{data.dtype}")
         if data.ndim != 2 or data.shape[0] != n:
             raise ValueError(f"features must have shape ({n}, C){context}; got {data.shape}")
@@ -117,7 +159,7 @@ class SparseTensor:
     def with_features(self, features):
         """A tensor with new features on the same sites and grid.
 
-        ``features``: a float32/float64 NumPy or CuPy array of shape (N, C) with N this
+        ``features``: a float16/float32/float64 NumPy or CuPy array of shape (N, C) with N this
         tensor's site count, or an autodiff Tensor around one; anything else raises
         TypeError (type, dtype) or ValueError (shape) naming ``features``. The array is
         kept without copying, and its values are not rescanned for NaN/inf (that would
@@ -197,7 +239,8 @@ class SparseTensor:
     def to(self, device):
         """This tensor on ``device`` (``'cpu'``, ``'cuda'`` (the current GPU), ``'cuda:N'``,
         a GPU number or a ``cupy.cuda.Device``); or, given a dtype (``np.float32``,
-        ``np.float64``, ``float``, a ``np.dtype``, ``torch.float32``), the same sites and
+        ``np.float64``, ``np.float16``, ``float``, a ``np.dtype``, ``torch.float32``), the
+        same sites and
         grid with features of that dtype (as SparseConvNet's ``to`` passes a dtype on to
         its features; see :meth:`type`).
 
@@ -296,8 +339,9 @@ class SparseTensor:
         names it (``'torch.FloatTensor'``, ``'torch.DoubleTensor'``, with ``.cuda`` on a
         GPU); with one, this tensor with features of that type.
 
-        ``dtype``: ``np.float32`` / ``np.float64`` (or ``float``, a ``np.dtype``, their
-        names), or torch's names: ``'torch.FloatTensor'``, ``'torch.DoubleTensor'``,
+        ``dtype``: ``np.float32`` / ``np.float64`` / ``np.float16`` (or ``float``, a
+        ``np.dtype``, their names), or torch's names: ``'torch.FloatTensor'``,
+        ``'torch.DoubleTensor'``, ``'torch.HalfTensor'``,
         ``'torch.cuda.FloatTensor'``, ``'torch.cuda.DoubleTensor'`` (these two also move
         the tensor to the current GPU, see :meth:`to`), ``'torch.float32'`` ...
 
@@ -309,12 +353,13 @@ class SparseTensor:
         Raises
         ------
         TypeError
-            For other types: sparse features are float32 or float64 (float16, integer
-            and boolean features are refused, naming the type given).
+            For other types: sparse features are float32 or float64, or float16 (mixed
+            precision); integer, boolean and bfloat16 features are refused, naming the
+            type given.
         """
         if dtype is None:
-            name = {np.dtype(np.float32): "FloatTensor",
-                    np.dtype(np.float64): "DoubleTensor"}[np.dtype(self.dtype)]
+            name = {np.dtype(np.float32): "FloatTensor", np.dtype(np.float64): "DoubleTensor",
+                    np.dtype(np.float16): "HalfTensor"}[np.dtype(self.dtype)]
             return f"torch.{'cuda.' if self.device != 'cpu' else ''}{name}"
         target, device = _feature_type(dtype)
         tensor = self if device is None else self.to(device)
@@ -383,6 +428,8 @@ _TORCH_FEATURE_TYPES = {
     "torch.cuda.DoubleTensor": (np.float64, "cuda"),
     "torch.float32": (np.float32, None), "torch.float": (np.float32, None),
     "torch.float64": (np.float64, None), "torch.double": (np.float64, None),
+    "torch.HalfTensor": (np.float16, "cpu"), "torch.cuda.HalfTensor": (np.float16, "cuda"),
+    "torch.float16": (np.float16, None), "torch.half": (np.float16, None),
 }
 
 
@@ -398,10 +445,11 @@ def _feature_type(dtype):
         target = np.dtype(dtype)
     except TypeError:
         target = None
-    if target is None or target not in (np.float32, np.float64):
-        raise TypeError(f"sparse features are float32 or float64: give np.float32, "
-                        f"np.float64, 'torch.FloatTensor' or 'torch.DoubleTensor'; got "
-                        f"{given!r}")
+    if target is None or target not in FEATURE_DTYPES:
+        raise TypeError(f"sparse features are float32 or float64 (or float16: mixed "
+                        f"precision): give np.float32, np.float64, np.float16, "
+                        f"'torch.FloatTensor', 'torch.DoubleTensor' or 'torch.HalfTensor'; "
+                        f"got {given!r}")
     return target, None
 
 

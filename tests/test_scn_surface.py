@@ -186,11 +186,14 @@ def test_type_and_to_convert_the_features(rng):
             return "torch.float64"
 
     assert x.to(TorchDtype()).dtype == np.float64 and x.type(TorchDtype()).dtype == np.float64
-    for bad in ("torch.HalfTensor", np.float16, "torch.LongTensor", np.int64, "bogus"):
+    for bad in ("torch.LongTensor", np.int64, "bogus"):
         with pytest.raises(TypeError, match="float32 or float64"):
             x.type(bad)
     with pytest.raises(TypeError, match="float32 or float64"):
-        x.to(np.float16)
+        x.to(np.int32)
+    # float16 is mixed precision (docs/mixed_precision.md)
+    assert x.type("torch.HalfTensor").type() == "torch.HalfTensor"
+    assert x.to(np.float16).dtype == np.float16
 
 
 def test_type_conversion_is_differentiable(rng):
@@ -251,9 +254,15 @@ def test_half_float_double(rng):
     expected = data_of(model(x))
     assert model.half() is model
     assert all(p.dtype == np.float16 for p in model.parameters())
-    assert all(b.dtype == np.float16 for _, b in model.named_buffers())
-    with pytest.raises(TypeError):          # sparse features are float32/float64 only
-        model(x)
+    # batch-norm running statistics stay float32 (mixed precision), other buffers float16
+    assert all(b.dtype == (np.float32 if name.rsplit(".", 1)[-1] in ("running_mean",
+                                                                     "running_var")
+                           else np.float16) for name, b in model.named_buffers())
+    with pytest.raises(TypeError, match=r"features' dtype float32; got float16 .*\.half\(\)"):
+        model(x)                            # float32 features into a float16 model
+    half_out = data_of(model(x.type(np.float16)))
+    assert half_out.dtype == np.float16
+    np.testing.assert_allclose(half_out.astype(np.float32), expected, rtol=0.05, atol=0.05)
     model.float()
     assert all(p.dtype == np.float32 for p in model.parameters())
     np.testing.assert_allclose(data_of(model(x)), expected, rtol=1e-2, atol=1e-2)

@@ -104,8 +104,8 @@ def test_wrong_indices_shape(build, idx):
 
 
 # --------------------------------------------------------------------------- features
-@pytest.mark.parametrize("dtype", [np.int32, np.int64, bool, np.complex64, np.float16,
-                                   np.longdouble])
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, bool, np.complex64,
+                                   np.longdouble])   # float16: mixed precision (accepted)
 def test_non_float_features(build, dtype):
     idx = np.array([[0, 1, 1], [0, 2, 2]], np.int32)
     with pytest.raises(TypeError, match="features"):
@@ -606,7 +606,9 @@ def test_batch_norm_accepts_numpy_scalars_and_bounds():
     (np.int64, ""),                                            # NumPy's UFuncTypeError before
     (np.complex64, ""),                                        # warned, dropped imag before
     (object, ""),                                              # accepted before
-    (np.float16, ""),
+    (np.float16, r" \(the parameters are float16: cast the input features with "
+                 r"\.astype\(np\.float16\), or the parameters with \.astype\(np\.float32\); "
+                 r"for a Module, module\.float\(\)\)"),     # float16: mixed precision
 ])
 def test_batch_norm_parameter_dtype(name, dtype, hint):
     x = _tensor(n_channels=2)
@@ -825,7 +827,7 @@ def test_output_layer_accepts_tensor_on_the_input_sites():
     (3.0, TypeError, r"features must be a NumPy/CuPy array.*got float"),
     (np.ones((5, 2), np.int64), TypeError, r"features must be a float32 or float64 array.*"
                                            r"got dtype int64"),
-    (np.ones((5, 2), np.float16), TypeError, r"got dtype float16"),
+    (np.ones((5, 2), np.int8), TypeError, r"got dtype int8"),  # float16 is accepted
     (np.ones((5, 2), np.complex64), TypeError, r"got dtype complex64"),
     (np.ones((5, 2), object), TypeError, r"got dtype object"),
     (np.ones((5, 2, 1), np.float32), ValueError, r"features must have shape \(5, C\).*"
@@ -865,7 +867,7 @@ def test_with_features_property(value):
     if isinstance(value, tuple):
         dtype, shape = value
         value = np.zeros(shape, dtype)
-        ok_dtype = value.dtype in (np.float32, np.float64)
+        ok_dtype = value.dtype in (np.float16, np.float32, np.float64)
         ok_shape = value.ndim == 2 and value.shape[0] == 5
         if ok_dtype and ok_shape:
             assert x.with_features(value).features is value

@@ -330,7 +330,9 @@ class Tensor:
         """Accumulate d(self)/d(leaf) * grad into every leaf's ``.grad``.
 
         ``grad`` defaults to 1 for a scalar (one-element) tensor and is required otherwise.
-        Intermediate tensors do not keep gradients; the graph is released afterwards
+        Gradients have their tensor's dtype where it is float16 (a gradient promoted to
+        float32 by a float32 operand, such as a loss scale, is rounded to float16 on its
+        way in). Intermediate tensors do not keep gradients; the graph is released afterwards
         unless ``retain_graph`` (then ``backward`` may run again on it, as the torch
         bridge needs for ``torch.autograd.gradcheck`` and ``retain_graph=True``).
         """
@@ -363,6 +365,10 @@ class Tensor:
             for parent, parent_grad in zip(node._inputs, node._vjp(g)):
                 if parent_grad is None or not parent.requires_grad:
                     continue
+                if parent.data.dtype == np.float16 and parent_grad.dtype != np.float16:
+                    # mixed precision: a float16 tensor's gradient is float16 (an op
+                    # with a float32 operand, such as a loss scale, promoted it)
+                    parent_grad = parent_grad.astype(np.float16)
                 if parent_grad.shape != parent.data.shape:
                     raise RuntimeError(f"internal error: an operation returned a gradient "
                                        f"of shape {parent_grad.shape} for an input of shape "

@@ -3,6 +3,11 @@
 Every function takes Tensors or plain arrays/scalars and returns a Tensor. Broadcasting
 follows NumPy; :func:`unbroadcast` sums a gradient back to an input's shape, once, for all.
 
+float16 (mixed precision): elementwise operations run in float16 (each result is rounded
+once anyway); matrix products and sums convert float16 to float32, compute, and round the
+result once (:func:`matrix_product`, :func:`_sum_of`), as the CPU kernels do: NumPy's
+float16 matmul has no BLAS, and float16 running sums lose precision row after row.
+
 The end of the module installs them on :class:`Tensor` as operators and as torch-named
 methods (``view``, ``max(dim)``, ``float()``, ``index_add_``, ...; see "Tensor methods"),
 and gives Tensor an ``__array_ufunc__``: a NumPy ufunc with a Tensor operand
@@ -31,13 +36,29 @@ def _xp(*values):
     return backend.array_namespace(*[data_of(v) for v in values if hasattr(data_of(v), "shape")])
 
 
+def _sum_of(x, axis=None, keepdims=False):
+    """``x.sum(axis, keepdims)``; float16 summed in float32 and rounded once."""
+    if x.dtype == np.float16:
+        return x.sum(axis=axis, keepdims=keepdims, dtype=np.float32).astype(np.float16)
+    return x.sum(axis=axis, keepdims=keepdims)
+
+
+def matrix_product(x, y):
+    """``x @ y`` of arrays; two float16 operands are multiplied in float32 (BLAS) and the
+    product rounded once to float16 (NumPy's float16 matmul is a slow loop)."""
+    if x.dtype == np.float16 and y.dtype == np.float16:
+        return (x.astype(np.float32) @ y.astype(np.float32)).astype(np.float16)
+    return x @ y
+
+
 def unbroadcast(grad, shape):
-    """Sum ``grad`` over the axes NumPy broadcasting added or stretched to reach it."""
+    """Sum ``grad`` over the axes NumPy broadcasting added or stretched to reach it
+    (float16 in float32, rounded once per axis)."""
     while grad.ndim > len(shape):
-        grad = grad.sum(axis=0)
+        grad = _sum_of(grad, axis=0)
     for axis, size in enumerate(shape):
         if size == 1 and grad.shape[axis] != 1:
-            grad = grad.sum(axis=axis, keepdims=True)
+            grad = _sum_of(grad, axis=axis, keepdims=True)
     return grad
 
 
@@ -95,8 +116,9 @@ def matmul(a, b):
     x, y = data_of(a), data_of(b)
     if x.ndim < 2 or y.ndim < 2:
         raise ValueError(f"matmul needs operands with ndim >= 2; got {x.shape} and {y.shape}")
-    return record(x @ y, (a, b), lambda g: (unbroadcast(g @ y.swapaxes(-1, -2), x.shape),
-                                            unbroadcast(x.swapaxes(-1, -2) @ g, y.shape)))
+    return record(matrix_product(x, y), (a, b), lambda g: (
+        unbroadcast(matrix_product(g, y.swapaxes(-1, -2)), x.shape),
+        unbroadcast(matrix_product(x.swapaxes(-1, -2), g), y.shape)))
 
 
 # -- reductions and shapes -------------------------------------------------------------------
@@ -109,7 +131,7 @@ def sum(a, axis=None, keepdims=False):  # noqa: A001 - mirrors numpy's name
             g = xp.expand_dims(g, axis)
         return (xp.broadcast_to(g, x.shape).copy(),)
 
-    return record(x.sum(axis=axis, keepdims=keepdims), (a,), vjp)
+    return record(_sum_of(x, axis=axis, keepdims=keepdims), (a,), vjp)
 
 
 def mean(a, axis=None, keepdims=False):
@@ -274,10 +296,19 @@ def tanh(a):
 def log_softmax(a, axis=-1):
     x = data_of(a)
     xp = _xp(a)
+    half = x.dtype == np.float16      # mixed precision: in float32, rounded once each way
+    if half:
+        x = x.astype(np.float32)
     shifted = x - x.max(axis=axis, keepdims=True)
     out = shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
-    return record(out, (a,),
-                  lambda g: (g - xp.exp(out) * g.sum(axis=axis, keepdims=True),))
+
+    def vjp(g):
+        if half:
+            g = g.astype(np.float32)
+        grad = g - xp.exp(out) * g.sum(axis=axis, keepdims=True)
+        return (grad.astype(np.float16) if half else grad,)
+
+    return record(out.astype(np.float16) if half else out, (a,), vjp)
 
 
 # -- losses -----------------------------------------------------------------------------------

@@ -58,7 +58,17 @@ def block_scatter(blocks, indices, base, block_size, block_offset, block_stride,
                   inplace=False):
     """A copy of ``base`` (N, H, W, C) -- or ``base`` itself with ``inplace`` (it must be
     C-contiguous) -- with the blocks (nb, BH, BW, C) written (``add=False``: the last block
-    of the list covering a pixel wins) or added."""
+    of the list covering a pixel wins) or added.
+
+    float16 with ``add``: the sums run in float32 (overlapping blocks are added to a float32
+    copy of ``base``) and are rounded once; writes without ``add`` are exact in float16."""
+    if add and base.dtype == np.float16:
+        total = block_scatter(np.asarray(blocks, np.float32), indices, base.astype(np.float32),
+                              block_size, block_offset, block_stride, add, inplace=True)
+        if not inplace:
+            return total.astype(np.float16)
+        base[...] = total
+        return base
     n_images, height, width, channels = base.shape
     out = base if inplace else np.array(base, order="C", copy=True)
     if len(indices) == 0:

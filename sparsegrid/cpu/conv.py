@@ -29,6 +29,7 @@ import threading
 
 import numpy as np
 
+from .precision import float16_in_float32
 from .threads import parallel_map
 
 # Pairs per block of output rows. Fixed (not tuned per call), so the rounding of every
@@ -322,12 +323,14 @@ def _check_rows(array, n, name):
                          f"{array.shape}")
 
 
+@float16_in_float32("features", "weight", "bias")
 def conv_forward(features, weight, rulebook, bias=None):
     """Sparse convolution over a rulebook.
 
     Parameters
     ----------
-    features : (N_in, Cin) float32/float64
+    features : (N_in, Cin) float16/float32/float64 (float16 is computed in float32 and
+        rounded once: :mod:`.precision`)
     weight : (K, Cin, Cout) or (K, G, Cin/G, Cout/G), same dtype as ``features``
     rulebook : Rulebook
         Its identity offset (pairs ``(r, r)`` for every row) is computed without gather.
@@ -348,6 +351,7 @@ def conv_forward(features, weight, rulebook, bias=None):
                        bias=bias)
 
 
+@float16_in_float32("grad_out", "features", "weight")
 def conv_backward(grad_out, features, weight, rulebook, need_features=True, need_weight=True):
     """Gradients of :func:`conv_forward` with respect to features and weight.
 
@@ -417,6 +421,7 @@ def _rows_product(x, g, weight=None):
     return np.matmul(xg, gg)
 
 
+@float16_in_float32("x", "g")
 def rows_product(x, g):
     """``x.T @ g`` summed over rows in fixed chunks, in order, with single-threaded BLAS:
     the same bits for every thread count (NetworkInNetwork's weight gradient)."""
@@ -429,6 +434,7 @@ def rows_product(x, g):
     return total
 
 
+@float16_in_float32("features")
 def rule_sum(features, rulebook):
     """``out[o] = sum of features[i]`` over the rulebook's pairs (unit-weight convolution).
 

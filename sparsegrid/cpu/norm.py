@@ -15,10 +15,15 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend
+from .precision import float16_in_float32
 
 
+@float16_in_float32("x", round_results=False)
 def batch_norm_statistics(x):
-    """Per-channel mean and biased variance over rows; (C,), (C,). Zeros for no rows."""
+    """Per-channel mean and biased variance over rows; (C,), (C,). Zeros for no rows.
+
+    In the data's dtype, except for float16 data: float32 statistics (computed in
+    float32; the running statistics and the normalisation use them as they are)."""
     if len(x) == 0:
         zeros = np.zeros(x.shape[1], x.dtype)
         return zeros, zeros.copy()
@@ -52,6 +57,7 @@ def _activate(y, leakiness):
     return np.copyto(y, np.where(y > 0, y, y * y.dtype.type(leakiness))) or y
 
 
+@float16_in_float32("x", "mean", "var", "weight", "bias")
 def batch_norm_forward(x, mean, var, weight, bias, eps, leakiness):
     """``y = (x - mean) / sqrt(var + eps) * weight + bias``, then the leaky activation."""
     scale, shift = _scale_shift(mean, var, weight, bias, eps)
@@ -60,6 +66,7 @@ def batch_norm_forward(x, mean, var, weight, bias, eps, leakiness):
     return _activate(y, leakiness)
 
 
+@float16_in_float32("grad_out", "x", "mean", "var", "weight", "bias", "out")
 def batch_norm_backward(grad_out, x, mean, var, weight, bias, eps, leakiness, training,
                         out=None):
     """Gradients of :func:`batch_norm_forward` w.r.t. x, weight and bias.

@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from .index import group_rows
+from .precision import float16_in_float32
 
 SEGMENT_MODES = ("sum", "mean", "max", "first", "last")
 
@@ -173,6 +174,7 @@ def _max(values, order, indptr, counts, n_segments):
     return out, chosen
 
 
+@float16_in_float32("values")
 def segment_reduce(values, segment_ids, n_segments, mode):
     """Reduce rows of ``values`` (N, C) by segment.
 
@@ -220,6 +222,7 @@ def segment_reduce(values, segment_ids, n_segments, mode):
     return out, chosen
 
 
+@float16_in_float32("grad_out")
 def segment_reduce_backward(grad_out, segment_ids, n_segments, mode, chosen, n_rows):
     """Gradient of :func:`segment_reduce` with respect to ``values`` (n_rows, C).
 

@@ -2,7 +2,9 @@
 
 Per-channel statistics and gradient sums are CuPy reductions (fixed reduction trees, no
 atomics: the same bits run after run) accumulated in float64 for every data type, rounded
-once to the data's dtype; the elementwise passes run in the data's dtype.
+once to the data's dtype; the elementwise passes run in the data's dtype. float16 data
+(mixed precision) is computed in float32 and rounded once, as on the CPU: its statistics
+are float32, and the forward and backward passes convert it to float32 first.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..cpu.norm import _scale_shift  # array-library neutral
+from ..cpu.precision import float16_in_float32  # array-library neutral too
 from ._runtime import cp
 
 
@@ -17,8 +20,10 @@ def _column_sum(x):
     return x.sum(axis=0, dtype=np.float64)
 
 
+@float16_in_float32("x", round_results=False)
 def batch_norm_statistics(x):
-    """Per-channel mean and biased variance over rows; (C,), (C,). Zeros for no rows."""
+    """Per-channel mean and biased variance over rows; (C,), (C,). Zeros for no rows.
+    float16 data: float32 statistics."""
     if len(x) == 0:
         zeros = cp.zeros(x.shape[1], dtype=x.dtype)
         return zeros, zeros.copy()
@@ -36,12 +41,14 @@ def _activate(y, leakiness):
     return cp.where(y > 0, y, y * y.dtype.type(leakiness))
 
 
+@float16_in_float32("x", "mean", "var", "weight", "bias")
 def batch_norm_forward(x, mean, var, weight, bias, eps, leakiness):
     """``y = (x - mean) / sqrt(var + eps) * weight + bias``, then the leaky activation."""
     scale, shift = _scale_shift(mean, var, weight, bias, eps)
     return _activate(x * scale + shift, leakiness)
 
 
+@float16_in_float32("grad_out", "x", "mean", "var", "weight", "bias", "out")
 def batch_norm_backward(grad_out, x, mean, var, weight, bias, eps, leakiness, training,
                         out=None):
     """Gradients of :func:`batch_norm_forward` w.r.t. x, weight and bias (see the CPU

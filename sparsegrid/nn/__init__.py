@@ -71,3 +71,8 @@ __all__ = sorted(set(__all__) | {
 # torch.save / torch.load's counterparts (the port rule maps them here)
 from .checkpoint import load, save  # noqa: E402
 __all__ = sorted(__all__ + ["load", "save"])
+
+# mixed precision: loss scaling for float16 training (docs/mixed_precision.md)
+from . import amp  # noqa: E402
+from .amp import GradScaler, SkippedStepWarning  # noqa: E402
+__all__ = sorted(__all__ + ["amp", "GradScaler", "SkippedStepWarning"])

@@ -785,8 +785,11 @@ class BatchNormalization(Module):
     """Batch normalisation over active sites, then a leaky activation (SCN).
 
     ``running = momentum * running + (1 - momentum) * batch`` (SCN's convention, the
-    inverse of PyTorch's); ``leakiness`` 1 means no activation, 0 ReLU.
+    inverse of PyTorch's); ``leakiness`` 1 means no activation, 0 ReLU. In a float16
+    model (``half()``) the running statistics stay float32.
     """
+
+    _float32_buffers = ("running_mean", "running_var")
 
     def __init__(self, nPlanes, eps=1e-4, momentum=0.99, affine=True, leakiness=1):
         super().__init__()
@@ -837,7 +840,10 @@ def BatchNormELU(nPlanes, eps=1e-4, momentum=0.9):
 class MeanOnlyBNLeakyReLU(Module):
     """Subtract the per-channel mean over sites (batch mean in training, running mean in
     evaluation), add a bias, apply a leaky ReLU. SCN ships this broken with affine=True
-    and stops the gradient through the mean; here the mean is differentiated."""
+    and stops the gradient through the mean; here the mean is differentiated. In a float16
+    model the running mean stays float32."""
+
+    _float32_buffers = ("running_mean",)
 
     def __init__(self, nPlanes, affine=True, leakiness=1, momentum=0.99):
         super().__init__()

@@ -54,6 +54,10 @@ class Module:
     ``forward``.
     """
 
+    #: Buffers that stay float32 when the module is converted to float16 (:meth:`half`):
+    #: batch-norm running statistics (mixed precision keeps statistics in float32).
+    _float32_buffers = ()
+
     def __init__(self):
         object.__setattr__(self, "training", True)
         object.__setattr__(self, "_parameters", OrderedDict())
@@ -163,7 +167,8 @@ class Module:
 
     def astype(self, dtype):
         """Convert every parameter and floating buffer to ``dtype`` in place (float64 for
-        gradient checks); returns self."""
+        gradient checks); returns self. To float16, the buffers a module lists in
+        ``_float32_buffers`` (batch-norm running statistics) become float32 instead."""
         dtype = np.dtype(dtype)
         for module in self.modules():
             for param in module._parameters.values():
@@ -171,7 +176,8 @@ class Module:
                 param.grad = None
             for name, buf in list(module._buffers.items()):
                 if buf is not None and buf.dtype.kind == "f":
-                    setattr(module, name, buf.astype(dtype))
+                    keep32 = dtype == np.float16 and name in module._float32_buffers
+                    setattr(module, name, buf.astype(np.float32 if keep32 else dtype))
         return self
 
     def double(self):
@@ -181,10 +187,13 @@ class Module:
     def half(self):
         """Parameters and floating buffers to float16 (in place); returns self.
 
-        Caveat: sparse features are float32 or float64 (a SparseTensor refuses float16),
-        so the sparse layers of a half-precision model raise a TypeError naming the
-        dtypes when called; only dense layers (``Linear``, ``Flatten``) run in float16.
-        Use it to store or inspect a model in half precision, and ``float()`` to run it.
+        Mixed precision (docs/mixed_precision.md): the model then runs on float16 inputs
+        (``features.astype(np.float16)``), sparse and dense layers alike; every kernel
+        computes in float32 and rounds its result once to float16. Batch-norm running
+        statistics stay float32 buffers. Train it with :class:`sparsegrid.nn.GradScaler`
+        (loss scaling) and an optimizer from :mod:`sparsegrid.nn.optim`, which keeps a
+        float32 master copy of every float16 parameter. ``float()`` converts back. SBNet,
+        DCLS and dense N-D convolution layers do not run in float16 (TypeError).
         """
         return self.astype(np.float16)
 

@@ -14,6 +14,14 @@ operations. They follow ``torch.optim``'s conventions:
 * Parameters whose ``grad`` is None are skipped by ``step()`` (no state is created).
 * Updates keep the parameter's dtype: a float32 parameter is updated in float32
   arithmetic (hyper-parameters are cast to the parameter dtype before use).
+* float16 parameters (mixed precision, docs/mixed_precision.md) get float32 master
+  weights: the optimizer keeps a float32 copy of the parameter (state ``"master_param"``)
+  and every state array in float32, applies the update there (to a float32 gradient) and
+  writes the rounded value back into the float16 parameter. An update too small to move a
+  float16 value accumulates in the master copy, and Adam's ``eps`` (1e-8, below float16's
+  smallest subnormal) keeps its value. When the parameter's array was replaced (a
+  ``load_state_dict`` of the model, a ``.to(device)``) and the master copy no longer
+  rounds to it, the master copy is taken again from the parameter.
 * Devices: every update runs in the parameter's array library (NumPy, or CuPy on the
   parameter's GPU). State follows its parameter: after ``model.to(device)`` the next
   ``step()`` moves each state array that is not on its parameter's device there (so an
@@ -52,17 +60,24 @@ def _is_array(value):
     return isinstance(value, np.ndarray) or backend.is_cupy_array(value)
 
 
+def state_dtype(param):
+    """The dtype of an optimizer's floating state for a parameter array: float32 for a
+    float16 parameter (master weights), the parameter's own dtype otherwise."""
+    return np.dtype(np.float32) if param.dtype == np.float16 else param.dtype
+
+
 def _to_array_like(value, like):
     """``value`` (an array, a torch tensor or a number) as a fresh array on ``like``'s
-    device (NumPy, or CuPy on ``like``'s GPU); floating arrays take ``like``'s dtype, as
-    torch casts optimizer state."""
+    device (NumPy, or CuPy on ``like``'s GPU); floating arrays take ``like``'s state dtype
+    (:func:`state_dtype`), as torch casts optimizer state."""
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor
         value = value.detach().cpu().numpy()
     array = backend.to_device(value, backend.device_of(like))
     if array is value:                         # already there: copy it, on its own device
         array = _on_device_of(array, array.copy)
-    if array.dtype.kind == "f" and like.dtype.kind == "f" and array.dtype != like.dtype:
-        array = _on_device_of(array, lambda: array.astype(like.dtype))
+    target = state_dtype(like)
+    if array.dtype.kind == "f" and like.dtype.kind == "f" and array.dtype != target:
+        array = _on_device_of(array, lambda: array.astype(target))
     return array
 
 
@@ -172,6 +187,9 @@ class Optimizer:
         self._validate(self.defaults)
         self.param_groups = []
         self.state = {}
+        # id(param) -> the float16 array its master copy was last written to (not state:
+        # it only tells whether the parameter's array was replaced since)
+        self._master_source = {}
         if isinstance(params, dict):
             raise TypeError("params should be an iterable of Parameters/Tensors or a list of "
                             "parameter-group dicts; wrap a single group dict in a list")
@@ -302,17 +320,40 @@ class Optimizer:
                 state = self.state.setdefault(id(param), {})
                 if backend.is_cupy_array(p):
                     with p.device:            # new state and temporaries on p's GPU
-                        self._step_one(p, grad, state, group)
+                        self._step_one(param, p, grad, state, group)
                 else:
-                    self._step_one(p, grad, state, group)
+                    self._step_one(param, p, grad, state, group)
         return loss
 
-    def _step_one(self, p, grad, state, group):
-        """One parameter's update: cast the gradient, bring its state to ``p``'s device."""
+    def _step_one(self, param, p, grad, state, group):
+        """One parameter's update: cast the gradient, bring its state to ``p``'s device;
+        a float16 ``p`` is updated through its float32 master copy."""
+        _follow(state, p)
+        if p.dtype == np.float16:
+            master = self._master_copy(param, p, state)
+            if grad.dtype != master.dtype:
+                grad = grad.astype(master.dtype)
+            self._update(master, grad, state, group)
+            p[...] = master                   # rounded once to float16
+            return
         if grad.dtype != p.dtype:
             grad = grad.astype(p.dtype)
-        _follow(state, p)
         self._update(p, grad, state, group)
+
+    def _master_copy(self, param, p, state):
+        """The float32 master copy of the float16 array ``p`` (state ``"master_param"``):
+        made from ``p`` at the first step, kept while ``p`` is the array it was written to,
+        and otherwise (a loaded optimizer state, a replaced parameter array) kept only if
+        it still rounds to ``p`` exactly."""
+        master = state.get("master_param")
+        sources = self.__dict__.setdefault("_master_source", {})
+        if master is not None and sources.get(id(param)) is not p:
+            if master.shape != p.shape or bool((master.astype(p.dtype) != p).any()):
+                master = None
+        if master is None:
+            master = state["master_param"] = p.astype(np.float32)
+        sources[id(param)] = p
+        return master
 
     def _update(self, p, grad, state, group):
         """Update array ``p`` in place from ``grad`` (never modify ``grad``)."""
@@ -423,7 +464,8 @@ class Optimizer:
         all_state_names = {name for entries in saved_state.values()
                            if isinstance(entries, Mapping) for name in entries}
         # the kind first: its message is the useful one when everything else differs too
-        foreign = all_state_names - set(self._state_names or all_state_names)
+        foreign = all_state_names - set(self._state_names or all_state_names) - {
+            "master_param"}
         if foreign:
             raise self._kind_error(f"per-parameter state {sorted(foreign)} is not "
                                    f"{type(self).__name__}'s", (), foreign)
@@ -482,15 +524,16 @@ class Optimizer:
                     value = self._step_count(value, where)
                 elif _is_array(value) or hasattr(value, "detach"):
                     value = _to_array_like(value, param.data)
+                    target = state_dtype(param.data)
                     if value.dtype.kind not in "biufc" or not np.can_cast(
-                            value.dtype, param.data.dtype, casting="same_kind"):
+                            value.dtype, target, casting="same_kind"):
                         raise TypeError(f"{where} has dtype {value.dtype}, which cannot be "
-                                        f"cast to the parameter's {param.data.dtype}")
+                                        f"cast to the parameter's {target}")
                     if value.shape != param.data.shape:
                         raise ValueError(f"{where} has shape {value.shape}; the parameter "
                                          f"has {param.data.shape}")
-                    if value.dtype != param.data.dtype:
-                        value = value.astype(param.data.dtype)
+                    if value.dtype != target:
+                        value = value.astype(target)
                 elif value is None:
                     pass  # torch's SGD keeps momentum_buffer None without momentum
                 else:
@@ -532,11 +575,13 @@ class Optimizer:
             group.clear()
             group.update(merged)
         self.state = new_state
+        self._master_source = {}      # a loaded master copy is checked against its param
 
     def __getstate__(self):
         # ``state`` is keyed by id(param), which a copy or an unpickled object does not
         # share: key it by position meanwhile.
         attributes = self.__dict__.copy()
+        attributes.pop("_master_source", None)     # keyed by id(param) too: rebuilt
         attributes["state"] = {i: self.state[id(p)] for i, p in enumerate(self._all_params())
                                if id(p) in self.state}
         return attributes
@@ -593,7 +638,9 @@ class SGD(Optimizer):
 
     Notes
     -----
-    State per parameter: ``"momentum_buffer"`` (only when momentum is non-zero).
+    State per parameter: ``"momentum_buffer"`` (only when momentum is non-zero), and
+    ``"master_param"`` for a float16 parameter (float32 master weights; the momentum
+    buffer is float32 too).
     """
 
     _state_names = ("momentum_buffer",)
@@ -665,7 +712,10 @@ class Adam(Optimizer):
     Notes
     -----
     State per parameter: ``"step"`` (int), ``"exp_avg"``, ``"exp_avg_sq"`` and, with
-    AMSGrad, ``"max_exp_avg_sq"``.
+    AMSGrad, ``"max_exp_avg_sq"``. For a float16 parameter, ``"master_param"`` too
+    (float32 master weights), and every moment is float32: ``eps`` = 1e-8 is below
+    float16's smallest subnormal (6e-8), and squared gradients below 2.4e-4 would flush
+    to zero in float16.
     """
 
     _decoupled = False
@@ -696,7 +746,7 @@ class Adam(Optimizer):
         xp = backend.array_namespace(p)
         lr, (beta1, beta2) = group["lr"], group["betas"]
         eps, weight_decay = group["eps"], group["weight_decay"]
-        if not state:
+        if not state.keys() - {"master_param"}:    # new (a float16 master copy aside)
             state["step"] = 0
             state["exp_avg"] = xp.zeros_like(p)
             state["exp_avg_sq"] = xp.zeros_like(p)

@@ -35,7 +35,10 @@ def _dense(x):
 
 class ChannelsLastBatchNorm(Module):
     """Batch normalisation over every pixel of a channels-last stack (..., C), then a leaky
-    activation; SCN's momentum convention and buffers (as :class:`BatchNormalization`)."""
+    activation; SCN's momentum convention and buffers (as :class:`BatchNormalization`;
+    float32 running statistics in a float16 model)."""
+
+    _float32_buffers = ("running_mean", "running_var")
 
     def __init__(self, nPlanes, eps=1e-4, momentum=0.99, leakiness=0):
         super().__init__()
