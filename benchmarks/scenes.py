@@ -638,5 +638,109 @@ def main(argv=None):
         print(f"{name:<12} {indices.shape[0]:>9,} {str(shape):>20} {mean_neighbours(indices):>10.2f} {elapsed:>8.2f}s")
 
 
+# --------------------------------------------------------------------------
+# Indoor batches, small sweeps and the GPU benchmarks' scene names
+# --------------------------------------------------------------------------
+
+_BASE_ROOMS = {}
+
+
+def _base_room(seed):
+    """furnished_room(0.02, seed), computed once per process (about 0.5 s each)."""
+    if seed not in _BASE_ROOMS:
+        indices, shape = furnished_room(voxel_size=0.02, seed=seed)
+        indices.flags.writeable = False
+        _BASE_ROOMS[seed] = (indices, shape)
+    return _BASE_ROOMS[seed]
+
+
+def room_batch(n_voxels, seeds=(0, 1)):
+    """A batch of furnished rooms (2 cm voxels) with exactly ``n_voxels`` voxels in total.
+
+    The indoor counterpart of :func:`lidar_batch`: sample ``b`` is
+    :func:`furnished_room` with seed ``seeds[b % len(seeds)]`` (another random sampling
+    of the same furniture, chairs turned differently), mirrored in x and / or y
+    (``(b // len(seeds)) % 4`` picks one of the four mirror images); the last sample is
+    cut (a slab of x) to hit ``n_voxels`` exactly. Each room has about 234,000 voxels and
+    a mean 3x3x3 neighbour count of about 10.4 (a densely scanned surface), so 1M voxels
+    are a batch of five rooms, as an indoor segmentation batch is.
+
+    Parameters
+    ----------
+    n_voxels : int
+        Total number of voxels (rows), at least 1.
+    seeds : sequence of int
+        Seeds of the distinct rooms.
+
+    Returns
+    -------
+    indices : ndarray of int32, shape (n_voxels, 4)
+        ``(batch, x, y, z)`` rows, unique and sorted lexicographically (batch first).
+    spatial_shape : tuple of 3 int
+        That of ``room_2cm``.
+    """
+    n_voxels = int(n_voxels)
+    if n_voxels < 1:
+        raise ValueError(f"room_batch: n_voxels must be a positive int; got {n_voxels}")
+    rooms = [_base_room(int(seed)) for seed in seeds]
+    shape = rooms[0][1]
+    out = np.empty((n_voxels, 4), dtype=np.int32)
+    filled, b = 0, 0
+    while filled < n_voxels:
+        sample = rooms[b % len(rooms)][0].copy()
+        flip = (b // len(rooms)) % 4
+        if flip & 1:
+            sample[:, 1] = shape[0] - 1 - sample[:, 1]
+        if flip & 2:
+            sample[:, 2] = shape[1] - 1 - sample[:, 2]
+        if flip:
+            key = (sample[:, 1].astype(np.int64) * shape[1] + sample[:, 2]) * shape[2] + sample[:, 3]
+            sample = sample[np.argsort(key, kind="stable")]
+        sample[:, 0] = b
+        take = min(len(sample), n_voxels - filled)
+        out[filled:filled + take] = sample[:take]
+        filled += take
+        b += 1
+    return out, shape
+
+
+def small_lidar_sweep(voxel_size=0.2, n_azimuth=360, seed=0):
+    """A coarse, cheap LiDAR sweep (the benchmarks' ``--smoke`` scenes).
+
+    :func:`lidar_street` with ``n_azimuth`` firings per laser instead of 1800 (about
+    0.2 s instead of 1 s of ray casting) and coarse voxels: a few thousand voxels with
+    the street's structure.
+
+    Returns
+    -------
+    indices : ndarray of int32, shape (N, 4)
+    spatial_shape : tuple of 3 int
+    """
+    rng = np.random.default_rng(seed)
+    layout = street_layout(rng)
+    origin = np.array([0.0, 0.0, SENSOR_HEIGHT])
+    dirs = lidar_rays(n_azimuth=n_azimuth)
+    t = raycast(origin, dirs, layout)
+    keep = t <= MAX_RANGE
+    t = t[keep] + rng.normal(0.0, RANGE_NOISE, size=int(keep.sum()))
+    points = origin + t[:, None] * dirs[keep]
+    return voxelise(points, STREET_LOWER, STREET_UPPER, voxel_size)
+
+
+# The GPU benchmarks' names (benchmarks/bench_conv_cuda.py, bench_network.py): 1M-voxel
+# indoor and LiDAR batches, the networks' 120k / 900k inputs, and tiny --smoke scenes.
+SCALED_SCENES.update({
+    "lidar_1m": lambda: lidar_batch(1_000_000),
+    "room_1m": lambda: room_batch(1_000_000),
+    "lidar_120k": lambda: lidar_batch(120_000),
+    "lidar_900k": lambda: lidar_batch(900_000),
+    "room_120k": lambda: room_batch(120_000),
+    "room_900k": lambda: room_batch(900_000),
+    "smoke_lidar": lambda: small_lidar_sweep(0.4, 360),
+    "smoke_room": lambda: furnished_room(voxel_size=0.2),
+})
+__all__ += ["room_batch", "small_lidar_sweep"]
+
+
 if __name__ == "__main__":
     main()

@@ -40,6 +40,7 @@ axis fastest) maps to spconv's by
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -508,6 +509,317 @@ def peak_memory_rulebook_forward(indices, spatial_shape, channels):
         )
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"])
+
+
+# --------------------------------------------------------------------------
+# Device layers and precision modes (the GPU benchmarks: bench_conv_cuda.py and
+# bench_network.py). The same code runs on the CPU build for their --device cpu
+# rehearsals; nothing above this section changes.
+# --------------------------------------------------------------------------
+
+#: The probe :func:`device_status` runs in a child process: import, then one tiny
+#: SubMConv3d forward on the device (a broken binary can crash the interpreter, which must
+#: not take the benchmark with it).
+_PROBE = r"""
+import json, sys
+device = sys.argv[1]
+import torch
+import spconv
+import spconv.pytorch as sp
+if device == "cuda" and not torch.cuda.is_available():
+    raise RuntimeError(f"torch {torch.__version__} sees no CUDA device")
+idx = torch.tensor([[0, 1, 1, 1], [0, 1, 1, 2], [0, 2, 1, 1]], dtype=torch.int32, device=device)
+feats = torch.ones(3, 8, device=device)
+layer = sp.SubMConv3d(8, 8, 3, bias=False).to(device)
+with torch.no_grad():
+    out = layer(sp.SparseConvTensor(feats, idx, [4, 4, 4], 1))
+if device == "cuda":
+    torch.cuda.synchronize()
+print("PROBE" + json.dumps({"version": spconv.__version__, "torch": torch.__version__,
+                            "torch_cuda": torch.version.cuda, "rows": int(out.features.shape[0])}))
+"""
+
+
+def device_status(device, timeout=180):
+    """Whether spconv imports and runs one layer on ``device`` (``'cuda'`` or ``'cpu'``).
+
+    The check runs in a child process of this interpreter (same ``sys.path`` and
+    environment), so an import failure or a crash of spconv's binary is reported, not
+    suffered.
+
+    Returns
+    -------
+    dict
+        ``{"available": True, "version", "torch", "torch_cuda"}``, or
+        ``{"available": False, "error": <what failed, exactly as printed>}``.
+    """
+    import importlib.util
+
+    missing = [name for name in ("torch", "spconv") if importlib.util.find_spec(name) is None]
+    if missing:
+        return {"available": False, "error": f"ModuleNotFoundError: no module named "
+                                             f"{' or '.join(map(repr, missing))} on "
+                                             f"{sys.executable}'s path"}
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] +
+                                        [env.get("PYTHONPATH", "")]).strip(os.pathsep)
+    try:
+        result = subprocess.run([sys.executable, "-c", _PROBE, device], capture_output=True,
+                                text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"available": False, "error": f"the spconv probe did not finish in {timeout} s"}
+    for line in result.stdout.splitlines():
+        if line.startswith("PROBE"):
+            return {"available": True, **json.loads(line[len("PROBE"):])}
+    tail = (result.stderr or result.stdout).strip().splitlines()[-12:]
+    return {"available": False,
+            "error": f"exit status {result.returncode}: " + "\n".join(tail)}
+
+
+def import_for_device(device):
+    """torch and ``spconv.pytorch`` for ``device``: on ``'cpu'`` as :func:`_import_spconv`
+    (its CPU patch included, one torch thread), on ``'cuda'`` unpatched."""
+    if device == "cpu":
+        torch, spconv = _import_spconv()
+        torch.set_num_threads(1)   # spconv's CPU kernels are wrong with more
+        return torch, spconv
+    import logging
+
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    import torch
+    import spconv.pytorch as spconv
+    return torch, spconv
+
+
+_TF32_SWITCHES = (("backends.cuda.matmul", "allow_tf32"), ("backends.cudnn", "allow_tf32"))
+
+
+@contextlib.contextmanager
+def precision(mode, device):
+    """Run spconv (and torch) in one of the benchmarks' precision modes.
+
+    ``'fp32'``: float32 with TF32 off everywhere (torch's matmul and cuDNN flags and
+    spconv's own ``spconv.constants.SPCONV_ALLOW_TF32``, which its GEMM kernels read at
+    every call); ``'tf32'``: float32 with all three on; ``'fp16'``: float16 data
+    (``.half()``), TF32 off. On the CPU every mode runs in float32 (a rehearsal).
+    The previous switches are restored afterwards.
+
+    Yields
+    ------
+    torch.dtype
+    """
+    if mode not in ("fp32", "tf32", "fp16"):
+        raise ValueError(f"precision: mode must be 'fp32', 'tf32' or 'fp16'; got {mode!r}")
+    torch, _ = import_for_device(device)
+    from spconv import constants
+
+    def owner(path):
+        obj = torch
+        for part in path.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    saved = [getattr(owner(path), name) for path, name in _TF32_SWITCHES]
+    saved_spconv = constants.SPCONV_ALLOW_TF32
+    on = mode == "tf32"
+    for path, name in _TF32_SWITCHES:
+        setattr(owner(path), name, on)
+    constants.SPCONV_ALLOW_TF32 = on
+    try:
+        yield torch.float16 if mode == "fp16" and device == "cuda" else torch.float32
+    finally:
+        for (path, name), value in zip(_TF32_SWITCHES, saved):
+            setattr(owner(path), name, value)
+        constants.SPCONV_ALLOW_TF32 = saved_spconv
+
+
+def weight_to_spconv_kernel(weight_kio, kernel):
+    """:func:`weight_to_spconv` for a ``kernel ** 3`` box of any size (3: submanifold,
+    2: the k2s2 strided and inverse layers): (K, Cin, Cout) -> (Cout, k, k, k, Cin)."""
+    w = np.asarray(weight_kio)
+    cin, cout = w.shape[1], w.shape[2]
+    if w.shape[0] != kernel ** 3:
+        raise ValueError(f"weight_to_spconv_kernel: weight has {w.shape[0]} offsets; a "
+                         f"{kernel}x{kernel}x{kernel} kernel has {kernel ** 3}")
+    return np.ascontiguousarray(w.reshape(kernel, kernel, kernel, cin, cout)
+                                .transpose(4, 0, 1, 2, 3))
+
+
+def match_rows(ours, theirs):
+    """``perm`` with ``theirs[perm[r]] == ours[r]`` for every row ``r`` (two orders of one
+    set of ``(batch, x, y, z)`` rows); ValueError when the sets differ."""
+    ours = np.asarray(ours, dtype=np.int64)
+    theirs = np.asarray(theirs, dtype=np.int64)
+    if ours.shape != theirs.shape:
+        raise ValueError(f"match_rows: the site sets differ in size ({ours.shape} and "
+                         f"{theirs.shape})")
+    dims = np.maximum(ours.max(axis=0), theirs.max(axis=0)) + 1 if len(ours) else np.ones(4)
+
+    def key(rows):
+        k = np.zeros(len(rows), np.int64)
+        for d in range(rows.shape[1]):
+            k = k * int(dims[d]) + rows[:, d]
+        return k
+
+    ka, kb = key(ours), key(theirs)
+    oa, ob = np.argsort(ka, kind="stable"), np.argsort(kb, kind="stable")
+    if not np.array_equal(ka[oa], kb[ob]):
+        raise ValueError("match_rows: the two site sets differ")
+    perm = np.empty(len(ka), np.int64)
+    perm[oa] = ob
+    return perm
+
+
+def torch_peak_bytes(fn, device):
+    """Peak extra bytes torch's CUDA caching allocator hands out while ``fn()`` runs (its
+    ``max_memory_allocated`` over the call minus ``memory_allocated`` before; the result
+    of ``fn`` is alive at the peak). None on the CPU."""
+    if device != "cuda":
+        fn()
+        return None
+    torch, _ = import_for_device(device)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    result = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del result
+    return int(peak)
+
+
+class DeviceLayer:
+    """One spconv layer on the same sites, features and weights as a sparsegrid row.
+
+    Parameters
+    ----------
+    kind : {'subm', 'strided', 'inverse'}
+        ``'subm'``: SubMConv3d(k) whose pairs are built once and found again under its
+        ``indice_key`` (as every later layer of a network finds them); ``'strided'``:
+        SparseConv3d(k, s), which rebuilds its pairs on every call (spconv reuses the
+        pairs of submanifold layers only); ``'inverse'``: SparseInverseConv3d(k) on the
+        output of a strided layer, reusing that layer's pairs.
+    indices : int32 (N, 4)
+        The fine sites (batch first).
+    spatial_shape : 3 ints
+    weight_kio : (K, Cin, Cout) NumPy array
+        sparsegrid's layout (converted with :func:`weight_to_spconv_kernel`).
+    features, grad : NumPy or CuPy arrays (CuPy's cross to torch through DLPack)
+        The layer's input features and the output gradient, both in sparsegrid's row order
+        (for ``'inverse'`` the input is on the coarse sites, for ``'strided'`` the
+        gradient is).
+    device : {'cuda', 'cpu'}
+    dtype : torch.dtype
+    kernel, stride : int
+    coarse_indices : int32 (M, 4), needed by ``'strided'`` and ``'inverse'``
+        sparsegrid's coarse sites, to carry rows between the two libraries' orders.
+    """
+
+    def __init__(self, kind, indices, spatial_shape, weight_kio, features, grad, device,
+                 dtype, kernel=3, stride=1, coarse_indices=None):
+        if kind not in ("subm", "strided", "inverse"):
+            raise ValueError(f"DeviceLayer: kind must be 'subm', 'strided' or 'inverse'; "
+                             f"got {kind!r}")
+        if kind != "subm" and coarse_indices is None:
+            raise ValueError(f"DeviceLayer: kind {kind!r} needs coarse_indices")
+        torch, spconv = import_for_device(device)
+        self.torch, self.kind, self.device = torch, kind, device
+        dev = torch.device(device)
+        cin, cout = int(weight_kio.shape[1]), int(weight_kio.shape[2])
+        self._indices = torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int32)).to(dev)
+        self._shape, self._batch = list(spatial_shape), _batch_size(indices)
+        self._spconv = spconv
+
+        def to(array):   # NumPy, or a device array through DLPack (CuPy), to torch
+            if isinstance(array, np.ndarray):
+                tensor = torch.from_numpy(np.ascontiguousarray(array))
+            else:
+                tensor = torch.from_dlpack(array)
+            return tensor.to(dev, dtype).contiguous()
+
+        def into_spconv_order(tensor, perm):   # row r of ours -> row perm[r] of spconv's
+            out = torch.empty_like(tensor)
+            out[torch.from_numpy(perm).to(dev)] = tensor
+            return out
+
+        weight = to(weight_to_spconv_kernel(weight_kio, kernel))
+        if kind == "subm":
+            self.layer = spconv.SubMConv3d(cin, cout, kernel, bias=False, indice_key="subm")
+        elif kind == "strided":
+            self.layer = spconv.SparseConv3d(cin, cout, kernel, stride, bias=False)
+        else:
+            self.layer = spconv.SparseInverseConv3d(cin, cout, kernel, indice_key="down",
+                                                    bias=False)
+        self.layer = self.layer.to(dev, dtype)
+        with torch.no_grad():
+            self.layer.weight.copy_(weight)
+        if kind == "subm":
+            self._features = to(features)
+            self._grad = to(grad)
+            x = self._fine(self._features)
+            with torch.no_grad():
+                x.indice_dict = self.layer(x).indice_dict   # pairs built once, then reused
+            self._input = x
+        elif kind == "strided":
+            self._features = to(features)
+            with torch.no_grad():
+                out = self.layer(self._fine(self._features))
+            self._perm = match_rows(coarse_indices, out.indices.cpu().numpy())
+            self._grad = into_spconv_order(to(grad), self._perm)
+        else:
+            down = spconv.SparseConv3d(1, 1, kernel, stride, bias=False,
+                                       indice_key="down").to(dev, dtype)
+            with torch.no_grad():
+                coarse = down(self._fine(torch.ones(len(indices), 1, device=dev,
+                                                    dtype=dtype)))
+            perm = match_rows(coarse_indices, coarse.indices.cpu().numpy())
+            self._features = into_spconv_order(to(features), perm)
+            self._coarse = coarse
+            self._input = coarse.replace_feature(self._features)
+            self._grad = to(grad)
+
+    def _fine(self, features):
+        return self._spconv.SparseConvTensor(features, self._indices, self._shape, self._batch)
+
+    def _inputs(self, features):
+        if self.kind == "subm":
+            x = self._fine(features)
+            x.indice_dict = self._input.indice_dict
+            return x
+        if self.kind == "strided":
+            return self._fine(features)   # a fresh tensor: spconv builds the pairs again
+        return self._coarse.replace_feature(features)
+
+    def forward(self):
+        """One forward under ``torch.no_grad()``; returns spconv's output tensor."""
+        with self.torch.no_grad():
+            return self.layer(self._inputs(self._features))
+
+    def forward_backward(self):
+        """Forward with gradients, then the backward of ``(out * grad).sum()`` (feature
+        and weight gradients); returns ``(features_grad, weight_grad)``."""
+        self.layer.weight.grad = None
+        leaf = self._features.detach().requires_grad_(True)
+        out = self.layer(self._inputs(leaf))
+        out.features.backward(self._grad)
+        return leaf.grad, self.layer.weight.grad
+
+    def output(self):
+        """The forward's output as float64 NumPy, in sparsegrid's row order."""
+        out = self.forward()
+        values = out.features.detach().float().cpu().numpy().astype(np.float64)
+        if self.kind == "strided":
+            values = values[self._perm]
+        return values
+
+    def peak_bytes(self, which="forward"):
+        """:func:`torch_peak_bytes` of :meth:`forward` or :meth:`forward_backward`."""
+        fn = self.forward if which == "forward" else self.forward_backward
+        return torch_peak_bytes(fn, self.device)
+
+
+__all__ += ["DeviceLayer", "device_status", "import_for_device", "match_rows", "precision",
+            "torch_peak_bytes", "weight_to_spconv_kernel"]
 
 
 # --------------------------------------------------------------------------
