@@ -696,3 +696,59 @@ def test_gradients_of_inputs_are_float16(rng):
     total = ad.sum(ad.mul(ad.cast(y.features, np.float64), 3.0))
     total.backward()
     assert leaf.grad.dtype == np.float16 and np.isfinite(leaf.grad).all()
+
+
+# -- found in review: means of many float16 terms, softmax, in-place parameter changes ------------
+def test_float16_means_and_losses_of_many_terms_do_not_overflow():
+    """A float16 sum of 10^5 terms of size ~2 overflows (65504); the mean and the mean
+    losses sum and scale in float32 and round once."""
+    from sparsegrid import autodiff as ad
+    rng = np.random.default_rng(0)
+    n, c = 40000, 10
+    logits = rng.standard_normal((n, c)).astype(np.float16)
+    labels = rng.integers(0, c, n)
+    half = ad.Tensor(logits, requires_grad=True)
+    loss16 = ad.softmax_cross_entropy(half, labels)
+    loss32 = ad.softmax_cross_entropy(ad.Tensor(logits.astype(np.float32)), labels)
+    assert loss16.dtype == np.float16 and abs(float(loss16.data) - float(loss32.data)) < 2e-3
+    loss16.backward()
+    assert np.isfinite(half.grad).all() and half.grad.dtype == np.float16
+    ones = ad.Tensor(np.ones(100000, np.float16), requires_grad=True)
+    mean = ad.mean(ones)
+    assert float(mean.data) == 1.0
+    mean.backward()
+    np.testing.assert_array_equal(ones.grad, np.float16(1e-5))     # a float16 subnormal
+    bce = ad.binary_cross_entropy_with_logits(ad.Tensor(np.full(100000, -2.0, np.float16)),
+                                              np.ones(100000, np.float16))
+    assert abs(float(bce.data) - np.log1p(np.exp(2.0))) < 2e-3
+
+
+def test_float16_softmax_rounds_once_and_its_gradient_matches_float64():
+    from sparsegrid import autodiff as ad
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((5, 7)).astype(np.float16)
+    g = rng.standard_normal((5, 7)).astype(np.float16)
+    t = ad.Tensor(x, requires_grad=True)
+    out = ad.softmax(t, axis=1)
+    wide = np.exp(x.astype(np.float64) - x.astype(np.float64).max(1, keepdims=True))
+    want = wide / wide.sum(1, keepdims=True)
+    np.testing.assert_array_equal(out.data, want.astype(np.float16))   # one rounding
+    (out * ad.Tensor(g)).sum().backward()
+    g64 = g.astype(np.float64)
+    want_grad = want * (g64 - (g64 * want).sum(1, keepdims=True))
+    np.testing.assert_allclose(t.grad.astype(np.float64), want_grad, atol=2e-3)
+
+
+def test_a_float16_parameter_changed_in_place_keeps_its_new_value():
+    """The float32 master follows a change made behind the optimizer's back (written in
+    place, clipped, loaded), element by element: the next step starts from it."""
+    w = scn.Parameter(np.array([1.0, 2.0, 3.0], np.float16))
+    opt = scn.optim.SGD([w], lr=0.1)
+    w.grad = np.ones(3, np.float16)
+    opt.step()
+    w.data[1] = np.float16(5.0)
+    w.grad = np.zeros(3, np.float16)
+    opt.step()
+    np.testing.assert_array_equal(w.data, np.array([0.9, 5.0, 2.9], np.float16))
+    master = opt.state_of(w)["master_param"]
+    assert master.dtype == np.float32 and master[1] == 5.0

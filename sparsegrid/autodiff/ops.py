@@ -134,10 +134,28 @@ def sum(a, axis=None, keepdims=False):  # noqa: A001 - mirrors numpy's name
     return record(_sum_of(x, axis=axis, keepdims=keepdims), (a,), vjp)
 
 
+def _scaled_sum(a, scale, axis=None, keepdims=False):
+    """``sum(a) * scale`` differentiably; float16 summed and scaled in float32 and rounded
+    once (a float16 sum of many terms overflows long before their mean does)."""
+    x = data_of(a)
+    if x.dtype != np.float16:
+        return mul(sum(a, axis, keepdims), scale)
+    xp = _xp(a)
+
+    def vjp(g):
+        if axis is not None and not keepdims:
+            g = xp.expand_dims(g, axis)
+        g = g.astype(np.float32) * np.float32(scale)
+        return (xp.broadcast_to(g, x.shape).astype(np.float16),)
+
+    total = x.sum(axis=axis, keepdims=keepdims, dtype=np.float32) * np.float32(scale)
+    return record(xp.asarray(total).astype(np.float16), (a,), vjp)
+
+
 def mean(a, axis=None, keepdims=False):
     x = data_of(a)
     count = x.size if axis is None else int(np.prod([x.shape[i] for i in np.atleast_1d(axis)]))
-    return mul(sum(a, axis, keepdims), 1.0 / max(count, 1))
+    return _scaled_sum(a, 1.0 / max(count, 1), axis, keepdims)
 
 
 def reshape(a, shape):
@@ -334,11 +352,10 @@ def softmax_cross_entropy(logits, labels, ignore_index=-100, reduction="mean"):
     if reduction == "none":
         full = Tensor(xp.zeros(x.shape[0], x.dtype))
         return _scatter_rows(full, losses, rows, x.shape[0])
-    total = sum(losses)
     if reduction == "sum":
-        return total
+        return sum(losses)
     if reduction == "mean":
-        return mul(total, 1.0 / max(int(keep.sum()), 1))
+        return _scaled_sum(losses, 1.0 / max(int(keep.sum()), 1))
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none'; got {reduction!r}")
 
 
@@ -370,7 +387,11 @@ def binary_cross_entropy_with_logits(logits, targets, reduction="mean"):
     scale = 1.0 / max(losses.size, 1) if reduction == "mean" else 1.0
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none'; got {reduction!r}")
-    return record(losses.sum() * scale, (logits, targets),
+    if x.dtype == np.float16:       # summed and scaled in float32, rounded once
+        total = xp.asarray(losses.sum(dtype=np.float32) * np.float32(scale)).astype(np.float16)
+    else:
+        total = losses.sum() * scale
+    return record(total, (logits, targets),
                   lambda g: (g * scale * (prob - t), -g * scale * x))
 
 
@@ -583,8 +604,22 @@ def expand(a, shape):
 
 
 def softmax(a, axis=-1):
-    """``exp(log_softmax(a, axis))``: stable for any input."""
-    return exp(log_softmax(a, axis))
+    """``exp(log_softmax(a, axis))``: stable for any input (float16: computed in float32,
+    rounded once)."""
+    x = data_of(a)
+    if x.dtype != np.float16:
+        return exp(log_softmax(a, axis))
+    xp = _xp(a)
+    wide = x.astype(np.float32)
+    shifted = wide - wide.max(axis=axis, keepdims=True)
+    e = xp.exp(shifted)
+    out = e / e.sum(axis=axis, keepdims=True)
+
+    def vjp(g):
+        g = g.astype(np.float32)
+        return ((out * (g - (g * out).sum(axis=axis, keepdims=True))).astype(np.float16),)
+
+    return record(out.astype(np.float16), (a,), vjp)
 
 
 # -- index_add ------------------------------------------------------------------------------

@@ -147,9 +147,11 @@ class GradScaler:
     # -- the loop -----------------------------------------------------------------------------
     def scale(self, outputs):
         """``outputs`` times the scale: a Tensor (differentiable), an array, or a list /
-        tuple of them. A float16 loss is cast to float32 first (the scaled loss of a
-        float16 model easily exceeds float16's 65504); float32 and float64 keep their
-        dtype. Disabled: ``outputs`` as given.
+        tuple of them. A float16 loss is cast to float32 first, which keeps the scaled
+        value finite but not its backward pass: the gradient reaching the float16 loss
+        is the scale itself, 65536 by default, above float16's 65504, so every step
+        would be skipped. Compute the loss in float32 (``logits.float()``), as with
+        torch. float32 and float64 keep their dtype. Disabled: ``outputs`` as given.
 
         Raises
         ------

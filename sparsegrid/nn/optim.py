@@ -187,9 +187,6 @@ class Optimizer:
         self._validate(self.defaults)
         self.param_groups = []
         self.state = {}
-        # id(param) -> the float16 array its master copy was last written to (not state:
-        # it only tells whether the parameter's array was replaced since)
-        self._master_source = {}
         if isinstance(params, dict):
             raise TypeError("params should be an iterable of Parameters/Tensors or a list of "
                             "parameter-group dicts; wrap a single group dict in a list")
@@ -342,17 +339,17 @@ class Optimizer:
 
     def _master_copy(self, param, p, state):
         """The float32 master copy of the float16 array ``p`` (state ``"master_param"``):
-        made from ``p`` at the first step, kept while ``p`` is the array it was written to,
-        and otherwise (a loaded optimizer state, a replaced parameter array) kept only if
-        it still rounds to ``p`` exactly."""
+        made from ``p`` at the first step; afterwards each element is kept where it still
+        rounds to ``p``'s value and taken from ``p`` where ``p`` was changed behind the
+        optimizer's back (written in place, a loaded state dict, a replaced array), so an
+        outside change is never undone. Elementwise: no host read on a GPU."""
         master = state.get("master_param")
-        sources = self.__dict__.setdefault("_master_source", {})
-        if master is not None and sources.get(id(param)) is not p:
-            if master.shape != p.shape or bool((master.astype(p.dtype) != p).any()):
-                master = None
-        if master is None:
+        if master is None or master.shape != p.shape:
             master = state["master_param"] = p.astype(np.float32)
-        sources[id(param)] = p
+            return master
+        xp = backend.array_namespace(p)
+        stale = master.astype(p.dtype) != p
+        master[...] = xp.where(stale, p.astype(np.float32), master)
         return master
 
     def _update(self, p, grad, state, group):
@@ -575,13 +572,11 @@ class Optimizer:
             group.clear()
             group.update(merged)
         self.state = new_state
-        self._master_source = {}      # a loaded master copy is checked against its param
 
     def __getstate__(self):
         # ``state`` is keyed by id(param), which a copy or an unpickled object does not
         # share: key it by position meanwhile.
         attributes = self.__dict__.copy()
-        attributes.pop("_master_source", None)     # keyed by id(param) too: rebuilt
         attributes["state"] = {i: self.state[id(p)] for i, p in enumerate(self._all_params())
                                if id(p) in self.state}
         return attributes
