@@ -296,14 +296,19 @@ def _pool_high_water(cp):
         def __init__(self):
             self.in_use = 0
             self.peak = 0
+            self.live = {}      # pointer -> size of the blocks allocated under the hook
 
         def malloc_postprocess(self, **kwargs):
-            if kwargs.get("mem_ptr", 1):
+            pointer = kwargs.get("mem_ptr", 1)
+            if pointer:
+                self.live[pointer] = kwargs["mem_size"]
                 self.in_use += kwargs["mem_size"]
                 self.peak = max(self.peak, self.in_use)
 
         def free_postprocess(self, **kwargs):
-            self.in_use -= kwargs["mem_size"]
+            # only blocks allocated while the hook was on: freeing an older block must
+            # not lower the count below what this call holds
+            self.in_use -= self.live.pop(kwargs.get("mem_ptr"), 0)
 
     return PoolHighWater()
 
@@ -323,8 +328,9 @@ class Clock:
     def elapsed(self):
         return time.perf_counter() - self.start
 
-    def over(self):
-        return self.budget_s > 0 and self.elapsed() > self.budget_s
+    def over(self, grace=0.0):
+        """Past the budget (plus ``grace`` seconds)."""
+        return self.budget_s > 0 and self.elapsed() > self.budget_s + grace
 
 
 def measure(timer, fn, repeat, max_ms):
@@ -427,8 +433,9 @@ def pair_stats(rulebook, tile_rows):
     return out
 
 
-def scene_rows(dev, name, indices_host, shape, args, spconv, clock):
-    """Every row of one scene, and its statistics and checks."""
+def scene_rows(dev, name, indices_host, shape, args, spconv, clock, on_mode=None):
+    """Every row of one scene, and its statistics and checks; ``on_mode(info, rows)``
+    after each mode (the caller writes its JSON then: a killed run keeps whole modes)."""
     import sparsegrid as sg
 
     timer, kernels, xp = dev.timer, dev.kernels, dev.xp
@@ -463,6 +470,8 @@ def scene_rows(dev, name, indices_host, shape, args, spconv, clock):
             rows += layer_rows(dev, name, layer, mode, args, spconv, clock, info,
                                layer.name in check_layers)
             dev.free_memory()
+        if on_mode is not None:
+            on_mode(info, rows)
     return info, rows
 
 
@@ -547,7 +556,10 @@ def layer_rows(dev, scene, layer, mode, args, spconv, clock, info, check):
                     continue
                 rows.append(finish(dict(base, library="spconv", **{"pass": pass_name},
                                         absent=spconv["error"]), pass_name, gemm_passes))
-        if check:   # cheap, and worth more than timings: run even past the budget
+        if check and clock.over(grace=5.0):    # float64 references of 1M rows: not
+            info["checks"].setdefault(layer.name, {})[mode] = {   # well past the budget
+                "skipped": "time budget (--budget-s) spent"}
+        elif check:   # cheap, and worth more than timings: run a little past the budget
             info["checks"].setdefault(layer.name, {})[mode] = check_layer(
                 dev, layer, mode, f, w, g, args, spconv)
     return rows
@@ -615,6 +627,11 @@ def spconv_rows(dev, base, layer, mode, f, w, g, args, clock, finish):
     import spconv_baseline as sb
 
     rows = []
+    if clock.over():    # do not even build the layer (spconv tunes on its first call)
+        names = ("rb+fwd", "rb+f+b") if layer.kind == "strided" else ("fwd", "f+b")
+        return [finish(dict(base, library="spconv", **{"pass": name},
+                            skipped="time budget (--budget-s) spent"), name, passes)
+                for name, passes in zip(names, (1, 3))]
     with sb.precision(mode, dev.name) as dtype:
         try:
             sp = _spconv_layer(dev, layer, mode, f, w, g, dtype)
@@ -875,7 +892,7 @@ def main(argv=None):
 
     dev = Device(args.device)
     spconv = ({"available": False, "error": "not requested (--no-spconv)"} if args.no_spconv
-              else sb.device_status(args.device))
+              else sb.device_status(args.device, timeout=30))
     print(f"device {args.device}: {dev.description['name']}; spconv: "
           + (f"{spconv['version']} (torch {spconv['torch']})" if spconv["available"]
              else f"absent ({spconv['error'].splitlines()[-1]})"), flush=True)
@@ -888,8 +905,20 @@ def main(argv=None):
 
     def write():
         if args.json:
-            with open(args.json, "w") as handle:
+            with open(args.json + ".part", "w") as handle:
                 json.dump(results, handle, indent=1, default=str)
+            os.replace(args.json + ".part", args.json)
+
+    write()                       # the device and its ceilings, before any scene
+    done_rows = []
+
+    def on_mode(name):
+        def record(info, rows):
+            results["scenes"][name] = info
+            results["rows"] = done_rows + rows
+            results["elapsed_s"] = clock.elapsed()
+            write()
+        return record
 
     for name in args.scenes:
         if clock.over():
@@ -897,10 +926,12 @@ def main(argv=None):
             print(f"\n{name}: skipped (time budget spent)")
             continue
         indices, shape = scenes.scene(name)
-        info, rows = scene_rows(dev, name, indices, shape, args, spconv, clock)
+        info, rows = scene_rows(dev, name, indices, shape, args, spconv, clock,
+                                on_mode=on_mode(name))
         annotate(rows, ceilings)
         results["scenes"][name] = info
-        results["rows"] += rows
+        done_rows += rows
+        results["rows"] = list(done_rows)
         print_scene(name, info, rows, args.algorithms)
         results["summary"] = summarise(results["rows"], results["scenes"])
         results["elapsed_s"] = clock.elapsed()

@@ -560,6 +560,14 @@ def device_status(device, timeout=180):
         return {"available": False, "error": f"ModuleNotFoundError: no module named "
                                              f"{' or '.join(map(repr, missing))} on "
                                              f"{sys.executable}'s path"}
+    if device == "cuda" and os.environ.get("SPCONV_PROBED") == "1":
+        # .ci/gpu-check's spconv step already imported it and ran a layer on this GPU:
+        # no second cold start of torch and spconv's 284 MB library
+        import spconv
+        import torch
+        return {"available": True, "version": getattr(spconv, "__version__", "?"),
+                "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+                "probe": "gpu-check"}
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] +
                                         [env.get("PYTHONPATH", "")]).strip(os.pathsep)

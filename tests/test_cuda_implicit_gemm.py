@@ -499,3 +499,35 @@ def test_mask_order_and_pair_statistics(shape, filter_size):
     np.testing.assert_array_equal(bits, padded.reshape(-1, 64, k).any(axis=1))
     with pytest.raises(ValueError, match="tile_rows"):
         neighbours.pair_statistics(rulebook, 48)
+
+
+def test_tf32_setting_reaches_the_cublas_gemms_of_gather_gemm(cp, monkeypatch):
+    """With TF32 on, gather-GEMM's float32 GEMMs switch cuBLAS to TF32 and back (a stand-in
+    for CuPy's compute-type switch on the emulator, which has none)."""
+    import types
+    from sparsegrid import cuda
+    if getattr(cp, "emulated", False):
+        calls = []
+        state = {"float32": 1}
+        linalg = types.SimpleNamespace(
+            COMPUTE_TYPE_TF32=7,
+            get_compute_type=lambda dtype: state["float32"],
+            set_compute_type=lambda dtype, value: (calls.append(value),
+                                                   state.__setitem__("float32", value)))
+        monkeypatch.setattr(cp, "_core", types.SimpleNamespace(_routines_linalg=linalg),
+                            raising=False)
+    rng = np.random.default_rng(15)
+    rulebook = _to_device(_rulebook("submanifold", rng, (6, 6), 3))
+    x = cp.asarray(_values(rng, (rulebook.n_in, 8), np.float32))
+    w = cp.asarray(_values(rng, (9, 8, 8), np.float32))
+    g = cp.asarray(_values(rng, (rulebook.n_out, 8), np.float32))
+    with autotune.conv_algorithm("gather_gemm"):
+        cuda.conv_forward(x, w, rulebook)
+        if getattr(cp, "emulated", False):
+            assert calls == []                             # TF32 off: untouched
+        with autotune.tf32():
+            cuda.conv_forward(x, w, rulebook)
+            cuda.conv_backward(g, x, w, rulebook)
+    if getattr(cp, "emulated", False):
+        assert calls and calls[0::2] == [7] * (len(calls) // 2) and calls[1::2] == [1] * (
+            len(calls) // 2) and state["float32"] == 1

@@ -18,6 +18,8 @@ layer launches its kernels without reading anything back.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from . import _compile, autotune, implicit_gemm
@@ -100,6 +102,24 @@ def _matmul(x, w):
         len(x), groups * cout_g)
 
 
+@contextlib.contextmanager
+def cublas_compute(dtype):
+    """While :func:`sparsegrid.cuda.set_tf32` is on, cuBLAS float32 GEMMs inside run as
+    TF32 (CuPy's compute-type switch for float32, restored afterwards), so gather-GEMM
+    honours the setting as the fused kernel does. A no-op for other dtypes, with TF32
+    off, or where the array library has no such switch (the test suite's emulator)."""
+    linalg = getattr(getattr(cp, "_core", None), "_routines_linalg", None)
+    if np.dtype(dtype) != np.float32 or not autotune.get_tf32() or linalg is None:
+        yield
+        return
+    previous = linalg.get_compute_type(np.dtype(np.float32))
+    linalg.set_compute_type(np.dtype(np.float32), linalg.COMPUTE_TYPE_TF32)
+    try:
+        yield
+    finally:
+        linalg.set_compute_type(np.dtype(np.float32), previous)
+
+
 def _accumulator(dtype):
     return _compile.ACCUMULATOR[np.dtype(dtype)]
 
@@ -167,6 +187,11 @@ def conv_forward(features, weight, rulebook, bias=None):
 
 
 def _gather_gemm_forward(features, weight, rulebook, bias=None):
+    with cublas_compute(features.dtype):
+        return _gather_gemm_forward_body(features, weight, rulebook, bias)
+
+
+def _gather_gemm_forward_body(features, weight, rulebook, bias=None):
     plan = prepare_conv(rulebook)
     dtype = features.dtype
     features = cp.ascontiguousarray(features)
@@ -235,6 +260,11 @@ def _rows_product(x, g, grouped_weight=None):
 
 
 def _weight_gradient(features, grad_out, weight, rulebook):
+    with cublas_compute(features.dtype):
+        return _weight_gradient_body(features, grad_out, weight, rulebook)
+
+
+def _weight_gradient_body(features, grad_out, weight, rulebook):
     plan = prepare_conv(rulebook)
     grouped = weight if weight.ndim == 4 else None
     grad = cp.zeros(weight.shape, dtype=weight.dtype)
@@ -250,8 +280,10 @@ def _weight_gradient(features, grad_out, weight, rulebook):
 
 
 def rows_product(x, g):
-    """``x.T @ g`` (one cuBLAS GEMM: reproducible on one stream and GPU)."""
-    return cp.matmul(cp.ascontiguousarray(x).T, cp.ascontiguousarray(g))
+    """``x.T @ g`` (one cuBLAS GEMM: reproducible on one stream and GPU; TF32 for float32
+    while TF32 is on)."""
+    with cublas_compute(x.dtype):
+        return cp.matmul(cp.ascontiguousarray(x).T, cp.ascontiguousarray(g))
 
 
 def rule_sum(features, rulebook):
