@@ -76,3 +76,8 @@ __all__ = sorted(__all__ + ["load", "save"])
 from . import amp  # noqa: E402
 from .amp import GradScaler, SkippedStepWarning  # noqa: E402
 __all__ = sorted(__all__ + ["amp", "GradScaler", "SkippedStepWarning"])
+
+# gradient clipping with torch.nn.utils' semantics (also as scn.utils.clip_grad_norm_)
+from .clip import clip_grad_norm_, clip_grad_value_  # noqa: E402
+utils.clip_grad_norm_, utils.clip_grad_value_ = clip_grad_norm_, clip_grad_value_
+__all__ = sorted(__all__ + ["clip_grad_norm_", "clip_grad_value_"])
