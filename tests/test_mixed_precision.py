@@ -752,3 +752,12 @@ def test_a_float16_parameter_changed_in_place_keeps_its_new_value():
     np.testing.assert_array_equal(w.data, np.array([0.9, 5.0, 2.9], np.float16))
     master = opt.state_of(w)["master_param"]
     assert master.dtype == np.float32 and master[1] == 5.0
+
+
+def test_scaler_step_without_any_gradient_raises_as_torch():
+    w = scn.Parameter(np.ones(2, np.float16))
+    opt = scn.optim.SGD([w], lr=0.1)
+    scaler = scn.GradScaler()
+    with pytest.raises(RuntimeError, match="no inf checks"):
+        scaler.step(opt)
+    np.testing.assert_array_equal(w.data, np.ones(2, np.float16))

@@ -214,6 +214,7 @@ class GradScaler:
                 unscaled.append(param.grad)
         record["found_inf"] = not _all_finite(unscaled)
         record["unscaled"] = True
+        record["checked"] = len(unscaled)
 
     def step(self, optimizer, *args, **kwargs):
         """Unscale (unless :meth:`unscale_` already did) and call ``optimizer.step()`` --
@@ -224,8 +225,9 @@ class GradScaler:
         Raises
         ------
         RuntimeError
-            For a closure (the gradients it computes would not be scaled), or a second
-            ``step`` for one optimizer before :meth:`update`.
+            For a closure (the gradients it computes would not be scaled), a second
+            ``step`` for one optimizer before :meth:`update`, or an optimizer none of
+            whose parameters has a gradient (torch's rule).
         """
         if not self._enabled:
             return optimizer.step(*args, **kwargs)
@@ -239,6 +241,10 @@ class GradScaler:
                                "since the last update()")
         if not record["unscaled"]:
             self.unscale_(optimizer)
+        if not record.get("checked"):
+            raise RuntimeError("GradScaler.step: no inf checks were recorded for this "
+                               "optimizer: none of its parameters has a gradient (call "
+                               "backward() on scaler.scale(loss) first)")
         record["stepped"] = True
         if record["found_inf"]:
             self.skipped_steps += 1
