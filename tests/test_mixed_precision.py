@@ -761,3 +761,44 @@ def test_scaler_step_without_any_gradient_raises_as_torch():
     with pytest.raises(RuntimeError, match="no inf checks"):
         scaler.step(opt)
     np.testing.assert_array_equal(w.data, np.ones(2, np.float16))
+
+
+def _toy_training(device, dtype, steps=12):
+    """Losses of a few GradScaler steps of nn_helpers' toy network in ``dtype`` on
+    ``device`` (the fused implicit-GEMM kernel runs its float16 convolutions on a GPU)."""
+    from nn_helpers import toy_batch, toy_model
+    inputs, labels = toy_batch(seed=4)
+    model = toy_model()
+    if dtype == np.float16:
+        model.half()
+    feats = inputs[1].astype(dtype)
+    if device == "cuda":
+        import cupy
+        model.cuda()
+        batch = [cupy.asarray(inputs[0]), cupy.asarray(feats), inputs[2]]
+    else:
+        batch = [inputs[0], feats, inputs[2]]
+    optimizer = scn.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    scaler = scn.GradScaler(init_scale=2.0 ** 10, enabled=dtype == np.float16)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        logits = model(batch)
+        loss = ad.softmax_cross_entropy(logits.float(), labels)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        losses.append(float(backend.to_numpy(data_of(loss))))
+    return losses, scaler
+
+
+def test_float16_training_follows_float32_on_every_device(device):
+    """The same network, data and steps in float16 (GradScaler, float32 master weights;
+    on a GPU the fused tensor-core kernel) and in float32: the losses fall alike."""
+    from sparsegrid.cuda import autotune
+    with autotune.conv_algorithm("implicit_gemm" if device == "cuda" else "auto"):
+        half, scaler = _toy_training(device, np.float16)
+    full, _ = _toy_training(device, np.float32)
+    assert scaler.skipped_steps == 0
+    assert half[-1] < 0.5 * half[0] and full[-1] < 0.5 * full[0]
+    np.testing.assert_allclose(half, full, rtol=0.05, atol=0.02)
