@@ -54,8 +54,9 @@ def use(module):
     binding. For the test suite's emulator; not part of the public API."""
     previous = cp._module
     object.__setattr__(cp, "_module", module)
-    from . import _compile
+    from . import _compile, implicit_gemm
     _compile.clear_cache()
+    implicit_gemm.clear_cache()
     return previous
 
 

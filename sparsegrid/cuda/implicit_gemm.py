@@ -64,14 +64,28 @@ def device_capability():
     return found
 
 
+_names = {}
+
+
+def clear_cache():
+    """Forget the devices' capabilities and names (after
+    :func:`sparsegrid.cuda._runtime.use` binds another array library)."""
+    _capability.clear()
+    _names.clear()
+
+
 def device_name():
-    """The current GPU's name and capability, as the autotuner keys it."""
+    """The current GPU's name and capability, as the autotuner keys it (cached per
+    device: a layer asks on every call)."""
     device = cp.cuda.runtime.getDevice()
-    name = cp.cuda.runtime.getDeviceProperties(device)["name"]
-    if isinstance(name, bytes):
-        name = name.decode(errors="replace")
-    major, minor = device_capability()
-    return f"{name} sm_{major}{minor}"
+    found = _names.get(device)
+    if found is None:
+        name = cp.cuda.runtime.getDeviceProperties(device)["name"]
+        if isinstance(name, bytes):
+            name = name.decode(errors="replace")
+        major, minor = device_capability()
+        found = _names[device] = f"{name} sm_{major}{minor}"
+    return found
 
 
 def ineligible(features, weight, rulebook):
