@@ -229,6 +229,27 @@ __device__ __forceinline__ void sg_fragment_b(unsigned* b, const T* s, int ld, i
     }
 }
 
+// One stage of a warp's MI x NI tile of 16 x 8 accumulators: acc += A[m0.., 0..BK) *
+// B[0..BK, n0..) from the shared tiles (A stored [m][k], or [k][m] with A_KMAJOR).
+template <typename T, bool A_KMAJOR, int MI, int NI, int BK>
+__device__ __forceinline__ void sg_warp_tile_mma(float (&acc)[MI][NI][4], const T* as, int lda,
+                                                 const T* bs, int ldb, int m0, int n0,
+                                                 int lane) {
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += sg_ig<T>::KSTEP) {
+        unsigned a[MI][4], b[NI][2];
+#pragma unroll
+        for (int i = 0; i < MI; ++i)
+            sg_fragment_a<T, A_KMAJOR>(a[i], as, lda, m0 + i * 16, kk, lane);
+#pragma unroll
+        for (int j = 0; j < NI; ++j) sg_fragment_b<T>(b[j], bs, ldb, kk, n0 + j * 8, lane);
+#pragma unroll
+        for (int i = 0; i < MI; ++i)
+#pragma unroll
+            for (int j = 0; j < NI; ++j) sg_mma<T>(acc[i][j], a[i], b[j]);
+    }
+}
+
 // --- the convolution ------------------------------------------------------------------
 // y[order[s], n] = act(bias[n] + sum_k sum_c x[kmap[k, s], c] * w[k, c, n]) for the
 // sorted rows s < n_out. kmap: int32 (K, n_pad), -1 absent; tile_masks: int32
@@ -273,13 +294,7 @@ __global__ void __launch_bounds__(SG_IG_THREADS) implicit_gemm_conv(
     const int chunks = (cin + BK - 1) / BK;
     const int n_iter = n_used * chunks;
 
-    float acc[MI][NI][4];
-#pragma unroll
-    for (int i = 0; i < MI; ++i)
-#pragma unroll
-        for (int j = 0; j < NI; ++j)
-#pragma unroll
-            for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
+    float acc[MI][NI][4] = {};
 
     auto load = [&](int stage, int it) {
         const int k = offsets[it / chunks];
@@ -330,20 +345,8 @@ __global__ void __launch_bounds__(SG_IG_THREADS) implicit_gemm_conv(
         __syncthreads();
         const T* as = a_tile[stage];
         const T* bs = b_tile[stage];
-#pragma unroll
-        for (int kk = 0; kk < BK; kk += KSTEP) {
-            unsigned a[MI][4], b[NI][2];
-#pragma unroll
-            for (int i = 0; i < MI; ++i)
-                sg_fragment_a<T, false>(a[i], as, LDA, warp_m * WM + i * 16, kk, lane);
-#pragma unroll
-            for (int j = 0; j < NI; ++j)
-                sg_fragment_b<T>(b[j], bs, LDB, kk, warp_n * WN + j * 8, lane);
-#pragma unroll
-            for (int i = 0; i < MI; ++i)
-#pragma unroll
-                for (int j = 0; j < NI; ++j) sg_mma<T>(acc[i][j], a[i], b[j]);
-        }
+        sg_warp_tile_mma<T, false, MI, NI, BK>(acc, as, LDA, bs, LDB, warp_m * WM,
+                                               warp_n * WN, lane);
         __syncthreads();
     }
 
@@ -405,13 +408,7 @@ __global__ void __launch_bounds__(SG_IG_THREADS) implicit_gemm_wgrad(
         return chunk;
     };
 
-    float acc[MI][NI][4];
-#pragma unroll
-    for (int i = 0; i < MI; ++i)
-#pragma unroll
-        for (int j = 0; j < NI; ++j)
-#pragma unroll
-            for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
+    float acc[MI][NI][4] = {};
 
     auto load = [&](int stage, int chunk) {
         const int s0 = chunk * BK;
@@ -462,20 +459,8 @@ __global__ void __launch_bounds__(SG_IG_THREADS) implicit_gemm_wgrad(
         __syncthreads();
         const T* as = a_tile[stage];
         const T* bs = b_tile[stage];
-#pragma unroll
-        for (int kk = 0; kk < BK; kk += KSTEP) {
-            unsigned a[MI][4], b[NI][2];
-#pragma unroll
-            for (int i = 0; i < MI; ++i)
-                sg_fragment_a<T, true>(a[i], as, LDA, warp_m * WM + i * 16, kk, lane);
-#pragma unroll
-            for (int j = 0; j < NI; ++j)
-                sg_fragment_b<T>(b[j], bs, LDB, kk, warp_n * WN + j * 8, lane);
-#pragma unroll
-            for (int i = 0; i < MI; ++i)
-#pragma unroll
-                for (int j = 0; j < NI; ++j) sg_mma<T>(acc[i][j], a[i], b[j]);
-        }
+        sg_warp_tile_mma<T, true, MI, NI, BK>(acc, as, LDA, bs, LDB, warp_m * WM,
+                                              warp_n * WN, lane);
         __syncthreads();
         chunk = following;
     }
