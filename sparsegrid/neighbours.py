@@ -159,10 +159,11 @@ def pair_statistics(rulebook, tile_rows=64):
     order = mask_order(rulebook)
     xp = backend.array_namespace(order.kmap)
     n_out, k = order.n_out, order.n_offsets
+    present = order.present()                       # sorted rows
     unsorted = xp.zeros((order.n_pad, k), dtype=bool)
-    unsorted[:n_out] = rulebook.neighbor_map() >= 0
+    unsorted[order.order] = present[:n_out]          # back to rulebook order: no new map
     counts = backend.to_numpy(xp.stack([
-        _tile_union(unsorted, tile_rows).sum(), _tile_union(order.present(), tile_rows).sum()
+        _tile_union(unsorted, tile_rows).sum(), _tile_union(present, tile_rows).sum()
     ])).astype(np.int64)
     valid = order.valid_pairs
     computed_unsorted = int(counts[0]) * tile_rows

@@ -30,7 +30,6 @@ import json
 import math
 import os
 import pathlib
-import tempfile
 import threading
 
 ALGORITHMS = ("auto", "implicit_gemm", "gather_gemm")
@@ -144,16 +143,17 @@ def _load_disk():
 
 
 def _store_disk():
+    """Write the choices atomically (a private temporary file, then a rename); a
+    read-only home keeps them in this process only."""
     path = cache_path()
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False,
-                                         suffix=".tmp") as handle:
-            json.dump(dict(sorted(_memory.items())), handle, indent=0)
-        os.replace(handle.name, path)
-    except OSError:       # a read-only home: the choices stay in this process
-        with contextlib.suppress(OSError, UnboundLocalError):
-            os.unlink(handle.name)
+        partial.write_text(json.dumps(dict(sorted(_memory.items())), indent=0))
+        os.replace(partial, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            partial.unlink()
 
 
 def choose(key, candidates, measure):

@@ -234,8 +234,8 @@ def conv_backward(grad_out, features, weight, rulebook, need_features=True, need
         def run_features(candidate):
             if candidate == "gather_gemm":
                 return _gather_gemm_forward(grad_out, weight_t, transposed)
-            return implicit_gemm.forward(grad_out, cp.ascontiguousarray(weight_t), transposed,
-                                         tile=implicit_gemm.parse_tile(candidate))
+            return implicit_gemm.feature_gradient(grad_out, weight, rulebook,
+                                                  tile=implicit_gemm.parse_tile(candidate))
 
         grad_features = run_features(_choose("dgrad", grad_out, weight_t, transposed,
                                              features.shape[1], run_features))

@@ -231,16 +231,11 @@ def _activate(out, activation, slope):
     return out
 
 
-def transposed_weight(weight):
-    """(K, Cout, Cin) contiguous: the weights of the feature gradient, cached per array
-    object for the duration of one backward pass by the caller."""
-    return cp.ascontiguousarray(cp.swapaxes(weight, 1, 2))
-
-
 def feature_gradient(grad_out, weight, rulebook, *, tile=None):
     """d(loss)/d(features) of :func:`forward` (without activation): the fused kernel over
-    the transposed rulebook with W[k].T."""
-    return forward(grad_out, transposed_weight(weight), rulebook.transpose(), tile=tile)
+    the transposed rulebook with W[k].T (a contiguous (K, Cout, Cin) copy)."""
+    return forward(grad_out, cp.ascontiguousarray(cp.swapaxes(weight, 1, 2)),
+                   rulebook.transpose(), tile=tile)
 
 
 def wgrad_slices(n_pad, chunk_rows, n_offsets, cin, cout):
