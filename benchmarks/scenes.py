@@ -578,16 +578,19 @@ def lidar_batch(n_voxels, seeds=(0, 4)):
     spatial_shape : tuple of 3 int
         That of ``lidar_5cm``: (2816, 1600, 480).
     """
-    n_voxels = int(n_voxels)
     sweeps = [_base_sweep(int(seed)) for seed in seeds]
-    n_layouts = len(sweeps)
-    shape = sweeps[0][1]
+    return _mirrored_batch([indices for indices, _ in sweeps], sweeps[0][1], int(n_voxels))
+
+
+def _mirrored_batch(bases, shape, n_voxels):
+    """``n_voxels`` rows: sample ``b`` is ``bases[b % len(bases)]`` mirrored in x and / or
+    y by ``(b // len(bases)) % 4``, re-sorted by (x, y, z), with batch index b; the last
+    sample is cut to fit (lidar_batch, room_batch)."""
     out = np.empty((n_voxels, 4), dtype=np.int32)
     filled, b = 0, 0
     while filled < n_voxels:
-        base = sweeps[b % n_layouts][0]
-        flip = (b // n_layouts) % 4
-        sample = base.copy()
+        sample = bases[b % len(bases)].copy()
+        flip = (b // len(bases)) % 4
         if flip & 1:
             sample[:, 1] = shape[0] - 1 - sample[:, 1]
         if flip & 2:
@@ -602,7 +605,6 @@ def lidar_batch(n_voxels, seeds=(0, 4)):
         filled += take
         b += 1
     return out, shape
-
 
 SCALED_SCENES = {
     "scaled_1m": lambda: lidar_batch(1_000_000),
@@ -683,25 +685,7 @@ def room_batch(n_voxels, seeds=(0, 1)):
     if n_voxels < 1:
         raise ValueError(f"room_batch: n_voxels must be a positive int; got {n_voxels}")
     rooms = [_base_room(int(seed)) for seed in seeds]
-    shape = rooms[0][1]
-    out = np.empty((n_voxels, 4), dtype=np.int32)
-    filled, b = 0, 0
-    while filled < n_voxels:
-        sample = rooms[b % len(rooms)][0].copy()
-        flip = (b // len(rooms)) % 4
-        if flip & 1:
-            sample[:, 1] = shape[0] - 1 - sample[:, 1]
-        if flip & 2:
-            sample[:, 2] = shape[1] - 1 - sample[:, 2]
-        if flip:
-            key = (sample[:, 1].astype(np.int64) * shape[1] + sample[:, 2]) * shape[2] + sample[:, 3]
-            sample = sample[np.argsort(key, kind="stable")]
-        sample[:, 0] = b
-        take = min(len(sample), n_voxels - filled)
-        out[filled:filled + take] = sample[:take]
-        filled += take
-        b += 1
-    return out, shape
+    return _mirrored_batch([indices for indices, _ in rooms], rooms[0][1], n_voxels)
 
 
 def small_lidar_sweep(voxel_size=0.2, n_azimuth=360, seed=0):
