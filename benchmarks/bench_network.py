@@ -189,7 +189,18 @@ def padded_shape(shape, levels):
 # --------------------------------------------------------------------------
 
 
-class SparsegridNet:
+class _Passes:
+    """backward and forward_backward from a subclass's forward_graph and self.grad."""
+
+    def backward(self, out):
+        out.features.backward(self.grad)
+        return out
+
+    def forward_backward(self):
+        return self.backward(self.forward_graph())
+
+
+class SparsegridNet(_Passes):
     """A sparsegrid network on the device, called from the raw indices every time."""
 
     def __init__(self, dev, model, indices, shape, features, grad_seed):
@@ -219,13 +230,6 @@ class SparsegridNet:
                 out.features.data.dtype)
         return out
 
-    def backward(self, out):
-        out.features.backward(self.grad)
-        return out
-
-    def forward_backward(self):
-        return self.backward(self.forward_graph())
-
     def output(self):
         """Output sites (host int32) and features (host float64)."""
         out = self.forward()
@@ -235,7 +239,7 @@ class SparsegridNet:
                 self.dev.to_host(values).astype(np.float64))
 
 
-class SpconvNet:
+class SpconvNet(_Passes):
     """The spconv network on the same input (features given as device / host arrays)."""
 
     def __init__(self, torch, spconv, model, indices, shape, features, device, dtype,
@@ -268,13 +272,6 @@ class SpconvNet:
             self.grad = self.torch.randn(tuple(out.features.shape), generator=gen).to(
                 self.device, out.features.dtype)
         return out
-
-    def backward(self, out):
-        out.features.backward(self.grad)
-        return out
-
-    def forward_backward(self):
-        return self.backward(self.forward_graph())
 
     def output(self):
         out = self.forward()
