@@ -884,10 +884,9 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    clock = Clock(args.budget_s)
-    import scenes
+def open_device(args):
+    """The benchmark device and spconv's status on it (probed unless ``--no-spconv``),
+    printed in one line (both GPU benchmarks start so)."""
     import spconv_baseline as sb
 
     dev = Device(args.device)
@@ -896,6 +895,15 @@ def main(argv=None):
     print(f"device {args.device}: {dev.description['name']}; spconv: "
           + (f"{spconv['version']} (torch {spconv['torch']})" if spconv["available"]
              else f"absent ({spconv['error'].splitlines()[-1]})"), flush=True)
+    return dev, spconv
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    clock = Clock(args.budget_s)
+    import scenes
+
+    dev, spconv = open_device(args)
     ceilings = dev.ceilings(args.smoke)
     print("ceilings: GEMM " + ", ".join(f"{m} {v:.3g}" for m, v in
                                         ceilings["gemm_tflops"].items())

@@ -542,14 +542,8 @@ def main(argv=None):
     args = parse_args(argv)
     clock = layers_bench.Clock(args.budget_s)
     import scenes
-    import spconv_baseline as sb
 
-    dev = layers_bench.Device(args.device)
-    spconv = ({"available": False, "error": "not requested (--no-spconv)"} if args.no_spconv
-              else sb.device_status(args.device, timeout=30))
-    print(f"device {args.device}: {dev.description['name']}; spconv: "
-          + (f"{spconv['version']} (torch {spconv['torch']})" if spconv["available"]
-             else f"absent ({spconv['error'].splitlines()[-1]})"), flush=True)
+    dev, spconv = layers_bench.open_device(args)
     results = {"device": dev.description, "args": vars(args), "spconv": spconv,
                "targets": TARGETS, "inputs": {}, "rows": [], "checks": {}}
 
