@@ -127,9 +127,7 @@ def statistics_dtype(dtype):
 
 def column_sum(g):
     """``g.sum(axis=0)`` (a bias gradient); float16 summed in float32, rounded once."""
-    if g.dtype == np.float16:
-        return g.sum(axis=0, dtype=np.float32).astype(np.float16)
-    return g.sum(axis=0)
+    return ops.sum_of(g, axis=0)
 
 
 def _check_channel_vector(x, name, value, op, writeable=False, statistics=False):
@@ -312,10 +310,7 @@ def neighbour_features(x, filter_size=3, dilation=1):
         reader = back.derived("neighbor_map", back.neighbor_map)
         flat = xp.concatenate([g.reshape(n * k_total, c), xp.zeros((1, c), g.dtype)])
         cells = xp.where(reader >= 0, reader * k_total + xp.arange(k_total), n * k_total)
-        gathered = flat[cells]             # float16: summed over the K offsets in float32
-        if gathered.dtype == np.float16:
-            return (gathered.sum(axis=1, dtype=np.float32).astype(np.float16),)
-        return (gathered.sum(axis=1),)
+        return (ops.sum_of(flat[cells], axis=1),)   # float16: summed in float32
 
     return x.with_features(_differentiable(out.reshape(n, k_total * c), (x.features,), vjp))
 

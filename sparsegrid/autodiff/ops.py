@@ -5,7 +5,7 @@ follows NumPy; :func:`unbroadcast` sums a gradient back to an input's shape, onc
 
 float16 (mixed precision): elementwise operations run in float16 (each result is rounded
 once anyway); matrix products and sums convert float16 to float32, compute, and round the
-result once (:func:`matrix_product`, :func:`_sum_of`), as the CPU kernels do: NumPy's
+result once (:func:`matrix_product`, :func:`sum_of`), as the CPU kernels do: NumPy's
 float16 matmul has no BLAS, and float16 running sums lose precision row after row.
 
 The end of the module installs them on :class:`Tensor` as operators and as torch-named
@@ -36,7 +36,7 @@ def _xp(*values):
     return backend.array_namespace(*[data_of(v) for v in values if hasattr(data_of(v), "shape")])
 
 
-def _sum_of(x, axis=None, keepdims=False):
+def sum_of(x, axis=None, keepdims=False):
     """``x.sum(axis, keepdims)``; float16 summed in float32 and rounded once."""
     if x.dtype == np.float16:
         return x.sum(axis=axis, keepdims=keepdims, dtype=np.float32).astype(np.float16)
@@ -55,10 +55,10 @@ def unbroadcast(grad, shape):
     """Sum ``grad`` over the axes NumPy broadcasting added or stretched to reach it
     (float16 in float32, rounded once per axis)."""
     while grad.ndim > len(shape):
-        grad = _sum_of(grad, axis=0)
+        grad = sum_of(grad, axis=0)
     for axis, size in enumerate(shape):
         if size == 1 and grad.shape[axis] != 1:
-            grad = _sum_of(grad, axis=axis, keepdims=True)
+            grad = sum_of(grad, axis=axis, keepdims=True)
     return grad
 
 
@@ -131,7 +131,7 @@ def sum(a, axis=None, keepdims=False):  # noqa: A001 - mirrors numpy's name
             g = xp.expand_dims(g, axis)
         return (xp.broadcast_to(g, x.shape).copy(),)
 
-    return record(_sum_of(x, axis=axis, keepdims=keepdims), (a,), vjp)
+    return record(sum_of(x, axis=axis, keepdims=keepdims), (a,), vjp)
 
 
 def _scaled_sum(a, scale, axis=None, keepdims=False):
